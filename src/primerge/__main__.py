@@ -1,0 +1,5 @@
+"""``python -m primerge`` runs the command-line interface."""
+
+from primerge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The Python API, mirroring the recipe.
+
+>>> import primerge
+>>> result = primerge.merge(base="base/", models=["ft-a/", "ft-b/"], method="prime",
+...                         rank=0.01, out="merged/")                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from primerge.engine import MergeResult, run_merge
+from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
+from primerge.recipe import Recipe, build_recipe, load_recipe
+
+
+def merge(
+    base: str | Path,
+    models: list[str | Path | dict[str, Any]],
+    method: str = "prime",
+    *,
+    out: str | Path | None = None,
+    parameters: dict[str, Any] | None = None,
+    task_specific: str | None = None,
+    matrices: str | None = None,
+    seed: int = 42,
+    device: str = "cpu",
+    force: bool = False,
+    quiet: bool = True,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    **params: Any,
+) -> MergeResult:
+    """Merge ``models`` (fine-tunes of ``base``) with ``method``.
+
+    Method parameters come from ``parameters`` and/or keyword arguments (e.g.
+    ``rank=0.01``). With ``out`` the merged model folder is written atomically and
+    ``result.out`` is set; without it the merged tensors are returned in
+    ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
+    Raises a :class:`primerge.errors.PrimergeError` on any bad input.
+    """
+    recipe = build_recipe({
+        "base": base,
+        "models": models,
+        "method": method,
+        "parameters": {**(parameters or {}), **params},
+        "task_specific": task_specific,
+        "matrices": matrices,
+        "seed": seed,
+    })
+    return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
+
+
+def merge_recipe(
+    recipe: Recipe | str | Path,
+    *,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    quiet: bool = True,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+) -> MergeResult:
+    """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return run_merge(recipe, out, device=device, force=force, quiet=quiet,
+                     shard_size=parse_size(shard_size))

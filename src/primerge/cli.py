@@ -1,0 +1,89 @@
+"""The ``primerge`` command line.
+
+Every primerge error becomes one line on stderr and exit code 2; an interrupt
+(Ctrl-C or SIGTERM) exits 130/143 after the temporary output is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import get_args
+
+from primerge import __version__
+from primerge.api import merge_recipe
+from primerge.errors import PrimergeError
+from primerge.io.writer import DEFAULT_SHARD_SIZE
+from primerge.methods import list_methods
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force,
+                          quiet=args.quiet, shard_size=args.shard_size)
+    c = result.counts
+    print(f"merged with {result.method} in {result.seconds:.1f}s -> {result.out} "
+          f"({c['matrix']} matrices, {c['fallback']} other merged tensors, {c['copy']} copied, "
+          f"{c['task_specific']} task-specific)")
+    return 0
+
+
+def _describe_type(annotation) -> str:
+    choices = get_args(annotation)
+    if choices and all(isinstance(c, str) for c in choices):
+        return "|".join(choices)
+    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    for spec in list_methods():
+        print(f"{spec.name}  [{spec.family}]  {spec.description}")
+        for name, f in spec.params_model.model_fields.items():
+            print(f"    {name} = {f.default!s:<8} {_describe_type(f.annotation):<22} {f.description or ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="primerge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"primerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge the models of a YAML recipe into one model folder")
+    merge.add_argument("recipe", help="recipe YAML file")
+    merge.add_argument("--out", required=True, help="output folder (written atomically)")
+    merge.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
+                       help="largest safetensors shard, e.g. 2GB (default) or 500MB")
+    merge.set_defaults(func=_cmd_merge)
+
+    methods = sub.add_parser("methods", help="list every method with its parameters and defaults")
+    methods.set_defaults(func=_cmd_methods)
+
+    try:  # INTEGRATION-GUARD until evaluation/cli.py lands
+        from primerge.evaluation import cli as evaluation_cli
+        evaluation_cli.register(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``primerge`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.func(args)
+    except PrimergeError as exc:
+        print(f"primerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("primerge: interrupted; no output was left in place.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,318 @@
+"""The streaming merge engine.
+
+recipe -> plan -> (declared whole-model pre-passes) -> for each parameter name:
+read base + every model lazily -> task vectors in float32 on the chosen device
+-> method -> cast to the base dtype -> write into the current shard -> model card.
+
+Peak memory is about (T + 2) x the largest tensor plus one output shard; it does
+not grow with the number of layers. Everything that can be checked from the
+headers (files, key sets, shapes, output location) is checked before any tensor
+is read; a value problem found while streaming (NaN/Inf) aborts the merge and
+removes the temporary output folder, so nothing partial is ever left in place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from primerge.errors import InputError, OutputError, RecipeError
+from primerge.io.card import write_card
+from primerge.io.readers import Checkpoint, open_checkpoint
+from primerge.io.writer import (
+    DEFAULT_SHARD_SIZE,
+    ShardedWriter,
+    atomic_folder,
+    copy_support_files,
+    save_tensors,
+)
+from primerge.methods.base import MethodParams, MethodSpec, TensorContext, derive_seed
+from primerge.recipe import Recipe
+
+EntryKind = Literal["matrix", "fallback", "copy"]
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One output tensor: its base name, class, shape and storage dtype."""
+
+    name: str
+    kind: EntryKind
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Source:
+    """A fine-tuned model: its checkpoint, weight, and base-name -> model-name map."""
+
+    label: str
+    checkpoint: Checkpoint
+    weight: float
+    names: dict[str, str]
+    task_specific: list[str]
+
+
+@dataclass
+class Plan:
+    """Everything the merge needs to know before reading a single tensor."""
+
+    base: Checkpoint
+    sources: list[Source]
+    entries: list[PlanEntry]
+
+    def mergeable(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.kind != "copy"]
+
+    def counts(self) -> dict[str, int]:
+        counts = {"matrix": 0, "fallback": 0, "copy": 0}
+        for e in self.entries:
+            counts[e.kind] += 1
+        counts["task_specific"] = sum(len(s.task_specific) for s in self.sources)
+        return counts
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced: the output folder, or the tensors when no folder was asked for."""
+
+    method: str
+    parameters: dict
+    out: Path | None = None
+    state_dict: dict[str, torch.Tensor] | None = None
+    task_tensors: dict[str, dict[str, torch.Tensor]] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError("--device cuda was requested but no CUDA device is available; use cpu.")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise RecipeError(f"unknown device '{device}'; use cpu, cuda or auto.") from None
+
+
+def _prefix_map(base_names: list[str], model_names: set[str]) -> dict[str, str] | None:
+    """Map base names to model names, allowing one added or removed leading prefix.
+
+    A model saved with a task wrapper (``bert.encoder...`` for a base ``encoder...``)
+    or the reverse is recognised; returns ``None`` when no single prefix fits.
+    """
+    if all(n in model_names for n in base_names):
+        return {n: n for n in base_names}
+    for p in sorted({m.split(".", 1)[0] + "." for m in model_names if "." in m}):
+        if all(p + n in model_names for n in base_names):
+            return {n: p + n for n in base_names}
+    for p in sorted({b.split(".", 1)[0] + "." for b in base_names if "." in b}):
+        if all(n.startswith(p) and n[len(p):] in model_names for n in base_names):
+            return {n: n[len(p):] for n in base_names}
+    return None
+
+
+def _align(recipe: Recipe, base: Checkpoint, model: Checkpoint, label: str, weight: float) -> Source:
+    """Check a model against the base (key set, shapes, dtype class) and map its names."""
+    shared = [n for n in base.names if not recipe.is_task_specific(n)]
+    names = _prefix_map(shared, set(model.names))
+    if names is None:
+        missing = [n for n in shared if n not in model]
+        raise InputError(
+            f"{model.path}: {len(missing)} tensors of the base {base.path} are missing "
+            f"(first: '{missing[0]}'). Is '{label}' a fine-tune of this base?"
+        )
+    heads = [n for n in model.names if recipe.is_task_specific(n)]
+    extra = sorted(set(model.names) - set(names.values()) - set(heads))
+    if extra:
+        raise InputError(
+            f"{model.path}: {len(extra)} tensors are not in the base {base.path} "
+            f"(first: '{extra[0]}'). If they are per-task heads, name them with "
+            f"task_specific: REGEX in the recipe."
+        )
+    for b, m in names.items():
+        bi, mi = base.info(b), model.info(m)
+        if bi.shape != mi.shape:
+            raise InputError(
+                f"tensor '{b}': shape {list(mi.shape)} in {mi.file} but {list(bi.shape)} "
+                f"in the base {bi.file}. Models must share the base's architecture."
+            )
+        if bi.dtype.is_floating_point != mi.dtype.is_floating_point:
+            raise InputError(
+                f"tensor '{b}': dtype {mi.dtype} in {mi.file} but {bi.dtype} in the base {bi.file}."
+            )
+    return Source(label, model, weight, names, heads)
+
+
+def _classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> EntryKind:
+    """matrix / fallback / copy for one base tensor (ALGORITHMS.md Conventions)."""
+    if recipe.is_task_specific(name) or not dtype.is_floating_point:
+        return "copy"
+    if len(shape) == 2 and recipe.is_matrix_name(name):
+        return "matrix"
+    return "fallback"
+
+
+def build_plan(recipe: Recipe) -> Plan:
+    """Open every checkpoint lazily and check it against the base; no tensor is read."""
+    base = open_checkpoint(recipe.base)
+    sources = [
+        _align(recipe, base, open_checkpoint(entry.path), label, entry.weight)
+        for entry, label in zip(recipe.models, recipe.model_labels())
+    ]
+    entries = []
+    for name in base.names:
+        info = base.info(name)
+        entries.append(PlanEntry(name, _classify(recipe, name, info.shape, info.dtype), info.shape, info.dtype))
+    return Plan(base, sources, entries)
+
+
+def check_output(out: Path, recipe: Recipe, force: bool) -> Path:
+    """Refuse an output that is, or contains, or lies inside an input, or exists (without force)."""
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for path in [recipe.base, *(m.path for m in recipe.models)]:
+        src = Path(path).expanduser().resolve()
+        if target == src or (src.is_dir() and src in target.parents):
+            raise OutputError(f"output {out} is, or is inside, the input {path}; choose another folder.")
+        if target in src.parents:
+            raise OutputError(
+                f"output {out} contains the input {path}; replacing it would delete the input. "
+                f"Choose another folder."
+            )
+    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
+        raise OutputError(f"output {out} exists and is not empty; use --force to replace it.")
+    return out
+
+
+def _finite(tensor: torch.Tensor, what: str, name: str) -> torch.Tensor:
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise InputError(f"{what}: tensor '{name}' contains NaN or Inf values; fix or re-export it.")
+    return tensor
+
+
+def task_vectors(plan: Plan, entry: PlanEntry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base tensor (float32) and the stacked weighted task vectors w_t (θ_t − θ₀), shape (T, *shape)."""
+    base = _finite(plan.base.load(entry.name), str(plan.base.info(entry.name).file), entry.name)
+    base = base.to(device=device, dtype=torch.float32)
+    taus = torch.empty((len(plan.sources), *entry.shape), dtype=torch.float32, device=device)
+    for t, src in enumerate(plan.sources):
+        name = src.names[entry.name]
+        tensor = _finite(src.checkpoint.load(name), str(src.checkpoint.info(name).file), name)
+        torch.sub(tensor.to(device=device, dtype=torch.float32), base, out=taus[t])
+        if src.weight != 1.0:
+            taus[t].mul_(src.weight)
+    return base, taus
+
+
+def _contexts(plan: Plan, recipe: Recipe, prepass_result=None) -> Iterator[tuple[PlanEntry, TensorContext]]:
+    for entry in plan.entries:
+        if entry.kind != "copy":
+            kind = "matrix" if entry.kind == "matrix" else "fallback"
+            yield entry, TensorContext(entry.name, kind, derive_seed(recipe.seed, entry.name), prepass_result)
+
+
+def run_prepass(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodParams,
+                device: torch.device, quiet: bool):
+    """Stream every mergeable tensor through the method's declared whole-model pass."""
+    prepass = spec.make_prepass(params)
+    if prepass is None:
+        return None
+    for i in range(prepass.passes):
+        items = list(_contexts(plan, recipe))
+        for entry, ctx in tqdm(items, desc=f"{spec.name} pre-pass {i + 1}/{prepass.passes}",
+                               unit="tensor", disable=quiet, leave=False):
+            prepass.observe(i, task_vectors(plan, entry, device)[1], ctx)
+        prepass.end_pass(i)
+    return prepass.result()
+
+
+def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodParams,
+                   device: torch.device, quiet: bool, prepass_result=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor in the base dtype on the CPU) in base order."""
+    contexts = dict((e.name, ctx) for e, ctx in _contexts(plan, recipe, prepass_result))
+    for entry in tqdm(plan.entries, desc=f"merge [{spec.name}]", unit="tensor", disable=quiet):
+        if entry.kind == "copy":
+            yield entry.name, plan.base.load(entry.name)
+            continue
+        base, taus = task_vectors(plan, entry, device)
+        update = spec.apply(taus, contexts[entry.name], params)
+        del taus
+        if not bool(torch.isfinite(update).all()):
+            raise InputError(
+                f"tensor '{entry.name}': method '{spec.name}' produced NaN/Inf; check the inputs "
+                f"and parameters ({params.model_dump()})."
+            )
+        yield entry.name, (base + update).to(dtype=entry.dtype, device="cpu")
+
+
+def task_specific_tensors(plan: Plan) -> dict[str, dict[str, torch.Tensor]]:
+    """Each model's task-specific tensors, under their names in that model."""
+    return {
+        s.label: {n: s.checkpoint.load(n).contiguous() for n in s.task_specific}
+        for s in plan.sources
+        if s.task_specific
+    }
+
+
+def run_merge(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    quiet: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> MergeResult:
+    """Merge as the recipe says; write a model folder at ``out`` or return tensors in memory."""
+    start = time.perf_counter()
+    spec = recipe.spec
+    params = recipe.method_parameters()
+    dev = resolve_device(device)
+    out_path = check_output(Path(out), recipe, force) if out is not None else None
+    plan = build_plan(recipe)
+    result = MergeResult(spec.name, params.model_dump(mode="json"), counts=plan.counts())
+    try:
+        prepass_result = run_prepass(plan, recipe, spec, params, dev, quiet)
+        stream = merged_tensors(plan, recipe, spec, params, dev, quiet, prepass_result)
+        if out_path is None:
+            result.state_dict = dict(stream)
+            result.task_tensors = task_specific_tensors(plan)
+        else:
+            _write_output(out_path, plan, recipe, stream, force, shard_size, result)
+            result.out = out_path
+    finally:
+        plan.base.close()
+        for s in plan.sources:
+            s.checkpoint.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _write_output(out: Path, plan: Plan, recipe: Recipe, stream, force: bool,
+                  shard_size: int, result: MergeResult) -> None:
+    with atomic_folder(out, force=force) as folder:
+        sizes = {e.name: e.nbytes for e in plan.entries}
+        writer = ShardedWriter(folder, sizes, shard_size, metadata={"merged_by": "primerge"})
+        for name, tensor in stream:
+            writer.add(name, tensor)
+        files = writer.finish()
+        heads = task_specific_tensors(plan)
+        if heads:
+            (folder / "task_heads").mkdir()
+            for label, tensors in heads.items():
+                save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors)
+        copied = copy_support_files(plan.base.folder, folder)
+        write_card(folder, recipe, result, [f.name for f in files], heads, copied)

@@ -1,0 +1,1 @@
+"""Checkpoint input and output: lazy readers, atomic sharded writer, model card."""

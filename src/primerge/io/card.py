@@ -1,0 +1,79 @@
+"""The model card (README.md) written beside every merged model.
+
+It records what is needed to reproduce and audit the merge: primerge's version,
+the method and every effective parameter, the models with their weights, the
+full recipe, how tensors were classified, the files written, and where each
+task's own (unmerged) tensors are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from primerge import __version__
+
+
+def _front_matter(recipe, result) -> str:
+    meta = {
+        "library_name": "primerge",
+        "tags": ["merge", "primerge", result.method],
+        "base_model": str(recipe.base),
+        "primerge": {"version": __version__, "method": result.method,
+                     "parameters": result.parameters, "seed": recipe.seed},
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def write_card(folder: Path, recipe, result, weight_files: list[str],
+               heads: dict[str, dict[str, torch.Tensor]], copied: list[str]) -> Path:
+    """Write ``folder/README.md`` for a finished merge and return its path."""
+    labels = recipe.model_labels()
+    lines = [
+        _front_matter(recipe, result),
+        f"# Merged model ({result.method})",
+        "",
+        f"Merged by primerge {__version__} with method `{result.method}` from the base "
+        f"`{recipe.base}` and {len(recipe.models)} fine-tuned models.",
+        "",
+        "## Parameters",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in result.parameters.items()],
+        f"| seed | {recipe.seed} |",
+        "",
+        "## Models",
+        "",
+        "| name | path | weight |",
+        "|---|---|---|",
+        *[f"| {label} | `{m.path}` | {m.weight} |" for label, m in zip(labels, recipe.models)],
+        "",
+        "## Tensors",
+        "",
+        f"- matrix parameters (SVD treatment for SVD methods): {result.counts.get('matrix', 0)}",
+        f"- other floating parameters (element-wise / fallback mean): {result.counts.get('fallback', 0)}",
+        f"- copied from the base (non-floating, or task-specific names present in the base): "
+        f"{result.counts.get('copy', 0)}",
+        f"- weight files: {', '.join(f'`{f}`' for f in weight_files)}",
+        f"- files copied from the base folder: {', '.join(f'`{c}`' for c in copied) or 'none'}",
+        "",
+    ]
+    if heads:
+        lines += [
+            "## Task-specific tensors",
+            "",
+            "These tensors were not merged: each task keeps its own copy, stored under its own "
+            "names in `task_heads/<model>.safetensors`. Load the merged body, then the head of the "
+            "task you want to run.",
+            "",
+            *[f"- `task_heads/{label}.safetensors`: {', '.join(f'`{n}`' for n in tensors)}"
+              for label, tensors in heads.items()],
+            "",
+        ]
+    lines += ["## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path

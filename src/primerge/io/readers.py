@@ -1,0 +1,213 @@
+"""Lazy checkpoint readers.
+
+:func:`open_checkpoint` accepts a Hugging Face model folder (``model.safetensors``,
+a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` / its sharded
+index) or a single ``.safetensors`` / ``.bin`` / ``.pt`` file. Shapes and dtypes are
+known from the headers without loading any tensor; :meth:`Checkpoint.load` reads
+one tensor (safetensors files are memory-mapped), so the engine can stream one
+parameter name at a time.
+
+Pickle files are only ever read with ``torch.load(weights_only=True)``, which
+refuses arbitrary objects and never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from primerge.errors import InputError
+
+#: safetensors dtype codes -> torch dtypes.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a stored tensor, and the file it lives in."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+
+class Checkpoint:
+    """Read-only, lazy view of one checkpoint's tensors.
+
+    ``names`` lists tensor names in file order; :meth:`info` gives shape, dtype
+    and file without reading data; :meth:`load` reads one tensor on the CPU.
+    ``folder`` is the model folder (for config and tokenizer files) or ``None``
+    for a bare weight file.
+    """
+
+    def __init__(self, path: Path, folder: Path | None, infos: dict[str, TensorInfo]):
+        self.path = path
+        self.folder = folder
+        self._infos = infos
+        self._handles: dict[Path, object] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` (CPU, stored dtype)."""
+        file = self._infos[name].file
+        if file.suffix == ".safetensors":
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = _safe_open(file)
+            try:
+                return handle.get_tensor(name)
+            except SafetensorError as exc:
+                raise InputError(f"{file}: cannot read tensor '{name}': {exc}") from None
+        tensors = self._pickles.get(file)
+        if tensors is None:
+            tensors = self._pickles[file] = _load_pickle(file)
+        return tensors[name]
+
+    def close(self) -> None:
+        """Release open file handles and memory maps."""
+        self._handles.clear()
+        self._pickles.clear()
+
+
+def _safe_open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(
+            f"{file}: not a readable safetensors file ({exc}). Re-download or re-export it."
+        ) from None
+
+
+def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
+    handle = _safe_open(file)
+    infos = {}
+    for name in handle.keys():
+        sl = handle.get_slice(name)
+        code = sl.get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise InputError(f"{file}: tensor '{name}' has unsupported dtype {code}.")
+        infos[name] = TensorInfo(tuple(sl.get_shape()), SAFETENSORS_DTYPES[code], file)
+    return infos
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for bad or unsafe pickles
+        raise InputError(
+            f"{file}: cannot load as a weights-only PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Convert it to safetensors."
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"{file}: expected a dict of tensors (a state dict).")
+    return obj
+
+
+def _pickle_infos(file: Path) -> dict[str, TensorInfo]:
+    return {
+        name: TensorInfo(tuple(t.shape), t.dtype, file) for name, t in _load_pickle(file).items()
+    }
+
+
+def _file_infos(file: Path) -> dict[str, TensorInfo]:
+    if file.suffix == ".safetensors":
+        return _safetensors_infos(file)
+    return _pickle_infos(file)
+
+
+def _index_infos(index: Path) -> dict[str, TensorInfo]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{index}: not a valid shard index ({exc}).") from None
+    folder = index.parent.resolve()
+    infos: dict[str, TensorInfo] = {}
+    for shard_name in dict.fromkeys(weight_map.values()):
+        shard = (folder / str(shard_name)).resolve()
+        if shard.parent != folder:
+            raise InputError(
+                f"{index}: shard '{shard_name}' lies outside the model folder; refusing to read it."
+            )
+        if not shard.is_file():
+            raise InputError(f"{index}: shard '{shard_name}' is missing from {folder}.")
+        for name, info in _file_infos(shard).items():
+            if weight_map.get(name) == shard_name:
+                infos[name] = info
+    missing = sorted(set(weight_map) - set(infos))
+    if missing:
+        raise InputError(
+            f"{index}: {len(missing)} tensors listed in the index are not in their shards "
+            f"(first: '{missing[0]}')."
+        )
+    return infos
+
+
+def weight_source(folder: Path) -> Path:
+    """The weight file or index a model folder is read from (safetensors first)."""
+    for name in ("model.safetensors", INDEX_NAMES[0], "pytorch_model.bin", INDEX_NAMES[1]):
+        if (folder / name).is_file():
+            return folder / name
+    singles = sorted(folder.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles[0]
+    raise InputError(
+        f"{folder}: no model weights found (expected model.safetensors, "
+        f"model.safetensors.index.json or pytorch_model.bin)."
+    )
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a model folder or a weight file lazily; raises :class:`InputError` if unusable."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder. Check the path in the recipe.")
+    if path.is_dir():
+        folder: Path | None = path
+        source = weight_source(path)
+    else:
+        folder, source = None, path
+        if not path.name.endswith(WEIGHT_SUFFIXES):
+            raise InputError(
+                f"{path}: unknown checkpoint type; give a model folder or a .safetensors file."
+            )
+    if source.name.endswith(".index.json"):
+        infos = _index_infos(source)
+    else:
+        infos = _file_infos(source)
+    if not infos:
+        raise InputError(f"{source}: the checkpoint holds no tensors.")
+    return Checkpoint(source, folder, infos)

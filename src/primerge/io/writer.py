@@ -1,0 +1,170 @@
+"""Streaming, atomic output.
+
+:func:`atomic_folder` yields a temporary folder beside the destination and
+renames it into place only when the body of the ``with`` finished without an
+error; on any error or interrupt the temporary folder is removed and the
+destination is left as it was. :class:`ShardedWriter` writes tensors in a
+planned order into safetensors shards (``model.safetensors``, or
+``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json`` above
+the shard size), holding at most one shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from primerge.errors import OutputError
+from primerge.io.readers import INDEX_NAMES, WEIGHT_SUFFIXES
+
+DEFAULT_SHARD_SIZE = 2 * 1024**3
+TEMP_MARK = ".primerge-incomplete-"
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``2GB``, ``500MB``, ``64KiB`` or an integer."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    try:
+        return int(float(number) * units[s[len(number):]])
+    except (ValueError, KeyError):
+        raise OutputError(f"cannot read the size '{text}'; write e.g. 2GB or 500MB.") from None
+
+
+@contextmanager
+def atomic_folder(destination: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder that becomes ``destination`` on success.
+
+    An existing ``destination`` is replaced only with ``force`` and only after the
+    new output is complete (it is moved aside, the new folder renamed in, then
+    the old one deleted).
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temp = destination.parent / f".{destination.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    temp.mkdir()
+    try:
+        yield temp
+        if destination.exists():
+            if not force:
+                raise OutputError(f"{destination}: exists; use --force to replace it.")
+            aside = destination.parent / f".{destination.name}.primerge-old-{uuid.uuid4().hex[:8]}"
+            os.replace(destination, aside)
+            os.replace(temp, destination)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(temp, destination)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with write failures reported as :class:`OutputError`."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError as exc:
+        raise OutputError(f"{path}: write failed ({exc}); check free space and permissions.") from None
+
+
+def plan_shards(sizes: dict[str, int], shard_size: int) -> list[list[str]]:
+    """Split tensor names (in order) into consecutive shards of at most ``shard_size`` bytes.
+
+    A tensor larger than the shard size gets a shard of its own.
+    """
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and filled + nbytes > shard_size:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Write tensors in a fixed order into planned shards, one shard buffered at a time.
+
+    ``sizes`` maps every output tensor name, in the order they will be added, to
+    its size in bytes. :meth:`add` must be called in that order; a shard is
+    saved as soon as its last tensor arrives. :meth:`finish` writes the index.
+    """
+
+    def __init__(self, folder: Path, sizes: dict[str, int], shard_size: int = DEFAULT_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        self.shards = plan_shards(sizes, shard_size)
+        self.total_size = sum(sizes.values())
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._order = [name for shard in self.shards for name in shard]
+        self._next = 0
+        self._buffer: dict[str, torch.Tensor] = {}
+        self.files: list[Path] = []
+
+    def filename(self, index: int) -> str:
+        if len(self.shards) == 1:
+            return "model.safetensors"
+        return f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        if name != expected:
+            raise RuntimeError(f"tensor '{name}' written out of plan order (expected {expected!r})")
+        self._buffer[name] = tensor.contiguous()
+        self._next += 1
+        shard = len(self.files)
+        if name == self.shards[shard][-1]:
+            path = self.folder / self.filename(shard)
+            save_tensors(path, self._buffer, self.metadata)
+            self.files.append(path)
+            self._buffer = {}
+
+    def finish(self) -> list[Path]:
+        """Write the index (when sharded) and return every file written."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"only {self._next} of {len(self._order)} planned tensors were written")
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {n: self.filename(i) for i, s in enumerate(self.shards) for n in s},
+            }
+            path = self.folder / INDEX_NAMES[0]
+            path.write_text(json.dumps(index, indent=2) + "\n")
+            self.files.append(path)
+        return self.files
+
+
+def copy_support_files(source: Path | None, target: Path) -> list[str]:
+    """Copy non-weight files (config, tokenizer, generation config, ...) from a model folder.
+
+    Weight files, shard indexes, the model card and hidden files are skipped.
+    Returns the names copied.
+    """
+    if source is None:
+        return []
+    copied = []
+    for item in sorted(Path(source).iterdir()):
+        skip = (
+            item.name.startswith(".")
+            or item.name.endswith(WEIGHT_SUFFIXES)
+            or item.name in INDEX_NAMES
+            or item.name == "README.md"
+            or not item.is_file()
+        )
+        if not skip:
+            shutil.copy2(item, target / item.name)
+            copied.append(item.name)
+    return copied

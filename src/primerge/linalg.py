@@ -1,0 +1,136 @@
+"""Shared linear algebra for every SVD-based method and for analysis.
+
+Written once, reused everywhere: exact and truncated SVD (batched over a leading
+task axis), polar-factor whitening, projection onto the orthogonal complement of
+an orthonormal basis, spectrum flattening (Subspace Boosting) and spectral
+metrics. All functions accept float32/float64 tensors on any device and never
+form an m x m projector.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+SVDMode = Literal["auto", "exact", "randomized"]
+
+#: Oversampling columns and power iterations of the randomized SVD. ALGORITHMS.md
+#: (Conventions) requires at least 10 and 2: torch's defaults are not accurate enough.
+OVERSAMPLE = 10
+POWER_ITERATIONS = 2
+
+
+class SVD(NamedTuple):
+    """Thin singular triplets ``X = U diag(S) V^T`` (batched over leading axes).
+
+    ``U``: (..., m, k) orthonormal columns; ``S``: (..., k) descending; ``V``: (..., n, k).
+    """
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+    def reconstruct(self) -> Tensor:
+        """Return ``U diag(S) V^T``."""
+        return (self.U * self.S.unsqueeze(-2)) @ self.V.mT
+
+
+def svd(x: Tensor) -> SVD:
+    """Exact thin SVD ``X = U Σ V^T`` via LAPACK (``torch.linalg.svd``)."""
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    return SVD(U, S, Vh.mT)
+
+
+def use_randomized(rank: int, shape: tuple[int, ...]) -> bool:
+    """Whether ``auto`` picks the randomized SVD for a top-``rank`` request.
+
+    [decision] Randomized when the sketch width ``rank + OVERSAMPLE`` is at most a
+    quarter of ``min(m, n)``: there it is both cheaper and, with two power
+    iterations, accurate to ~1e-4 on task-vector spectra (tests/test_core_linalg.py).
+    """
+    return rank + OVERSAMPLE <= min(shape[-2:]) // 4
+
+
+def truncated_svd(
+    x: Tensor, rank: int, *, mode: SVDMode = "auto", seed: int = 0
+) -> SVD:
+    """Top-``rank`` singular triplets ``SVD_r(X)`` of a matrix or a batch of matrices.
+
+    ``exact`` slices the full thin SVD. ``randomized`` is Halko et al. (2011),
+    Algorithm 5.1 (``torch.svd_lowrank``) with ``OVERSAMPLE`` extra columns and
+    ``POWER_ITERATIONS`` power iterations; its Gaussian sketch is drawn from
+    ``seed`` so the result is bit-for-bit reproducible on CPU. ``auto`` chooses with
+    :func:`use_randomized`.
+    """
+    r_full = min(x.shape[-2:])
+    if not 1 <= rank <= r_full:
+        raise ValueError(f"rank must be in [1, {r_full}] for shape {tuple(x.shape)}, got {rank}")
+    if mode == "auto":
+        mode = "randomized" if use_randomized(rank, tuple(x.shape)) else "exact"
+    if mode == "exact":
+        full = svd(x)
+        return SVD(full.U[..., :rank], full.S[..., :rank], full.V[..., :rank])
+    if mode != "randomized":
+        raise ValueError(f"unknown SVD mode {mode!r}; use auto, exact or randomized")
+    q = min(rank + OVERSAMPLE, r_full)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(x, q=q, niter=POWER_ITERATIONS)
+    return SVD(U[..., :rank], S[..., :rank], V[..., :rank])
+
+
+def polar(x: Tensor) -> Tensor:
+    """Orthonormal polar factor: for ``X = P S Q^T`` return ``P Q^T``.
+
+    This is TSV's "Whitening" (PRIME Algorithm 1, Û = Whitening(U_s)): the
+    closest matrix with orthonormal columns to ``X`` in Frobenius norm. Zero
+    singular values (rank-deficient ``X``) are kept as they are by LAPACK's
+    completion, so the result always has orthonormal columns when m >= k.
+    """
+    P, _, Qh = torch.linalg.svd(x, full_matrices=False)
+    return P @ Qh
+
+
+def project_out(basis: Tensor, x: Tensor) -> Tensor:
+    """Project ``X`` onto the orthogonal complement of span(``basis``).
+
+    ``P⊥ X = X − B (Bᵀ X)`` for ``B`` with orthonormal columns (PRIME Eq. 20);
+    costs O(m·k·n) and never forms the m x m matrix ``I − B Bᵀ``.
+    """
+    return x - basis @ (basis.mT @ x)
+
+
+def flatten_spectrum(S: Tensor, beta: float = 0.0, scale: float = 1.0) -> Tensor:
+    """Subspace Boosting's spectrum lift (SB paper Algorithm 1; PRIME Eqs. 31, 33).
+
+    With ``c = cumsum(S)/sum(S)`` and ``i`` the first index where ``c_i >= beta``
+    (the last index if none), return ``scale * max(S, S[i])``. ``beta = 0`` raises
+    every value to ``σ₁``; ``scale = 1.7`` with ``beta = 0`` is PRIME's S-SB.
+    An all-zero spectrum stays zero.
+    """
+    total = S.sum(-1, keepdim=True)
+    if bool((total == 0).all()):
+        return S.clone()
+    c = S.cumsum(-1) / total.clamp_min(torch.finfo(S.dtype).tiny)
+    reached = c >= beta
+    idx = torch.where(reached.any(-1), reached.float().argmax(-1), S.shape[-1] - 1)
+    floor = S.gather(-1, idx.unsqueeze(-1))
+    return scale * torch.maximum(S, floor)
+
+
+def stable_rank(x: Tensor) -> float:
+    """Stable rank ``‖A‖_F² / ‖A‖₂²`` (SB paper, rank-collapse diagnostic); 0 for A = 0."""
+    s = torch.linalg.svdvals(x.double())
+    return 0.0 if s[0] == 0 else float((s.square().sum() / s[0].square()).item())
+
+
+def energy_rank(singular_values: Tensor, q: float = 0.5) -> int:
+    """Smallest ``k`` with ``Σ_{i≤k} σ_i² >= q · Σ σ²`` (cumulative-energy rank); 0 for zeros."""
+    e = singular_values.double().square()
+    total = e.sum()
+    if total == 0:
+        return 0
+    return min(int((e.cumsum(0) < q * total).sum().item()) + 1, e.numel())

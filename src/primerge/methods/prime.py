@@ -1,0 +1,88 @@
+"""PRIME: ultra-low-rank principal–residual merging (PRIME paper, Section 3.3, Algorithm 1).
+
+Per matrix parameter with T task vectors τ_t (m × n), r_full = min(m, n):
+
+1. r = max(1, round(ρ·r_full)) for a fractional ``rank`` ρ (default 0.01), or the
+   integer ``rank`` itself; if T·r > r_full then r = ⌊r_full/T⌋ (as TSV truncates).
+2. Principal parts τ_t^[r] = U_t^r Σ_t^r V_t^rᵀ (truncated SVD, batched over tasks);
+   residuals R_t = τ_t − τ_t^[r].
+3. Principal merge (TSV on the principal parts): M_p = Û Σ_s V̂ᵀ, Û = Whitening(U_s).
+4. Residual merge M_r = Merge({R_t}): ``mean`` (default), ``ties`` (TIES on the
+   residuals), or ``s_sb`` (Scaled Subspace Boosting, Appendix N, Eq. 33: the mean
+   residual's singular values all set to a·σ₁, a = ``s_sb_scale``).
+5. M_r⊥ = M_r − Û(ÛᵀM_r) (Eq. 20, never forming P⊥), and τ = α (M_p + M_r⊥).
+
+The mean residual is computed without materialising any R_t:
+mean_t R_t = mean_t τ_t − U_s Σ_s V_sᵀ / T.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from primerge.linalg import SVD, flatten_spectrum, project_out, svd, truncated_svd
+from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.ties import tensor_thresholds, ties_merge
+from primerge.methods.tsv import concat_factors, whitened_merge
+
+
+class PrimeParams(SVDParams):
+    rank: float = Field(0.01, gt=0, description="fraction ρ of min(m, n) if < 1, else an integer rank")
+    residual: Literal["mean", "ties", "s_sb"] = Field("mean", description="residual merge")
+    s_sb_scale: float = Field(1.7, gt=0, description="a in S-SB: singular values set to a·σ₁")
+    ties_density: float = Field(0.2, ge=0, le=1, description="TIES density for residual: ties")
+
+    @field_validator("rank")
+    @classmethod
+    def _whole_if_absolute(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a rank >= 1 is an absolute rank and must be a whole number")
+        return value
+
+
+def principal_rank(rank: float, r_full: int, tasks: int) -> int:
+    """Per-task principal rank r for one matrix (PRIME Section 4; ALGORITHMS.md step 1).
+
+    ρ < 1 gives max(1, round(ρ·r_full)) (halves round up); a whole ``rank`` ≥ 1 is used
+    as is, capped at r_full. If T·r > r_full, r = ⌊r_full/T⌋ (0 when T > r_full).
+    """
+    r = max(1, int(rank * r_full + 0.5)) if rank < 1 else min(int(rank), r_full)
+    return r if tasks * r <= r_full else r_full // tasks
+
+
+def merge_residual(taus: Tensor, stacked: SVD, factors: SVD, params: PrimeParams) -> Tensor:
+    """Merge({R_t}) of PRIME Eq. 20 for the chosen ``residual`` rule."""
+    if params.residual == "ties":
+        residuals = taus - factors.reconstruct()
+        return ties_merge(residuals, tensor_thresholds(residuals, params.ties_density))
+    mean_residual = taus.mean(0) - stacked.reconstruct() / taus.shape[0]
+    if params.residual == "mean":
+        return mean_residual
+    full = svd(mean_residual)
+    return SVD(full.U, flatten_spectrum(full.S, 0.0, params.s_sb_scale), full.V).reconstruct()
+
+
+def merge(taus: Tensor, ctx: TensorContext, params: PrimeParams) -> Tensor:
+    """α (Û Σ_s V̂ᵀ + P⊥ Merge({R_t})) for one matrix parameter (PRIME Algorithm 1)."""
+    r = principal_rank(params.rank, min(taus.shape[-2:]), taus.shape[0])
+    if r == 0:
+        return params.alpha * taus.mean(0)
+    factors = truncated_svd(taus, r, mode=params.svd, seed=ctx.seed)
+    stacked = concat_factors(factors)
+    U_hat, principal = whitened_merge(stacked)
+    residual = project_out(U_hat, merge_residual(taus, stacked, factors, params))
+    return params.alpha * (principal + residual)
+
+
+SPEC = register(
+    MethodSpec(
+        name="prime",
+        description="PRIME: ~1% principal directions merged by TSV + residuals projected off them",
+        params_model=PrimeParams,
+        merge=merge,
+        family="svd",
+    )
+)

@@ -1,0 +1,70 @@
+"""Task Singular Vectors merging, TSV-M (Gargiulo et al. 2025).
+
+Per matrix parameter with T tasks and r_full = min(m, n): keep k = ⌊r_full/T⌋
+singular triplets of every task vector, concatenate them task by task
+(U_s = [U_1 | … | U_T], Σ_s, V_s), decorrelate the bases with the orthonormal
+polar factor (Whitening) and rebuild τ = α · Û Σ_s V̂ᵀ. Non-matrix parameters
+take α times the mean. PRIME (methods/prime.py) reuses :func:`concat_factors` and
+:func:`whitened_merge` for its principal part.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from primerge.linalg import SVD, polar, truncated_svd
+from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+
+
+class TSVParams(SVDParams):
+    """TSV has only the shared α and SVD mode."""
+
+
+def concat_factors(factors: SVD) -> SVD:
+    """Concatenate per-task factors (T, m, k), (T, k), (T, n, k) into task blocks.
+
+    Returns U_s (m, T·k), Σ_s (T·k,), V_s (n, T·k) with task t in columns t·k..(t+1)·k−1
+    (PRIME Algorithm 1, "PRIME-Merging"; TSV Eq. 4).
+    """
+    T, m, k = factors.U.shape
+    n = factors.V.shape[1]
+    return SVD(
+        factors.U.permute(1, 0, 2).reshape(m, T * k),
+        factors.S.reshape(T * k),
+        factors.V.permute(1, 0, 2).reshape(n, T * k),
+    )
+
+
+def whitened_merge(stacked: SVD) -> tuple[Tensor, Tensor]:
+    """Whiten concatenated factors and rebuild: returns (Û, Û Σ_s V̂ᵀ).
+
+    Û = Whitening(U_s), V̂ = Whitening(V_s) with Whitening the polar factor
+    (:func:`primerge.linalg.polar`); Û has orthonormal columns (PRIME Algorithm 1).
+    """
+    U_hat = polar(stacked.U)
+    V_hat = polar(stacked.V)
+    return U_hat, (U_hat * stacked.S) @ V_hat.mT
+
+
+def merge(taus: Tensor, ctx: TensorContext, params: TSVParams) -> Tensor:
+    """α Û Σ_s V̂ᵀ with ⌊r_full/T⌋ directions per task.
+
+    [decision] When T > r_full (k = 0, e.g. a (1, n) matrix and two tasks) there is
+    no rank to share, and the parameter takes the fallback α · mean.
+    """
+    k = min(taus.shape[-2:]) // taus.shape[0]
+    if k == 0:
+        return params.alpha * taus.mean(0)
+    factors = truncated_svd(taus, k, mode=params.svd, seed=ctx.seed)
+    return params.alpha * whitened_merge(concat_factors(factors))[1]
+
+
+SPEC = register(
+    MethodSpec(
+        name="tsv",
+        description="TSV-M: ⌊r/T⌋ singular directions per task, whitened and summed",
+        params_model=TSVParams,
+        merge=merge,
+        family="svd",
+    )
+)

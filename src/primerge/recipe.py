@@ -1,0 +1,158 @@
+"""Recipes: what to merge, how, and with which parameters.
+
+A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
+
+    base: PATH                 # Hugging Face model folder or a .safetensors file
+    models:                    # fine-tunes of the same architecture
+      - PATH
+      - {path: PATH, weight: 1.0, name: my-task}
+    method: prime
+    parameters: {rank: 0.01, residual: mean, alpha: 1.0}
+    matrices: REGEX            # optional: 2-D parameters that get the SVD treatment
+    task_specific: REGEX       # optional: per-task tensors kept, not merged (e.g. heads)
+    seed: 42
+
+Relative paths in a YAML file are resolved against the file's folder. A model's
+``weight`` multiplies its task vector before the method sees it (τ_t ← w_t τ_t).
+Validation resolves the method and its parameters, so an unknown method or
+parameter is reported (with the closest name) before anything is read.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from primerge.errors import RecipeError, closest
+from primerge.methods import get_method
+from primerge.methods.base import MethodParams, MethodSpec
+
+#: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
+DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
+
+
+class ModelEntry(BaseModel):
+    """One fine-tuned checkpoint; ``name`` defaults to the folder or file stem."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    weight: float = 1.0
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.path.stem if self.path.suffix else self.path.name)
+
+
+class Recipe(BaseModel):
+    """A validated merge recipe (see the module docstring for the YAML form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: Path
+    models: list[ModelEntry] = Field(min_length=1)
+    method: str = "prime"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    matrices: str | None = None
+    task_specific: str | None = None
+    seed: int = 42
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _paths_to_entries(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [{"path": v} if isinstance(v, (str, Path)) else v for v in value]
+        return value
+
+    @field_validator("matrices", "task_specific")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method)
+
+    def method_parameters(self) -> MethodParams:
+        """The method's validated parameters with defaults filled in."""
+        return self.spec.parameters(self.parameters)
+
+    def model_labels(self) -> list[str]:
+        """Unique names of the models (``name``, else the stem; ``-2``, ``-3`` on clashes)."""
+        labels: list[str] = []
+        for entry in self.models:
+            label, k = entry.label, 2
+            while label in labels:
+                label, k = f"{entry.label}-{k}", k + 1
+            labels.append(label)
+        return labels
+
+    def is_matrix_name(self, name: str) -> bool:
+        """Whether a floating 2-D tensor called ``name`` is a matrix parameter (re.search)."""
+        if self.matrices is not None:
+            return re.search(self.matrices, name) is not None
+        return re.search(DEFAULT_NON_MATRIX, name) is None
+
+    def is_task_specific(self, name: str) -> bool:
+        return self.task_specific is not None and re.search(self.task_specific, name) is not None
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML, effective method parameters included."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["parameters"] = self.method_parameters().model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None) -> Recipe:
+    """Validate a recipe dict; resolve relative paths; check the method and parameters."""
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping with at least 'base' and 'models'.")
+    unknown = [k for k in data if k not in Recipe.model_fields]
+    if unknown:
+        raise RecipeError(
+            f"unknown recipe field '{unknown[0]}'.{closest(unknown[0], Recipe.model_fields)} "
+            f"Fields: {', '.join(Recipe.model_fields)}."
+        )
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise RecipeError(f"invalid recipe: {problems}") from None
+    if relative_to is not None:
+        recipe.base = _resolve(recipe.base, relative_to)
+        for entry in recipe.models:
+            entry.path = _resolve(entry.path, relative_to)
+    recipe.method_parameters()
+    return recipe
+
+
+def _resolve(path: Path, folder: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (folder / path)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc}).") from None
+    try:
+        return build_recipe(data, relative_to=path.parent)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
