@@ -1,0 +1,157 @@
+"""Properties of the shared linear algebra (primerge.linalg)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from primerge.linalg import (
+    SVD,
+    energy_rank,
+    flatten_spectrum,
+    polar,
+    project_out,
+    stable_rank,
+    svd,
+    truncated_svd,
+    use_randomized,
+)
+
+
+def task_vector_like(m: int, n: int, seed: int, decay: float = 0.97, batch: tuple = ()) -> torch.Tensor:
+    """A matrix with a realistic task-vector spectrum: a few strong directions, a decaying tail."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(*batch, m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(*batch, n, k, generator=g, dtype=torch.float64)).Q
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    s[:4] *= torch.tensor([12.0, 8.0, 6.0, 4.0], dtype=torch.float64)[: min(4, k)]
+    return ((U * s) @ V.mT).float()
+
+
+def subspace_sine(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Sine of the largest principal angle between the column spans of orthonormal A and B."""
+    cosines = torch.linalg.svdvals(A.double().mT @ B.double())
+    return math.sqrt(max(0.0, 1.0 - float(cosines.min()) ** 2))
+
+
+def test_exact_svd_reconstructs_and_is_orthonormal():
+    x = task_vector_like(40, 25, 0)
+    f = svd(x)
+    assert torch.allclose(f.reconstruct(), x, atol=1e-5)
+    assert torch.allclose(f.U.mT @ f.U, torch.eye(25), atol=1e-5)
+    assert torch.allclose(f.V.mT @ f.V, torch.eye(25), atol=1e-5)
+    assert bool((f.S[:-1] >= f.S[1:]).all())
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (1536, 384), (384, 1536)])
+def test_randomized_truncated_svd_matches_exact_on_task_vector_spectra(shape):
+    x = task_vector_like(*shape, seed=1)
+    r = 4  # PRIME's 1% of 384
+    assert use_randomized(r, shape)
+    approx = truncated_svd(x, r, mode="randomized", seed=7)
+    exact = truncated_svd(x, r, mode="exact")
+    assert approx.U.shape == (shape[0], r) and approx.V.shape == (shape[1], r)
+    rel_sv = (approx.S - exact.S).abs().max() / exact.S[0]
+    assert rel_sv < 1e-4
+    assert subspace_sine(approx.U, exact.U) < 1e-2
+    assert subspace_sine(approx.V, exact.V) < 1e-2
+    rec = (approx.reconstruct() - exact.reconstruct()).norm() / exact.reconstruct().norm()
+    assert rec < 2.5e-3
+
+
+def test_randomized_svd_is_seeded_and_batched():
+    x = task_vector_like(200, 120, 2, batch=(3,))
+    a = truncated_svd(x, 3, mode="randomized", seed=5)
+    b = truncated_svd(x, 3, mode="randomized", seed=5)
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
+    for t in range(3):  # each batch member equals its own exact top-3 spectrum
+        exact = torch.linalg.svdvals(x[t])[:3]
+        assert torch.allclose(a.S[t], exact, rtol=1e-4)
+    # the global RNG is left untouched
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    truncated_svd(x, 3, mode="randomized", seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_truncated_svd_rejects_bad_rank_and_mode():
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError):
+        truncated_svd(x, 0)
+    with pytest.raises(ValueError):
+        truncated_svd(x, 5)
+    with pytest.raises(ValueError):
+        truncated_svd(x, 2, mode="lanczos")
+
+
+def test_auto_mode_chooses_by_sketch_width():
+    assert not use_randomized(4, (40, 40))  # sketch 14 > 40 // 4
+    assert use_randomized(4, (384, 1536))
+    small = torch.randn(12, 9, dtype=torch.float64)
+    assert torch.allclose(truncated_svd(small, 3).S, torch.linalg.svdvals(small)[:3])
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(2, 12), k=st.integers(1, 12), seed=st.integers(0, 10_000))
+def test_polar_factor_is_orthonormal_and_closest(m, k, seed):
+    k = min(k, m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q = polar(x)
+    assert torch.allclose(q.mT @ q, torch.eye(k, dtype=torch.float64), atol=1e-10)
+    # closest orthonormal matrix: no random orthonormal Q' is closer to X
+    other = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64,
+                                        generator=torch.Generator().manual_seed(seed + 1))).Q
+    assert (q - x).norm() <= (other - x).norm() + 1e-9
+    # symmetric positive factor: Qᵀ X is symmetric
+    h = q.mT @ x
+    assert torch.allclose(h, h.mT, atol=1e-9)
+
+
+def test_polar_of_orthonormal_is_identity_map():
+    q = torch.linalg.qr(torch.randn(10, 4, dtype=torch.float64)).Q
+    assert torch.allclose(polar(q), q, atol=1e-12)
+
+
+def test_project_out_equals_explicit_complement_projector():
+    g = torch.Generator().manual_seed(3)
+    B = torch.linalg.qr(torch.randn(30, 5, generator=g, dtype=torch.float64)).Q
+    X = torch.randn(30, 7, generator=g, dtype=torch.float64)
+    got = project_out(B, X)
+    explicit = (torch.eye(30, dtype=torch.float64) - B @ B.mT) @ X
+    assert torch.allclose(got, explicit, atol=1e-12)
+    assert torch.allclose(B.mT @ got, torch.zeros(5, 7, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(project_out(B, got), got, atol=1e-12)  # idempotent
+
+
+def test_flatten_spectrum_hand_cases():
+    S = torch.tensor([4.0, 3.0, 2.0, 1.0])  # cumsum / sum = 0.4, 0.7, 0.9, 1.0
+    assert torch.equal(flatten_spectrum(S, 0.0), torch.full((4,), 4.0))
+    assert torch.equal(flatten_spectrum(S, 0.5), torch.tensor([4.0, 3.0, 3.0, 3.0]))
+    assert torch.equal(flatten_spectrum(S, 0.9), torch.tensor([4.0, 3.0, 2.0, 2.0]))
+    assert torch.equal(flatten_spectrum(S, 1.0), S)
+    assert torch.allclose(flatten_spectrum(S, 0.0, 1.7), torch.full((4,), 6.8))
+    assert torch.equal(flatten_spectrum(torch.zeros(3), 0.0), torch.zeros(3))
+
+
+def test_stable_rank_and_energy_rank_hand_cases():
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    assert stable_rank(A) == pytest.approx(14 / 9)
+    assert stable_rank(torch.zeros(3, 3)) == 0.0
+    S = torch.tensor([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14
+    assert energy_rank(S, 0.5) == 1
+    assert energy_rank(S, 0.9) == 2
+    assert energy_rank(S, 1.0) == 3
+    assert energy_rank(torch.zeros(4)) == 0
+
+
+def test_svd_namedtuple_reconstruct_batched():
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    f = svd(x)
+    assert isinstance(f, SVD)
+    assert torch.allclose(f.reconstruct(), x, atol=1e-12)
