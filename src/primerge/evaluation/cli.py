@@ -1,0 +1,129 @@
+"""The benchmark's subcommands: ``zoo build``, ``eval`` and ``demo``.
+
+:func:`register` adds them to the main CLI's argparse subparsers; each sets ``func(args) -> int``.
+Errors are raised as primerge errors and turned into exit code 2 by :mod:`primerge.cli`.
+
+Tasks are named on the command line as packaged task names or ``.csv`` / ``.jsonl`` files with
+``text`` and ``label`` columns; the base is the packaged all-MiniLM-L6-v2 unless ``--base`` names
+another Hugging Face encoder folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from primerge.evaluation.tasks import DEFAULT_TASKS, PACKAGED
+from primerge.evaluation.zoo import Protocol
+
+DEFAULTS = Protocol()
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Accept both ``--tasks a b`` and ``--tasks a,b``."""
+    return [v for value in values or [] for v in value.split(",") if v]
+
+
+def _add_common(parser: argparse.ArgumentParser, tasks_default: bool = True) -> None:
+    help_tasks = (
+        f"tasks: packaged names ({', '.join(PACKAGED)}) or .csv/.jsonl files with 'text' and 'label' "
+        "columns" + (" (default: all packaged tasks)" if tasks_default else "")
+    )
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", required=not tasks_default, help=help_tasks)
+    parser.add_argument("--base", type=Path, help="base Hugging Face encoder folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--cache", type=Path,
+                        help="cache folder (default: $PRIMERGE_CACHE, else ~/.cache/primerge)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                        help=f"fine-tuning epochs (default {DEFAULTS.epochs})")
+    parser.add_argument("--small-task-epochs", type=int, default=DEFAULTS.small_task_epochs,
+                        help=f"epochs for tasks with < {DEFAULTS.small_task_threshold} training examples "
+                             f"(default {DEFAULTS.small_task_epochs})")
+    parser.add_argument("--train-seed", type=int, default=DEFAULTS.seed,
+                        help=f"fine-tuning seed (default {DEFAULTS.seed})")
+
+
+def _protocol(args) -> Protocol:
+    return Protocol(epochs=args.epochs, small_task_epochs=args.small_task_epochs, seed=args.train_seed)
+
+
+def register(subparsers) -> None:
+    """Add ``zoo`` (with ``build``), ``eval`` and ``demo`` to an argparse subparsers object."""
+    zoo = subparsers.add_parser("zoo", help="the fine-tuned model zoo of the offline benchmark")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="{build}", required=True)
+    build = zoo_sub.add_parser("build", help="fine-tune the base on each task (cached; reused when unchanged)")
+    _add_common(build)
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.set_defaults(func=cmd_zoo_build)
+
+    evaluate = subparsers.add_parser(
+        "eval", help="accuracy of a model folder on tasks' test splits, with each task's own head")
+    evaluate.add_argument("model", type=Path, help="model folder (a merge's output, a fine-tune, a base)")
+    _add_common(evaluate, tasks_default=False)
+    evaluate.add_argument("--batch-size", type=int, default=128, help="inference batch size (default 128)")
+    evaluate.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    evaluate.set_defaults(func=cmd_eval)
+
+    demo = subparsers.add_parser(
+        "demo", help="fine-tune, merge with every method, evaluate, and report the table (offline)")
+    _add_common(demo)
+    demo.add_argument("--methods", nargs="+", metavar="METHOD",
+                      help="methods to compare (default: every registered method at its defaults)")
+    demo.add_argument("--report", type=Path, default=Path("demo-report"),
+                      help="report folder: results.md, results.csv, results.png (default demo-report)")
+    demo.add_argument("--seed", type=int, default=42, help="merge seed (default 42)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_zoo_build(args) -> int:
+    from primerge.evaluation.tasks import load_splits
+    from primerge.evaluation.zoo import build_zoo
+
+    splits = load_splits(_names(args.tasks) or list(DEFAULT_TASKS))
+    zoo = build_zoo(splits, base=args.base, protocol=_protocol(args), cache=args.cache, progress=not args.quiet)
+    print(f"\nbase: {zoo.base}")
+    print(f"{'task':<18}{'train':>7}{'test':>7}{'epochs':>8}{'accuracy':>10}  folder")
+    for e in zoo.entries:
+        print(f"{e.name:<18}{e.train_size:>7}{e.test_size:>7}{e.epochs:>8}{100 * e.individual_accuracy:>9.1f}%  {e.path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from primerge.evaluation.tasks import load_splits
+    from primerge.evaluation.zoo import evaluate_model
+
+    splits = load_splits(_names(args.tasks))
+    scores = evaluate_model(args.model, splits, base=args.base, protocol=_protocol(args), cache=args.cache,
+                            batch_size=args.batch_size)
+    print(f"{'task':<18}{'accuracy':>10}{'individual':>12}{'normalized':>12}")
+    for name, value in scores.accuracy.items():
+        ind = scores.individual.get(name)
+        extra = f"{100 * ind:>11.1f}%{100 * value / ind:>11.1f}%" if ind else f"{'-':>12}{'-':>12}"
+        print(f"{name:<18}{100 * value:>9.1f}%{extra}")
+    normalized = scores.normalized
+    print(f"{'Avg':<18}{100 * scores.average:>9.1f}%"
+          + (f"{'':>12}{100 * normalized:>11.1f}%" if normalized is not None else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(args.model), **scores.as_dict()}, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from primerge.evaluation.demo import run_demo, text_table
+
+    result = run_demo(
+        tasks=_names(args.tasks) or list(DEFAULT_TASKS),
+        methods=_names(args.methods) or None,
+        base=args.base,
+        cache=args.cache,
+        report=args.report,
+        protocol=_protocol(args),
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print()
+    print(text_table(result.rows, result.tasks))
+    print(f"\nreport: {result.report}/results.md, results.csv, results.png "
+          f"({result.timings['total_seconds']:.0f} s in all)")
+    return 0

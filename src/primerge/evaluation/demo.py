@@ -1,0 +1,250 @@
+"""``primerge demo``: the PRIME paper's Table 1 on the offline benchmark, end to end.
+
+1. Build or reuse the zoo (one fine-tune per task, :mod:`primerge.evaluation.zoo`).
+2. Row "Base": a linear probe on the frozen base (:mod:`primerge.evaluation.probe`).
+3. Row "Individual": each task's own fine-tune on its own test split.
+4. One row per registered method (``primerge.list_methods()``, so methods added later join
+   without touching this file): merge the zoo's bodies with the method at its registered
+   defaults through the public ``primerge.merge`` (heads marked task-specific, kept unmerged),
+   then score the merged body with each task's own head.
+
+Columns: accuracy per task, Avg, and Normalized (mean over tasks of accuracy / Individual).
+The report folder gets the table as Markdown and CSV, a grouped bar chart (PNG) and a JSON
+record with the timings and the parameters of every row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import primerge
+from primerge.errors import RecipeError
+from primerge.evaluation.evaluate import average, evaluate_heads, normalized_accuracy
+from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, head_from_tensors, load_tokenizer
+from primerge.evaluation.probe import base_probe
+from primerge.evaluation.tasks import DEFAULT_TASKS, TaskSplit, load_splits
+from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
+
+MERGE_SEED = 42
+
+
+@dataclass
+class Row:
+    """One line of the table: accuracies per task (fractions) plus what produced them."""
+
+    label: str
+    accuracy: dict[str, float]
+    individual: dict[str, float]
+    parameters: dict | None = None
+    merge_seconds: float | None = None
+    eval_seconds: float | None = None
+
+    @property
+    def average(self) -> float:
+        return average(self.accuracy)
+
+    @property
+    def normalized(self) -> float:
+        return normalized_accuracy(self.accuracy, self.individual)
+
+    def as_dict(self) -> dict:
+        return {
+            "row": self.label,
+            "accuracy": self.accuracy,
+            "average": self.average,
+            "normalized": self.normalized,
+            "parameters": self.parameters,
+            "merge_seconds": self.merge_seconds,
+            "eval_seconds": self.eval_seconds,
+        }
+
+
+@dataclass
+class DemoResult:
+    rows: list[Row]
+    tasks: list[str]
+    report: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def select_methods(names: Sequence[str] | None) -> list:
+    """Registered method specs, all of them or those named (unknown names raise RecipeError)."""
+    if not names:
+        return primerge.list_methods()
+    specs = [primerge.get_method(name) for name in names]
+    if len({s.name for s in specs}) != len(specs):
+        raise RecipeError("a method is named twice in --methods.")
+    return specs
+
+
+def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, seed: int, quiet: bool) -> Row:
+    """Merge the zoo with ``spec`` at its defaults, in memory, and score the merged body."""
+    start = time.perf_counter()
+    result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
+                            task_specific=HEAD_REGEX, seed=seed, quiet=quiet)
+    merge_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    body = body_from_state(zoo.base, result.state_dict, f"the {spec.name} merge")
+    heads = zoo.heads()
+    for name, tensors in (result.task_tensors or {}).items():
+        if name in heads:
+            stripped = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+            heads[name] = head_from_tensors(stripped, f"the {spec.name} merge's head of {name}")
+    accuracy = evaluate_heads(body, tokenizer, splits, heads)
+    return Row(spec.name, accuracy, zoo.individual, result.parameters, merge_seconds,
+               time.perf_counter() - start)
+
+
+def run_demo(
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    methods: Sequence[str] | None = None,
+    base: str | Path | None = None,
+    cache: str | Path | None = None,
+    report: str | Path | None = "demo-report",
+    protocol: Protocol | None = None,
+    seed: int = MERGE_SEED,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    """Build/reuse the zoo, fill the table (Base, Individual, one row per method), write the report."""
+    timings: dict[str, float] = {}
+    specs = select_methods(methods)
+    clock = started = time.perf_counter()
+    splits = load_splits(tasks)
+    zoo = build_zoo(splits, base=base, protocol=protocol, cache=cache, progress=progress, log=log)
+    timings["zoo_seconds"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    rows = [Row("Base (linear probe)", base_probe(zoo.base, splits, log=log), zoo.individual)]
+    timings["probe_seconds"] = time.perf_counter() - clock
+    rows.append(Row("Individual", zoo.individual, zoo.individual))
+    tokenizer = load_tokenizer(zoo.base)
+    for spec in specs:
+        log(f"merging {len(zoo.paths)} fine-tunes with {spec.name} and evaluating ...")
+        row = merged_row(spec, zoo, splits, tokenizer, seed, quiet=not progress)
+        log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
+            f"evaluation {row.eval_seconds:.0f}s")
+        rows.append(row)
+    timings["total_seconds"] = time.perf_counter() - started
+    names = [s.name for s in splits]
+    result = DemoResult(rows, names, Path(report) if report is not None else None, timings)
+    if report is not None:
+        write_report(result, zoo, protocol or Protocol(), seed)
+    return result
+
+
+def percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def table_cells(rows: Sequence[Row], tasks: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["", *tasks, "Avg", "Normalized"]
+    body = [[r.label, *(percent(r.accuracy[t]) for t in tasks), percent(r.average), percent(r.normalized)]
+            for r in rows]
+    return header, body
+
+
+def text_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    """A fixed-width table for the terminal (accuracy %)."""
+    header, body = table_cells(rows, tasks)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = [header, *body]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    header, body = table_cells(rows, tasks)
+    header[0] = "row"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", *tasks, "avg", "normalized", "merge_seconds", "eval_seconds", "parameters"])
+        for r in rows:
+            writer.writerow([
+                r.label,
+                *(f"{100 * r.accuracy[t]:.2f}" for t in tasks),
+                f"{100 * r.average:.2f}",
+                f"{100 * r.normalized:.2f}",
+                "" if r.merge_seconds is None else f"{r.merge_seconds:.1f}",
+                "" if r.eval_seconds is None else f"{r.eval_seconds:.1f}",
+                "" if r.parameters is None else json.dumps(r.parameters, sort_keys=True),
+            ])
+
+
+def bar_chart(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
+    """Grouped bars: one group per task plus Avg, one bar per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*tasks, "Avg"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.8))
+    for i, r in enumerate(rows):
+        values = [100 * r.accuracy[t] for t in tasks] + [100 * r.average]
+        ax.bar([g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))], values, width, label=r.label)
+    ax.set_xticks(range(len(groups)), groups, rotation=15)
+    ax.set_ylabel("test accuracy (%)")
+    lowest = min(min(100 * v for v in r.accuracy.values()) for r in rows)
+    ax.set_ylim(max(0, lowest - 10), 100)
+    ax.set_title("Merged models vs. individual fine-tunes")
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: DemoResult, zoo: Zoo, protocol: Protocol, seed: int) -> None:
+    """results.md, results.csv, results.png and results.json in the report folder."""
+    folder = result.report
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, tasks = result.rows, result.tasks
+    params = "\n".join(f"- **{r.label}**: `{json.dumps(r.parameters, sort_keys=True)}` "
+                       f"(merge {r.merge_seconds:.0f} s, evaluation {r.eval_seconds:.0f} s)"
+                       for r in rows if r.parameters is not None)
+    sizes = "\n".join(f"- {e.name}: {e.train_size} train / {e.test_size} test, {e.epochs} epochs, "
+                      f"classes {', '.join(e.classes)}" for e in zoo.entries)
+    (folder / "results.md").write_text(
+        "# primerge demo: merged models vs. individual fine-tunes\n\n"
+        "Test accuracy (%) per task; Avg = mean over tasks; Normalized = mean over tasks of "
+        "accuracy / Individual.\n\n"
+        f"{markdown_table(rows, tasks)}\n\n"
+        f"Base model: `{zoo.base}`; merge seed {seed}; split seed 0; fine-tuning "
+        f"`{json.dumps(protocol.as_dict(), sort_keys=True)}`.\n\n"
+        f"## Tasks\n{sizes}\n\n## Method parameters (registered defaults)\n{params}\n\n"
+        f"## Timings\n" + "\n".join(f"- {k}: {v:.0f} s" for k, v in result.timings.items()) + "\n"
+    )
+    write_csv(rows, tasks, folder / "results.csv")
+    bar_chart(rows, tasks, folder / "results.png")
+    record = {
+        "tasks": tasks,
+        "rows": [r.as_dict() for r in rows],
+        "timings": result.timings,
+        "seed": seed,
+        "protocol": protocol.as_dict(),
+        "base": str(zoo.base),
+        "zoo": {e.name: str(e.path) for e in zoo.entries},
+        "primerge": primerge.__version__,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    (folder / "results.json").write_text(json.dumps(record, indent=2) + "\n")

