@@ -22,6 +22,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force,
                           quiet=args.quiet, shard_size=args.shard_size)
     c = result.counts
+    if result.report:
+        print(result.report)
     print(f"merged with {result.method} in {result.seconds:.1f}s -> {result.out} "
           f"({c['matrix']} matrices, {c['fallback']} other merged tensors, {c['copy']} copied, "
           f"{c['task_specific']} task-specific)")

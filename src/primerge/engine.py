@@ -93,6 +93,7 @@ class MergeResult:
     task_tensors: dict[str, dict[str, torch.Tensor]] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    report: str | None = None  # what a whole-model pre-pass decided (e.g. PRIME's F(r) table)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -286,6 +287,8 @@ def run_merge(
     result = MergeResult(spec.name, params.model_dump(mode="json"), counts=plan.counts())
     try:
         prepass_result = run_prepass(plan, recipe, spec, params, dev, quiet)
+        if hasattr(prepass_result, "to_markdown"):
+            result.report = prepass_result.to_markdown()
         stream = merged_tensors(plan, recipe, spec, params, dev, quiet, prepass_result)
         if out_path is None:
             result.state_dict = dict(stream)

@@ -61,6 +61,8 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         f"- files copied from the base folder: {', '.join(f'`{c}`' for c in copied) or 'none'}",
         "",
     ]
+    if result.report:
+        lines += ["## Whole-model pre-pass", "", result.report, ""]
     if heads:
         lines += [
             "## Task-specific tensors",

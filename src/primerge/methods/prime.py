@@ -4,6 +4,8 @@ Per matrix parameter with T task vectors τ_t (m × n), r_full = min(m, n):
 
 1. r = max(1, round(ρ·r_full)) for a fractional ``rank`` ρ (default 0.01), or the
    integer ``rank`` itself; if T·r > r_full then r = ⌊r_full/T⌋ (as TSV truncates).
+   ``rank: auto`` selects one shared ρ by the F(r) objective in a whole-model
+   pre-pass (Section 4.1, :mod:`primerge.methods.prime_rank`).
 2. Principal parts τ_t^[r] = U_t^r Σ_t^r V_t^rᵀ (truncated SVD, batched over tasks);
    residuals R_t = τ_t − τ_t^[r].
 3. Principal merge (TSV on the principal parts): M_p = Û Σ_s V̂ᵀ, Û = Whitening(U_s).
@@ -18,27 +20,33 @@ mean_t R_t = mean_t τ_t − U_s Σ_s V_sᵀ / T.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from primerge.linalg import SVD, flatten_spectrum, project_out, svd, truncated_svd
 from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.prime_rank import AutoRankPrepass, candidate_ranks
 from primerge.methods.ties import tensor_thresholds, ties_merge
 from primerge.methods.tsv import concat_factors, whitened_merge
 
 
 class PrimeParams(SVDParams):
-    rank: float = Field(0.01, gt=0, description="fraction ρ of min(m, n) if < 1, else an integer rank")
+    rank: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+        0.01, description="fraction ρ of min(m, n) if < 1, an integer rank, or auto (F(r))"
+    )
     residual: Literal["mean", "ties", "s_sb"] = Field("mean", description="residual merge")
     s_sb_scale: float = Field(1.7, gt=0, description="a in S-SB: singular values set to a·σ₁")
     ties_density: float = Field(0.2, ge=0, le=1, description="TIES density for residual: ties")
+    auto_step: float = Field(0.01, gt=0, lt=1, description="β: spacing of auto-rank candidates")
+    auto_max_fraction: float = Field(0.125, gt=0, lt=1, description="largest auto-rank candidate")
+    auto_tolerance: float = Field(0.025, ge=0, description="κ of the auto-rank tolerance rule")
 
     @field_validator("rank")
     @classmethod
-    def _whole_if_absolute(cls, value: float) -> float:
-        if value >= 1 and value != int(value):
+    def _whole_if_absolute(cls, value: float | str) -> float | str:
+        if value != "auto" and value >= 1 and value != int(value):
             raise ValueError("a rank >= 1 is an absolute rank and must be a whole number")
         return value
 
@@ -67,7 +75,8 @@ def merge_residual(taus: Tensor, stacked: SVD, factors: SVD, params: PrimeParams
 
 def merge(taus: Tensor, ctx: TensorContext, params: PrimeParams) -> Tensor:
     """α (Û Σ_s V̂ᵀ + P⊥ Merge({R_t})) for one matrix parameter (PRIME Algorithm 1)."""
-    r = principal_rank(params.rank, min(taus.shape[-2:]), taus.shape[0])
+    rank = ctx.prepass.rank if params.rank == "auto" else params.rank
+    r = principal_rank(rank, min(taus.shape[-2:]), taus.shape[0])
     if r == 0:
         return params.alpha * taus.mean(0)
     factors = truncated_svd(taus, r, mode=params.svd, seed=ctx.seed)
@@ -77,6 +86,14 @@ def merge(taus: Tensor, ctx: TensorContext, params: PrimeParams) -> Tensor:
     return params.alpha * (principal + residual)
 
 
+def make_prepass(params: PrimeParams) -> AutoRankPrepass | None:
+    """The F(r) pass when ``rank: auto``, else none."""
+    if params.rank != "auto":
+        return None
+    candidates = candidate_ranks(params.auto_step, params.auto_max_fraction)
+    return AutoRankPrepass(candidates, params.auto_tolerance, params.svd, principal_rank)
+
+
 SPEC = register(
     MethodSpec(
         name="prime",
@@ -84,5 +101,6 @@ SPEC = register(
         params_model=PrimeParams,
         merge=merge,
         family="svd",
+        prepass=make_prepass,
     )
 )

@@ -1,0 +1,143 @@
+"""PRIME's adaptive principal rank: the interference–retention objective F(r).
+
+PRIME paper Section 4.1 and Appendix B (Eqs. 10–17), on normalised task vectors
+τ̄_t = τ_t / ‖τ_t‖_F ([decision] in ALGORITHMS.md: it makes layers comparable):
+
+- J_i(r) = (Σ_{j≠i} ⟨τ̄_i^[r], τ̄_j^[r]⟩_F)²        interference inside the principal subspace
+- G_i(r) = (Σ_{k>r} σ̄_{i,k}²)²                    retention loss, falling as r grows
+- F(r) = Σ_i (J_i(r) + G_i(r)), averaged over matrix parameters (one shared rank).
+
+⟨τ̄_i^[r], τ̄_j^[r]⟩_F = Σ_{a,b<r} σ_{i,a} (U_iᵀU_j)_{ab} σ_{j,b} (V_iᵀV_j)_{ab}, so the top-r_max
+factors are computed once per layer and every candidate r is read from 2-D prefix sums.
+
+Candidates (Eq. 14): {1} ∪ {k·β : k = 1, 2, ...} with β = 0.01, capped at a largest
+fraction (default 0.125). Selection (Eqs. 15–16): scan ascending with a running
+(r*, F_min); if F(r) < F_min·(1 + κ), κ = 0.025, then r* ← r, F_min ← min(F_min, F(r)).
+The optional integer refinement of Eq. 17 is not applied: with one rank shared by
+layers of different widths, an integer neighbourhood has no single meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from primerge.linalg import SVDMode, truncated_svd
+from primerge.methods.base import TensorContext
+
+
+def candidate_ranks(step: float = 0.01, max_fraction: float = 0.125) -> list[float]:
+    """The candidate set S of Eq. 14: absolute rank 1, then fractions k·β up to the cap."""
+    count = int(max_fraction / step + 1e-9)
+    return [1.0] + [round(k * step, 10) for k in range(1, count + 1)]
+
+
+def select_rank(objective: list[float], tolerance: float = 0.025) -> int:
+    """Index of r* in an ascending candidate scan with the tolerance rule of Eqs. 15–16."""
+    best, f_min = 0, objective[0]
+    for i, value in enumerate(objective[1:], start=1):
+        if value < f_min * (1 + tolerance):
+            best, f_min = i, min(f_min, value)
+    return best
+
+
+def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Σ_i J_i(r) and Σ_i G_i(r) of one matrix for each per-layer rank in ``ranks`` (all ≥ 1)."""
+    T = taus.shape[0]
+    norms = taus.reshape(T, -1).norm(dim=1)
+    unit = taus / torch.where(norms > 0, norms, 1.0).reshape(T, 1, 1)
+    factors = truncated_svd(unit, max(ranks), mode=mode, seed=seed)
+    U, S, V = factors.U, factors.S, factors.V
+    gram = torch.einsum("ima,jmb->ijab", U, U) * torch.einsum("ina,jnb->ijab", V, V)
+    weighted = gram * S[:, None, :, None] * S[None, :, None, :]
+    prefix = torch.diagonal(weighted.cumsum(-1).cumsum(-2), dim1=-2, dim2=-1)  # (T, T, R)
+    head = (S.square()).cumsum(-1)  # (T, R) energy in the top r
+    total = (norms > 0).to(taus.dtype)  # ‖τ̄_i‖² is 1, or 0 for a zero task vector
+    J, G = [], []
+    for r in ranks:
+        inner = prefix[..., r - 1]
+        cross = inner.sum(1) - inner.diagonal()
+        J.append(cross.square().sum())
+        G.append((total - head[:, r - 1]).clamp_min(0).square().sum())
+    return torch.stack(J), torch.stack(G)
+
+
+@dataclass
+class AutoRank:
+    """The F(r) table (layer-averaged Σ_i J_i, Σ_i G_i, F) and the selected candidate."""
+
+    candidates: list[float]
+    J: list[float]
+    G: list[float]
+    layers: int
+    tolerance: float
+
+    @property
+    def F(self) -> list[float]:
+        return [j + g for j, g in zip(self.J, self.G)]
+
+    @property
+    def index(self) -> int:
+        return select_rank(self.F, self.tolerance) if self.layers else 0
+
+    @property
+    def rank(self) -> float:
+        """The selected ``rank`` value (1 = absolute rank 1, else a fraction of min(m, n))."""
+        return self.candidates[self.index]
+
+    @staticmethod
+    def label(candidate: float) -> str:
+        return "1" if candidate >= 1 else f"{candidate * 100:g}%"
+
+    def to_markdown(self) -> str:
+        rows = [
+            f"| {'**' + self.label(c) + '**' if i == self.index else self.label(c)} "
+            f"| {j:.4f} | {g:.4f} | {j + g:.4f} |"
+            for i, (c, j, g) in enumerate(zip(self.candidates, self.J, self.G))
+        ]
+        return "\n".join([
+            f"PRIME adaptive rank: r* = {self.label(self.rank)} "
+            f"(F(r) averaged over {self.layers} matrices, κ = {self.tolerance})",
+            "",
+            "| r | Σ J_i | Σ G_i | F(r) |",
+            "|---|---|---|---|",
+            *rows,
+        ])
+
+
+class AutoRankPrepass:
+    """Whole-model pass that averages F(r) over matrix parameters and selects r*."""
+
+    passes = 1
+
+    def __init__(self, candidates: list[float], tolerance: float, mode: SVDMode,
+                 rank_of) -> None:
+        self.candidates = candidates
+        self.tolerance = tolerance
+        self.mode = mode
+        self.rank_of = rank_of  # (candidate, r_full, T) -> per-layer rank
+        self.J = torch.zeros(len(candidates), dtype=torch.float64)
+        self.G = torch.zeros(len(candidates), dtype=torch.float64)
+        self.layers = 0
+
+    def observe(self, pass_index: int, taus: Tensor, ctx: TensorContext) -> None:
+        if ctx.kind != "matrix":
+            return
+        r_full, T = min(taus.shape[-2:]), taus.shape[0]
+        ranks = [self.rank_of(c, r_full, T) for c in self.candidates]
+        if min(ranks) == 0:
+            return  # T > r_full: this matrix has no principal part at any rank
+        J, G = layer_terms(taus, ranks, mode=self.mode, seed=ctx.seed)
+        self.J += J.double().cpu()
+        self.G += G.double().cpu()
+        self.layers += 1
+
+    def end_pass(self, pass_index: int) -> None:
+        """Nothing to finalise: the averages are taken in :meth:`result`."""
+
+    def result(self) -> AutoRank:
+        n = max(self.layers, 1)
+        return AutoRank(self.candidates, (self.J / n).tolist(), (self.G / n).tolist(),
+                        self.layers, self.tolerance)
