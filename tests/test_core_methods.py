@@ -277,7 +277,10 @@ def test_prime_parameter_validation():
     with pytest.raises(RecipeError, match="whole number"):
         spec.parameters({"rank": 2.5})
     with pytest.raises(RecipeError, match="rank"):
-        spec.parameters({"rank": "auto"})
+        spec.parameters({"rank": "best"})
+    with pytest.raises(RecipeError, match="greater than 0"):
+        spec.parameters({"rank": -1})
+    assert spec.parameters({"rank": "auto"}).rank == "auto"
     with pytest.raises(RecipeError, match="Did you mean 'residual'"):
         spec.parameters({"residul": "mean"})
     with pytest.raises(RecipeError, match="residual"):
