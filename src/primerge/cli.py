@@ -14,6 +14,7 @@ from typing import get_args
 from primerge import __version__
 from primerge.api import merge_recipe
 from primerge.errors import PrimergeError
+from primerge.evaluation import cli as evaluation_cli
 from primerge.io.writer import DEFAULT_SHARD_SIZE
 from primerge.methods import list_methods
 
@@ -63,11 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list every method with its parameters and defaults")
     methods.set_defaults(func=_cmd_methods)
 
-    try:  # INTEGRATION-GUARD until evaluation/cli.py lands
-        from primerge.evaluation import cli as evaluation_cli
-        evaluation_cli.register(sub)
-    except ImportError:
-        pass
+    evaluation_cli.register(sub)
     return parser
 
 
