@@ -47,7 +47,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="primerge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="primerge", description="Merge fine-tuned checkpoints of one base model (PRIME, TSV, TIES, ...).")
     parser.add_argument("--version", action="version", version=f"primerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
