@@ -1,0 +1,94 @@
+"""Iso-C and Iso-CTS: isotropic merging (Marczak et al. 2025, "No Task Left Behind").
+
+**Iso-C**: M = Σ_t τ_t = U S Vᵀ; replace every singular value by their mean,
+τ = α · mean(S) · U Vᵀ — a flat spectrum whose energy per direction is the average of the sum's.
+
+**Iso-CTS**, per matrix with r_full = min(m, n) and common ratio c (0.8):
+k_c = ⌊c·r_full⌋, t_tot = round((r_full − k_c)/T)·T, k_c = r_full − t_tot, n = t_tot/T
+(the task-specific budget split evenly over the T tasks; ``round`` is Python's, half to even).
+
+1. Common subspace: top-k_c triplets (U_c, S_c, V_c) of Σ_t τ_t.
+2. Task-specific: w_t = τ_t − U_c U_cᵀ τ_t (orthogonal complement of the common left space),
+   keep the top-n triplets of each w_t.
+3. Stack task blocks then the common block: U = [U_1 … U_T | U_c], V likewise, S = [S_1 … S_T, S_c].
+4. Whiten U and V with the orthonormal polar factor (:func:`primerge.linalg.polar`); set every
+   singular value to mean(S), τ = α · mean(S) · Û V̂ᵀ.
+
+α = 1.0 for both (PRIME paper Table 2 lists only Iso-CTS's 80% common ratio). Non-matrix
+parameters take α times the mean (the SVD family's fallback).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from primerge.linalg import SVD, polar, project_out, svd, truncated_svd
+from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.tsv import concat_factors
+
+
+class IsoCParams(SVDParams):
+    """Iso-C has only the shared α. ``svd`` is accepted like every SVD method's, but Iso-C needs
+    the whole spectrum (its mean), so it always takes the exact SVD."""
+
+
+class IsoCTSParams(SVDParams):
+    common_ratio: float = Field(0.8, ge=0.0, le=1.0, description="fraction of r_full given to the common subspace")
+
+
+def iso_c(taus: Tensor, ctx: TensorContext, params: IsoCParams) -> Tensor:
+    """α · mean(S) · U Vᵀ with Σ_t τ_t = U S Vᵀ (Iso-C; ALGORITHMS.md)."""
+    full = svd(taus.sum(0))
+    return params.alpha * full.S.mean() * (full.U @ full.V.mT)
+
+
+def iso_cts_ranks(r_full: int, tasks: int, common_ratio: float) -> tuple[int, int]:
+    """(k_c, n): common rank and per-task rank, k_c + T·n = r_full (ALGORITHMS.md, Iso-CTS)."""
+    k_c = int(common_ratio * r_full)
+    t_tot = round((r_full - k_c) / tasks) * tasks
+    t_tot = min(t_tot, (r_full // tasks) * tasks)  # never more than r_full directions in all
+    return r_full - t_tot, t_tot // tasks
+
+
+def iso_cts(taus: Tensor, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
+    """α · mean(S) · Û V̂ᵀ over the whitened task-specific and common bases (Iso-CTS; ALGORITHMS.md)."""
+    T = taus.shape[0]
+    k_c, n = iso_cts_ranks(min(taus.shape[-2:]), T, params.common_ratio)
+    blocks: list[SVD] = []  # task-specific blocks first, then the common one
+    common = None
+    if k_c > 0:
+        common = truncated_svd(taus.sum(0), k_c, mode=params.svd, seed=ctx.seed)
+    if n > 0:
+        specific = taus if common is None else project_out(common.U, taus)
+        blocks.append(concat_factors(truncated_svd(specific, n, mode=params.svd, seed=ctx.seed)))
+    if common is not None:
+        blocks.append(common)
+    U_hat = polar(torch.cat([b.U for b in blocks], dim=1))
+    V_hat = polar(torch.cat([b.V for b in blocks], dim=1))
+    flat = torch.cat([b.S for b in blocks]).mean()
+    return params.alpha * flat * (U_hat @ V_hat.mT)
+
+
+ISO_C = register(
+    MethodSpec(
+        name="iso_c",
+        description="Iso-C: SVD of the task sum with every singular value set to their mean",
+        params_model=IsoCParams,
+        merge=iso_c,
+        family="svd",
+    )
+)
+
+ISO_CTS = register(
+    MethodSpec(
+        name="iso_cts",
+        description="Iso-CTS: common + task-specific subspaces, whitened, with a flat spectrum",
+        params_model=IsoCTSParams,
+        merge=iso_cts,
+        family="svd",
+    )
+)
+
+SPEC = ISO_CTS

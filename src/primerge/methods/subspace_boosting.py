@@ -1,0 +1,125 @@
+"""Subspace Boosting (SB paper, Section 4.1 and Algorithm 1; PRIME paper, Appendix M, Eqs. 24–27).
+
+A post-process of a merged task vector. First the base merge (``base_merge``: Task
+Arithmetic, TIES or Consensus, run through their registered merge functions with
+``base_params``); then, for every matrix parameter, M = U S Vᵀ and, with
+c = cumsum(S)/sum(S) and i the first index where c_i ≥ β (the last index if none),
+S' = max(S, S[i]) and τ = α · U S' Vᵀ (:func:`primerge.linalg.flatten_spectrum`). β = 0 raises
+every singular value to σ₁ (PRIME Eq. 27); β = 1 leaves a full-rank spectrum unchanged.
+
+Attention projections fused in one tensor are boosted per Q, K, V slice (ALGORITHMS.md,
+Subspace Boosting): a matrix whose name matches ``qkv_pattern`` (``re.search``) and whose first
+dimension is three times its second is split into thirds along the first axis.
+[decision] The transposed layout, second dimension three times the first, is split along the
+second axis: that is how GPT-2's ``c_attn`` (a Conv1D, stored (in, 3·out)) keeps Q, K and V.
+
+Non-matrix parameters (biases, norms, excluded embeddings) take the base merge unboosted.
+Defaults: β = 0.0 (PRIME paper, Table 2), base Task Arithmetic with its λ = 1/T (PRIME
+Appendix N, Eq. 28), α = 1.0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor
+
+from primerge.errors import RecipeError
+from primerge.linalg import SVD, flatten_spectrum, svd
+from primerge.methods.base import MethodParams, MethodSpec, Prepass, TensorContext, get_method, register
+
+#: Names of fused attention input projections: ViT/BLIP ``qkv``, PyTorch MultiheadAttention
+#: ``in_proj_weight``, GPT-2 ``c_attn``.
+QKV_PATTERN = r"qkv|in_proj|c_attn"
+
+
+def fused_qkv_axis(name: str, shape: tuple[int, ...], pattern: str) -> int | None:
+    """Axis along which a fused Q/K/V weight splits into thirds, or ``None`` if it is not one.
+
+    A 2-D weight named by ``pattern`` (``re.search``) with shape (3n, n) splits along axis 0,
+    with shape (n, 3n) along axis 1.
+    """
+    if len(shape) != 2 or not re.search(pattern, name):
+        return None
+    m, n = shape
+    if m == 3 * n:
+        return 0
+    if n == 3 * m:
+        return 1
+    return None
+
+
+def per_slice(fn: Callable[[Tensor], Tensor], x: Tensor, axis: int) -> Tensor:
+    """Apply ``fn`` to the three equal slices of ``x`` along ``axis`` and put them back together."""
+    return torch.cat([fn(part) for part in x.chunk(3, dim=axis)], dim=axis)
+
+
+def boost(matrix: Tensor, beta: float) -> Tensor:
+    """U max(S, S[i]) Vᵀ for M = U S Vᵀ (SB Algorithm 1; exact SVD)."""
+    full = svd(matrix)
+    return SVD(full.U, flatten_spectrum(full.S, beta), full.V).reconstruct()
+
+
+class SubspaceBoostingParams(MethodParams):
+    base_merge: Literal["task_arithmetic", "ties", "consensus"] = Field(
+        "task_arithmetic", description="merge whose result is boosted"
+    )
+    base_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the base merge")
+    beta: float = Field(0.0, ge=0.0, le=1.0, description="β: cumulative-spectrum cutoff of the boost")
+    alpha: float = Field(1.0, description="α scaling the boosted update")
+    split_qkv: bool = Field(True, description="boost fused Q/K/V weights per slice")
+    qkv_pattern: str = Field(QKV_PATTERN, description="regex naming fused Q/K/V weights")
+
+    @field_validator("qkv_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _base_params_valid(self) -> SubspaceBoostingParams:
+        try:
+            self.base()
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def base(self) -> MethodParams:
+        """The base merge's validated parameters."""
+        return get_method(self.base_merge).parameters(self.base_params)
+
+
+def merge(taus: Tensor, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
+    """α · Boost_β(BaseMerge({τ_t})) for a matrix, α · BaseMerge({τ_t}) otherwise."""
+    base = get_method(params.base_merge)
+    merged = base.apply(taus, ctx, params.base())
+    if ctx.kind != "matrix":
+        return params.alpha * merged
+    axis = fused_qkv_axis(ctx.name, tuple(merged.shape), params.qkv_pattern) if params.split_qkv else None
+    if axis is None:
+        return params.alpha * boost(merged, params.beta)
+    return params.alpha * per_slice(lambda part: boost(part, params.beta), merged, axis)
+
+
+def make_prepass(params: SubspaceBoostingParams) -> Prepass | None:
+    """The base merge's whole-model pass, if it needs one (TIES with ``trim_scope: model``)."""
+    return get_method(params.base_merge).make_prepass(params.base())
+
+
+SPEC = register(
+    MethodSpec(
+        name="subspace_boosting",
+        description="Subspace Boosting: a TA/TIES/Consensus merge with its small singular values raised",
+        params_model=SubspaceBoostingParams,
+        merge=merge,
+        family="elementwise",
+        prepass=make_prepass,
+    )
+)
