@@ -32,10 +32,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _describe_type(annotation) -> str:
-    choices = get_args(annotation)
-    if choices and all(isinstance(c, str) for c in choices):
-        return "|".join(choices)
-    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
+    """``float``, ``tensor|model`` or ``auto|float`` for a parameter's annotation."""
+    args = get_args(annotation)
+    if args and all(isinstance(a, str) for a in args):  # Literal[...]
+        return "|".join(args)
+    if args and getattr(annotation, "__metadata__", None) is None:  # a union
+        return "|".join(_describe_type(a) for a in args)
+    if args:  # Annotated[T, ...]
+        return _describe_type(args[0])
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

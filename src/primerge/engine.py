@@ -308,7 +308,7 @@ def _write_output(out: Path, plan: Plan, recipe: Recipe, stream, force: bool,
                   shard_size: int, result: MergeResult) -> None:
     with atomic_folder(out, force=force) as folder:
         sizes = {e.name: e.nbytes for e in plan.entries}
-        writer = ShardedWriter(folder, sizes, shard_size, metadata={"merged_by": "primerge"})
+        writer = ShardedWriter(folder, sizes, shard_size)
         for name, tensor in stream:
             writer.add(name, tensor)
         files = writer.finish()

@@ -122,7 +122,13 @@ def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # pre-zipfile (legacy) format: cannot be memory-mapped, still weights-only
+            obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad or unsafe pickles
         raise InputError(
             f"{file}: cannot load as a weights-only PyTorch checkpoint ({type(exc).__name__}: "

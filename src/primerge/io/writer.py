@@ -57,13 +57,18 @@ def atomic_folder(destination: Path, *, force: bool = False) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        if destination.exists():
+        if destination.is_dir() and not any(destination.iterdir()):
+            destination.rmdir()  # an empty folder holds nothing to protect
+        if destination.exists() or destination.is_symlink():
             if not force:
                 raise OutputError(f"{destination}: exists; use --force to replace it.")
             aside = destination.parent / f".{destination.name}.primerge-old-{uuid.uuid4().hex[:8]}"
             os.replace(destination, aside)
             os.replace(temp, destination)
-            shutil.rmtree(aside, ignore_errors=True)
+            if aside.is_dir() and not aside.is_symlink():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                aside.unlink()
         else:
             os.replace(temp, destination)
     except BaseException:
@@ -103,12 +108,13 @@ class ShardedWriter:
     saved as soon as its last tensor arrives. :meth:`finish` writes the index.
     """
 
-    def __init__(self, folder: Path, sizes: dict[str, int], shard_size: int = DEFAULT_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None):
+    def __init__(self, folder: Path, sizes: dict[str, int], shard_size: int = DEFAULT_SHARD_SIZE):
         self.folder = Path(folder)
         self.shards = plan_shards(sizes, shard_size)
         self.total_size = sum(sizes.values())
-        self.metadata = {"format": "pt", **(metadata or {})}
+        # One key only: safetensors keeps metadata in a hash map, so several keys would be
+        # written in a varying order and identical merges would differ byte-wise.
+        self.metadata = {"format": "pt"}
         self._order = [name for shard in self.shards for name in shard]
         self._next = 0
         self._buffer: dict[str, torch.Tensor] = {}
