@@ -89,8 +89,8 @@ class MethodSpec:
     """A registered merging method.
 
     ``family`` is ``elementwise`` (the function sees every floating tensor) or
-    ``svd`` (the function sees matrix parameters only; the rest get the fallback
-    ``α · mean_t τ_t``, ALGORITHMS.md Conventions). ``prepass`` builds the
+    ``svd`` (the function sees matrix parameters only; the rest go to ``fallback``,
+    by default ``α · mean_t τ_t``, ALGORITHMS.md Conventions). ``prepass`` builds the
     whole-model pass for the given parameters, or returns ``None`` when these
     parameters need none.
     """
@@ -101,6 +101,7 @@ class MethodSpec:
     merge: MergeFn
     family: Family
     prepass: Callable[[Any], Prepass | None] | None = None
+    fallback: MergeFn | None = None
 
     def parameters(self, values: dict[str, Any] | None = None) -> MethodParams:
         """Validate ``values`` against the parameter model, defaults filled in."""
@@ -127,6 +128,8 @@ class MethodSpec:
     def apply(self, taus: Tensor, ctx: TensorContext, params: MethodParams) -> Tensor:
         """Merged update of one tensor, dispatching SVD methods' non-matrices to the fallback."""
         if self.family == "svd" and ctx.kind != "matrix":
+            if self.fallback is not None:
+                return self.fallback(taus, ctx, params)
             return params.alpha * taus.mean(0)
         return self.merge(taus, ctx, params)
 

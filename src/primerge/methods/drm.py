@@ -17,9 +17,7 @@ DRM-V runs the same on the vertical stack [Δ_1; …; Δ_T] = U Σ Vᵀ with U s
 and its columns renormalised; since [Δ_1; …; Δ_T]ᵀ = [Δ_1ᵀ … Δ_Tᵀ], DRM-V(Δ) = DRM-H(Δᵀ)ᵀ.
 
 Other parameters (biases, norms, excluded matrices) get TIES-style sign election and disjoint
-mean (no trim) times λ (ALGORITHMS.md, DRM). [decision] DRM is therefore registered in the
-``elementwise`` family and dispatches on ``ctx.kind`` itself: the ``svd`` family's automatic
-fallback would give those parameters the plain mean.
+mean (no trim) times λ (ALGORITHMS.md, DRM), registered as the ``svd`` family's fallback.
 
 Defaults: density 0.2 (top 20%), λ = 1.0, rank_tol = 1e-2 (ALGORITHMS.md). Fused Q/K/V weights
 may be merged per third (``split_qkv``); [decision] off by default, as the DRM paper applies
@@ -107,11 +105,14 @@ def drm_matrix(taus: Tensor, params: DRMParams) -> Tensor:
     return drm_h(taus.mT, params).mT
 
 
+def fallback(taus: Tensor, ctx: TensorContext, params: DRMParams) -> Tensor:
+    """Non-matrix parameters: TIES-style sign election and disjoint mean (no trim), times λ."""
+    no_trim = torch.zeros(taus.shape[0], dtype=taus.dtype, device=taus.device)
+    return ties_merge(taus, no_trim, params.scale)
+
+
 def merge(taus: Tensor, ctx: TensorContext, params: DRMParams) -> Tensor:
-    """DRM for matrix parameters; TIES-style sign election and disjoint mean for the rest."""
-    if ctx.kind != "matrix":
-        no_trim = torch.zeros(taus.shape[0], dtype=taus.dtype, device=taus.device)
-        return ties_merge(taus, no_trim, params.scale)
+    """DRM of one matrix parameter, per third of a fused Q/K/V weight when ``split_qkv``."""
     axis = fused_qkv_axis(ctx.name, tuple(taus.shape[1:]), params.qkv_pattern) if params.split_qkv else None
     if axis is None:
         return drm_matrix(taus, params)
@@ -125,6 +126,7 @@ SPEC = register(
         description="DRM: joint SVD, renormalised per-task bases, joint prune, sign election, disjoint mean",
         params_model=DRMParams,
         merge=merge,
-        family="elementwise",
+        family="svd",
+        fallback=fallback,
     )
 )

@@ -96,12 +96,14 @@ class SubspaceBoostingParams(MethodParams):
         return get_method(self.base_merge).parameters(self.base_params)
 
 
+def fallback(taus: Tensor, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
+    """Non-matrix parameters: α · BaseMerge({τ_t}), unboosted."""
+    return params.alpha * get_method(params.base_merge).apply(taus, ctx, params.base())
+
+
 def merge(taus: Tensor, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
-    """α · Boost_β(BaseMerge({τ_t})) for a matrix, α · BaseMerge({τ_t}) otherwise."""
-    base = get_method(params.base_merge)
-    merged = base.apply(taus, ctx, params.base())
-    if ctx.kind != "matrix":
-        return params.alpha * merged
+    """α · Boost_β(BaseMerge({τ_t})) for one matrix parameter (per Q/K/V slice when fused)."""
+    merged = get_method(params.base_merge).apply(taus, ctx, params.base())
     axis = fused_qkv_axis(ctx.name, tuple(merged.shape), params.qkv_pattern) if params.split_qkv else None
     if axis is None:
         return params.alpha * boost(merged, params.beta)
@@ -119,7 +121,8 @@ SPEC = register(
         description="Subspace Boosting: a TA/TIES/Consensus merge with its small singular values raised",
         params_model=SubspaceBoostingParams,
         merge=merge,
-        family="elementwise",
+        family="svd",
+        fallback=fallback,
         prepass=make_prepass,
     )
 )
