@@ -15,28 +15,15 @@ from primerge.errors import RecipeError
 from primerge.linalg import polar
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext
+
+from helpers import MATRIX, random_taus, run
 from primerge.methods.prime import principal_rank
 from primerge.methods.ties import ModelTrimPrepass, tensor_thresholds
 from primerge.methods.tsv import concat_factors, whitened_merge
 from primerge.linalg import truncated_svd
 
-MATRIX = TensorContext("layer.weight", "matrix", seed=3)
 
 
-def run(method: str, taus: torch.Tensor, ctx: TensorContext = MATRIX, **params) -> torch.Tensor:
-    spec = get_method(method)
-    return spec.apply(taus, ctx, spec.parameters(params))
-
-
-def random_taus(T: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
-    """Task vectors with a shared direction, task directions and noise (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g, dtype=torch.float64)
-    taus = []
-    for _ in range(T):
-        own = torch.randn(m, 2, generator=g, dtype=torch.float64) @ torch.randn(2, n, generator=g, dtype=torch.float64)
-        taus.append(shared + own + 0.1 * torch.randn(m, n, generator=g, dtype=torch.float64))
-    return torch.stack(taus)
 
 
 # ---------- NumPy references -------------------------------------------------------------

@@ -16,32 +16,19 @@ import torch
 from primerge.errors import RecipeError
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext
+
+from helpers import MATRIX, random_taus, run
 from primerge.methods.consensus import tall_masks
 from primerge.methods.dare import drop_and_rescale
 from primerge.methods.della import keep_probabilities, magprune
 from primerge.methods.drm import joint_prune, joint_space
 from primerge.methods.iso import iso_cts_ranks
-from primerge.methods.subspace_boosting import fused_qkv_axis
+from primerge.methods.fused import fused_qkv_axis
 from primerge.methods.ties import ModelTrimPrepass
 
-MATRIX = TensorContext("layer.weight", "matrix", seed=3)
 BIAS = TensorContext("layer.bias", "fallback", seed=5)
 
 
-def run(method: str, taus: torch.Tensor, ctx: TensorContext = MATRIX, **params) -> torch.Tensor:
-    spec = get_method(method)
-    return spec.apply(taus, ctx, spec.parameters(params))
-
-
-def random_taus(T: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
-    """Task vectors with a shared rank-1 part, a rank-2 part per task and noise (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g, dtype=torch.float64)
-    out = []
-    for _ in range(T):
-        own = torch.randn(m, 2, generator=g, dtype=torch.float64) @ torch.randn(2, n, generator=g, dtype=torch.float64)
-        out.append(shared + own + 0.1 * torch.randn(m, n, generator=g, dtype=torch.float64))
-    return torch.stack(out)
 
 
 def draws(shape, seed: int) -> np.ndarray:

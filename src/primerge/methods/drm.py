@@ -26,35 +26,24 @@ the method to the stacked QKV matrix and found no difference (Appendix I).
 
 from __future__ import annotations
 
-import re
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from primerge.linalg import svd
-from primerge.methods.base import MethodParams, MethodSpec, TensorContext, register
-from primerge.methods.subspace_boosting import QKV_PATTERN, fused_qkv_axis
+from primerge.methods.base import MethodSpec, TensorContext, register
+from primerge.methods.fused import FusedQKVParams, fused_qkv_axis
 from primerge.methods.ties import tensor_thresholds, ties_merge
 
 
-class DRMParams(MethodParams):
+class DRMParams(FusedQKVParams):
     variant: Literal["H", "V"] = Field("H", description="H: horizontal stack, shared U; V: vertical, shared V")
     density: float = Field(0.2, ge=0.0, le=1.0, description="fraction of joint-space entries kept (joint prune)")
     scale: float = Field(1.0, description="λ applied to the disjoint mean")
     rank_tol: float = Field(1e-2, ge=0.0, lt=1.0, description="keep singular values above rank_tol · σ_max")
     split_qkv: bool = Field(False, description="merge fused Q/K/V weights per third")
-    qkv_pattern: str = Field(QKV_PATTERN, description="regex naming fused Q/K/V weights")
-
-    @field_validator("qkv_pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
-        return value
 
 
 class JointSpace(NamedTuple):

@@ -20,43 +20,15 @@ Appendix N, Eq. 28), α = 1.0.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from typing import Any, Literal
 
-import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from primerge.errors import RecipeError
 from primerge.linalg import SVD, flatten_spectrum, svd
 from primerge.methods.base import MethodParams, MethodSpec, Prepass, TensorContext, get_method, register
-
-#: Names of fused attention input projections: ViT/BLIP ``qkv``, PyTorch MultiheadAttention
-#: ``in_proj_weight``, GPT-2 ``c_attn``.
-QKV_PATTERN = r"qkv|in_proj|c_attn"
-
-
-def fused_qkv_axis(name: str, shape: tuple[int, ...], pattern: str) -> int | None:
-    """Axis along which a fused Q/K/V weight splits into thirds, or ``None`` if it is not one.
-
-    A 2-D weight named by ``pattern`` (``re.search``) with shape (3n, n) splits along axis 0,
-    with shape (n, 3n) along axis 1.
-    """
-    if len(shape) != 2 or not re.search(pattern, name):
-        return None
-    m, n = shape
-    if m == 3 * n:
-        return 0
-    if n == 3 * m:
-        return 1
-    return None
-
-
-def per_slice(fn: Callable[[Tensor], Tensor], x: Tensor, axis: int) -> Tensor:
-    """Apply ``fn`` to the three equal slices of ``x`` along ``axis`` and put them back together."""
-    return torch.cat([fn(part) for part in x.chunk(3, dim=axis)], dim=axis)
-
+from primerge.methods.fused import FusedQKVParams, fused_qkv_axis, per_slice
 
 def boost(matrix: Tensor, beta: float) -> Tensor:
     """U max(S, S[i]) Vᵀ for M = U S Vᵀ (SB Algorithm 1; exact SVD)."""
@@ -64,7 +36,7 @@ def boost(matrix: Tensor, beta: float) -> Tensor:
     return SVD(full.U, flatten_spectrum(full.S, beta), full.V).reconstruct()
 
 
-class SubspaceBoostingParams(MethodParams):
+class SubspaceBoostingParams(FusedQKVParams):
     base_merge: Literal["task_arithmetic", "ties", "consensus"] = Field(
         "task_arithmetic", description="merge whose result is boosted"
     )
@@ -72,16 +44,6 @@ class SubspaceBoostingParams(MethodParams):
     beta: float = Field(0.0, ge=0.0, le=1.0, description="β: cumulative-spectrum cutoff of the boost")
     alpha: float = Field(1.0, description="α scaling the boosted update")
     split_qkv: bool = Field(True, description="boost fused Q/K/V weights per slice")
-    qkv_pattern: str = Field(QKV_PATTERN, description="regex naming fused Q/K/V weights")
-
-    @field_validator("qkv_pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
-        return value
 
     @model_validator(mode="after")
     def _base_params_valid(self) -> SubspaceBoostingParams:
