@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from primerge.methods import get_method
@@ -26,3 +27,24 @@ def random_taus(T: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
         own = torch.randn(m, 2, generator=g, dtype=f64) @ torch.randn(2, n, generator=g, dtype=f64)
         out.append(shared + own + 0.1 * torch.randn(m, n, generator=g, dtype=f64))
     return torch.stack(out)
+
+
+def np_elect_disjoint_mean(x: np.ndarray) -> np.ndarray:
+    """Sign of the sum, then the mean of the non-zero entries agreeing with it (0 if none)."""
+    elected = np.sign(x.sum(0))
+    agree = (np.sign(x) == elected) & (x != 0)
+    count = np.maximum(agree.sum(0), 1)
+    return np.where(agree, x, 0.0).sum(0) / count
+
+
+def np_ties(taus: np.ndarray, density: float) -> np.ndarray:
+    """TIES in NumPy: per-task top-k trim by magnitude, then sign election and disjoint mean."""
+    flat = taus.reshape(len(taus), -1)
+    k = int(round(density * flat.shape[1]))
+    trimmed = np.zeros_like(flat)
+    for t, row in enumerate(flat):
+        if k:
+            thr = np.sort(np.abs(row))[::-1][k - 1]
+            keep = (np.abs(row) >= thr) & (row != 0)
+            trimmed[t, keep] = row[keep]
+    return np_elect_disjoint_mean(trimmed).reshape(taus.shape[1:])

@@ -16,7 +16,7 @@ from primerge.linalg import polar
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext
 
-from helpers import MATRIX, random_taus, run
+from helpers import MATRIX, np_ties, random_taus, run
 from primerge.methods.prime import principal_rank
 from primerge.methods.ties import ModelTrimPrepass, tensor_thresholds
 from primerge.methods.tsv import concat_factors, whitened_merge
@@ -45,24 +45,6 @@ def np_whitened(taus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list]
     U_hat = np_polar(np.concatenate(us, axis=1))
     V_hat = np_polar(np.concatenate(vs, axis=1))
     return U_hat, U_hat @ np.diag(np.concatenate(ss)) @ V_hat.T, parts
-
-
-def np_ties(taus: np.ndarray, density: float) -> np.ndarray:
-    flat = taus.reshape(len(taus), -1)
-    n = flat.shape[1]
-    k = int(round(density * n))
-    trimmed = np.zeros_like(flat)
-    for t, row in enumerate(flat):
-        if k:
-            thr = np.sort(np.abs(row))[::-1][k - 1]
-            keep = (np.abs(row) >= thr) & (row != 0)
-            trimmed[t, keep] = row[keep]
-    elected = np.sign(trimmed.sum(0))
-    out = np.zeros(n)
-    for j in range(n):
-        agree = [trimmed[t, j] for t in range(len(flat)) if trimmed[t, j] != 0 and np.sign(trimmed[t, j]) == elected[j]]
-        out[j] = sum(agree) / max(1, len(agree))
-    return out.reshape(taus.shape[1:])
 
 
 def np_prime(taus: np.ndarray, r: int, residual: str = "mean", a: float = 1.7) -> np.ndarray:

@@ -17,7 +17,7 @@ from primerge.errors import RecipeError
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext
 
-from helpers import MATRIX, random_taus, run
+from helpers import MATRIX, np_elect_disjoint_mean, np_ties, random_taus, run
 from primerge.methods.consensus import tall_masks
 from primerge.methods.dare import drop_and_rescale
 from primerge.methods.della import keep_probabilities, magprune
@@ -38,24 +38,6 @@ def draws(shape, seed: int) -> np.ndarray:
 
 # ---------- NumPy references -------------------------------------------------------------
 
-def np_elect_disjoint_mean(x: np.ndarray) -> np.ndarray:
-    """Sign of the sum, then the mean of the non-zero entries agreeing with it (0 if none)."""
-    elected = np.sign(x.sum(0))
-    agree = (np.sign(x) == elected) & (x != 0)
-    count = np.maximum(agree.sum(0), 1)
-    return np.where(agree, x, 0.0).sum(0) / count
-
-
-def np_ties(taus: np.ndarray, density: float) -> np.ndarray:
-    flat = taus.reshape(len(taus), -1)
-    k = int(round(density * flat.shape[1]))
-    trimmed = np.zeros_like(flat)
-    for t, row in enumerate(flat):
-        if k:
-            thr = np.sort(np.abs(row))[::-1][k - 1]
-            keep = (np.abs(row) >= thr) & (row != 0)
-            trimmed[t, keep] = row[keep]
-    return np_elect_disjoint_mean(trimmed).reshape(taus.shape[1:])
 
 
 def np_rows(taus: np.ndarray) -> np.ndarray:
