@@ -85,15 +85,17 @@ def select_methods(names: Sequence[str] | None) -> list:
     return specs
 
 
-def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, seed: int, quiet: bool) -> Row:
-    """Merge the zoo with ``spec`` at its defaults, in memory, and score the merged body."""
+def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict, seed: int,
+               quiet: bool) -> Row:
+    """Merge the zoo with ``spec`` at its defaults, in memory, and score the merged body with each
+    task's head as the merge returned it (the zoo's head when it returned none)."""
     start = time.perf_counter()
     result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
                             task_specific=HEAD_REGEX, seed=seed, quiet=quiet)
     merge_seconds = time.perf_counter() - start
     start = time.perf_counter()
     body = body_from_state(zoo.base, result.state_dict, f"the {spec.name} merge")
-    heads = zoo.heads()
+    heads = dict(zoo_heads)
     for name, tensors in (result.task_tensors or {}).items():
         if name in heads:
             stripped = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
@@ -126,9 +128,10 @@ def run_demo(
     timings["probe_seconds"] = time.perf_counter() - clock
     rows.append(Row("Individual", zoo.individual, zoo.individual))
     tokenizer = load_tokenizer(zoo.base)
+    zoo_heads = zoo.heads()
     for spec in specs:
         log(f"merging {len(zoo.paths)} fine-tunes with {spec.name} and evaluating ...")
-        row = merged_row(spec, zoo, splits, tokenizer, seed, quiet=not progress)
+        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, quiet=not progress)
         log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
             f"evaluation {row.eval_seconds:.0f}s")
         rows.append(row)

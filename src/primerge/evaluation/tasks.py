@@ -372,12 +372,25 @@ def load_table(path: str | Path, classes: Sequence[str] | None = None, name: str
             )
         labels.append(index[label])
     return TaskData(
-        name or path.stem,
+        checked_name(name or path.stem, path),
         tuple(str(c) for c in classes),
         tuple(text for _, text, _ in rows),
         tuple(labels),
         str(path),
     )
+
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def checked_name(name: str, path: Path) -> str:
+    """A task name becomes a folder name: letters, digits, '_', '.', '-' only."""
+    if not TASK_NAME.match(name):
+        raise InputError(
+            f"{path}: the task name {name!r} (the file's name) may only hold letters, digits, '_', '.' "
+            "and '-'; rename the file."
+        )
+    return name
 
 
 def is_table_spec(spec: str) -> bool:
