@@ -201,7 +201,12 @@ def test_demo_end_to_end(zoo, task_files, tiny_base, cache, tmp_path):
     assert json.loads((report / "results.json").read_text())["tasks"] == ["colors", "animals"]
 
 
-def test_cli_demo_with_a_method_subset(task_files, tiny_base, cache, tmp_path, capsys, zoo):
+def test_cli_demo_with_a_method_subset(task_files, tiny_base, cache, tmp_path, capsys, zoo, monkeypatch):
+    # test_demo_end_to_end scored the same tsv merge: its scores must come from the cache
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the cached scores of an identical merge were not reused")
+
+    monkeypatch.setattr("primerge.evaluation.demo.evaluate_heads", no_evaluation)
     report = tmp_path / "r"
     code = main(["demo", "--tasks", ",".join(task_files), "--methods", "tsv", "--base", str(tiny_base),
                  "--cache", str(cache), *CLI_PROTOCOL, "--report", str(report), "--quiet"])
@@ -211,3 +216,19 @@ def test_cli_demo_with_a_method_subset(task_files, tiny_base, cache, tmp_path, c
     assert sorted(os.listdir(report)) == ["results.csv", "results.json", "results.md", "results.png"]
     assert main(["demo", "--methods", "primee", "--report", str(report)]) == 2
     assert "Did you mean 'prime'" in capsys.readouterr().err
+
+
+def test_score_cache_is_content_addressed(splits):
+    from primerge.evaluation.demo import tensors_digest
+
+    state = {"w": torch.ones(3, 2), "b": torch.zeros(())}
+    heads = {s.name: torch.nn.Linear(2, s.num_classes) for s in splits}
+    digest = tensors_digest(state, heads, splits, 64)
+    assert digest == tensors_digest({k: v.clone() for k, v in state.items()}, heads, splits, 64)
+    one_ulp = dict(state, w=torch.nextafter(state["w"], torch.tensor(2.0)))
+    assert tensors_digest(one_ulp, heads, splits, 64) != digest
+    assert tensors_digest(dict(state, w=state["w"].bfloat16()), heads, splits, 64) != digest
+    assert tensors_digest(state, heads, splits, 32) != digest
+    assert tensors_digest(state, heads, splits[:1], 64) != digest
+    other_heads = dict(heads, colors=torch.nn.Linear(2, 2))
+    assert tensors_digest(state, other_heads, splits, 64) != digest

@@ -9,6 +9,11 @@
    then score the merged body with each task's own head.
 
 Columns: accuracy per task, Avg, and Normalized (mean over tasks of accuracy / Individual).
+
+Evaluating a merged body costs far more than most merges, so scores are cached by content: the
+key hashes the merged tensors themselves, the heads, the tasks' split fingerprints and the
+evaluation settings. A rerun that produces bit-identical weights reuses the scores; any change
+in a method's output (new code, new parameters) changes the key, so a cached score is never stale.
 The report folder gets the table as Markdown and CSV, a grouped bar chart (PNG) and a JSON
 record with the timings and the parameters of every row.
 """
@@ -16,6 +21,7 @@ record with the timings and the parameters of every row.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import platform
 import time
@@ -86,7 +92,7 @@ def select_methods(names: Sequence[str] | None) -> list:
 
 
 def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict, seed: int,
-               quiet: bool) -> Row:
+               max_length: int, quiet: bool) -> Row:
     """Merge the zoo with ``spec`` at its defaults, in memory, and score the merged body with each
     task's head as the merge returned it (the zoo's head when it returned none)."""
     start = time.perf_counter()
@@ -100,9 +106,44 @@ def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads
         if name in heads:
             stripped = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
             heads[name] = head_from_tensors(stripped, f"the {spec.name} merge's head of {name}")
-    accuracy = evaluate_heads(body, tokenizer, splits, heads)
+    accuracy = cached_scores(zoo.root, result.state_dict, heads, splits, max_length,
+                             lambda: evaluate_heads(body, tokenizer, splits, heads, max_length=max_length))
     return Row(spec.name, accuracy, zoo.individual, result.parameters, merge_seconds,
                time.perf_counter() - start)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence[TaskSplit],
+                   max_length: int) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes), of each task's head and split, and of
+    the evaluation settings: equal digests mean equal scores."""
+    digest = hashlib.sha256(f"eval-v1:{max_length}".encode())
+    for name in sorted(state):
+        tensor = state[name]
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(_tensor_bytes(tensor))
+    for split in splits:
+        head = heads[split.name]
+        digest.update(split.fingerprint().encode())
+        digest.update(_tensor_bytes(head.weight) + _tensor_bytes(head.bias))
+    return digest.hexdigest()
+
+
+def cached_scores(root: Path, state: dict, heads: dict, splits: Sequence[TaskSplit], max_length: int,
+                  compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Scores of a merged body from ``root/scores/<digest>.json``, computed and stored if absent."""
+    path = root / "scores" / f"{tensors_digest(state, heads, splits, max_length)}.json"
+    if path.is_file():
+        return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+    scores = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    tmp.replace(path)
+    return scores
 
 
 def run_demo(
@@ -118,6 +159,7 @@ def run_demo(
 ) -> DemoResult:
     """Build/reuse the zoo, fill the table (Base, Individual, one row per method), write the report."""
     timings: dict[str, float] = {}
+    protocol = protocol or Protocol()
     specs = select_methods(methods)
     clock = started = time.perf_counter()
     splits = load_splits(tasks)
@@ -131,7 +173,7 @@ def run_demo(
     zoo_heads = zoo.heads()
     for spec in specs:
         log(f"merging {len(zoo.paths)} fine-tunes with {spec.name} and evaluating ...")
-        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, quiet=not progress)
+        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length, quiet=not progress)
         log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
             f"evaluation {row.eval_seconds:.0f}s")
         rows.append(row)
@@ -139,7 +181,7 @@ def run_demo(
     names = [s.name for s in splits]
     result = DemoResult(rows, names, Path(report) if report is not None else None, timings)
     if report is not None:
-        write_report(result, zoo, protocol or Protocol(), seed)
+        write_report(result, zoo, protocol, seed)
     return result
 
 

@@ -58,7 +58,7 @@ class Protocol:
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     epochs: int = 2
-    small_task_epochs: int = 4
+    small_task_epochs: int = 6
     small_task_threshold: int = 1000
     batch_size: int = 32
     max_length: int = 64
@@ -130,6 +130,7 @@ class Zoo:
 
     base: Path
     base_fingerprint: str
+    root: Path
     entries: list[ZooEntry] = field(default_factory=list)
 
     @property
@@ -314,7 +315,7 @@ def build_zoo(
     protocol = protocol or Protocol()
     root = cache_root(cache)
     base_copy, fingerprint = prepare_base(base if base is not None else default_base(), root, log=log)
-    zoo = Zoo(base_copy, fingerprint)
+    zoo = Zoo(base_copy, fingerprint, root)
     for split in splits:
         if split.num_classes < 2:
             raise InputError(f"task '{split.name}' has fewer than 2 classes.")
