@@ -233,26 +233,44 @@ def write_csv(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
             ])
 
 
+def row_colors(rows: Sequence[Row]) -> list:
+    """Base grey, Individual black, methods from a qualitative palette (distinct up to 20)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"]
+    methods = [r for r in rows if r.parameters is not None]
+    colors, k = [], 0
+    for r in rows:
+        if r.parameters is not None:
+            colors.append(palette(k % 20) if len(methods) <= 20 else matplotlib.colormaps["turbo"](k / len(methods)))
+            k += 1
+        else:
+            colors.append("#222222" if r.label == "Individual" else "#9e9e9e")
+    return colors
+
+
 def bar_chart(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
-    """Grouped bars: one group per task plus Avg, one bar per row."""
+    """Grouped bars: one group per task plus Avg, one bar per row; the legend sits outside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = [*tasks, "Avg"]
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.8))
-    for i, r in enumerate(rows):
+    width = 0.85 / len(rows)
+    fig, ax = plt.subplots(figsize=(min(14, max(9, 1.2 * len(groups) + 0.06 * len(groups) * len(rows))), 5.5))
+    for i, (r, color) in enumerate(zip(rows, row_colors(rows))):
         values = [100 * r.accuracy[t] for t in tasks] + [100 * r.average]
-        ax.bar([g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))], values, width, label=r.label)
+        offsets = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(offsets, values, width, label=r.label, color=color)
     ax.set_xticks(range(len(groups)), groups, rotation=15)
     ax.set_ylabel("test accuracy (%)")
     lowest = min(min(100 * v for v in r.accuracy.values()) for r in rows)
     ax.set_ylim(max(0, lowest - 10), 100)
-    ax.set_title("Merged models vs. individual fine-tunes")
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    ax.set_title("Merged models vs. individual fine-tunes (each task scored with its own head)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
