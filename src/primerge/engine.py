@@ -14,7 +14,7 @@ removes the temporary output folder, so nothing partial is ever left in place.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,6 +63,11 @@ class Source:
     task_specific: list[str]
 
 
+#: (model label, tensor name, θ₀ in float32, τ_t in float32) -> replacement τ_t, applied to
+#: every mergeable tensor before model weights (e.g. PAVE purification, primerge.purify).
+TaskVectorTransform = Callable[[str, str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Plan:
     """Everything the merge needs to know before reading a single tensor."""
@@ -70,6 +75,7 @@ class Plan:
     base: Checkpoint
     sources: list[Source]
     entries: list[PlanEntry]
+    transform: TaskVectorTransform | None = None
 
     def mergeable(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.kind != "copy"]
@@ -205,7 +211,10 @@ def _finite(tensor: torch.Tensor, what: str, name: str) -> torch.Tensor:
 
 
 def task_vectors(plan: Plan, entry: PlanEntry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Base tensor (float32) and the stacked weighted task vectors w_t (θ_t − θ₀), shape (T, *shape)."""
+    """Base tensor (float32) and the stacked weighted task vectors w_t (θ_t − θ₀), shape (T, *shape).
+
+    A plan's ``transform`` (if any) replaces each τ_t before its weight is applied.
+    """
     base = _finite(plan.base.load(entry.name), str(plan.base.info(entry.name).file), entry.name)
     base = base.to(device=device, dtype=torch.float32)
     taus = torch.empty((len(plan.sources), *entry.shape), dtype=torch.float32, device=device)
@@ -213,6 +222,8 @@ def task_vectors(plan: Plan, entry: PlanEntry, device: torch.device) -> tuple[to
         name = src.names[entry.name]
         tensor = _finite(src.checkpoint.load(name), str(src.checkpoint.info(name).file), name)
         torch.sub(tensor.to(device=device, dtype=torch.float32), base, out=taus[t])
+        if plan.transform is not None:
+            taus[t] = plan.transform(src.label, entry.name, base, taus[t])
         if src.weight != 1.0:
             taus[t].mul_(src.weight)
     return base, taus
@@ -276,14 +287,20 @@ def run_merge(
     force: bool = False,
     quiet: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    transform: TaskVectorTransform | None = None,
 ) -> MergeResult:
-    """Merge as the recipe says; write a model folder at ``out`` or return tensors in memory."""
+    """Merge as the recipe says; write a model folder at ``out`` or return tensors in memory.
+
+    ``transform`` rewrites each task vector before the method sees it (see
+    :data:`TaskVectorTransform`); the API passes PAVE purification here.
+    """
     start = time.perf_counter()
     spec = recipe.spec
     params = recipe.method_parameters()
     dev = resolve_device(device)
     out_path = check_output(Path(out), recipe, force) if out is not None else None
     plan = build_plan(recipe)
+    plan.transform = transform
     result = MergeResult(spec.name, params.model_dump(mode="json"), counts=plan.counts())
     try:
         prepass_result = run_prepass(plan, recipe, spec, params, dev, quiet)
