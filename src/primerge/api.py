@@ -25,6 +25,8 @@ def merge(
     task_specific: str | None = None,
     matrices: str | None = None,
     seed: int = 42,
+    lines: dict[str, Any] | None = None,
+    purify: dict[str, Any] | None = None,
     device: str = "cpu",
     force: bool = False,
     quiet: bool = True,
@@ -47,6 +49,8 @@ def merge(
         "task_specific": task_specific,
         "matrices": matrices,
         "seed": seed,
+        "lines": lines,
+        "purify": purify,
     })
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
 

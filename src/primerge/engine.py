@@ -33,6 +33,7 @@ from primerge.io.writer import (
     save_tensors,
 )
 from primerge.methods.base import MethodParams, MethodSpec, TensorContext, derive_seed
+from primerge.methods.lines import layer_scales
 from primerge.recipe import Recipe
 
 EntryKind = Literal["matrix", "fallback", "copy"]
@@ -76,6 +77,7 @@ class Plan:
     sources: list[Source]
     entries: list[PlanEntry]
     transform: TaskVectorTransform | None = None
+    scales: dict[str, float] | None = None  # LiNeS λ(ℓ) per mergeable tensor, when asked for
 
     def mergeable(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.kind != "copy"]
@@ -183,7 +185,10 @@ def build_plan(recipe: Recipe) -> Plan:
     for name in base.names:
         info = base.info(name)
         entries.append(PlanEntry(name, _classify(recipe, name, info.shape, info.dtype), info.shape, info.dtype))
-    return Plan(base, sources, entries)
+    plan = Plan(base, sources, entries)
+    if recipe.lines is not None:
+        plan.scales = layer_scales([e.name for e in plan.mergeable()], recipe.lines)
+    return plan
 
 
 def check_output(out: Path, recipe: Recipe, force: bool) -> Path:
@@ -262,6 +267,8 @@ def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodP
         base, taus = task_vectors(plan, entry, device)
         update = spec.apply(taus, contexts[entry.name], params)
         del taus
+        if plan.scales is not None:
+            update = update * plan.scales[entry.name]
         if not bool(torch.isfinite(update).all()):
             raise InputError(
                 f"tensor '{entry.name}': method '{spec.name}' produced NaN/Inf; check the inputs "

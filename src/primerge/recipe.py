@@ -11,6 +11,8 @@ A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
     matrices: REGEX            # optional: 2-D parameters that get the SVD treatment
     task_specific: REGEX       # optional: per-task tensors kept, not merged (e.g. heads)
     seed: 42
+    lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
+    purify: {...}              # optional PAVE purification of the task vectors (primerge.purify)
 
 Relative paths in a YAML file are resolved against the file's folder. A model's
 ``weight`` multiplies its task vector before the method sees it (τ_t ← w_t τ_t).
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from primerge.errors import RecipeError, closest
 from primerge.methods import get_method
 from primerge.methods.base import MethodParams, MethodSpec
+from primerge.methods.lines import LinesConfig
 
 #: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
 DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
@@ -61,6 +64,8 @@ class Recipe(BaseModel):
     matrices: str | None = None
     task_specific: str | None = None
     seed: int = 42
+    lines: LinesConfig | None = None
+    purify: dict[str, Any] | None = None
 
     @field_validator("models", mode="before")
     @classmethod

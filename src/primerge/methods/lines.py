@@ -1,0 +1,65 @@
+"""LiNeS: layer-increasing network scaling of a merged update (Wang et al. 2025).
+
+A post-scaling any method's output can take (recipe field ``lines``): the merged
+update of transformer block ℓ of L (ℓ = 0 … L−1) is multiplied by
+
+    λ(ℓ) = α + β · ℓ / (L − 1)
+
+so shallow layers, which hold general features, move less than deep ones.
+Blocks are found by ``block_pattern`` (the first capture group is ℓ); L = 1 + the
+largest index. [decision] Parameters outside any block get ℓ = 0 when their name
+matches ``early_pattern`` (embeddings, which sit below the first block) and ℓ = L − 1
+otherwise (final norms, poolers and heads sit above the last block). With one
+block (L = 1) every parameter is scaled by α.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BLOCK_PATTERN = r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\."
+EARLY_PATTERN = r"embed|wte|wpe|position|token_type|shared"
+
+
+class LinesConfig(BaseModel):
+    """LiNeS settings; ``alpha`` and ``beta`` have no universal default and must be given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(description="scale of the first block's update")
+    beta: float = Field(description="extra scale reached by the last block")
+    block_pattern: str = Field(BLOCK_PATTERN, description="regex whose first group is the block index")
+    early_pattern: str = Field(EARLY_PATTERN, description="non-block parameters scaled as block 0")
+
+    @field_validator("block_pattern", "early_pattern")
+    @classmethod
+    def _compiles(cls, value: str, info) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if info.field_name == "block_pattern" and compiled.groups < 1:
+            raise ValueError("needs a capture group for the block index, e.g. layers\\.(\\d+)\\.")
+        return value
+
+
+def layer_scales(names: list[str], config: LinesConfig) -> dict[str, float]:
+    """λ(ℓ) for every parameter name (LiNeS Eq. 1 with ℓ counted from 0)."""
+    block = re.compile(config.block_pattern)
+    index: dict[str, int | None] = {}
+    for name in names:
+        match = block.search(name)
+        index[name] = int(match.group(1)) if match else None
+    found = [i for i in index.values() if i is not None]
+    depth = max(found) + 1 if found else 1
+
+    def scale(layer: int) -> float:
+        return config.alpha + (config.beta * layer / (depth - 1) if depth > 1 else 0.0)
+
+    early = re.compile(config.early_pattern)
+    return {
+        name: scale(i if i is not None else (0 if early.search(name) else depth - 1))
+        for name, i in index.items()
+    }
