@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import primerge
 from primerge import cli
-from primerge.methods.base import TensorContext, derive_seed
+from primerge.methods.base import TensorContext, derive_seed, PerTaskUpdate
 
 TASK_SPECIFIC = r"^classifier\."
 NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"  # ALGORITHMS.md Conventions
@@ -78,7 +78,10 @@ def expected_merge(base: dict, models: list[dict], method: str, params: dict | N
         prepass = whole_model.result()
     out = {name: b.clone() for name, b in base.items() if name not in merged}
     for name in merged:
-        out[name] = (base[name].float() + spec.apply(stack(name), ctx(name, prepass), p)).to(base[name].dtype)
+        update = spec.apply(stack(name), ctx(name, prepass), p)
+        if isinstance(update, PerTaskUpdate):  # per-task methods: the unified update goes in the body
+            update = update.update
+        out[name] = (base[name].float() + update).to(base[name].dtype)
     return {name: out[name] for name in base}
 
 
@@ -117,8 +120,9 @@ def test_every_method_end_to_end(method, bert_zoo, zoo_states, tmp_path):
     result = primerge.merge(bert_zoo["base"], bert_zoo["models"], method,
                             task_specific=TASK_SPECIFIC, out=out)
     assert result.out == out and result.method == method
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "task_heads", "tokenizer_config.json"]
+    per_task = ["per_task"] if primerge.get_method(method).per_task else []
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "README.md", "config.json", "model.safetensors", "task_heads", "tokenizer_config.json", *per_task])
 
     # the body, reloaded by transformers, equals θ₀ + merge(τ)
     expected = expected_merge(base, models, method)

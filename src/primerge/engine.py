@@ -32,8 +32,9 @@ from primerge.io.writer import (
     copy_support_files,
     save_tensors,
 )
-from primerge.methods.base import MethodParams, MethodSpec, TensorContext, derive_seed
+from primerge.methods.base import MethodParams, MethodSpec, PerTaskUpdate, TensorContext, derive_seed
 from primerge.methods.lines import layer_scales
+from primerge.per_task import PerTaskWriter, rebuild_task
 from primerge.recipe import Recipe
 
 EntryKind = Literal["matrix", "fallback", "copy"]
@@ -47,10 +48,6 @@ class PlanEntry:
     kind: EntryKind
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass
@@ -102,6 +99,8 @@ class MergeResult:
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     report: str | None = None  # what a whole-model pre-pass decided (e.g. PRIME's F(r) table)
+    task_states: dict[str, dict[str, torch.Tensor]] | None = None  # per-task methods, in memory
+    per_task: bool = False  # the method gives every task its own model (see primerge.per_task)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -256,17 +255,30 @@ def run_prepass(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodPara
     return prepass.result()
 
 
+@dataclass
+class MergedTensor:
+    """One output tensor, and for per-task methods the unified update and per-task tensors."""
+
+    name: str
+    tensor: torch.Tensor
+    unified: torch.Tensor | None = None  # τ_uni in the base dtype (per-task methods)
+    task_tensors: dict[str, torch.Tensor] | None = None  # key -> (T, *shape)
+
+
 def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodParams,
-                   device: torch.device, quiet: bool, prepass_result=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the base dtype on the CPU) in base order."""
+                   device: torch.device, quiet: bool, prepass_result=None) -> Iterator[MergedTensor]:
+    """Yield each merged tensor (base dtype, CPU) in base order."""
     contexts = dict((e.name, ctx) for e, ctx in _contexts(plan, recipe, prepass_result))
     for entry in tqdm(plan.entries, desc=f"merge [{spec.name}]", unit="tensor", disable=quiet):
         if entry.kind == "copy":
-            yield entry.name, plan.base.load(entry.name)
+            yield MergedTensor(entry.name, plan.base.load(entry.name))
             continue
         base, taus = task_vectors(plan, entry, device)
         update = spec.apply(taus, contexts[entry.name], params)
         del taus
+        per_task = update if isinstance(update, PerTaskUpdate) else None
+        if per_task is not None:
+            update = per_task.update
         if plan.scales is not None:
             update = update * plan.scales[entry.name]
         if not bool(torch.isfinite(update).all()):
@@ -274,7 +286,11 @@ def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodP
                 f"tensor '{entry.name}': method '{spec.name}' produced NaN/Inf; check the inputs "
                 f"and parameters ({params.model_dump()})."
             )
-        yield entry.name, (base + update).to(dtype=entry.dtype, device="cpu")
+        merged = MergedTensor(entry.name, (base + update).to(dtype=entry.dtype, device="cpu"))
+        if per_task is not None:
+            merged.unified = update.to(dtype=entry.dtype, device="cpu")
+            merged.task_tensors = {k: v.cpu() for k, v in per_task.task_tensors.items()}
+        yield merged
 
 
 def task_specific_tensors(plan: Plan) -> dict[str, dict[str, torch.Tensor]]:
@@ -308,17 +324,18 @@ def run_merge(
     out_path = check_output(Path(out), recipe, force) if out is not None else None
     plan = build_plan(recipe)
     plan.transform = transform
-    result = MergeResult(spec.name, params.model_dump(mode="json"), counts=plan.counts())
+    result = MergeResult(spec.name, params.model_dump(mode="json"), counts=plan.counts(),
+                         per_task=spec.per_task)
     try:
         prepass_result = run_prepass(plan, recipe, spec, params, dev, quiet)
         if hasattr(prepass_result, "to_markdown"):
             result.report = prepass_result.to_markdown()
         stream = merged_tensors(plan, recipe, spec, params, dev, quiet, prepass_result)
+        scalars = prepass_result.task_scalars() if spec.per_task else None
         if out_path is None:
-            result.state_dict = dict(stream)
-            result.task_tensors = task_specific_tensors(plan)
+            _collect(plan, spec, stream, scalars, result)
         else:
-            _write_output(out_path, plan, recipe, stream, force, shard_size, result)
+            _write_output(out_path, plan, recipe, stream, force, shard_size, result, spec, scalars)
             result.out = out_path
     finally:
         plan.base.close()
@@ -328,14 +345,40 @@ def run_merge(
     return result
 
 
-def _write_output(out: Path, plan: Plan, recipe: Recipe, stream, force: bool,
-                  shard_size: int, result: MergeResult) -> None:
+def _collect(plan: Plan, spec: MethodSpec, stream: Iterator[MergedTensor],
+             scalars: list[dict[str, float]] | None, result: MergeResult) -> None:
+    """In-memory output: the merged state dict, heads, and (per-task methods) every task's state."""
+    result.state_dict = {}
+    labels = [s.label for s in plan.sources]
+    if scalars is not None:
+        result.task_states = {label: {} for label in labels}
+    for m in stream:
+        result.state_dict[m.name] = m.tensor
+        if scalars is None:
+            continue
+        for t, label in enumerate(labels):
+            if m.unified is None:
+                result.task_states[label][m.name] = m.tensor
+            else:
+                task = {k: v[t] for k, v in m.task_tensors.items()}
+                result.task_states[label][m.name] = rebuild_task(
+                    spec, plan.base.load(m.name), m.unified, task, scalars[t], m.tensor.dtype)
+    result.task_tensors = task_specific_tensors(plan)
+
+
+def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[MergedTensor], force: bool,
+                  shard_size: int, result: MergeResult, spec: MethodSpec,
+                  scalars: list[dict[str, float]] | None) -> None:
     with atomic_folder(out, force=force) as folder:
-        sizes = {e.name: e.nbytes for e in plan.entries}
-        writer = ShardedWriter(folder, sizes, shard_size)
-        for name, tensor in stream:
-            writer.add(name, tensor)
+        writer = ShardedWriter(folder, shard_size)
+        per_task = PerTaskWriter(folder, [s.label for s in plan.sources], shard_size) if scalars is not None else None
+        for m in stream:
+            writer.add(m.name, m.tensor)
+            if per_task is not None and m.unified is not None:
+                per_task.add(m.name, m.unified, m.task_tensors)
         files = writer.finish()
+        if per_task is not None:
+            per_task.finish(spec.name, recipe.base, scalars)
         heads = task_specific_tensors(plan)
         if heads:
             (folder / "task_heads").mkdir()

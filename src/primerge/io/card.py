@@ -63,6 +63,19 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
     ]
     if result.report:
         lines += ["## Whole-model pre-pass", "", result.report, ""]
+    if result.per_task:
+        lines += [
+            "## Per-task models",
+            "",
+            f"`{result.method}` gives every task its own model. `model.safetensors` holds the unified "
+            "model θ₀ + τ_uni; `per_task/task_vector*.safetensors` holds τ_uni, "
+            "`per_task/<task>/<key>*.safetensors` each task's tensors (boolean masks bit-packed with "
+            "numpy.packbits, big bit order, over the flattened tensor) and `per_task/per_task.json` the "
+            "task names, per-task scalars and the base path. Rebuild task t's weights with "
+            "`primerge.per_task.load_task_state(folder, task)`; for EMR they are "
+            "θ₀ + λ_t · m_t ⊙ τ_uni.",
+            "",
+        ]
     if heads:
         lines += [
             "## Task-specific tensors",

@@ -206,7 +206,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         source = weight_source(path)
     else:
         folder, source = None, path
-        if not path.name.endswith(WEIGHT_SUFFIXES):
+        if not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json")):
             raise InputError(
                 f"{path}: unknown checkpoint type; give a model folder or a .safetensors file."
             )

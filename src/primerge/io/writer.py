@@ -84,73 +84,61 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         raise OutputError(f"{path}: write failed ({exc}); check free space and permissions.") from None
 
 
-def plan_shards(sizes: dict[str, int], shard_size: int) -> list[list[str]]:
-    """Split tensor names (in order) into consecutive shards of at most ``shard_size`` bytes.
-
-    A tensor larger than the shard size gets a shard of its own.
-    """
-    shards: list[list[str]] = [[]]
-    filled = 0
-    for name, nbytes in sizes.items():
-        if shards[-1] and filled + nbytes > shard_size:
-            shards.append([])
-            filled = 0
-        shards[-1].append(name)
-        filled += nbytes
-    return shards
-
-
 class ShardedWriter:
-    """Write tensors in a fixed order into planned shards, one shard buffered at a time.
+    """Stream tensors into safetensors shards of at most ``shard_size`` bytes.
 
-    ``sizes`` maps every output tensor name, in the order they will be added, to
-    its size in bytes. :meth:`add` must be called in that order; a shard is
-    saved as soon as its last tensor arrives. :meth:`finish` writes the index.
+    Tensors are buffered until the next one would overflow the shard, then the
+    shard is saved, so at most one shard is held in memory (a tensor larger than
+    the shard size gets a shard of its own). :meth:`finish` names the files
+    ``<stem>.safetensors`` when there is one shard, else
+    ``<stem>-0000i-of-0000N.safetensors`` plus ``<stem>.safetensors.index.json``
+    (the Hugging Face layout for ``stem = "model"``).
     """
 
-    def __init__(self, folder: Path, sizes: dict[str, int], shard_size: int = DEFAULT_SHARD_SIZE):
+    def __init__(self, folder: Path, shard_size: int = DEFAULT_SHARD_SIZE, stem: str = "model"):
         self.folder = Path(folder)
-        self.shards = plan_shards(sizes, shard_size)
-        self.total_size = sum(sizes.values())
-        # One key only: safetensors keeps metadata in a hash map, so several keys would be
-        # written in a varying order and identical merges would differ byte-wise.
+        self.shard_size = shard_size
+        self.stem = stem
+        # One metadata key only: safetensors keeps metadata in a hash map, so several keys
+        # would be written in a varying order and identical merges would differ byte-wise.
         self.metadata = {"format": "pt"}
-        self._order = [name for shard in self.shards for name in shard]
-        self._next = 0
         self._buffer: dict[str, torch.Tensor] = {}
-        self.files: list[Path] = []
-
-    def filename(self, index: int) -> str:
-        if len(self.shards) == 1:
-            return "model.safetensors"
-        return f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+        self._filled = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self._order[self._next] if self._next < len(self._order) else None
-        if name != expected:
-            raise RuntimeError(f"tensor '{name}' written out of plan order (expected {expected!r})")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._filled + nbytes > self.shard_size:
+            self._flush()
         self._buffer[name] = tensor.contiguous()
-        self._next += 1
-        shard = len(self.files)
-        if name == self.shards[shard][-1]:
-            path = self.folder / self.filename(shard)
-            save_tensors(path, self._buffer, self.metadata)
-            self.files.append(path)
-            self._buffer = {}
+        self._filled += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f".{self.stem}-part{len(self._shards):05d}.safetensors"
+        save_tensors(path, self._buffer, self.metadata)
+        self._shards.append((path, list(self._buffer)))
+        self._buffer, self._filled = {}, 0
 
     def finish(self) -> list[Path]:
-        """Write the index (when sharded) and return every file written."""
-        if self._next != len(self._order):
-            raise RuntimeError(f"only {self._next} of {len(self._order)} planned tensors were written")
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": self.total_size},
-                "weight_map": {n: self.filename(i) for i, s in enumerate(self.shards) for n in s},
-            }
-            path = self.folder / INDEX_NAMES[0]
-            path.write_text(json.dumps(index, indent=2) + "\n")
-            self.files.append(path)
-        return self.files
+        """Save the last shard, give every shard its final name, write the index; return the files."""
+        if self._buffer or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        files, weight_map = [], {}
+        for i, (part, names) in enumerate(self._shards):
+            final = self.folder / (f"{self.stem}.safetensors" if n == 1
+                                   else f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors")
+            os.replace(part, final)
+            files.append(final)
+            weight_map.update(dict.fromkeys(names, final.name))
+        if n > 1:
+            index = self.folder / f"{self.stem}.safetensors.index.json"
+            index.write_text(json.dumps({"metadata": {"total_size": self.total_size},
+                                         "weight_map": weight_map}, indent=2) + "\n")
+            files.append(index)
+        return files
 
 
 def copy_support_files(source: Path | None, target: Path) -> list[str]:

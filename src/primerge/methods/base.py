@@ -85,6 +85,24 @@ MergeFn = Callable[[Tensor, TensorContext, Any], Tensor]
 
 
 @dataclass(frozen=True)
+class PerTaskUpdate:
+    """Result of a per-task method (e.g. EMR) for one parameter.
+
+    ``update`` is the unified task vector written into the output model;
+    ``task_tensors`` maps a key (e.g. ``mask``) to a tensor with a leading task axis
+    (T, *shape) that the engine stores per task. Together with the scalars of the
+    method's pre-pass result (``task_scalars()``), :attr:`MethodSpec.rebuild` turns
+    them back into task t's own update.
+    """
+
+    update: Tensor
+    task_tensors: dict[str, Tensor]
+
+
+RebuildFn = Callable[[Tensor, dict[str, Tensor], dict[str, float]], Tensor]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered merging method.
 
@@ -92,7 +110,8 @@ class MethodSpec:
     ``svd`` (the function sees matrix parameters only; the rest go to ``fallback``,
     by default ``α · mean_t τ_t``, ALGORITHMS.md Conventions). ``prepass`` builds the
     whole-model pass for the given parameters, or returns ``None`` when these
-    parameters need none.
+    parameters need none. ``rebuild(update, task_tensors_t, scalars_t)`` marks a
+    per-task method and gives task t's update from what its merge stored.
     """
 
     name: str
@@ -102,6 +121,12 @@ class MethodSpec:
     family: Family
     prepass: Callable[[Any], Prepass | None] | None = None
     fallback: MergeFn | None = None
+    rebuild: RebuildFn | None = None
+
+    @property
+    def per_task(self) -> bool:
+        """Whether the method produces one model per task (its merge returns :class:`PerTaskUpdate`)."""
+        return self.rebuild is not None
 
     def parameters(self, values: dict[str, Any] | None = None) -> MethodParams:
         """Validate ``values`` against the parameter model, defaults filled in."""

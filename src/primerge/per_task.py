@@ -1,0 +1,135 @@
+"""Per-task outputs of methods that give every task its own model (EMR).
+
+Layout inside a merged folder (documented in its model card)::
+
+    model.safetensors            θ₀ + τ_uni, the unified model (base dtype)
+    per_task/per_task.json       method, task names, per-task scalars, base path, formats
+    per_task/task_vector*.safetensors      τ_uni per merged tensor (base dtype)
+    per_task/<task>/<key>*.safetensors     per-task tensors, e.g. ``mask``: boolean masks
+                                           bit-packed with numpy.packbits (big bit order)
+                                           over the flattened tensor, one uint8 vector each
+
+Task t's weights are θ₀ + rebuild(τ_uni, {key: tensor_t}, scalars_t), with ``rebuild``
+the method's own formula (for EMR λ_t · m_t ⊙ τ_uni); tensors the method did not merge
+(non-floating buffers) are the unified model's. :func:`load_task_state` does this.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from primerge.errors import InputError
+from primerge.io.readers import open_checkpoint
+from primerge.io.writer import ShardedWriter
+from primerge.methods import get_method
+from primerge.methods.base import MethodSpec
+
+FOLDER = "per_task"
+META = "per_task.json"
+FORMAT_VERSION = 1
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as a uint8 vector of bits (numpy.packbits, big bit order, flattened)."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(bool)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask` for a tensor of ``shape``."""
+    count = int(np.prod(shape)) if shape else 1
+    bits = np.unpackbits(packed.numpy(), count=count).astype(bool)
+    return torch.from_numpy(bits).reshape(shape)
+
+
+def _encode(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    return pack_mask(tensor) if tensor.dtype == torch.bool else tensor.contiguous()
+
+
+class PerTaskWriter:
+    """Streams τ_uni and every task's tensors into ``folder/per_task`` as they are merged."""
+
+    def __init__(self, folder: Path, labels: list[str], shard_size: int) -> None:
+        self.root = Path(folder) / FOLDER
+        self.labels = labels
+        self.shard_size = shard_size
+        self.root.mkdir()
+        self.unified = ShardedWriter(self.root, shard_size, stem="task_vector")
+        self.tasks: dict[tuple[str, str], ShardedWriter] = {}
+        self.kinds: dict[str, str] = {}
+
+    def add(self, name: str, unified: torch.Tensor, task_tensors: dict[str, torch.Tensor]) -> None:
+        self.unified.add(name, unified)
+        for key, stacked in task_tensors.items():
+            self.kinds[key] = "bool-packbits" if stacked.dtype == torch.bool else str(stacked.dtype)
+            for t, label in enumerate(self.labels):
+                writer = self.tasks.get((label, key))
+                if writer is None:
+                    (self.root / label).mkdir(exist_ok=True)
+                    writer = self.tasks[(label, key)] = ShardedWriter(self.root / label, self.shard_size, stem=key)
+                writer.add(name, _encode(key, stacked[t]))
+
+    def finish(self, method: str, base: Path, scalars: list[dict[str, float]]) -> None:
+        self.unified.finish()
+        for writer in self.tasks.values():
+            writer.finish()
+        meta = {
+            "format": FORMAT_VERSION,
+            "method": method,
+            "base": str(Path(base).resolve()),
+            "tasks": self.labels,
+            "scalars": dict(zip(self.labels, scalars)),
+            "tensors": self.kinds,
+        }
+        (self.root / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def rebuild_task(spec: MethodSpec, base: torch.Tensor, unified: torch.Tensor,
+                 task: dict[str, torch.Tensor], scalars: dict[str, float], dtype: torch.dtype) -> torch.Tensor:
+    """θ₀ + rebuild(τ_uni, task tensors, scalars), computed in float32 and cast to ``dtype``."""
+    update = spec.rebuild(unified.float(), task, scalars)
+    return (base.float() + update).to(dtype)
+
+
+def _stream_source(folder: Path, stem: str):
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
+        if (folder / name).is_file():
+            return open_checkpoint(folder / name)
+    raise InputError(f"{folder}: missing {stem}.safetensors; the per-task output is incomplete.")
+
+
+def load_task_state(folder: str | Path, task: str, base: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Rebuild task ``task``'s full state dict from a per-task merge output folder.
+
+    ``base`` defaults to the base path recorded at merge time.
+    """
+    folder = Path(folder)
+    meta_path = folder / FOLDER / META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path}: not a per-task merge output ({exc}).") from None
+    if task not in meta["tasks"]:
+        raise InputError(f"{folder}: no task '{task}'; tasks: {', '.join(meta['tasks'])}.")
+    spec = get_method(meta["method"])
+    unified_model = open_checkpoint(folder)
+    base_ckpt = open_checkpoint(base if base is not None else meta["base"])
+    vectors = _stream_source(folder / FOLDER, "task_vector")
+    task_sources = {key: _stream_source(folder / FOLDER / task, key) for key in meta["tensors"]}
+    scalars = meta["scalars"][task]
+    state = {}
+    for name in unified_model.names:
+        if name not in vectors:
+            state[name] = unified_model.load(name)
+            continue
+        shape = vectors.info(name).shape
+        tensors = {
+            key: unpack_mask(src.load(name), shape) if meta["tensors"][key] == "bool-packbits" else src.load(name)
+            for key, src in task_sources.items()
+        }
+        dtype = unified_model.info(name).dtype
+        state[name] = rebuild_task(spec, base_ckpt.load(name), vectors.load(name), tensors, scalars, dtype)
+    return state
