@@ -3,10 +3,10 @@
 :func:`atomic_folder` yields a temporary folder beside the destination and
 renames it into place only when the body of the ``with`` finished without an
 error; on any error or interrupt the temporary folder is removed and the
-destination is left as it was. :class:`ShardedWriter` writes tensors in a
-planned order into safetensors shards (``model.safetensors``, or
-``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json`` above
-the shard size), holding at most one shard in memory.
+destination is left as it was. :class:`ShardedWriter` streams tensors into
+safetensors shards (``model.safetensors``, or ``model-0000i-of-0000N.safetensors``
+plus ``model.safetensors.index.json`` above the shard size), holding at most one
+shard in memory.
 """
 
 from __future__ import annotations
