@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import get_args
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from primerge import __version__
 from primerge.api import merge_recipe
@@ -32,22 +33,28 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _describe_type(annotation) -> str:
-    """``float``, ``tensor|model`` or ``auto|float`` for a parameter's annotation."""
-    args = get_args(annotation)
-    if args and all(isinstance(a, str) for a in args):  # Literal[...]
-        return "|".join(args)
-    if args and getattr(annotation, "__metadata__", None) is None:  # a union
+    """``float``, ``tensor|model``, ``auto|float`` or ``list[float]`` for a parameter's annotation."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, UnionType):
         return "|".join(_describe_type(a) for a in args)
-    if args:  # Annotated[T, ...]
+    if origin is Annotated:
         return _describe_type(args[0])
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_describe_type(a) for a in args)}]"
     return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def _default(field) -> object:
+    return field.get_default(call_default_factory=True)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     for spec in list_methods():
         print(f"{spec.name}  [{spec.family}]  {spec.description}")
         for name, f in spec.params_model.model_fields.items():
-            print(f"    {name} = {f.default!s:<8} {_describe_type(f.annotation):<22} {f.description or ''}")
+            print(f"    {name} = {_default(f)!s:<8} {_describe_type(f.annotation):<22} {f.description or ''}")
     return 0
 
 
