@@ -65,7 +65,14 @@ def merge_recipe(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> MergeResult:
     """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`."""
+    folder = None
     if not isinstance(recipe, Recipe):
+        folder = Path(recipe).parent
         recipe = load_recipe(recipe)
+    transform = None
+    if recipe.purify is not None:
+        from primerge.purify import build_purifier  # above the engine: imported only when asked for
+
+        transform = build_purifier(recipe, relative_to=folder, quiet=quiet)
     return run_merge(recipe, out, device=device, force=force, quiet=quiet,
-                     shard_size=parse_size(shard_size))
+                     shard_size=parse_size(shard_size), transform=transform)

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 from primerge import __version__
 from primerge.api import merge_recipe
 from primerge.errors import PrimergeError
+from primerge.analysis import cli as analysis_cli
 from primerge.evaluation import cli as evaluation_cli
 from primerge.io.writer import DEFAULT_SHARD_SIZE
 from primerge.methods import list_methods
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(func=_cmd_methods)
 
     evaluation_cli.register(sub)
+    analysis_cli.register(sub)
     return parser
 
 

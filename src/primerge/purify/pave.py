@@ -1,0 +1,293 @@
+"""PAVE: purified task vectors in a knowledge-aware subspace (pave.txt Sections 3.2–3.3, Appendix A).
+
+For a linear weight W_ft = W₀ + τ (PyTorch layout (out, in)) with input covariance C = XᵀX/rows:
+
+- **CO-SVD** (Eqs. 5–6): W† = SVD_r(W_ft C) C⁻¹ and the purified task vector is W† − W₀.
+- **SVD-LLM**: C = L Lᵀ (Cholesky); W† = SVD_r(W_ft L) L⁻¹ (a triangular solve).
+- **ASVD**: D = diag(mean |x| per input feature); W† = SVD_r(W_ft D) D⁻¹.
+- **SVD**: W† = SVD_r(W_ft), no data.
+
+C is regularised as C + ε·mean(diag C)·I with ε doubling from 0.01 until ‖C_reg C_reg⁻¹ − I‖_F
+< 0.05 (the check uses a Cholesky solve; the hot path never forms C⁻¹: Y C⁻¹ is the Cholesky
+solve of C Xᵀ = Yᵀ). [decision] ASVD's diagonal gets the same floor, mean|x| + 0.01·mean(mean|x|),
+so no feature is divided by ~0. Computation is in float64; the task vector is returned in float32.
+
+**Spectral rank allocation** (Algorithm 1, Eqs. 7–9): per layer l with full rank R (= min(m, n)),
+normalise each task's singular values of its decomposition target by the largest,
+s_{t,j} = σ_{t,j}/σ_{t,1}; start every r_t at R; while Σ_t r_t/(T·R) > ρ, decrement the task (among
+those still above the floor) whose current tail s_{t,r_t} is smallest, and drop it from the
+candidates once r_t ≤ γR, γ = ρ − (1 − ρ)/2. Task t's ratio ρ_t = Σ_l r_t^l / Σ_l R^l is then
+applied to all its layers: r = max(1, round(ρ_t R)). ``uniform`` keeps round(ρR) everywhere.
+[decision] A layer enters task t's allocation only if t's hook fired there; layers whose hook
+never fired keep the plain task vector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from primerge.engine import Plan, build_plan, task_vectors
+from primerge.errors import InputError
+from primerge.linalg import truncated_svd
+from primerge.purify.config import PurifyConfig, parse_purify, resolve_data
+from primerge.purify.covariance import Covariances, model_covariances
+from primerge.recipe import Recipe
+
+EPS_START = 0.01
+INVERSE_TOL = 0.05
+MAX_DOUBLINGS = 40
+
+
+def regularize(cov: Tensor, eps: float = EPS_START, tol: float = INVERSE_TOL) -> tuple[Tensor, Tensor, float]:
+    """C_reg = C + ε·mean(diag C)·I with the smallest ε = 0.01·2^k such that C_reg is
+    Cholesky-factorable and ‖C_reg C_reg⁻¹ − I‖_F < tol (C_reg⁻¹ applied by Cholesky solve).
+
+    Returns (C_reg, L with C_reg = L Lᵀ, ε). Raises ValueError when no ε works.
+    """
+    C = cov.double()
+    n = C.shape[0]
+    scale = float(C.diagonal().mean())
+    if not math.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    for _ in range(MAX_DOUBLINGS):
+        C_reg = C + (eps * scale) * eye
+        L, info = torch.linalg.cholesky_ex(C_reg)
+        if int(info) == 0:
+            residual = C_reg @ torch.cholesky_solve(eye, L) - eye
+            if float(torch.linalg.matrix_norm(residual)) < tol:
+                return C_reg, L, eps
+        eps *= 2
+    raise ValueError("the covariance could not be regularised to an invertible matrix")
+
+
+def regularized_with(cov: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """C + ε·mean(diag C)·I and its Cholesky factor for a known ε (see :func:`regularize`)."""
+    C = cov.double()
+    scale = float(C.diagonal().mean())
+    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+    C_reg = C + (eps * scale) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    return C_reg, torch.linalg.cholesky(C_reg)
+
+
+@dataclass
+class Scaling:
+    """The right factor S of a decomposition target W S and the map Y ↦ Y S⁻¹ back.
+
+    ``kind``: ``co_svd`` (S = C_reg), ``svd_llm`` (S = L, C_reg = L Lᵀ), ``asvd`` (S = diag d),
+    ``svd`` (S = I).
+    """
+
+    kind: str
+    C: Tensor | None = None
+    L: Tensor | None = None
+    d: Tensor | None = None
+
+    def forward(self, W: Tensor) -> Tensor:
+        if self.kind == "co_svd":
+            return W @ self.C
+        if self.kind == "svd_llm":
+            return W @ self.L
+        if self.kind == "asvd":
+            return W * self.d
+        return W
+
+    def inverse(self, Y: Tensor) -> Tensor:
+        if self.kind == "co_svd":  # Y C⁻¹ = (C⁻¹ Yᵀ)ᵀ, C symmetric: a Cholesky solve
+            return torch.cholesky_solve(Y.mT, self.L).mT
+        if self.kind == "svd_llm":  # Y L⁻¹: solve X L = Y, i.e. Lᵀ Xᵀ = Yᵀ
+            return torch.linalg.solve_triangular(self.L.mT, Y.mT, upper=True).mT
+        if self.kind == "asvd":
+            return Y / self.d
+        return Y
+
+
+def make_scaling(kind: str, cov: Tensor | None = None, abs_mean: Tensor | None = None,
+                 eps: float | None = None) -> Scaling:
+    """The :class:`Scaling` of a decomposition from a covariance (and mean |x| for ASVD)."""
+    if kind == "svd":
+        return Scaling("svd")
+    if kind == "asvd":
+        d = abs_mean.double()
+        return Scaling("asvd", d=d + EPS_START * (float(d.mean()) or 1.0))
+    C, L = regularized_with(cov, eps) if eps is not None else regularize(cov)[:2]
+    return Scaling(kind, C=C, L=L)
+
+
+def purify_matrix(W: Tensor, scaling: Scaling, rank: int, seed: int = 0) -> Tensor:
+    """W† = SVD_r(W S) S⁻¹ (PAVE Eq. 5) in float64; ``rank`` ≥ min(m, n) keeps every component."""
+    target = scaling.forward(W.double())
+    rank = min(rank, min(target.shape))
+    low = truncated_svd(target, rank, mode="exact", seed=seed).reconstruct()
+    return scaling.inverse(low)
+
+
+def purified_task_vector(base: Tensor, tau: Tensor, scaling: Scaling, rank: int) -> Tensor:
+    """ΔW_PAVE = SVD_r((W₀ + τ) S) S⁻¹ − W₀ (PAVE Eq. 6), returned in float32."""
+    W0 = base.double()
+    return (purify_matrix(W0 + tau.double(), scaling, rank) - W0).to(torch.float32)
+
+
+def spectral_allocation(spectra: Sequence[Tensor], rho: float, floor: float) -> list[list[int]]:
+    """PAVE Algorithm 1 per layer: ranks r_t^l for every layer (list over layers of T ints).
+
+    ``spectra``: one (T, R_l) tensor of descending singular values per layer.
+    """
+    out = []
+    for values in spectra:
+        T, R = values.shape
+        top = values[:, :1].double()
+        s = values.double() / torch.where(top > 0, top, 1.0)
+        r = [R] * T
+        active = [t for t in range(T) if R > 1 and r[t] > floor * R]
+        while active and sum(r) / (T * R) > rho:
+            t = min(active, key=lambda i: (float(s[i, r[i] - 1]), i))
+            r[t] -= 1
+            if r[t] <= floor * R or r[t] <= 1:
+                active.remove(t)
+        out.append(r)
+    return out
+
+
+def match_modules(tensor_names: Sequence[str], modules: Sequence[str]) -> dict[str, str]:
+    """Map checkpoint tensor names ``<module>.weight`` to hooked module names.
+
+    Exact match first; else the unique module whose name is a dotted suffix of the tensor's
+    module path or has it as a dotted suffix (a wrapper prefix such as ``bert.`` on either side).
+    """
+    mods = set(modules)
+    out: dict[str, str] = {}
+    for name in tensor_names:
+        if not name.endswith(".weight"):
+            continue
+        path = name[: -len(".weight")]
+        if path in mods:
+            out[name] = path
+            continue
+        hits = [m for m in modules if path.endswith("." + m) or m.endswith("." + path)]
+        if len(hits) == 1:
+            out[name] = hits[0]
+    return out
+
+
+@dataclass
+class Purifier:
+    """The engine's task-vector transform: (label, tensor name, θ₀, τ) -> purified τ.
+
+    ``ranks[(label, name)]`` is the preserved rank; tensors without one pass unchanged.
+    """
+
+    config: PurifyConfig
+    ranks: dict[tuple[str, str], int]
+    covariances: dict[str, Covariances] = field(default_factory=dict)
+    modules: dict[tuple[str, str], str] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    _eps: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def scaling(self, label: str, name: str) -> Scaling:
+        kind = self.config.method
+        if kind == "svd":
+            return Scaling("svd")
+        module = self.modules[(label, name)]
+        cov = self.covariances[label]
+        if kind == "asvd":
+            return make_scaling("asvd", abs_mean=cov.abs_mean[module])
+        key = (label, module)
+        if key not in self._eps:
+            self._eps[key] = regularize(cov.cov[module])[2]
+        return make_scaling(kind, cov.cov[module], eps=self._eps[key])
+
+    def __call__(self, label: str, name: str, base: Tensor, tau: Tensor) -> Tensor:
+        rank = self.ranks.get((label, name))
+        if rank is None:
+            return tau
+        return purified_task_vector(base, tau, self.scaling(label, name), rank).to(tau.device)
+
+    def summary(self) -> str:
+        ratios = ", ".join(f"{k} {v:.4f}" for k, v in self.ratios.items())
+        return (f"PAVE ({self.config.method}, ρ = {self.config.rank_ratio:g}, {self.config.allocation}): "
+                f"{len(self.ranks)} task matrices purified; rank ratios: {ratios}")
+
+
+def _task_texts(spec: str, folder: Path | None) -> list[str]:
+    from primerge.evaluation.tasks import load_task
+
+    data = load_task(resolve_data(spec, folder))
+    return list(data.split().train_texts)
+
+
+def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Path | None = None,
+                   quiet: bool = True) -> Purifier:
+    """Validate ``recipe.purify``, collect covariances (cached), allocate ranks; return the transform."""
+    config = parse_purify(recipe)
+    labels = recipe.model_labels()
+    base_folder = Path(recipe.base) if Path(recipe.base).is_dir() else None
+    covariances: dict[str, Covariances] = {}
+    if config.needs_data:
+        for entry, label in zip(recipe.models, labels):
+            try:
+                texts = _task_texts(config.data[label], relative_to)
+            except InputError as exc:
+                raise InputError(f"purify.data.{label}: {exc}") from None
+            covariances[label] = model_covariances(
+                Path(entry.path), texts, base=base_folder, samples=config.samples,
+                max_length=config.max_length, batch_size=config.batch_size, cache=cache)
+    plan = build_plan(recipe)
+    try:
+        return _allocate(plan, config, labels, covariances, quiet)
+    finally:
+        plan.base.close()
+        for s in plan.sources:
+            s.checkpoint.close()
+
+
+def _allocate(plan: Plan, config: PurifyConfig, labels: list[str], covariances: dict[str, Covariances],
+              quiet: bool) -> Purifier:
+    matrices = [e for e in plan.entries if e.kind == "matrix"]
+    names = [e.name for e in matrices]
+    modules: dict[tuple[str, str], str] = {}
+    for label in labels:
+        if config.needs_data:
+            for name, module in match_modules(names, covariances[label].modules()).items():
+                modules[(label, name)] = module
+        else:
+            modules.update({(label, name): "" for name in names})
+    purifier = Purifier(config, {}, covariances, modules)
+    layer_full: dict[int, list[int]] = {t: [] for t in range(len(labels))}
+    layer_ranks: dict[int, list[int]] = {t: [] for t in range(len(labels))}
+    for entry in tqdm(matrices, desc="PAVE spectra", unit="tensor", disable=quiet, leave=False):
+        tasks = [t for t, label in enumerate(labels) if (label, entry.name) in modules]
+        if not tasks:
+            continue
+        R = min(entry.shape)
+        if config.allocation == "uniform":
+            for t in tasks:
+                layer_full[t].append(R)
+                layer_ranks[t].append(max(1, round(config.rank_ratio * R)))
+            continue
+        base, taus = task_vectors(plan, entry, torch.device("cpu"))
+        spectra = torch.stack([
+            torch.linalg.svdvals(purifier.scaling(labels[t], entry.name).forward((base + taus[t]).double()))
+            for t in tasks
+        ])
+        (ranks,) = spectral_allocation([spectra], config.rank_ratio, config.floor)
+        for t, r in zip(tasks, ranks):
+            layer_full[t].append(R)
+            layer_ranks[t].append(r)
+    for t, label in enumerate(labels):
+        if not layer_full[t]:
+            continue
+        ratio = sum(layer_ranks[t]) / sum(layer_full[t])
+        purifier.ratios[label] = ratio
+        for entry in matrices:
+            if (label, entry.name) in modules:
+                R = min(entry.shape)
+                purifier.ranks[(label, entry.name)] = max(1, min(R, round(ratio * R)))
+    return purifier

@@ -1,0 +1,179 @@
+"""PAVE purification: identities, regularisation, spectral rank allocation, config errors, end to end."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import primerge
+from primerge.errors import InputError, RecipeError
+from primerge.purify import parse_purify, spectral_allocation
+from primerge.purify.pave import make_scaling, match_modules, purified_task_vector, purify_matrix, regularize
+from primerge.recipe import build_recipe
+
+F64 = torch.float64
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * n, n, generator=g, dtype=F64)
+    return X.T @ X / (4 * n)
+
+
+@pytest.mark.parametrize("kind", ["co_svd", "svd_llm", "asvd", "svd"])
+def test_full_rank_gives_back_the_plain_task_vector(kind):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(7, 5, generator=g, dtype=F64)
+    tau = 1e-2 * torch.randn(7, 5, generator=g, dtype=F64)
+    C = spd(5, 1)
+    scaling = make_scaling(kind, C, C.diagonal().sqrt())
+    out = purified_task_vector(base, tau, scaling, rank=5)
+    assert torch.allclose(out.double(), tau, atol=1e-6)
+    low = purified_task_vector(base, tau, scaling, rank=2)
+    assert not torch.allclose(low.double(), tau, atol=1e-4)
+
+
+def test_co_svd_truncates_in_the_activated_space():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(6, 5, generator=g, dtype=F64)
+    C = spd(5, 5)
+    scaling = make_scaling("co_svd", C)
+    W_dag = purify_matrix(W, scaling, rank=2)
+    target = W @ scaling.C
+    U, S, Vh = torch.linalg.svd(target, full_matrices=False)
+    assert torch.allclose(W_dag @ scaling.C, (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-10)
+
+
+def test_regularize_singular_covariance():
+    x = torch.randn(3, 6, dtype=F64)
+    C = x.T @ x  # rank 3 of 6
+    C_reg, L, eps = regularize(C)
+    assert eps >= 0.01
+    eye = torch.eye(6, dtype=F64)
+    assert torch.linalg.matrix_norm(C_reg @ torch.cholesky_solve(eye, L) - eye) < 0.05
+    assert torch.allclose(L @ L.T, C_reg, atol=1e-10)
+
+
+def test_spectral_allocation_hand_cases():
+    # two tasks, R = 4, ρ = 0.75: remove task 0's tail 0.1, then task 1's 0.3
+    s = torch.tensor([[1.0, 0.9, 0.8, 0.1], [1.0, 0.5, 0.4, 0.3]])
+    assert spectral_allocation([s], 0.75, 0.75 - 0.125) == [[3, 3]]
+    # ρ = 0.5, γ = 0.25: task 0 goes down to its floor (γR = 1), then task 1 pays the rest
+    s = torch.tensor([[1.0, 0.01, 0.01, 0.01], [2.0, 1.8, 1.8, 1.8]])
+    assert spectral_allocation([s], 0.5, 0.25) == [[1, 3]]
+
+
+def test_spectral_allocation_respects_rho_and_floor():
+    g = torch.Generator().manual_seed(6)
+    for rho in (7 / 8, 15 / 16, 31 / 32):
+        floor = rho - (1 - rho) / 2
+        spectra = [torch.rand(5, R, generator=g).sort(descending=True).values ** (1 + 4 * torch.rand(5, 1, generator=g))
+                   for R in (16, 40, 64)]
+        for values, ranks in zip(spectra, spectral_allocation(spectra, rho, floor)):
+            T, R = values.shape
+            assert sum(ranks) / (T * R) <= rho
+            assert all(r > floor * R - 1 and r <= R for r in ranks)
+
+
+def test_match_modules_handles_wrapper_prefixes():
+    names = ["encoder.layer.0.attention.self.query.weight", "pooler.dense.weight", "embeddings.word_embeddings.weight"]
+    mods = ["bert.encoder.layer.0.attention.self.query", "bert.pooler.dense"]
+    assert match_modules(names, mods) == {names[0]: mods[0], names[1]: mods[1]}
+
+
+def _recipe(bert_zoo, purify):
+    return build_recipe({"base": bert_zoo["base"], "models": [str(p) for p in bert_zoo["models"]],
+                         "method": "task_arithmetic", "task_specific": r"^classifier\.", "purify": purify})
+
+
+def test_config_errors_name_the_field(bert_zoo, tmp_path):
+    with pytest.raises(RecipeError, match="purify: unknown field 'rank_ration'.*rank_ratio"):
+        parse_purify(_recipe(bert_zoo, {"method": "svd", "rank_ration": 0.9}))
+    with pytest.raises(RecipeError, match="purify.method"):
+        parse_purify(_recipe(bert_zoo, {"method": "qr"}))
+    with pytest.raises(RecipeError, match="purify.rank_ratio"):
+        parse_purify(_recipe(bert_zoo, {"method": "svd", "rank_ratio": 1.5}))
+    with pytest.raises(RecipeError, match="purify.data: no data for model 'task0'"):
+        parse_purify(_recipe(bert_zoo, {"method": "co_svd"}))
+    with pytest.raises(RecipeError, match="purify.data: 'task9' is not a model"):
+        parse_purify(_recipe(bert_zoo, {"method": "svd", "data": {"task9": "x.csv"}}))
+    missing = tmp_path / "missing.csv"
+    data = {f"task{i}": str(missing) for i in range(3)}
+    with pytest.raises(InputError, match="purify.data.task0:.*missing.csv"):
+        primerge.merge(bert_zoo["base"], [str(p) for p in bert_zoo["models"]], "task_arithmetic",
+                       task_specific=r"^classifier\.", purify={"method": "co_svd", "data": data})
+
+
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "big", "small", "the", "a"]
+
+
+@pytest.fixture(scope="module")
+def pave_zoo(bert_zoo, tmp_path_factory):
+    """Copies of the bert_zoo with a BertTokenizer (vocab of 64) in the base folder, plus task data."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("pave_zoo")
+    base = root / "base"
+    shutil.copytree(bert_zoo["base"], base)
+    (base / "tokenizer_config.json").unlink()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab += [f"w{i}" for i in range(64 - len(vocab))]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizer(vocab=str(root / "vocab.txt")).save_pretrained(base)
+    models = []
+    for p in bert_zoo["models"]:
+        shutil.copytree(p, root / p.name)
+        models.append(root / p.name)
+    g = torch.Generator().manual_seed(0)
+    rows = ["text,label"]
+    for i in range(60):
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (6,), generator=g)]
+        rows.append(f"{' '.join(words)},{i % 2}")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    return {"root": root, "base": base, "models": models, "data": root / "data.csv"}
+
+
+def test_pave_end_to_end_merge_and_cache(pave_zoo, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = {"base": "base", "models": [m.name for m in pave_zoo["models"]], "method": "task_arithmetic",
+              "task_specific": r"^classifier\.",
+              "purify": {"method": "co_svd", "rank_ratio": 0.75, "samples": 200,
+                         "data": {m.name: "data.csv" for m in pave_zoo["models"]}}}
+    path = pave_zoo["root"] / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    purified = primerge.merge_recipe(path)
+    files = list((tmp_path / "cache" / "covariances").glob("*.safetensors"))
+    assert len(files) == 3  # one per model, reused below
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    recipe["purify"]["rank_ratio"] = 1.0
+    path.write_text(yaml.safe_dump(recipe))
+    full = primerge.merge_recipe(path)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    del recipe["purify"]
+    path.write_text(yaml.safe_dump(recipe))
+    plain = primerge.merge_recipe(path)
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(full.state_dict[name], plain.state_dict[name], atol=1e-5)
+    assert not torch.allclose(purified.state_dict[name], plain.state_dict[name], atol=1e-4)
+    bias = "encoder.layer.0.attention.self.query.bias"  # not a matrix: untouched by PAVE
+    assert torch.equal(purified.state_dict[bias], plain.state_dict[bias])
+    # the transform: task ratios near ρ, and W† S of rank r exactly (S = C_reg)
+    from primerge.purify import build_purifier
+
+    recipe["purify"] = {"method": "co_svd", "rank_ratio": 0.75, "samples": 200,
+                        "data": {m.name: "data.csv" for m in pave_zoo["models"]}}
+    purifier = build_purifier(build_recipe(recipe, relative_to=pave_zoo["root"]), relative_to=pave_zoo["root"])
+    assert set(purifier.ratios) == {"task0", "task1", "task2"}
+    ratios = list(purifier.ratios.values())
+    assert all(0.625 - 0.05 <= r <= 1.0 for r in ratios) and sum(ratios) / 3 <= 0.75 + 1e-9
+    from safetensors.torch import load_file
+
+    W0 = load_file(str(pave_zoo["base"] / "model.safetensors"))[name]
+    tau = load_file(str(pave_zoo["models"][0] / "model.safetensors"))[name] - W0
+    out = purifier("task0", name, W0, tau)
+    scaling = purifier.scaling("task0", name)
+    rank = purifier.ranks[("task0", name)]
+    assert rank < 32
+    assert int(torch.linalg.matrix_rank(scaling.forward(W0.double() + out.double()), rtol=1e-5)) == rank
