@@ -183,7 +183,7 @@ def test_demo_end_to_end(zoo, task_files, tiny_base, cache, tmp_path):
     report = tmp_path / "report"
     result = run_demo(tasks=task_files, base=tiny_base, cache=cache, report=report, protocol=PROTOCOL,
                       progress=False, log=lambda m: None)
-    names = [spec.name for spec in primerge.list_methods()]
+    names = [spec.name + (" (per-task)" if spec.per_task else "") for spec in primerge.list_methods()]
     assert [r.label for r in result.rows] == ["Base (linear probe)", "Individual", *names]
     individual = result.rows[1]
     assert individual.accuracy == zoo.individual and individual.normalized == pytest.approx(1.0)
@@ -232,3 +232,19 @@ def test_score_cache_is_content_addressed(splits):
     assert tensors_digest(state, heads, splits[:1], 64) != digest
     other_heads = dict(heads, colors=torch.nn.Linear(2, 2))
     assert tensors_digest(state, other_heads, splits, 64) != digest
+
+
+def test_per_task_merge_folder_scores_like_the_demo(zoo, task_files, tiny_base, cache, tmp_path):
+    per_task = [spec for spec in primerge.list_methods() if spec.per_task]
+    if not per_task:
+        pytest.skip("no per-task method is registered")
+    spec = per_task[0]
+    result = run_demo(tasks=task_files, methods=[spec.name], base=tiny_base, cache=cache, report=None,
+                      protocol=PROTOCOL, progress=False, log=lambda m: None)
+    row = result.rows[-1]
+    assert row.label == f"{spec.name} (per-task)"
+    out = tmp_path / "per-task"
+    primerge.merge(zoo.base, zoo.paths, method=spec.name, task_specific=HEAD_REGEX, out=out)
+    assert (out / "per_task" / "per_task.json").is_file()
+    scores = evaluate_model(out, load_splits(task_files), base=tiny_base, protocol=PROTOCOL, cache=cache)
+    assert scores.accuracy == pytest.approx(row.accuracy, abs=1e-9)

@@ -93,23 +93,35 @@ def select_methods(names: Sequence[str] | None) -> list:
 
 def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict, seed: int,
                max_length: int, quiet: bool) -> Row:
-    """Merge the zoo with ``spec`` at its defaults, in memory, and score the merged body with each
-    task's head as the merge returned it (the zoo's head when it returned none)."""
+    """Merge the zoo with ``spec`` at its defaults, in memory, and score the result with each
+    task's head as the merge returned it (the zoo's head when it returned none).
+
+    One merged body serves every task; a per-task method (``result.per_task``, e.g. EMR) gives
+    each task its own rebuilt state, and task t is scored with task t's state."""
     start = time.perf_counter()
     result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
                             task_specific=HEAD_REGEX, seed=seed, quiet=quiet)
     merge_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    body = body_from_state(zoo.base, result.state_dict, f"the {spec.name} merge")
     heads = dict(zoo_heads)
     for name, tensors in (result.task_tensors or {}).items():
         if name in heads:
             stripped = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
             heads[name] = head_from_tensors(stripped, f"the {spec.name} merge's head of {name}")
-    accuracy = cached_scores(zoo.root, result.state_dict, heads, splits, max_length,
-                             lambda: evaluate_heads(body, tokenizer, splits, heads, max_length=max_length))
-    return Row(spec.name, accuracy, zoo.individual, result.parameters, merge_seconds,
-               time.perf_counter() - start)
+    per_task = result.per_task and result.task_states is not None
+    states = {s.name: result.task_states[s.name] if per_task else result.state_dict for s in splits}
+    accuracy: dict[str, float] = {}
+    groups = [[s] for s in splits] if per_task else [list(splits)]
+    for group in groups:
+        state = states[group[0].name]
+
+        def score(state=state, group=group) -> dict[str, float]:
+            body = body_from_state(zoo.base, state, f"the {spec.name} merge")
+            return evaluate_heads(body, tokenizer, group, heads, max_length=max_length)
+
+        accuracy.update(cached_scores(zoo.root, state, heads, group, max_length, score))
+    label = f"{spec.name} (per-task)" if per_task else spec.name
+    return Row(label, accuracy, zoo.individual, result.parameters, merge_seconds, time.perf_counter() - start)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

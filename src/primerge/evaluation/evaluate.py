@@ -26,6 +26,7 @@ from torch import nn
 from primerge.errors import InputError
 from primerge.evaluation.model import (
     HEAD_PREFIX,
+    body_from_state,
     head_from_tensors,
     load_body,
     load_tokenizer,
@@ -191,6 +192,9 @@ def folder_heads(folder: Path, names: Sequence[str]) -> dict[str, nn.Linear]:
     return heads
 
 
+PER_TASK_META = Path("per_task") / "per_task.json"
+
+
 def evaluate_folder(
     folder: Path,
     splits: Sequence[TaskSplit],
@@ -201,9 +205,9 @@ def evaluate_folder(
 ) -> dict[str, float]:
     """Evaluate a saved model folder on ``splits``; heads come from the folder first (see
     :func:`folder_heads`), then ``fallback_heads`` (the zoo's). Its tokenizer is the folder's,
-    else the fallback folder's."""
+    else the fallback folder's. A per-task merge output (``per_task/per_task.json``, e.g. EMR)
+    scores task t with task t's own rebuilt model (``primerge.per_task.load_task_state``)."""
     folder = Path(folder)
-    body, _ = load_body(folder)
     heads = dict(fallback_heads or {})
     heads.update(folder_heads(folder, [s.name for s in splits]))
     missing = [s.name for s in splits if s.name not in heads]
@@ -213,6 +217,16 @@ def evaluate_folder(
             f"'primerge zoo build --tasks {' '.join(missing)}' or merge with task_specific='^classifier\\.'."
         )
     tokenizer = _tokenizer_for(folder, fallback_tokenizer_folder)
+    if (folder / PER_TASK_META).is_file():
+        from primerge.per_task import load_task_state
+
+        scores = {}
+        for split in splits:
+            body = body_from_state(folder, load_task_state(folder, split.name), f"{folder} (task {split.name})")
+            scores.update(evaluate_heads(body, tokenizer, [split], heads, batch_size=batch_size,
+                                         max_length=max_length))
+        return scores
+    body, _ = load_body(folder)
     return evaluate_heads(body, tokenizer, splits, heads, batch_size=batch_size, max_length=max_length)
 
 
