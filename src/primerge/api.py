@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import MergeResult, run_merge
+from primerge.engine import MergeResult, build_plan, check_output, run_merge
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from primerge.recipe import Recipe, build_recipe, load_recipe
 
@@ -73,6 +73,9 @@ def merge_recipe(
     if recipe.purify is not None:
         from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
+        if out is not None:  # fail on a bad output before the (slow) covariance collection
+            check_output(Path(out), recipe, force)
+        build_plan(recipe).close()  # likewise for the inputs: files, key sets, shapes
         transform = build_purifier(recipe, relative_to=folder, quiet=quiet)
     return run_merge(recipe, out, device=device, force=force, quiet=quiet,
                      shard_size=parse_size(shard_size), transform=transform)

@@ -76,6 +76,12 @@ class Plan:
     transform: TaskVectorTransform | None = None
     scales: dict[str, float] | None = None  # LiNeS λ(ℓ) per mergeable tensor, when asked for
 
+    def close(self) -> None:
+        """Release every checkpoint's file handles."""
+        self.base.close()
+        for s in self.sources:
+            s.checkpoint.close()
+
     def mergeable(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.kind != "copy"]
 
@@ -338,9 +344,7 @@ def run_merge(
             _write_output(out_path, plan, recipe, stream, force, shard_size, result, spec, scalars)
             result.out = out_path
     finally:
-        plan.base.close()
-        for s in plan.sources:
-            s.checkpoint.close()
+        plan.close()
     result.seconds = time.perf_counter() - start
     return result
 
