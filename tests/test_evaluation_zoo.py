@@ -182,9 +182,11 @@ def test_eval_without_a_head_is_an_input_error(zoo, task_files, tiny_base, cache
 def test_demo_end_to_end(zoo, task_files, tiny_base, cache, tmp_path):
     report = tmp_path / "report"
     result = run_demo(tasks=task_files, base=tiny_base, cache=cache, report=report, protocol=PROTOCOL,
-                      progress=False, log=lambda m: None)
+                      progress=False, log=lambda m: None, pave=["tsv"])
     names = [spec.name + (" (per-task)" if spec.per_task else "") for spec in primerge.list_methods()]
-    assert [r.label for r in result.rows] == ["Base (linear probe)", "Individual", *names]
+    assert [r.label for r in result.rows] == ["Base (linear probe)", "Individual", *names, "tsv + PAVE"]
+    plain = next(r for r in result.rows if r.label == "tsv")
+    assert result.rows[-1].parameters == plain.parameters
     individual = result.rows[1]
     assert individual.accuracy == zoo.individual and individual.normalized == pytest.approx(1.0)
     for row in result.rows:

@@ -71,6 +71,8 @@ def register(subparsers) -> None:
                       help="methods to compare (default: every registered method at its defaults)")
     demo.add_argument("--report", type=Path, default=Path("demo-report"),
                       help="report folder: results.md, results.csv, results.png (default demo-report)")
+    demo.add_argument("--pave", nargs="+", metavar="METHOD", default=[],
+                      help="also merge these methods on PAVE-purified task vectors (e.g. prime ties)")
     demo.add_argument("--seed", type=int, default=42, help="merge seed (default 42)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
@@ -121,6 +123,7 @@ def cmd_demo(args) -> int:
         protocol=_protocol(args),
         seed=args.seed,
         progress=not args.quiet,
+        pave=_names(args.pave),
     )
     print()
     print(text_table(result.rows, result.tasks))

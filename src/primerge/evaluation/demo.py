@@ -92,15 +92,16 @@ def select_methods(names: Sequence[str] | None) -> list:
 
 
 def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict, seed: int,
-               max_length: int, quiet: bool) -> Row:
+               max_length: int, quiet: bool, purify: dict | None = None) -> Row:
     """Merge the zoo with ``spec`` at its defaults, in memory, and score the result with each
     task's head as the merge returned it (the zoo's head when it returned none).
 
     One merged body serves every task; a per-task method (``result.per_task``, e.g. EMR) gives
-    each task its own rebuilt state, and task t is scored with task t's state."""
+    each task its own rebuilt state, and task t is scored with task t's state. With ``purify``
+    the task vectors are PAVE-purified first (recipe field ``purify``) and the row is labelled so."""
     start = time.perf_counter()
     result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
-                            task_specific=HEAD_REGEX, seed=seed, quiet=quiet)
+                            task_specific=HEAD_REGEX, seed=seed, quiet=quiet, purify=purify)
     merge_seconds = time.perf_counter() - start
     start = time.perf_counter()
     heads = dict(zoo_heads)
@@ -121,6 +122,8 @@ def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads
 
         accuracy.update(cached_scores(zoo.root, state, heads, group, max_length, score))
     label = f"{spec.name} (per-task)" if per_task else spec.name
+    if purify is not None:
+        label += " + PAVE"
     return Row(label, accuracy, zoo.individual, result.parameters, merge_seconds, time.perf_counter() - start)
 
 
@@ -168,8 +171,12 @@ def run_demo(
     seed: int = MERGE_SEED,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pave: Sequence[str] = (),
 ) -> DemoResult:
-    """Build/reuse the zoo, fill the table (Base, Individual, one row per method), write the report."""
+    """Build/reuse the zoo, fill the table (Base, Individual, one row per method), write the report.
+
+    Each method named in ``pave`` gets a second row whose task vectors are purified by PAVE
+    (default settings; each task's own training split as calibration data)."""
     timings: dict[str, float] = {}
     protocol = protocol or Protocol()
     specs = select_methods(methods)
@@ -188,6 +195,13 @@ def run_demo(
         row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length, quiet=not progress)
         log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
             f"evaluation {row.eval_seconds:.0f}s")
+        rows.append(row)
+    purify = {"data": {s.name: str(task) for s, task in zip(splits, tasks)}}
+    for spec in select_methods(pave) if pave else []:
+        log(f"merging with {spec.name} on PAVE-purified task vectors and evaluating ...")
+        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length,
+                         quiet=not progress, purify=purify)
+        log(f"{row.label}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s")
         rows.append(row)
     timings["total_seconds"] = time.perf_counter() - started
     names = [s.name for s in splits]
