@@ -90,7 +90,7 @@ def _recipe(bert_zoo, purify):
 
 
 def test_config_errors_name_the_field(bert_zoo, tmp_path):
-    with pytest.raises(RecipeError, match="purify: unknown field 'rank_ration'.*rank_ratio"):
+    with pytest.raises(RecipeError, match="unknown field 'purify.rank_ration'.*rank_ratio"):
         parse_purify(_recipe(bert_zoo, {"method": "svd", "rank_ration": 0.9}))
     with pytest.raises(RecipeError, match="purify.method"):
         parse_purify(_recipe(bert_zoo, {"method": "qr"}))

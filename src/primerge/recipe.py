@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from primerge.errors import RecipeError, closest
+from primerge.errors import RecipeError
 from primerge.methods import get_method
 from primerge.methods.base import MethodParams, MethodSpec
 from primerge.methods.lines import LinesConfig
+from primerge.validation import validate
 
 #: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
 DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
@@ -122,19 +123,7 @@ def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None) -> Re
     """Validate a recipe dict; resolve relative paths; check the method and parameters."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with at least 'base' and 'models'.")
-    unknown = [k for k in data if k not in Recipe.model_fields]
-    if unknown:
-        raise RecipeError(
-            f"unknown recipe field '{unknown[0]}'.{closest(unknown[0], Recipe.model_fields)} "
-            f"Fields: {', '.join(Recipe.model_fields)}."
-        )
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise RecipeError(f"invalid recipe: {problems}") from None
+    recipe = validate(Recipe, data, "recipe")
     if relative_to is not None:
         recipe.base = _resolve(recipe.base, relative_to)
         for entry in recipe.models:

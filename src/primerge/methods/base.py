@@ -24,10 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from primerge.errors import RecipeError, closest
+from primerge.validation import validate
 from primerge.linalg import SVDMode
 
 Kind = Literal["matrix", "fallback"]
@@ -130,21 +131,7 @@ class MethodSpec:
 
     def parameters(self, values: dict[str, Any] | None = None) -> MethodParams:
         """Validate ``values`` against the parameter model, defaults filled in."""
-        values = dict(values or {})
-        fields = self.params_model.model_fields
-        for key in values:
-            if key not in fields:
-                raise RecipeError(
-                    f"method '{self.name}' has no parameter '{key}'.{closest(key, fields)} "
-                    f"Its parameters: {', '.join(fields) or 'none'}."
-                )
-        try:
-            return self.params_model.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-            )
-            raise RecipeError(f"invalid parameters for method '{self.name}': {problems}") from None
+        return validate(self.params_model, dict(values or {}), f"parameters of method '{self.name}'")
 
     def make_prepass(self, params: MethodParams) -> Prepass | None:
         """The whole-model pass these parameters need, if any."""

@@ -18,10 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from primerge.errors import RecipeError, closest
 from primerge.recipe import Recipe
+from primerge.validation import validate
 
 Decomposition = Literal["co_svd", "asvd", "svd_llm", "svd"]
 
@@ -56,19 +57,7 @@ def parse_purify(recipe: Recipe) -> PurifyConfig:
     :func:`resolve_data`).
     """
     raw: dict[str, Any] = dict(recipe.purify or {})
-    fields = PurifyConfig.model_fields
-    for key in raw:
-        if key not in fields:
-            raise RecipeError(
-                f"purify: unknown field '{key}'.{closest(key, fields)} Fields: {', '.join(fields)}."
-            )
-    try:
-        config = PurifyConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"purify.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise RecipeError(f"invalid purify block: {problems}") from None
+    config = validate(PurifyConfig, raw, "purify block", prefix="purify.")
     labels = recipe.model_labels()
     for key in config.data:
         if key not in labels:
