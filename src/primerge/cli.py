@@ -13,6 +13,7 @@ from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 from primerge import __version__
+from primerge import bench
 from primerge.api import merge_recipe
 from primerge.errors import PrimergeError
 from primerge.analysis import cli as analysis_cli
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation_cli.register(sub)
     analysis_cli.register(sub)
+    bench.register(sub)
     return parser
 
 
