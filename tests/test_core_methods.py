@@ -234,6 +234,20 @@ def test_prime_randomized_path_within_1e_3_of_exact():
     assert ((fast - exact).norm() / exact.norm()).item() < 1e-3
 
 
+def test_prime_randomized_path_within_1e_3_without_a_spectral_gap():
+    # power-law spectra (σ_j ∝ j^-0.7) have no gap at r = 1%: the hard case for a sketch
+    g = torch.Generator().manual_seed(13)
+    T, m, n = 4, 384, 768
+    s = torch.arange(1, m + 1, dtype=torch.float32) ** -0.7
+    taus = torch.stack([
+        (torch.linalg.qr(torch.randn(m, m, generator=g)).Q * s) @ torch.linalg.qr(torch.randn(n, m, generator=g)).Q.T
+        for _ in range(T)
+    ])
+    exact = run("prime", taus, rank=0.01, svd="exact")
+    fast = run("prime", taus, rank=0.01, svd="randomized")
+    assert ((fast - exact).norm() / exact.norm()).item() < 1e-3
+
+
 def test_prime_is_reproducible_for_a_seed():
     taus = random_taus(3, 200, 120, seed=12).float()
     a = run("prime", taus, TensorContext("w", "matrix", seed=1), svd="randomized")
