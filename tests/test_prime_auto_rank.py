@@ -64,18 +64,21 @@ def test_layer_terms_match_brute_force():
     taus = torch.stack([3 * shared + torch.randn(40, 30, generator=g, dtype=torch.float64) for _ in range(3)])
     taus[1] *= 5.0  # normalisation makes the scale irrelevant
     ranks = [1, 2, 5, 9]
-    J, G = layer_terms(taus, ranks, mode="exact")
+    J, G, energy, total = layer_terms(taus, ranks, mode="exact")
     for k, r in enumerate(ranks):
         bj, bg = brute_force_terms(taus, r)
         assert J[k].item() == pytest.approx(bj, rel=1e-9)
         assert G[k].item() == pytest.approx(bg, rel=1e-9)
     assert all(G[k] > G[k + 1] for k in range(len(ranks) - 1))  # retention loss falls with r
+    s = torch.linalg.svdvals(taus)  # retention spectra: cumulative σ² of the raw task vectors
+    assert torch.allclose(energy, s[:, :9].square().cumsum(-1), rtol=1e-9)
+    assert torch.allclose(total, taus.flatten(1).norm(dim=1).square(), rtol=1e-12)
 
 
 def test_layer_terms_zero_task_vector_is_harmless():
     taus = torch.zeros(2, 10, 8, dtype=torch.float64)
     taus[0] = torch.randn(10, 8, dtype=torch.float64)
-    J, G = layer_terms(taus, [1, 2], mode="exact")
+    J, G, _, _ = layer_terms(taus, [1, 2], mode="exact")
     assert torch.isfinite(J).all() and torch.isfinite(G).all()
     assert (J == 0).all()  # nothing to interfere with
 
@@ -93,6 +96,10 @@ def test_prepass_averages_layers_and_merge_uses_the_choice():
     expected_J = [sum(layer_terms(x, [principal_rank(c, 20, 3)], mode="exact")[0].item() for x in layers) / 2
                   for c in result.candidates]
     assert result.J == pytest.approx(expected_J, rel=1e-9)
+    r = principal_rank(result.rank, 20, 3)
+    spectra = [torch.linalg.svdvals(x).square() for x in layers]
+    expected_retention = sum(s[:, :r].sum(1) for s in spectra) / sum(s.sum(1) for s in spectra)
+    assert result.retention == pytest.approx(expected_retention.tolist(), rel=1e-9)
     spec = get_method("prime")
     params = spec.parameters({"rank": "auto", "svd": "exact"})
     ctx = TensorContext("l0", "matrix", prepass=result)

@@ -123,10 +123,11 @@ def flatten_spectrum(S: Tensor, beta: float = 0.0, scale: float = 1.0) -> Tensor
     return scale * torch.maximum(S, floor)
 
 
-def stable_rank(x: Tensor) -> float:
-    """Stable rank ``‖A‖_F² / ‖A‖₂²`` (SB paper, rank-collapse diagnostic); 0 for A = 0."""
-    s = torch.linalg.svdvals(x.double())
-    return 0.0 if s[0] == 0 else float((s.square().sum() / s[0].square()).item())
+def stable_rank(singular_values: Tensor) -> float:
+    """Stable rank ``‖A‖_F² / ‖A‖₂² = Σσ² / σ₁²`` from A's singular values (SB paper,
+    rank-collapse diagnostic); 0 for A = 0."""
+    s = singular_values.double()
+    return 0.0 if s.max() == 0 else float((s.square().sum() / s.max().square()).item())
 
 
 def energy_rank(singular_values: Tensor, q: float = 0.5) -> int:

@@ -35,15 +35,12 @@ class PrimeDiagnostics:
         self.prepass = AutoRankPrepass(candidate_ranks(self.params.auto_step, self.params.auto_max_fraction),
                                        self.params.auto_tolerance, self.params.svd, principal_rank)
         self.tasks = tasks
-        self.energy: list[Tensor] = []  # per matrix: (T, r_full) cumulative σ² energy
         self.before = torch.zeros(tasks + 1, tasks + 1, dtype=torch.float64)
         self.after = torch.zeros(tasks + 1, tasks + 1, dtype=torch.float64)
         self._auto: AutoRank | None = None
 
     def observe(self, taus: Tensor, ctx: TensorContext) -> None:
         self.prepass.observe(0, taus, ctx)
-        s = torch.linalg.svdvals(taus.double())
-        self.energy.append(s.square().cumsum(-1).cpu())
 
     @property
     def auto(self) -> AutoRank:
@@ -55,16 +52,8 @@ class PrimeDiagnostics:
         return principal_rank(self.auto.rank, r_full, self.tasks)
 
     def retention(self) -> list[float]:
-        """‖τ_t^[r*]‖² / ‖τ_t‖² over all matrices, per task."""
-        head = torch.zeros(self.tasks, dtype=torch.float64)
-        total = torch.zeros(self.tasks, dtype=torch.float64)
-        for cum in self.energy:
-            r = self.rank_of(cum.shape[-1])
-            if r == 0:
-                continue
-            head += cum[:, r - 1]
-            total += cum[:, -1]
-        return torch.where(total > 0, head / torch.where(total > 0, total, 1.0), 0.0).tolist()
+        """‖τ_t^[r*]‖² / ‖τ_t‖² over all matrices, per task (from the F(r) pass's spectra)."""
+        return self.auto.retention
 
     def observe_cosines(self, taus: Tensor, ctx: TensorContext) -> None:
         T = taus.shape[0]
@@ -91,7 +80,8 @@ class PrimeDiagnostics:
 
 def rank_metrics(matrix: Tensor, q: float = 0.5) -> tuple[float, int]:
     """(stable rank, cumulative-energy rank) of one matrix."""
-    return stable_rank(matrix), energy_rank(torch.linalg.svdvals(matrix.double()), q)
+    s = torch.linalg.svdvals(matrix.double())
+    return stable_rank(s), energy_rank(s, q)
 
 
 class RankCollapse:

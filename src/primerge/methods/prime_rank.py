@@ -19,7 +19,8 @@ layers of different widths, an integer neighbourhood has no single meaning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,7 +44,21 @@ def select_rank(objective: list[float], tolerance: float = 0.025) -> int:
     return best
 
 
-def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed: int = 0) -> tuple[Tensor, Tensor]:
+class LayerTerms(NamedTuple):
+    """One matrix's F(r) terms for each requested rank, and the spectra they came from.
+
+    ``J``, ``G``: Σ_i J_i(r), Σ_i G_i(r) per rank; ``energy``: (T, r_max) cumulative σ² of
+    the (unnormalised) τ_t; ``total``: (T,) ‖τ_t‖_F². Retention ‖τ_t^[r]‖²/‖τ_t‖² is
+    ``energy[:, r-1] / total``.
+    """
+
+    J: Tensor
+    G: Tensor
+    energy: Tensor
+    total: Tensor
+
+
+def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed: int = 0) -> LayerTerms:
     """Σ_i J_i(r) and Σ_i G_i(r) of one matrix for each per-layer rank in ``ranks`` (all ≥ 1)."""
     T = taus.shape[0]
     norms = taus.reshape(T, -1).norm(dim=1)
@@ -61,7 +76,8 @@ def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed:
         cross = inner.sum(1) - inner.diagonal()
         J.append(cross.square().sum())
         G.append((total - head[:, r - 1]).clamp_min(0).square().sum())
-    return torch.stack(J), torch.stack(G)
+    squared_norms = norms.square()
+    return LayerTerms(torch.stack(J), torch.stack(G), head * squared_norms[:, None], squared_norms)
 
 
 @dataclass
@@ -73,6 +89,7 @@ class AutoRank:
     G: list[float]
     layers: int
     tolerance: float
+    retention: list[float] = field(default_factory=list)  # per task, ‖τ_t^[r*]‖² / ‖τ_t‖² over matrices
 
     @property
     def F(self) -> list[float]:
@@ -120,6 +137,7 @@ class AutoRankPrepass:
         self.rank_of = rank_of  # (candidate, r_full, T) -> per-layer rank
         self.J = torch.zeros(len(candidates), dtype=torch.float64)
         self.G = torch.zeros(len(candidates), dtype=torch.float64)
+        self.spectra: list[tuple[int, int, Tensor, Tensor]] = []  # (r_full, T, energy, total) per matrix
         self.layers = 0
 
     def observe(self, pass_index: int, taus: Tensor, ctx: TensorContext) -> None:
@@ -129,9 +147,10 @@ class AutoRankPrepass:
         ranks = [self.rank_of(c, r_full, T) for c in self.candidates]
         if min(ranks) == 0:
             return  # T > r_full: this matrix has no principal part at any rank
-        J, G = layer_terms(taus, ranks, mode=self.mode, seed=ctx.seed)
-        self.J += J.double().cpu()
-        self.G += G.double().cpu()
+        terms = layer_terms(taus, ranks, mode=self.mode, seed=ctx.seed)
+        self.J += terms.J.double().cpu()
+        self.G += terms.G.double().cpu()
+        self.spectra.append((r_full, T, terms.energy.double().cpu(), terms.total.double().cpu()))
         self.layers += 1
 
     def end_pass(self, pass_index: int) -> None:
@@ -139,5 +158,10 @@ class AutoRankPrepass:
 
     def result(self) -> AutoRank:
         n = max(self.layers, 1)
-        return AutoRank(self.candidates, (self.J / n).tolist(), (self.G / n).tolist(),
+        auto = AutoRank(self.candidates, (self.J / n).tolist(), (self.G / n).tolist(),
                         self.layers, self.tolerance)
+        if self.spectra:
+            head = sum(e[:, self.rank_of(auto.rank, r_full, T) - 1] for r_full, T, e, _ in self.spectra)
+            total = sum(t for *_, t in self.spectra)
+            auto.retention = torch.where(total > 0, head / torch.where(total > 0, total, 1.0), 0.0).tolist()
+        return auto
