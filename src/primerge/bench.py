@@ -474,9 +474,7 @@ def truncation_error(inputs: Inputs, fast: MethodRun, exact: MethodRun) -> tuple
                 diff2, ref2 = diff2 + d2, ref2 + e2
                 worst = max(worst, math.sqrt(d2 / e2) if e2 > 0 else 0.0)
     finally:
-        plan.base.close()
-        for s in plan.sources:
-            s.checkpoint.close()
+        plan.close()
     return math.sqrt(diff2 / ref2) if ref2 > 0 else 0.0, worst
 
 

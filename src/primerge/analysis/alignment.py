@@ -76,9 +76,7 @@ def pool_alignment(base, models: Sequence, *, task_specific: str | None = None, 
                           disable=quiet):
             collector.observe(entry.name, task_vectors(plan, entry, dev)[1])
     finally:
-        plan.base.close()
-        for s in plan.sources:
-            s.checkpoint.close()
+        plan.close()
     if not collector.values:
         from primerge.errors import RecipeError
 

@@ -104,9 +104,7 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
             _, taus = task_vectors(plan, entry, dev)
             prime.observe_cosines(taus, TensorContext(entry.name, "matrix", derive_seed(recipe.seed, entry.name)))
     finally:
-        plan.base.close()
-        for s in plan.sources:
-            s.checkpoint.close()
+        plan.close()
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out)
     _write(report, labels, method, interference, prime, collapse, signs, alignment)

@@ -45,22 +45,25 @@ INVERSE_TOL = 0.05
 MAX_DOUBLINGS = 40
 
 
+def shifted(cov: Tensor, eps: float) -> Tensor:
+    """C + ε·mean(diag C)·I in float64 (the scale is 1 when the diagonal mean is not positive)."""
+    C = cov.double()
+    scale = float(C.diagonal().mean())
+    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+    return C + (eps * scale) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+
+
 def regularize(cov: Tensor, eps: float = EPS_START, tol: float = INVERSE_TOL) -> tuple[Tensor, Tensor, float]:
     """C_reg = C + ε·mean(diag C)·I with the smallest ε = 0.01·2^k such that C_reg is
     Cholesky-factorable and ‖C_reg C_reg⁻¹ − I‖_F < tol (C_reg⁻¹ applied by Cholesky solve).
 
     Returns (C_reg, L with C_reg = L Lᵀ, ε). Raises ValueError when no ε works.
     """
-    C = cov.double()
-    n = C.shape[0]
-    scale = float(C.diagonal().mean())
-    if not math.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
     for _ in range(MAX_DOUBLINGS):
-        C_reg = C + (eps * scale) * eye
+        C_reg = shifted(cov, eps)
         L, info = torch.linalg.cholesky_ex(C_reg)
         if int(info) == 0:
+            eye = torch.eye(C_reg.shape[0], dtype=C_reg.dtype, device=C_reg.device)
             residual = C_reg @ torch.cholesky_solve(eye, L) - eye
             if float(torch.linalg.matrix_norm(residual)) < tol:
                 return C_reg, L, eps
@@ -69,11 +72,8 @@ def regularize(cov: Tensor, eps: float = EPS_START, tol: float = INVERSE_TOL) ->
 
 
 def regularized_with(cov: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """C + ε·mean(diag C)·I and its Cholesky factor for a known ε (see :func:`regularize`)."""
-    C = cov.double()
-    scale = float(C.diagonal().mean())
-    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-    C_reg = C + (eps * scale) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    """C_reg for a known ε and its Cholesky factor (see :func:`regularize`)."""
+    C_reg = shifted(cov, eps)
     return C_reg, torch.linalg.cholesky(C_reg)
 
 
@@ -243,9 +243,7 @@ def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Pa
     try:
         return _allocate(plan, config, labels, covariances, quiet)
     finally:
-        plan.base.close()
-        for s in plan.sources:
-            s.checkpoint.close()
+        plan.close()
 
 
 def _allocate(plan: Plan, config: PurifyConfig, labels: list[str], covariances: dict[str, Covariances],
