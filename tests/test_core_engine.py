@@ -271,7 +271,7 @@ def test_pytorch_bin_folder(bert_zoo, zoo_states, ta_reference, tmp_path):
     torch.save(dict(models[1]), folder / "pytorch_model.bin")
     (folder / "config.json").write_text((bert_zoo["models"][1] / "config.json").read_text())
     res = primerge.merge(bert_zoo["base"], [bert_zoo["models"][0], folder, bert_zoo["models"][2]],
-                         "task_arithmetic", task_specific=TASK_SPECIFIC)
+                         "task_arithmetic", task_specific=TASK_SPECIFIC, allow_pickle=True)
     assert_same_tensors(res.state_dict, ta_reference, atol=0, rtol=0)
     assert torch.equal(res.task_tensors["bin_task1"]["classifier.weight"], models[1]["classifier.weight"])
 
@@ -283,7 +283,7 @@ def test_legacy_format_pytorch_bin_is_readable(bert_zoo, zoo_states, ta_referenc
     folder.mkdir()
     torch.save(dict(models[1]), folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     res = primerge.merge(bert_zoo["base"], [bert_zoo["models"][0], folder, bert_zoo["models"][2]],
-                         "task_arithmetic", task_specific=TASK_SPECIFIC)
+                         "task_arithmetic", task_specific=TASK_SPECIFIC, allow_pickle=True)
     assert_same_tensors(res.state_dict, ta_reference, atol=0, rtol=0)
 
 
@@ -300,7 +300,8 @@ def test_pytorch_bin_is_read_weights_only(bert_zoo, zoo_states, tmp_path, monkey
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    primerge.merge(bert_zoo["base"], [folder], "task_arithmetic", task_specific=TASK_SPECIFIC)
+    primerge.merge(bert_zoo["base"], [folder], "task_arithmetic", task_specific=TASK_SPECIFIC,
+                   allow_pickle=True)
     assert calls and all(w is True for w in calls), calls
 
 

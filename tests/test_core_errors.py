@@ -402,7 +402,7 @@ def test_bin_with_a_pickled_object_is_refused(zoo, tmp_path, capsys):
     state["payload"] = Payload()
     torch.save(state, folder / "pytorch_model.bin")
     UNPICKLED.clear()
-    recipe = recipe_file(tmp_path, zoo_recipe(zoo, models=[folder]))
+    recipe = recipe_file(tmp_path, zoo_recipe(zoo, models=[folder], allow_pickle=True))
     refused(recipe, tmp_path / "out" / "merged", InputError,
             [folder / "pytorch_model.bin", "weights-only"], capsys)
     assert UNPICKLED == []  # the object was never reconstructed
@@ -414,7 +414,7 @@ def test_bin_with_a_pickled_object_is_refused(zoo, tmp_path, capsys):
 def test_bin_holding_a_non_dict_is_refused(zoo, tmp_path, capsys):
     weights = tmp_path / "list.bin"
     torch.save([torch.zeros(2)], weights)
-    recipe = recipe_file(tmp_path / "r", zoo_recipe(zoo, models=[weights]))
+    recipe = recipe_file(tmp_path / "r", zoo_recipe(zoo, models=[weights], allow_pickle=True))
     refused(recipe, tmp_path / "out" / "merged", InputError, [weights, "state dict"], capsys)
 
 

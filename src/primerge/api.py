@@ -27,6 +27,7 @@ def merge(
     seed: int = 42,
     lines: dict[str, Any] | None = None,
     purify: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
     device: str = "cpu",
     force: bool = False,
     quiet: bool = True,
@@ -36,7 +37,8 @@ def merge(
     """Merge ``models`` (fine-tunes of ``base``) with ``method``.
 
     Method parameters come from ``parameters`` and/or keyword arguments (e.g.
-    ``rank=0.01``). With ``out`` the merged model folder is written atomically and
+    ``rank=0.01``). ``allow_pickle`` opts in to ``.bin``/``.pt`` pickle checkpoints, which
+    are then read with ``torch.load(weights_only=True)``. With ``out`` the merged model folder is written atomically and
     ``result.out`` is set; without it the merged tensors are returned in
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
     Raises a :class:`primerge.errors.PrimergeError` on any bad input.
@@ -51,6 +53,7 @@ def merge(
         "seed": seed,
         "lines": lines,
         "purify": purify,
+        "allow_pickle": allow_pickle,
     })
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
 
@@ -63,12 +66,18 @@ def merge_recipe(
     force: bool = False,
     quiet: bool = True,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
+    allow_pickle: bool = False,
 ) -> MergeResult:
-    """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`."""
+    """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
+
+    ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
+    """
     folder = None
     if not isinstance(recipe, Recipe):
         folder = Path(recipe).parent
         recipe = load_recipe(recipe)
+    if allow_pickle:
+        recipe = recipe.model_copy(update={"allow_pickle": True})
     transform = None
     if recipe.purify is not None:
         from primerge.purify import build_purifier  # above the engine: imported only when asked for

@@ -24,7 +24,7 @@ from primerge.methods import list_methods
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force,
-                          quiet=args.quiet, shard_size=args.shard_size)
+                          quiet=args.quiet, shard_size=args.shard_size, allow_pickle=args.allow_pickle)
     c = result.counts
     if result.report:
         print(result.report)
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
                        help="largest safetensors shard, e.g. 2GB (default) or 500MB")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
     merge.set_defaults(func=_cmd_merge)
 
     methods = sub.add_parser("methods", help="list every method with its parameters and defaults")

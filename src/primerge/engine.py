@@ -181,9 +181,9 @@ def _classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dt
 
 def build_plan(recipe: Recipe) -> Plan:
     """Open every checkpoint lazily and check it against the base; no tensor is read."""
-    base = open_checkpoint(recipe.base)
+    base = open_checkpoint(recipe.base, allow_pickle=recipe.allow_pickle)
     sources = [
-        _align(recipe, base, open_checkpoint(entry.path), label, entry.weight)
+        _align(recipe, base, open_checkpoint(entry.path, allow_pickle=recipe.allow_pickle), label, entry.weight)
         for entry, label in zip(recipe.models, recipe.model_labels())
     ]
     entries = []
@@ -388,5 +388,5 @@ def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[Merged
             (folder / "task_heads").mkdir()
             for label, tensors in heads.items():
                 save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors)
-        copied = copy_support_files(plan.base.folder, folder)
+        copied = copy_support_files(plan.base.support, folder)
         write_card(folder, recipe, result, [f.name for f in files], heads, copied)

@@ -13,6 +13,7 @@ A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
     seed: 42
     lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
     purify: {...}              # optional PAVE purification of the task vectors (primerge.purify)
+    allow_pickle: false        # true: also read .bin/.pt pickles, with torch.load(weights_only=True)
 
 Relative paths in a YAML file are resolved against the file's folder. A model's
 ``weight`` multiplies its task vector before the method sees it (τ_t ← w_t τ_t).
@@ -45,7 +46,7 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: Path
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
     name: str | None = None
 
     @property
@@ -67,6 +68,7 @@ class Recipe(BaseModel):
     seed: int = 42
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
+    allow_pickle: bool = False  # opt in to .bin/.pt pickle checkpoints (read weights-only)
 
     @field_validator("models", mode="before")
     @classmethod

@@ -7,8 +7,20 @@ known from the headers without loading any tensor; :meth:`Checkpoint.load` reads
 one tensor (safetensors files are memory-mapped), so the engine can stream one
 parameter name at a time.
 
-Pickle files are only ever read with ``torch.load(weights_only=True)``, which
-refuses arbitrary objects and never executes code from the file.
+Untrusted files are handled defensively:
+
+* pickle files (``.bin``, ``.pt``, ...) are refused unless the caller opts in
+  (``allow_pickle``; the recipe's ``allow_pickle: true`` / ``--allow-pickle``), and
+  even then are read only with ``torch.load(weights_only=True)``, which refuses
+  arbitrary objects and never executes code from the file;
+* a file of a model folder (weights, shards, config, tokenizer) that is a symlink
+  resolving outside the folder is refused, except into the ``blobs/`` folder of
+  a Hugging Face hub cache (``snapshots/<revision>/`` links there by design);
+* shard names in an index must be plain file names inside the folder;
+* JSON support files (``config.json``, tokenizer files) must parse, so a corrupt
+  config is reported before anything is merged or written;
+* safetensors headers are parsed and bounds-checked by the safetensors library;
+  every failure becomes an :class:`InputError` naming the file.
 """
 
 from __future__ import annotations
@@ -40,6 +52,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+PICKLE_HINT = (
+    "Pickle checkpoints can run code when loaded, so primerge reads them only when asked: "
+    "add allow_pickle: true to the recipe (or --allow-pickle); they are then loaded with "
+    "torch.load(weights_only=True). Better: convert the file to safetensors."
+)
 
 
 @dataclass(frozen=True)
@@ -60,9 +77,11 @@ class Checkpoint:
     for a bare weight file.
     """
 
-    def __init__(self, path: Path, folder: Path | None, infos: dict[str, TensorInfo]):
+    def __init__(self, path: Path, folder: Path | None, infos: dict[str, TensorInfo],
+                 support: list[Path] | None = None):
         self.path = path
         self.folder = folder
+        self.support = support or []  # checked non-weight files of the folder (config, tokenizer)
         self._infos = infos
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
 
@@ -146,30 +165,48 @@ def _pickle_infos(file: Path) -> dict[str, TensorInfo]:
     }
 
 
-def _file_infos(file: Path) -> dict[str, TensorInfo]:
+def _file_infos(file: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
     if file.suffix == ".safetensors":
         return _safetensors_infos(file)
+    if not allow_pickle:
+        raise InputError(f"{file}: refusing to read a pickle checkpoint. {PICKLE_HINT}")
     return _pickle_infos(file)
 
 
-def _index_infos(index: Path) -> dict[str, TensorInfo]:
+def inside(folder: Path, name: str, named_in: Path | None = None) -> Path:
+    """The file ``folder/name``, refused if its real location lies outside ``folder``.
+
+    ``name`` (read from ``named_in``, e.g. a shard index) must be a plain file name:
+    no ``/``, ``..`` or absolute path. A symlink may point anywhere inside the folder,
+    or into the ``blobs/`` folder of a Hugging Face hub cache when ``folder`` is one
+    of its ``snapshots/<revision>/`` folders.
+    """
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise InputError(f"{named_in or folder}: '{name}' names a file outside the model folder "
+                         f"{folder}; refusing to read it.")
+    path = folder / name
+    real, home = path.resolve(), folder.resolve()
+    cache_blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
+    if home not in real.parents and (cache_blobs is None or cache_blobs not in real.parents):
+        raise InputError(f"{path}: a link to {real}, outside the model folder; refusing to read it. "
+                         f"Copy the file into the folder if you trust it.")
+    return path
+
+
+def _index_infos(index: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to shard file names")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{index}: not a valid shard index ({exc}).") from None
-    folder = index.parent.resolve()
+    folder = index.parent
     infos: dict[str, TensorInfo] = {}
     for shard_name in dict.fromkeys(weight_map.values()):
-        shard = (folder / str(shard_name)).resolve()
-        if shard.parent != folder:
-            raise InputError(
-                f"{index}: shard '{shard_name}' lies outside the model folder; refusing to read it."
-            )
+        shard = inside(folder, shard_name, index)
         if not shard.is_file():
             raise InputError(f"{index}: shard '{shard_name}' is missing from {folder}.")
-        for name, info in _file_infos(shard).items():
+        for name, info in _file_infos(shard, allow_pickle).items():
             if weight_map.get(name) == shard_name:
                 infos[name] = info
     missing = sorted(set(weight_map) - set(infos))
@@ -195,14 +232,42 @@ def weight_source(folder: Path) -> Path:
     )
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a model folder or a weight file lazily; raises :class:`InputError` if unusable."""
+def support_files(folder: Path) -> list[Path]:
+    """The non-weight files of a model folder that an output copies (config, tokenizer, ...).
+
+    Hidden files, weights, shard indexes, the model card and sub-folders are not
+    support files. Each is checked: no symlink out of the folder (:func:`inside`),
+    and a ``.json`` file must parse (a corrupt ``config.json`` is an :class:`InputError`).
+    """
+    files = []
+    for item in sorted(folder.iterdir()):
+        name = item.name
+        if (name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name in INDEX_NAMES
+                or name == "README.md" or not item.is_file()):
+            continue
+        inside(folder, name)
+        if name.endswith(".json"):
+            try:
+                json.loads(item.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{item}: not valid JSON ({exc}). Re-download or repair the file.") from None
+        files.append(item)
+    return files
+
+
+def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a model folder or a weight file lazily; raises :class:`InputError` if unusable.
+
+    ``allow_pickle`` opts in to pickle checkpoints (read with ``weights_only=True``).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or folder. Check the path in the recipe.")
+    support: list[Path] = []
     if path.is_dir():
         folder: Path | None = path
-        source = weight_source(path)
+        source = inside(path, weight_source(path).name)
+        support = support_files(path)
     else:
         folder, source = None, path
         if not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json")):
@@ -210,9 +275,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path}: unknown checkpoint type; give a model folder or a .safetensors file."
             )
     if source.name.endswith(".index.json"):
-        infos = _index_infos(source)
+        infos = _index_infos(source, allow_pickle)
     else:
-        infos = _file_infos(source)
+        infos = _file_infos(source, allow_pickle)
     if not infos:
         raise InputError(f"{source}: the checkpoint holds no tensors.")
-    return Checkpoint(source, folder, infos)
+    return Checkpoint(source, folder, infos, support)

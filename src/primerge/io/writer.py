@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import save_file
 
 from primerge.errors import OutputError
-from primerge.io.readers import INDEX_NAMES, WEIGHT_SUFFIXES
 
 DEFAULT_SHARD_SIZE = 2 * 1024**3
 TEMP_MARK = ".primerge-incomplete-"
@@ -141,24 +140,15 @@ class ShardedWriter:
         return files
 
 
-def copy_support_files(source: Path | None, target: Path) -> list[str]:
-    """Copy non-weight files (config, tokenizer, generation config, ...) from a model folder.
+def copy_support_files(files: list[Path], target: Path) -> list[str]:
+    """Copy a model folder's checked support files (config, tokenizer, ...) into ``target``.
 
-    Weight files, shard indexes, the model card and hidden files are skipped.
-    Returns the names copied.
+    ``files`` is :attr:`primerge.io.readers.Checkpoint.support` (already vetted:
+    no links out of the folder, JSON that parses). Returns the names copied.
     """
-    if source is None:
-        return []
-    copied = []
-    for item in sorted(Path(source).iterdir()):
-        skip = (
-            item.name.startswith(".")
-            or item.name.endswith(WEIGHT_SUFFIXES)
-            or item.name in INDEX_NAMES
-            or item.name == "README.md"
-            or not item.is_file()
-        )
-        if not skip:
-            shutil.copy2(item, target / item.name)
-            copied.append(item.name)
-    return copied
+    for item in files:
+        try:
+            shutil.copyfile(item, target / item.name)
+        except OSError as exc:
+            raise OutputError(f"{target / item.name}: copy failed ({exc}); check free space.") from None
+    return [item.name for item in files]
