@@ -55,3 +55,11 @@ def bert_zoo(tmp_path_factory) -> dict:
         state["classifier.bias"] = torch.zeros(classes)
         models.append(save_state(root / f"task{t}", state, config.to_dict()))
     return {"root": root, "base": root / "base", "models": models, "config": config}
+
+
+@pytest.fixture(scope="session")
+def zoo(bert_zoo):
+    """The ``bert_zoo`` paths with its base and model state dicts loaded."""
+    base = load_file(str(bert_zoo["base"] / "model.safetensors"))
+    models = [load_file(str(m / "model.safetensors")) for m in bert_zoo["models"]]
+    return {"paths": bert_zoo, "base": base, "models": models}

@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import primerge
+from primerge.io.manifest import verify_folder
 from primerge import cli
 from primerge.methods.base import TensorContext, derive_seed, PerTaskUpdate
 
@@ -122,7 +123,10 @@ def test_every_method_end_to_end(method, bert_zoo, zoo_states, tmp_path):
     assert result.out == out and result.method == method
     per_task = ["per_task"] if primerge.get_method(method).per_task else []
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "README.md", "config.json", "model.safetensors", "task_heads", "tokenizer_config.json", *per_task])
+        "README.md", "config.json", "model.safetensors", "primerge-manifest.json", "task_heads",
+        "tokenizer_config.json", *per_task])
+    check = verify_folder(out)
+    assert check.ok and check.files == len([p for p in out.rglob("*") if p.is_file()]) - 1, check
 
     # the body, reloaded by transformers, equals θ₀ + merge(τ)
     expected = expected_merge(base, models, method)

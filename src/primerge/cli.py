@@ -1,6 +1,7 @@
 """The ``primerge`` command line.
 
-Every primerge error becomes one line on stderr and exit code 2; an interrupt
+Every primerge error becomes one line on stderr and exit code 2 (``verify`` exits 1
+when a folder does not match its manifest); an interrupt
 (Ctrl-C or SIGTERM) exits 130/143 after the temporary output is removed.
 """
 
@@ -18,6 +19,7 @@ from primerge.api import merge_recipe
 from primerge.errors import PrimergeError
 from primerge.analysis import cli as analysis_cli
 from primerge.evaluation import cli as evaluation_cli
+from primerge.io.manifest import verify_folder
 from primerge.io.writer import DEFAULT_SHARD_SIZE
 from primerge.methods import list_methods
 
@@ -32,6 +34,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
           f"({c['matrix']} matrices, {c['fallback']} other merged tensors, {c['copy']} copied, "
           f"{c['task_specific']} task-specific)")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    report = verify_folder(args.folder)
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    state = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
+    print(f"{state}: {report.files} files, {report.tensors} tensors checked in {report.folder}")
+    return 0 if report.ok else 1
 
 
 def _describe_type(annotation) -> str:
@@ -78,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
     merge.set_defaults(func=_cmd_merge)
 
+    verify = sub.add_parser("verify", help="check an output folder against its primerge-manifest.json")
+    verify.add_argument("folder", help="a folder written by primerge merge")
+    verify.set_defaults(func=_cmd_verify)
+
     methods = sub.add_parser("methods", help="list every method with its parameters and defaults")
     methods.set_defaults(func=_cmd_methods)
 
@@ -91,10 +106,18 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+#: SIGTERM / SIGHUP unwind like Ctrl-C (temporary output removed); SIGXFSZ (a file-size limit
+#: was hit) is ignored so the write fails with an error primerge reports instead of a core dump.
+_HANDLERS = {"SIGTERM": _terminate, "SIGHUP": _terminate, "SIGXFSZ": signal.SIG_IGN}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``primerge`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {}
+    for name, handler in _HANDLERS.items():
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name), handler)
     try:
         return args.func(args)
     except PrimergeError as exc:
@@ -104,4 +127,5 @@ def main(argv: list[str] | None = None) -> int:
         print("primerge: interrupted; no output was left in place.", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)

@@ -13,6 +13,7 @@ removes the temporary output folder, so nothing partial is ever left in place.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from primerge.errors import InputError, OutputError, RecipeError
 from primerge.io.card import write_card
+from primerge.io.manifest import Ledger
 from primerge.io.readers import Checkpoint, open_checkpoint
 from primerge.io.writer import (
     DEFAULT_SHARD_SIZE,
@@ -159,9 +161,12 @@ def _align(recipe: Recipe, base: Checkpoint, model: Checkpoint, label: str, weig
     for b, m in names.items():
         bi, mi = base.info(b), model.info(m)
         if bi.shape != mi.shape:
+            vocab = re.search(r"embed|wte|lm_head|shared", b) and bi.shape[1:] == mi.shape[1:]
+            hint = (" A resized vocabulary? Resize the base's embeddings to the model's (or the model's "
+                    "to the base's) before merging." if vocab else " Models must share the base's architecture.")
             raise InputError(
                 f"tensor '{b}': shape {list(mi.shape)} in {mi.file} but {list(bi.shape)} "
-                f"in the base {bi.file}. Models must share the base's architecture."
+                f"in the base {bi.file}.{hint}"
             )
         if bi.dtype.is_floating_point != mi.dtype.is_floating_point:
             raise InputError(
@@ -171,8 +176,11 @@ def _align(recipe: Recipe, base: Checkpoint, model: Checkpoint, label: str, weig
 
 
 def _classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> EntryKind:
-    """matrix / fallback / copy for one base tensor (ALGORITHMS.md Conventions)."""
-    if recipe.is_task_specific(name) or not dtype.is_floating_point:
+    """matrix / fallback / copy for one base tensor (ALGORITHMS.md Conventions).
+
+    Empty tensors (a zero-sized dimension) have nothing to merge and are copied.
+    """
+    if recipe.is_task_specific(name) or not dtype.is_floating_point or 0 in shape:
         return "copy"
     if len(shape) == 2 and recipe.is_matrix_name(name):
         return "matrix"
@@ -374,8 +382,10 @@ def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[Merged
                   shard_size: int, result: MergeResult, spec: MethodSpec,
                   scalars: list[dict[str, float]] | None) -> None:
     with atomic_folder(out, force=force) as folder:
-        writer = ShardedWriter(folder, shard_size)
-        per_task = PerTaskWriter(folder, [s.label for s in plan.sources], shard_size) if scalars is not None else None
+        ledger = Ledger(folder)
+        writer = ShardedWriter(folder, shard_size, ledger=ledger)
+        per_task = (PerTaskWriter(folder, [s.label for s in plan.sources], shard_size, ledger)
+                    if scalars is not None else None)
         for m in stream:
             writer.add(m.name, m.tensor)
             if per_task is not None and m.unified is not None:
@@ -387,6 +397,7 @@ def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[Merged
         if heads:
             (folder / "task_heads").mkdir()
             for label, tensors in heads.items():
-                save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors)
+                save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors, ledger=ledger)
         copied = copy_support_files(plan.base.support, folder)
         write_card(folder, recipe, result, [f.name for f in files], heads, copied)
+        ledger.seal()

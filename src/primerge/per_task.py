@@ -24,6 +24,7 @@ import torch
 
 from primerge.errors import InputError
 from primerge.io.readers import open_checkpoint
+from primerge.io.manifest import Ledger
 from primerge.io.writer import ShardedWriter
 from primerge.methods import get_method
 from primerge.methods.base import MethodSpec
@@ -52,12 +53,13 @@ def _encode(key: str, tensor: torch.Tensor) -> torch.Tensor:
 class PerTaskWriter:
     """Streams τ_uni and every task's tensors into ``folder/per_task`` as they are merged."""
 
-    def __init__(self, folder: Path, labels: list[str], shard_size: int) -> None:
+    def __init__(self, folder: Path, labels: list[str], shard_size: int, ledger: Ledger | None = None) -> None:
         self.root = Path(folder) / FOLDER
         self.labels = labels
         self.shard_size = shard_size
+        self.ledger = ledger
         self.root.mkdir()
-        self.unified = ShardedWriter(self.root, shard_size, stem="task_vector")
+        self.unified = ShardedWriter(self.root, shard_size, stem="task_vector", ledger=ledger)
         self.tasks: dict[tuple[str, str], ShardedWriter] = {}
         self.kinds: dict[str, str] = {}
 
@@ -69,7 +71,8 @@ class PerTaskWriter:
                 writer = self.tasks.get((label, key))
                 if writer is None:
                     (self.root / label).mkdir(exist_ok=True)
-                    writer = self.tasks[(label, key)] = ShardedWriter(self.root / label, self.shard_size, stem=key)
+                    writer = self.tasks[(label, key)] = ShardedWriter(self.root / label, self.shard_size, stem=key,
+                                                                      ledger=self.ledger)
                 writer.add(name, _encode(key, stacked[t]))
 
     def finish(self, method: str, base: Path, scalars: list[dict[str, float]]) -> None:

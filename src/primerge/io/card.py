@@ -88,6 +88,15 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
               for label, tensors in heads.items()],
             "",
         ]
+    lines += [
+        "## Integrity",
+        "",
+        "`primerge-manifest.json` lists every file of this folder with its size, and every tensor "
+        "with its shape, dtype and SHA-256 (the other files with their SHA-256). primerge checked the "
+        "written files against the computed tensors before publishing the folder; "
+        "`primerge verify <this folder>` checks them again at any time.",
+        "",
+    ]
     lines += ["## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))

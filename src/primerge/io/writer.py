@@ -11,6 +11,7 @@ shard in memory.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -20,9 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from primerge.errors import OutputError
+from primerge.io.manifest import Ledger
 
 DEFAULT_SHARD_SIZE = 2 * 1024**3
 TEMP_MARK = ".primerge-incomplete-"
@@ -48,12 +51,19 @@ def atomic_folder(destination: Path, *, force: bool = False) -> Iterator[Path]:
 
     An existing ``destination`` is replaced only with ``force`` and only after the
     new output is complete (it is moved aside, the new folder renamed in, then
-    the old one deleted).
+    the old one deleted). The temporary folder's name carries the writing process's
+    id; temporary folders of the same destination left by a process that no longer
+    runs (killed with SIGKILL, power loss) are removed first.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temp = destination.parent / f".{destination.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
-    temp.mkdir()
+    temp = destination.parent / f".{destination.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(destination)
+        temp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"{destination}: cannot create the output folder ({exc}); "
+                          f"check the path and permissions.") from None
     try:
         yield temp
         if destination.is_dir() and not any(destination.iterdir()):
@@ -63,24 +73,57 @@ def atomic_folder(destination: Path, *, force: bool = False) -> Iterator[Path]:
                 raise OutputError(f"{destination}: exists; use --force to replace it.")
             aside = destination.parent / f".{destination.name}.primerge-old-{uuid.uuid4().hex[:8]}"
             os.replace(destination, aside)
-            os.replace(temp, destination)
+            try:
+                os.replace(temp, destination)
+            except BaseException:
+                os.replace(aside, destination)  # put the previous output back
+                raise
             if aside.is_dir() and not aside.is_symlink():
                 shutil.rmtree(aside, ignore_errors=True)
             else:
                 aside.unlink()
         else:
             os.replace(temp, destination)
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise OutputError(f"{destination}: the merge failed with an I/O error ({exc}); nothing was "
+                          f"left in place. Check free space and permissions.") from None
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` with write failures reported as :class:`OutputError`."""
+def _remove_stale(destination: Path) -> None:
+    """Delete ``destination``'s temporary folders whose writing process has exited."""
+    for stale in destination.parent.glob(f".{glob.escape(destination.name)}{TEMP_MARK}*"):
+        pid = stale.name[len(destination.name) + 1 + len(TEMP_MARK):].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 ledger: Ledger | None = None) -> None:
+    """``safetensors.torch.save_file`` with write failures reported as :class:`OutputError`.
+
+    With a ``ledger`` the tensors' names, shapes, dtypes and hashes are recorded for
+    the output's manifest (:mod:`primerge.io.manifest`).
+    """
     try:
         save_file(tensors, str(path), metadata=metadata)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise OutputError(f"{path}: write failed ({exc}); check free space and permissions.") from None
+    if ledger is not None:
+        ledger.record(path, tensors)
 
 
 class ShardedWriter:
@@ -94,10 +137,12 @@ class ShardedWriter:
     (the Hugging Face layout for ``stem = "model"``).
     """
 
-    def __init__(self, folder: Path, shard_size: int = DEFAULT_SHARD_SIZE, stem: str = "model"):
+    def __init__(self, folder: Path, shard_size: int = DEFAULT_SHARD_SIZE, stem: str = "model",
+                 ledger: Ledger | None = None):
         self.folder = Path(folder)
         self.shard_size = shard_size
         self.stem = stem
+        self.ledger = ledger
         # One metadata key only: safetensors keeps metadata in a hash map, so several keys
         # would be written in a varying order and identical merges would differ byte-wise.
         self.metadata = {"format": "pt"}
@@ -116,7 +161,7 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.folder / f".{self.stem}-part{len(self._shards):05d}.safetensors"
-        save_tensors(path, self._buffer, self.metadata)
+        save_tensors(path, self._buffer, self.metadata, self.ledger)
         self._shards.append((path, list(self._buffer)))
         self._buffer, self._filled = {}, 0
 
@@ -130,6 +175,8 @@ class ShardedWriter:
             final = self.folder / (f"{self.stem}.safetensors" if n == 1
                                    else f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors")
             os.replace(part, final)
+            if self.ledger is not None:
+                self.ledger.rename(part, final)
             files.append(final)
             weight_map.update(dict.fromkeys(names, final.name))
         if n > 1:
