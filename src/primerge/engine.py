@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from primerge.deterministic import ThreadIndependent
 from primerge.errors import InputError, OutputError, RecipeError
 from primerge.io.card import write_card
 from primerge.io.manifest import Ledger
@@ -341,16 +342,17 @@ def run_merge(
     result = MergeResult(spec.name, params.model_dump(mode="json"), counts=plan.counts(),
                          per_task=spec.per_task)
     try:
-        prepass_result = run_prepass(plan, recipe, spec, params, dev, quiet)
-        if hasattr(prepass_result, "to_markdown"):
-            result.report = prepass_result.to_markdown()
-        stream = merged_tensors(plan, recipe, spec, params, dev, quiet, prepass_result)
-        scalars = prepass_result.task_scalars() if spec.per_task else None
-        if out_path is None:
-            _collect(plan, spec, stream, scalars, result)
-        else:
-            _write_output(out_path, plan, recipe, stream, force, shard_size, result, spec, scalars)
-            result.out = out_path
+        with ThreadIndependent():  # byte-identical outputs whatever the thread count
+            prepass_result = run_prepass(plan, recipe, spec, params, dev, quiet)
+            if hasattr(prepass_result, "to_markdown"):
+                result.report = prepass_result.to_markdown()
+            stream = merged_tensors(plan, recipe, spec, params, dev, quiet, prepass_result)
+            scalars = prepass_result.task_scalars() if spec.per_task else None
+            if out_path is None:
+                _collect(plan, spec, stream, scalars, result)
+            else:
+                _write_output(out_path, plan, recipe, stream, force, shard_size, result, spec, scalars)
+                result.out = out_path
     finally:
         plan.close()
     result.seconds = time.perf_counter() - start
