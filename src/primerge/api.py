@@ -12,7 +12,8 @@ from typing import Any
 
 from primerge.engine import MergeResult, build_plan, check_output, run_merge
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
-from primerge.recipe import Recipe, build_recipe, load_recipe
+from primerge.recipe import OutputConfig, Recipe, build_recipe, load_recipe
+from primerge.validation import validate
 
 
 def merge(
@@ -28,6 +29,7 @@ def merge(
     lines: dict[str, Any] | None = None,
     purify: dict[str, Any] | None = None,
     allow_pickle: bool = False,
+    lora_rank: int | None = None,
     device: str = "cpu",
     force: bool = False,
     quiet: bool = True,
@@ -41,6 +43,8 @@ def merge(
     are then read with ``torch.load(weights_only=True)``. With ``out`` the merged model folder is written atomically and
     ``result.out`` is set; without it the merged tensors are returned in
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
+    ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
+    model (:mod:`primerge.lora_export`); ``models`` may be LoRA adapter folders too.
     Raises a :class:`primerge.errors.PrimergeError` on any bad input.
     """
     recipe = build_recipe({
@@ -54,6 +58,7 @@ def merge(
         "lines": lines,
         "purify": purify,
         "allow_pickle": allow_pickle,
+        "output": {"lora_rank": lora_rank} if lora_rank is not None else None,
     })
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
 
@@ -67,8 +72,11 @@ def merge_recipe(
     quiet: bool = True,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     allow_pickle: bool = False,
+    lora_rank: int | None = None,
 ) -> MergeResult:
     """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
+
+    ``lora_rank`` overrides the recipe's ``output.lora_rank`` (a LoRA adapter output).
 
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
     """
@@ -78,6 +86,9 @@ def merge_recipe(
         recipe = load_recipe(recipe)
     if allow_pickle:
         recipe = recipe.model_copy(update={"allow_pickle": True})
+    if lora_rank is not None:
+        output = validate(OutputConfig, {"lora_rank": lora_rank}, "output")
+        recipe = recipe.model_copy(update={"output": output})
     transform = None
     if recipe.purify is not None:
         from primerge.purify import build_purifier  # above the engine: imported only when asked for

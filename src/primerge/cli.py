@@ -26,10 +26,14 @@ from primerge.methods import list_methods
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force,
-                          quiet=args.quiet, shard_size=args.shard_size, allow_pickle=args.allow_pickle)
+                          quiet=args.quiet, shard_size=args.shard_size, allow_pickle=args.allow_pickle,
+                          lora_rank=args.as_lora)
     c = result.counts
     if result.report:
         print(result.report)
+    if result.lora is not None:
+        print(f"LoRA adapter, rank {result.lora['rank']}: {len(result.lora['modules'])} modules, largest "
+              f"relative error {result.lora['max_relative_error']:.2e} (per module in lora_report.json)")
     print(f"merged with {result.method} in {result.seconds:.1f}s -> {result.out} "
           f"({c['matrix']} matrices, {c['fallback']} other merged tensors, {c['copy']} copied, "
           f"{c['task_specific']} task-specific)")
@@ -87,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest safetensors shard, e.g. 2GB (default) or 500MB")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
+    merge.add_argument("--as-lora", type=int, metavar="RANK", default=None,
+                       help="write a PEFT LoRA adapter of this rank instead of a full model")
     merge.set_defaults(func=_cmd_merge)
 
     verify = sub.add_parser("verify", help="check an output folder against its primerge-manifest.json")

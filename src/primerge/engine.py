@@ -9,6 +9,12 @@ not grow with the number of layers. Everything that can be checked from the
 headers (files, key sets, shapes, output location) is checked before any tensor
 is read; a value problem found while streaming (NaN/Inf) aborts the merge and
 removes the temporary output folder, so nothing partial is ever left in place.
+
+A model may be a PEFT LoRA adapter folder (:mod:`primerge.io.adapters`): its task vectors are
+s·B A on the modules it adapts, full differences on the tensors it stores, zero elsewhere. Methods
+that declare ``factored`` receive those low-rank task vectors as their factors
+(:class:`primerge.methods.stack.TaskStack`); everything else gets them materialised, one tensor
+at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -25,9 +32,11 @@ from tqdm.auto import tqdm
 
 from primerge.deterministic import ThreadIndependent
 from primerge.errors import InputError, OutputError, RecipeError
+from primerge.io.adapters import Adapter, is_adapter, open_adapter
 from primerge.io.card import write_card
 from primerge.io.manifest import Ledger
 from primerge.io.readers import Checkpoint, open_checkpoint
+from primerge.lora_export import LoraExport
 from primerge.io.writer import (
     DEFAULT_SHARD_SIZE,
     ShardedWriter,
@@ -37,6 +46,7 @@ from primerge.io.writer import (
 )
 from primerge.methods.base import MethodParams, MethodSpec, PerTaskUpdate, TensorContext, derive_seed
 from primerge.methods.lines import layer_scales
+from primerge.methods.stack import LowRank, TaskStack
 from primerge.per_task import PerTaskWriter, rebuild_task
 from primerge.recipe import Recipe
 
@@ -55,13 +65,29 @@ class PlanEntry:
 
 @dataclass
 class Source:
-    """A fine-tuned model: its checkpoint, weight, and base-name -> model-name map."""
+    """A fine-tuned model: its checkpoint, weight, and base-name -> model-name map.
+
+    For a LoRA ``adapter``, ``checkpoint`` is its weight file and ``names`` maps the base names
+    it changes to its own target names; every other base tensor has τ = 0.
+    """
 
     label: str
     checkpoint: Checkpoint
     weight: float
     names: dict[str, str]
     task_specific: list[str]
+    adapter: Adapter | None = None
+
+    def lowrank(self, entry: PlanEntry) -> bool:
+        """Whether this model's τ of ``entry`` is low-rank by construction (LoRA or zero)."""
+        if self.adapter is None or entry.kind != "matrix":
+            return False
+        target = self.names.get(entry.name)
+        return target is None or self.adapter.is_lowrank(target)
+
+    def head(self, name: str) -> torch.Tensor:
+        """A task-specific tensor under its name in this model."""
+        return self.adapter.full_value(name) if self.adapter is not None else self.checkpoint.load(name)
 
 
 #: (model label, tensor name, θ₀ in float32, τ_t in float32) -> replacement τ_t, applied to
@@ -110,6 +136,7 @@ class MergeResult:
     report: str | None = None  # what a whole-model pre-pass decided (e.g. PRIME's F(r) table)
     task_states: dict[str, dict[str, torch.Tensor]] | None = None  # per-task methods, in memory
     per_task: bool = False  # the method gives every task its own model (see primerge.per_task)
+    lora: dict | None = None  # LoRA output: rank and per-module errors (primerge.lora_export)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -176,6 +203,35 @@ def _align(recipe: Recipe, base: Checkpoint, model: Checkpoint, label: str, weig
     return Source(label, model, weight, names, heads)
 
 
+def _align_adapter(recipe: Recipe, base: Checkpoint, adapter: Adapter, label: str, weight: float) -> Source:
+    """Map an adapter's targets onto base names (one prefix added or removed) and check shapes."""
+    heads = [n for n in adapter.targets() if recipe.is_task_specific(n)]
+    shared = [n for n in adapter.targets() if n not in heads]
+    mapping = _prefix_map(shared, set(base.names)) if shared else {}
+    if mapping is None:
+        missing = [n for n in shared if n not in base]
+        raise InputError(
+            f"{adapter.path}: the adapter changes {len(missing)} tensors that are not in the base "
+            f"{base.path} (first: '{missing[0]}'). Is '{label}' an adapter of this base model? "
+            f"If they are per-task heads (modules_to_save), name them with task_specific: REGEX."
+        )
+    for target, name in mapping.items():
+        info = base.info(name)
+        adapter.orient(target, info.shape, info.file)
+        if not info.dtype.is_floating_point or recipe.is_task_specific(name):
+            raise InputError(f"{adapter.path}: the adapter changes '{target}', which the base "
+                             f"{base.path} keeps unmerged (task-specific or not floating).")
+    return Source(label, adapter.weights, weight, {b: t for t, b in mapping.items()}, heads, adapter)
+
+
+def _open_source(recipe: Recipe, base: Checkpoint, path: Path, label: str, weight: float) -> Source:
+    """A full fine-tune (any checkpoint :func:`open_checkpoint` reads) or a LoRA adapter folder."""
+    if is_adapter(path):
+        opener = partial(open_checkpoint, allow_pickle=recipe.allow_pickle)
+        return _align_adapter(recipe, base, open_adapter(path, opener), label, weight)
+    return _align(recipe, base, open_checkpoint(path, allow_pickle=recipe.allow_pickle), label, weight)
+
+
 def _classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> EntryKind:
     """matrix / fallback / copy for one base tensor (ALGORITHMS.md Conventions).
 
@@ -190,9 +246,12 @@ def _classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dt
 
 def build_plan(recipe: Recipe) -> Plan:
     """Open every checkpoint lazily and check it against the base; no tensor is read."""
+    if is_adapter(recipe.base):
+        raise InputError(f"{recipe.base}: the base is a LoRA adapter; give the full base model it "
+                         f"was trained on (its base_model_name_or_path).")
     base = open_checkpoint(recipe.base, allow_pickle=recipe.allow_pickle)
     sources = [
-        _align(recipe, base, open_checkpoint(entry.path, allow_pickle=recipe.allow_pickle), label, entry.weight)
+        _open_source(recipe, base, entry.path, label, entry.weight)
         for entry, label in zip(recipe.models, recipe.model_labels())
     ]
     entries = []
@@ -229,23 +288,52 @@ def _finite(tensor: torch.Tensor, what: str, name: str) -> torch.Tensor:
     return tensor
 
 
-def task_vectors(plan: Plan, entry: PlanEntry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _adapter_delta(src: Source, entry: PlanEntry, base: torch.Tensor, out: torch.Tensor) -> None:
+    """Write an adapter's τ of ``entry`` into ``out`` (zero where the adapter does not touch it)."""
+    target = src.names.get(entry.name)
+    if target is None:
+        out.zero_()
+    else:
+        out.copy_(_finite(src.adapter.delta(target, base), str(src.adapter.path), target))
+
+
+def _factors(src: Source, entry: PlanEntry, device: torch.device) -> LowRank:
+    """w·s·B A of an adapter as factors (L, R); rank 0 where the adapter does not touch ``entry``."""
+    target = src.names.get(entry.name)
+    if target is None:
+        m, n = entry.shape
+        return LowRank(torch.zeros((m, 0), device=device), torch.zeros((0, n), device=device))
+    left, right = (_finite(f, str(src.adapter.path), target).to(device) for f in src.adapter.factors(target))
+    return LowRank(left * src.weight, right)
+
+
+def task_vectors(plan: Plan, entry: PlanEntry, device: torch.device, *,
+                 factors: bool = False) -> tuple[torch.Tensor, torch.Tensor | TaskStack]:
     """Base tensor (float32) and the stacked weighted task vectors w_t (θ_t − θ₀), shape (T, *shape).
 
-    A plan's ``transform`` (if any) replaces each τ_t before its weight is applied.
+    A plan's ``transform`` (if any) replaces each τ_t before its weight is applied. With
+    ``factors`` the task vectors come as a :class:`TaskStack` in which LoRA matrices stay as
+    their factors w·s·B A (unless a ``transform`` needs them dense).
     """
     base = _finite(plan.base.load(entry.name), str(plan.base.info(entry.name).file), entry.name)
     base = base.to(device=device, dtype=torch.float32)
-    taus = torch.empty((len(plan.sources), *entry.shape), dtype=torch.float32, device=device)
-    for t, src in enumerate(plan.sources):
-        name = src.names[entry.name]
-        tensor = _finite(src.checkpoint.load(name), str(src.checkpoint.info(name).file), name)
-        torch.sub(tensor.to(device=device, dtype=torch.float32), base, out=taus[t])
+    keep = factors and plan.transform is None
+    lowrank = {t: _factors(s, entry, device) for t, s in enumerate(plan.sources) if keep and s.lowrank(entry)}
+    dense_index = [t for t in range(len(plan.sources)) if t not in lowrank]
+    taus = torch.empty((len(dense_index), *entry.shape), dtype=torch.float32, device=device)
+    for i, t in enumerate(dense_index):
+        src = plan.sources[t]
+        if src.adapter is not None:
+            _adapter_delta(src, entry, base, taus[i])
+        else:
+            name = src.names[entry.name]
+            tensor = _finite(src.checkpoint.load(name), str(src.checkpoint.info(name).file), name)
+            torch.sub(tensor.to(device=device, dtype=torch.float32), base, out=taus[i])
         if plan.transform is not None:
-            taus[t] = plan.transform(src.label, entry.name, base, taus[t])
+            taus[i] = plan.transform(src.label, entry.name, base, taus[i])
         if src.weight != 1.0:
-            taus[t].mul_(src.weight)
-    return base, taus
+            taus[i].mul_(src.weight)
+    return base, (TaskStack(taus, dense_index, lowrank) if factors else taus)
 
 
 def _contexts(plan: Plan, recipe: Recipe, prepass_result=None) -> Iterator[tuple[PlanEntry, TensorContext]]:
@@ -278,6 +366,7 @@ class MergedTensor:
     tensor: torch.Tensor
     unified: torch.Tensor | None = None  # τ_uni in the base dtype (per-task methods)
     task_tensors: dict[str, torch.Tensor] | None = None  # key -> (T, *shape)
+    update: torch.Tensor | None = None  # the merged update in float32 (LoRA output)
 
 
 def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodParams,
@@ -288,7 +377,7 @@ def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodP
         if entry.kind == "copy":
             yield MergedTensor(entry.name, plan.base.load(entry.name))
             continue
-        base, taus = task_vectors(plan, entry, device)
+        base, taus = task_vectors(plan, entry, device, factors=spec.factored)
         update = spec.apply(taus, contexts[entry.name], params)
         del taus
         per_task = update if isinstance(update, PerTaskUpdate) else None
@@ -301,7 +390,7 @@ def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodP
                 f"tensor '{entry.name}': method '{spec.name}' produced NaN/Inf; check the inputs "
                 f"and parameters ({params.model_dump()})."
             )
-        merged = MergedTensor(entry.name, (base + update).to(dtype=entry.dtype, device="cpu"))
+        merged = MergedTensor(entry.name, (base + update).to(dtype=entry.dtype, device="cpu"), update=update)
         if per_task is not None:
             merged.unified = update.to(dtype=entry.dtype, device="cpu")
             merged.task_tensors = {k: v.cpu() for k, v in per_task.task_tensors.items()}
@@ -311,7 +400,7 @@ def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodP
 def task_specific_tensors(plan: Plan) -> dict[str, dict[str, torch.Tensor]]:
     """Each model's task-specific tensors, under their names in that model."""
     return {
-        s.label: {n: s.checkpoint.load(n).contiguous() for n in s.task_specific}
+        s.label: {n: s.head(n).contiguous() for n in s.task_specific}
         for s in plan.sources
         if s.task_specific
     }
@@ -337,6 +426,9 @@ def run_merge(
     params = recipe.method_parameters()
     dev = resolve_device(device)
     out_path = check_output(Path(out), recipe, force) if out is not None else None
+    if recipe.output is not None and recipe.output.lora_rank is not None and (out is None or spec.per_task):
+        raise RecipeError("a LoRA output (--as-lora / output.lora_rank) needs an output folder and a "
+                          "method that writes one model (not a per-task method).")
     plan = build_plan(recipe)
     plan.transform = transform
     result = MergeResult(spec.name, params.model_dump(mode="json"), counts=plan.counts(),
@@ -350,6 +442,9 @@ def run_merge(
             scalars = prepass_result.task_scalars() if spec.per_task else None
             if out_path is None:
                 _collect(plan, spec, stream, scalars, result)
+            elif recipe.output is not None and recipe.output.lora_rank is not None:
+                _write_lora(out_path, plan, recipe, stream, force, result)
+                result.out = out_path
             else:
                 _write_output(out_path, plan, recipe, stream, force, shard_size, result, spec, scalars)
                 result.out = out_path
@@ -402,4 +497,27 @@ def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[Merged
                 save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors, ledger=ledger)
         copied = copy_support_files(plan.base.support, folder)
         write_card(folder, recipe, result, [f.name for f in files], heads, copied)
+        ledger.seal()
+
+
+def _write_lora(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[MergedTensor], force: bool,
+                result: MergeResult) -> None:
+    """The merge as a PEFT LoRA adapter folder (:mod:`primerge.lora_export`), written atomically."""
+    kinds = {e.name: e.kind for e in plan.entries}
+    export = LoraExport(recipe.output.lora_rank, recipe.seed)
+    with atomic_folder(out, force=force) as folder:
+        ledger = Ledger(folder)
+        for m in stream:
+            if m.update is not None:
+                export.add(m.name, kinds[m.name], m.update, m.tensor)
+        files = export.write(folder, recipe.base, ledger)
+        heads = task_specific_tensors(plan)
+        if heads:
+            (folder / "task_heads").mkdir()
+            for label, tensors in heads.items():
+                save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors, ledger=ledger)
+        result.lora = export.report()
+        card = write_card(folder, recipe, result, files, heads, [])
+        with open(card, "a") as handle:
+            handle.write("\n" + export.to_markdown())
         ledger.seal()

@@ -137,3 +137,67 @@ def energy_rank(singular_values: Tensor, q: float = 0.5) -> int:
     if total == 0:
         return 0
     return min(int((e.cumsum(0) < q * total).sum().item()) + 1, e.numel())
+
+
+def factored_svd(left: Tensor, right: Tensor) -> SVD:
+    """Thin SVD of a product ``X = L R`` from its factors, never forming X.
+
+    ``L``: (..., m, k), ``R``: (..., k, n) (a LoRA task vector τ = s·B A has L = s·B, R = A).
+    Reduced QRs L = Q_L R_L and Rᵀ = Q_R R_R give X = Q_L (R_L R_Rᵀ) Q_Rᵀ; the small core
+    C = R_L R_Rᵀ has the SVD C = U_c S V_cᵀ, so X = (Q_L U_c) S (Q_R V_c)ᵀ. Cost
+    O((m + n) k² + k³) instead of O(m n min(m, n)) for the SVD of X. Returns
+    min(m, n, k) triplets (so k > min(m, n) is fine); zero factors give zero singular values
+    and no division anywhere.
+    """
+    m, k, n = left.shape[-2], left.shape[-1], right.shape[-1]
+    if k == 0:
+        batch = left.shape[:-2]
+        return SVD(left.new_zeros((*batch, m, 0)), left.new_zeros((*batch, 0)), left.new_zeros((*batch, n, 0)))
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.mT)
+    core = svd(r_left @ r_right.mT)
+    return SVD(q_left @ core.U, core.S, q_right @ core.V)
+
+
+def fit_rank(factors: SVD, rank: int) -> SVD:
+    """The first ``rank`` triplets, padded with zero triplets (σ = 0, zero vectors) when fewer exist.
+
+    A rank-k matrix has exactly k non-zero singular values; its top-r SVD for r > k is its k
+    triplets and r − k null ones. Zero vectors make the null triplets contribute nothing to any
+    product, whatever basis LAPACK would have completed them with.
+    """
+    k = factors.S.shape[-1]
+    if k >= rank:
+        return SVD(factors.U[..., :rank], factors.S[..., :rank], factors.V[..., :rank])
+    pad = rank - k
+    return SVD(
+        torch.nn.functional.pad(factors.U, (0, pad)),
+        torch.nn.functional.pad(factors.S, (0, pad)),
+        torch.nn.functional.pad(factors.V, (0, pad)),
+    )
+
+
+def null_mask(S: Tensor, shape: tuple[int, ...], scale: Tensor | None = None) -> Tensor:
+    """Which singular values are numerically zero: σ ≤ scale · max(m, n) · eps.
+
+    ``scale`` defaults to σ₁ of each matrix (LAPACK / NumPy ``matrix_rank`` convention); pass
+    a reference scale (shape (...,)) when the matrix is a projection of a larger one whose
+    rounding noise must not count as signal. An all-zero matrix is entirely null.
+    """
+    m, n = shape[-2:]
+    ref = S[..., :1] if scale is None else scale.unsqueeze(-1)
+    return S <= ref * (max(m, n) * torch.finfo(S.dtype).eps)
+
+
+def drop_null(factors: SVD, shape: tuple[int, ...], scale: Tensor | None = None) -> SVD:
+    """Zero the numerically null triplets (:func:`null_mask`): σ and both singular vectors.
+
+    [decision] A rank-deficient task vector (every LoRA delta) has singular directions that
+    LAPACK fills with an arbitrary orthonormal completion, or with rounding noise when the delta
+    was materialised. SVD methods that whiten or flatten spectra would pass those arbitrary
+    directions into the merge; zeroing them makes the result a function of the task vector alone,
+    and identical whether it was given as factors or as a dense matrix.
+    """
+    keep = ~null_mask(factors.S, shape, scale)
+    vec = keep.unsqueeze(-2).to(factors.U.dtype)
+    return SVD(factors.U * vec, factors.S * keep.to(factors.S.dtype), factors.V * vec)

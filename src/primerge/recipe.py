@@ -13,6 +13,10 @@ A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
     seed: 42
     lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
     purify: {...}              # optional PAVE purification of the task vectors (primerge.purify)
+    output: {lora_rank: 16}    # optional: write a PEFT LoRA adapter instead of a full model
+
+A model may also be a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)
+of the base; see :mod:`primerge.io.adapters`.
     allow_pickle: false        # true: also read .bin/.pt pickles, with torch.load(weights_only=True)
 
 Relative paths in a YAML file are resolved against the file's folder. A model's
@@ -54,6 +58,15 @@ class ModelEntry(BaseModel):
         return self.name or (self.path.stem if self.path.suffix else self.path.name)
 
 
+class OutputConfig(BaseModel):
+    """How the merge is written: a full model (default) or, with ``lora_rank``, a PEFT LoRA
+    adapter holding the best rank-``lora_rank`` approximation of every merged matrix update."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_rank: int | None = Field(None, ge=1)
+
+
 class Recipe(BaseModel):
     """A validated merge recipe (see the module docstring for the YAML form)."""
 
@@ -68,6 +81,7 @@ class Recipe(BaseModel):
     seed: int = 42
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
+    output: OutputConfig | None = None
     allow_pickle: bool = False  # opt in to .bin/.pt pickle checkpoints (read weights-only)
 
     @field_validator("models", mode="before")

@@ -11,6 +11,10 @@ vectors τ_t = θ_t − θ₀ of one parameter; ``update`` is the merged, alread
 scaled task vector, so the engine writes θ₀ + update. A method never opens a
 file and never loops over parameter names.
 
+A method registered with ``factored=True`` receives a
+:class:`primerge.methods.stack.TaskStack` instead for its matrix parameters: the same task
+vectors, LoRA ones kept as factors L R (see that module).
+
 Methods that need a whole-model pass (TIES with a model-wide trim, PRIME's
 adaptive rank, EMR rescalers, ...) declare a :class:`Prepass` factory; the
 engine streams every mergeable tensor through it before the merge pass and
@@ -30,6 +34,7 @@ from torch import Tensor
 from primerge.errors import RecipeError, closest
 from primerge.validation import validate
 from primerge.linalg import SVDMode
+from primerge.methods.stack import TaskStack, as_dense
 
 Kind = Literal["matrix", "fallback"]
 Family = Literal["elementwise", "svd"]
@@ -113,6 +118,9 @@ class MethodSpec:
     whole-model pass for the given parameters, or returns ``None`` when these
     parameters need none. ``rebuild(update, task_tensors_t, scalars_t)`` marks a
     per-task method and gives task t's update from what its merge stored.
+    ``factored`` marks a method whose matrix merge takes a
+    :class:`primerge.methods.stack.TaskStack` (LoRA task vectors as their factors); every
+    other merge, fallback and pre-pass receives the dense (T, *shape) tensor.
     """
 
     name: str
@@ -123,6 +131,7 @@ class MethodSpec:
     prepass: Callable[[Any], Prepass | None] | None = None
     fallback: MergeFn | None = None
     rebuild: RebuildFn | None = None
+    factored: bool = False
 
     @property
     def per_task(self) -> bool:
@@ -137,8 +146,15 @@ class MethodSpec:
         """The whole-model pass these parameters need, if any."""
         return self.prepass(params) if self.prepass is not None else None
 
-    def apply(self, taus: Tensor, ctx: TensorContext, params: MethodParams) -> Tensor:
-        """Merged update of one tensor, dispatching SVD methods' non-matrices to the fallback."""
+    def apply(self, taus: Tensor | TaskStack, ctx: TensorContext, params: MethodParams) -> Tensor:
+        """Merged update of one tensor, dispatching SVD methods' non-matrices to the fallback.
+
+        ``taus`` is a dense (T, *shape) tensor or a :class:`TaskStack`; a ``factored`` method's
+        matrix merge gets the stack, everything else the dense tensor.
+        """
+        if self.factored and ctx.kind == "matrix":
+            return self.merge(TaskStack.of(taus), ctx, params)
+        taus = as_dense(taus)
         if self.family == "svd" and ctx.kind != "matrix":
             if self.fallback is not None:
                 return self.fallback(taus, ctx, params)

@@ -7,6 +7,10 @@ DRM-H, per matrix parameter with task deltas Δ_t (m × n):
 2. Partition Vᵀ (k × T·n) into task blocks V_tᵀ (k × n), so Δ_t = U Σ V_tᵀ (Eqs. 3–4).
 3. Renormalise: ṽ_{t,i} = v_{t,i}/‖v_{t,i}‖ for every row; the norms move into per-task singular
    values Σ_t = Σ · diag(‖v_{t,i}‖) (Eqs. 5–6), so Δ_t = U Σ_t Ṽ_tᵀ still holds.
+   [decision] A row whose share σ_i ‖v_{t,i}‖ is numerically zero against σ_max
+   (:func:`primerge.linalg.null_mask`) is a zero row: task t has no component along direction
+   i (e.g. a LoRA task vector outside its own rank), and renormalising its rounding noise to
+   unit length would let noise compete in the joint prune and count in the disjoint mean.
 4. Joint prune: keep the top ``density`` fraction of |Ṽ_tᵀ| entries ranked over all tasks'
    blocks together (Section 4.2 step 4 with the joint variant of Appendix H.3).
 5. Multiply the scales back (Σ_t Ṽ_tᵀ), elect γ = sgn(Σ_t Σ_t Ṽ_tᵀ), zero the entries of the
@@ -32,7 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from primerge.linalg import svd
+from primerge.linalg import null_mask, svd
 from primerge.methods.base import MethodSpec, TensorContext, register
 from primerge.methods.fused import FusedQKVParams, fused_qkv_axis
 from primerge.methods.ties import tensor_thresholds, ties_merge
@@ -67,8 +71,9 @@ def joint_space(taus: Tensor, rank_tol: float = 1e-2) -> JointSpace:
     U, S = full.U[:, :k], full.S[:k]
     rows = full.V[:, :k].mT.reshape(k, T, n).permute(1, 0, 2)  # (T, k, n): task blocks V_tᵀ
     norms = rows.norm(dim=-1)
+    norms = torch.where(null_mask(S * norms, (m, T * n), full.S[:1].expand(T)), 0.0, norms)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    return JointSpace(U, S * norms, rows / safe.unsqueeze(-1))
+    return JointSpace(U, S * norms, rows / safe.unsqueeze(-1) * (norms > 0).unsqueeze(-1))
 
 
 def joint_prune(blocks: Tensor, density: float) -> Tensor:

@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from primerge.linalg import flatten_spectrum, polar
+from primerge.linalg import flatten_spectrum, null_mask, polar, svd
 from primerge.methods.base import MethodSpec, TensorContext, register
 from primerge.methods.fused import FusedQKVParams, fused_qkv_axis
 
@@ -113,16 +113,33 @@ def _canonical_basis(Z: Tensor, lam: Tensor, grams: Tensor, R: Tensor) -> Tensor
     return Z
 
 
+def _column_space(Q: Tensor, R: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A = Q R with the numerically null part of A removed.
+
+    [decision] When A is rank-deficient (ρ < k; low-rank task vectors such as LoRA deltas), the
+    QR's trailing columns of Q are an arbitrary completion that would leak into every
+    component. With R = P Σ Wᵀ and ρ the numerical rank in the input's ``dtype``
+    (:func:`primerge.linalg.null_mask`), A = (Q P_ρ)(Σ_ρ W_ρᵀ) exactly, with orthonormal
+    Q P_ρ; the decomposition then has ρ components. Full-rank A is returned unchanged.
+    """
+    f = svd(R)
+    rank = int((~null_mask(f.S.to(dtype), (Q.shape[0], R.shape[1]))).sum())
+    if rank == f.S.numel():
+        return Q, R
+    return Q @ f.U[:, :rank], f.S[:rank, None] * f.V[:, :rank].mT
+
+
 def ho_gsvd(matrices: Tensor, pi: float = PI) -> HOGSVD:
     """HO-GSVD of a stack (N, m, n) of matrices sharing their right space (SB paper Eqs. 5, 31–32,
     in Kempf et al.'s QR form; see the module docstring). Computed in float64, returned in the
-    input's dtype. The number of components is k = min(N·m, n)."""
+    input's dtype. The number of components is k = min(N·m, n), or the numerical rank of the
+    stack when it is rank-deficient."""
     if matrices.dim() != 3:
         raise ValueError(f"ho_gsvd expects a stack (N, m, n), got shape {tuple(matrices.shape)}")
     dtype = matrices.dtype
     A = matrices.double()
     N, m, n = A.shape
-    Q, R = torch.linalg.qr(A.reshape(N * m, n))
+    Q, R = _column_space(*torch.linalg.qr(A.reshape(N * m, n)), dtype)
     k = Q.shape[1]
     Qi = Q.reshape(N, m, k)
     grams = Qi.mT @ Qi  # (N, k, k), Σ_i = I
@@ -183,7 +200,8 @@ def ho_boost(taus: Tensor, pi: float = PI, beta: float = 0.0, scale: float | Non
     total, U, V = total[order], dec.U[..., order], dec.V[:, order]
     U_o = polar((U * dec.S[:, order].unsqueeze(1)).sum(0))
     V_o = polar(V)
-    out = (U_o * flatten_spectrum(total, beta)) @ V_o.mT
+    lifted = flatten_spectrum(total, beta) * ~null_mask(total, taus.shape)  # null components stay 0
+    out = (U_o * lifted) @ V_o.mT
     return out.mT if transposed else out
 
 

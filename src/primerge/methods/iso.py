@@ -16,6 +16,17 @@ k_c = ⌊c·r_full⌋, t_tot = round((r_full − k_c)/T)·T, k_c = r_full − t_
 
 α = 1.0 for both (PRIME paper Table 2 lists only Iso-CTS's 80% common ratio). Non-matrix
 parameters take α times the mean (the SVD family's fallback).
+
+[decision] Null singular directions (σ numerically zero, :func:`primerge.linalg.drop_null`) get
+no share of the flat spectrum: a rank-deficient sum (LoRA task vectors, whose total rank is
+below r_full) would otherwise spread mean(S) over an arbitrary completion of its basis. The
+mean itself is still over r_full values (null ones count as zero). Iso-CTS's task-specific
+parts are judged null against each task vector's own norm ‖τ_t‖_F, so rounding left by the
+projection off the common space is not mistaken for a direction.
+
+Iso-C keeps LoRA task vectors factored: when every task is low-rank, the SVD of Σ_t τ_t comes
+from the concatenated factors (:meth:`primerge.methods.stack.TaskStack.sum_svd`). Iso-CTS
+materialises the stack (its task-specific SVDs follow a projection of every task vector).
 """
 
 from __future__ import annotations
@@ -24,8 +35,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from primerge.linalg import SVD, polar, project_out, svd, truncated_svd
+from primerge.linalg import SVD, drop_null, polar, project_out, truncated_svd
 from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.stack import TaskStack
 from primerge.methods.tsv import concat_factors
 
 
@@ -38,10 +50,10 @@ class IsoCTSParams(SVDParams):
     common_ratio: float = Field(0.8, ge=0.0, le=1.0, description="fraction of r_full given to the common subspace")
 
 
-def iso_c(taus: Tensor, ctx: TensorContext, params: IsoCParams) -> Tensor:
-    """α · mean(S) · U Vᵀ with Σ_t τ_t = U S Vᵀ (Iso-C; ALGORITHMS.md)."""
-    full = svd(taus.sum(0))
-    return params.alpha * full.S.mean() * (full.U @ full.V.mT)
+def iso_c(taus: TaskStack, ctx: TensorContext, params: IsoCParams) -> Tensor:
+    """α · mean(S) · U Vᵀ with Σ_t τ_t = U S Vᵀ (Iso-C; ALGORITHMS.md), mean over r_full values."""
+    full = taus.sum_svd()
+    return params.alpha * (full.S.sum() / min(taus.shape[-2:])) * (full.U @ full.V.mT)
 
 
 def iso_cts_ranks(r_full: int, tasks: int, common_ratio: float) -> tuple[int, int]:
@@ -59,16 +71,20 @@ def iso_cts(taus: Tensor, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
     blocks: list[SVD] = []  # task-specific blocks first, then the common one
     common = None
     if k_c > 0:
-        common = truncated_svd(taus.sum(0), k_c, mode=params.svd, seed=ctx.seed)
+        total = taus.sum(0)
+        common = drop_null(truncated_svd(total, k_c, mode=params.svd, seed=ctx.seed), total.shape)
     if n > 0:
         specific = taus if common is None else project_out(common.U, taus)
-        blocks.append(concat_factors(truncated_svd(specific, n, mode=params.svd, seed=ctx.seed)))
+        own = drop_null(truncated_svd(specific, n, mode=params.svd, seed=ctx.seed), taus.shape,
+                        taus.reshape(T, -1).norm(dim=1))
+        blocks.append(concat_factors(own))
     if common is not None:
         blocks.append(common)
-    U_hat = polar(torch.cat([b.U for b in blocks], dim=1))
-    V_hat = polar(torch.cat([b.V for b in blocks], dim=1))
-    flat = torch.cat([b.S for b in blocks]).mean()
-    return params.alpha * flat * (U_hat @ V_hat.mT)
+    S = torch.cat([b.S for b in blocks])
+    live = (S != 0).to(S.dtype)
+    U_hat = polar(torch.cat([b.U for b in blocks], dim=1)) * live
+    V_hat = polar(torch.cat([b.V for b in blocks], dim=1)) * live
+    return params.alpha * S.mean() * (U_hat @ V_hat.mT)
 
 
 ISO_C = register(
@@ -78,6 +94,7 @@ ISO_C = register(
         params_model=IsoCParams,
         merge=iso_c,
         family="svd",
+        factored=True,
     )
 )
 

@@ -16,6 +16,12 @@ Per matrix parameter with T task vectors τ_t (m × n), r_full = min(m, n):
 
 The mean residual is computed without materialising any R_t:
 mean_t R_t = mean_t τ_t − U_s Σ_s V_sᵀ / T.
+
+LoRA task vectors stay factored (:class:`primerge.methods.stack.TaskStack`): their principal
+triplets come from the factored thin SVD, and a task of rank k ≤ r has R_t = 0 (its r − k
+extra triplets are null, zero columns of U_s, as in TSV). Only ``residual: ties`` needs the
+dense residuals and materialises the stack; a task with a null principal triplet (rank ≤ r)
+has R_t = 0 exactly there, so TIES never elects rounding noise.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from primerge.linalg import SVD, flatten_spectrum, project_out, svd, truncated_svd
+from primerge.linalg import SVD, drop_null, flatten_spectrum, project_out, svd
 from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
 from primerge.methods.prime_rank import AutoRankPrepass, candidate_ranks
+from primerge.methods.stack import TaskStack
 from primerge.methods.ties import tensor_thresholds, ties_merge
 from primerge.methods.tsv import concat_factors, whitened_merge
 
@@ -61,25 +68,29 @@ def principal_rank(rank: float, r_full: int, tasks: int) -> int:
     return r if tasks * r <= r_full else r_full // tasks
 
 
-def merge_residual(taus: Tensor, stacked: SVD, factors: SVD, params: PrimeParams) -> Tensor:
+def merge_residual(taus: Tensor | TaskStack, stacked: SVD, factors: SVD, params: PrimeParams) -> Tensor:
     """Merge({R_t}) of PRIME Eq. 20 for the chosen ``residual`` rule."""
+    taus = TaskStack.of(taus)
     if params.residual == "ties":
-        residuals = taus - factors.reconstruct()
+        residuals = taus.dense() - factors.reconstruct()
+        residuals[(factors.S == 0).any(-1)] = 0  # rank ≤ r: the principal part is all of τ_t
         return ties_merge(residuals, tensor_thresholds(residuals, params.ties_density))
-    mean_residual = taus.mean(0) - stacked.reconstruct() / taus.shape[0]
+    mean_residual = taus.mean() - stacked.reconstruct() / taus.shape[0]
     if params.residual == "mean":
         return mean_residual
-    full = svd(mean_residual)
-    return SVD(full.U, flatten_spectrum(full.S, 0.0, params.s_sb_scale), full.V).reconstruct()
+    # judged against the principal spectrum: a residual that is rounding noise stays zero
+    full = drop_null(svd(mean_residual), mean_residual.shape, stacked.S.max())
+    lifted = flatten_spectrum(full.S, 0.0, params.s_sb_scale) * (full.S != 0)
+    return SVD(full.U, lifted, full.V).reconstruct()
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: PrimeParams) -> Tensor:
+def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:
     """α (Û Σ_s V̂ᵀ + P⊥ Merge({R_t})) for one matrix parameter (PRIME Algorithm 1)."""
     rank = ctx.prepass.rank if params.rank == "auto" else params.rank
     r = principal_rank(rank, min(taus.shape[-2:]), taus.shape[0])
     if r == 0:
-        return params.alpha * taus.mean(0)
-    factors = truncated_svd(taus, r, mode=params.svd, seed=ctx.seed)
+        return params.alpha * taus.mean()
+    factors = taus.truncated_svd(r, mode=params.svd, seed=ctx.seed)
     stacked = concat_factors(factors)
     U_hat, principal = whitened_merge(stacked)
     residual = project_out(U_hat, merge_residual(taus, stacked, factors, params))
@@ -102,5 +113,6 @@ SPEC = register(
         merge=merge,
         family="svd",
         prepass=make_prepass,
+        factored=True,
     )
 )

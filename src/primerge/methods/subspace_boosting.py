@@ -13,6 +13,10 @@ dimension is three times its second is split into thirds along the first axis.
 [decision] The transposed layout, second dimension three times the first, is split along the
 second axis: that is how GPT-2's ``c_attn`` (a Conv1D, stored (in, 3·out)) keeps Q, K and V.
 
+[decision] Null directions (σ numerically zero, :func:`primerge.linalg.drop_null`) are not
+lifted: a rank-deficient merge (LoRA task vectors) would otherwise gain σ₁ along an arbitrary
+completion of its basis. LoRA task vectors are materialised: the boost follows a dense base merge.
+
 Non-matrix parameters (biases, norms, excluded embeddings) take the base merge unboosted.
 Defaults: β = 0.0 (PRIME paper, Table 2), base Task Arithmetic with its λ = 1/T (PRIME
 Appendix N, Eq. 28), α = 1.0.
@@ -26,14 +30,15 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from primerge.errors import RecipeError
-from primerge.linalg import SVD, flatten_spectrum, svd
+from primerge.linalg import SVD, drop_null, flatten_spectrum, svd
 from primerge.methods.base import MethodParams, MethodSpec, Prepass, TensorContext, get_method, register
 from primerge.methods.fused import FusedQKVParams, fused_qkv_axis, per_slice
 
 def boost(matrix: Tensor, beta: float) -> Tensor:
-    """U max(S, S[i]) Vᵀ for M = U S Vᵀ (SB Algorithm 1; exact SVD)."""
-    full = svd(matrix)
-    return SVD(full.U, flatten_spectrum(full.S, beta), full.V).reconstruct()
+    """U max(S, S[i]) Vᵀ for M = U S Vᵀ (SB Algorithm 1; exact SVD), null directions left at 0."""
+    full = drop_null(svd(matrix), matrix.shape)
+    lifted = flatten_spectrum(full.S, beta) * (full.S != 0)
+    return SVD(full.U, lifted, full.V).reconstruct()
 
 
 class SubspaceBoostingParams(FusedQKVParams):

@@ -6,14 +6,21 @@ singular triplets of every task vector, concatenate them task by task
 polar factor (Whitening) and rebuild τ = α · Û Σ_s V̂ᵀ. Non-matrix parameters
 take α times the mean. PRIME (methods/prime.py) reuses :func:`concat_factors` and
 :func:`whitened_merge` for its principal part.
+
+Task vectors arrive as a :class:`primerge.methods.stack.TaskStack`: LoRA task vectors keep
+their factors, and their top-k triplets come from the factored thin SVD (O((m + n) k²) each)
+instead of an SVD of the m × n delta. Null triplets (σ = 0: a task of rank below k) are zero
+columns of U_s and V_s and of the whitened bases, so they contribute nothing.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from primerge.linalg import SVD, polar, truncated_svd
+from primerge.linalg import SVD, polar
 from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.stack import TaskStack
 
 
 class TSVParams(SVDParams):
@@ -39,14 +46,30 @@ def whitened_merge(stacked: SVD) -> tuple[Tensor, Tensor]:
     """Whiten concatenated factors and rebuild: returns (Û, Û Σ_s V̂ᵀ).
 
     Û = Whitening(U_s), V̂ = Whitening(V_s) with Whitening the polar factor
-    (:func:`primerge.linalg.polar`); Û has orthonormal columns (PRIME Algorithm 1).
+    (:func:`primerge.linalg.polar`); Û has orthonormal columns (PRIME Algorithm 1). Null
+    triplets (σ = 0) are zero columns of Û and V̂ (:func:`live_polar`).
     """
-    U_hat = polar(stacked.U)
-    V_hat = polar(stacked.V)
+    U_hat, V_hat = live_polar(stacked.U, stacked.S), live_polar(stacked.V, stacked.S)
     return U_hat, (U_hat * stacked.S) @ V_hat.mT
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: TSVParams) -> Tensor:
+def live_polar(X: Tensor, S: Tensor) -> Tensor:
+    """Whitening(X) of the columns with σ ≠ 0; zero columns where σ = 0.
+
+    For X = [Y, 0] with Y of full column rank, polar(X) restricted to Y's columns is polar(Y),
+    and its other columns are an arbitrary completion that must not reach PRIME's projection;
+    whitening only Y gives the same result and costs O(m·k_live²) (LoRA tasks of rank k ≪ r).
+    """
+    live = S != 0
+    if bool(live.all()):
+        return polar(X)
+    out = torch.zeros_like(X)
+    if bool(live.any()):
+        out[:, live] = polar(X[:, live])
+    return out
+
+
+def merge(taus: TaskStack, ctx: TensorContext, params: TSVParams) -> Tensor:
     """α Û Σ_s V̂ᵀ with ⌊r_full/T⌋ directions per task.
 
     [decision] When T > r_full (k = 0, e.g. a (1, n) matrix and two tasks) there is
@@ -54,8 +77,8 @@ def merge(taus: Tensor, ctx: TensorContext, params: TSVParams) -> Tensor:
     """
     k = min(taus.shape[-2:]) // taus.shape[0]
     if k == 0:
-        return params.alpha * taus.mean(0)
-    factors = truncated_svd(taus, k, mode=params.svd, seed=ctx.seed)
+        return params.alpha * taus.mean()
+    factors = taus.truncated_svd(k, mode=params.svd, seed=ctx.seed)
     return params.alpha * whitened_merge(concat_factors(factors))[1]
 
 
@@ -66,5 +89,6 @@ SPEC = register(
         params_model=TSVParams,
         merge=merge,
         family="svd",
+        factored=True,
     )
 )
