@@ -33,25 +33,39 @@ def tensor_thresholds(taus: Tensor, density: float) -> Tensor:
     """Per-task magnitude thresholds keeping the top ``round(density · N)`` of N entries.
 
     Returns shape (T,): the k-th largest |τ_t| (``inf`` when k = 0, so nothing is kept).
+    One task at a time, so the temporaries are the size of one task vector.
     """
-    flat = taus.reshape(taus.shape[0], -1).abs()
+    flat = taus.reshape(taus.shape[0], -1)
     n = flat.shape[1]
     k = round(density * n)
     if k == 0:
         return torch.full((taus.shape[0],), math.inf, dtype=taus.dtype, device=taus.device)
-    return flat.kthvalue(n - k + 1, dim=1).values
+    return torch.stack([row.abs().kthvalue(n - k + 1).values for row in flat])
 
 
 def ties_merge(taus: Tensor, thresholds: Tensor, scale: float = 1.0) -> Tensor:
-    """Trim with per-task ``thresholds`` (keep |τ_t| ≥ thr_t), elect signs, disjoint mean, scale."""
-    shape = (-1,) + (1,) * (taus.dim() - 1)
-    keep = (taus.abs() >= thresholds.reshape(shape)) & (taus != 0)
-    trimmed = torch.where(keep, taus, torch.zeros((), dtype=taus.dtype, device=taus.device))
-    elected = torch.sign(trimmed.sum(0))
-    agree = (torch.sign(trimmed) == elected) & keep
-    total = torch.where(agree, trimmed, torch.zeros((), dtype=taus.dtype, device=taus.device)).sum(0)
-    count = agree.sum(0).clamp_min(1)
-    return scale * total / count
+    """Trim with per-task ``thresholds`` (keep |τ_t| ≥ thr_t), elect signs, disjoint mean, scale.
+
+    With τ̂_t = τ_t · [|τ_t| ≥ thr_t]: γ = sign(Σ_t τ̂_t), agree_t = [sign(τ̂_t) = γ], and
+    τ = λ Σ_t agree_t τ̂_t / max(1, Σ_t agree_t). Where γ = 0 only zero τ̂_t agree, so the
+    update is 0 there whatever the count. Tasks are visited one at a time (two passes), so
+    the temporaries are a few tensors of one task's size, not T of them.
+    """
+    def trimmed(t: int) -> Tensor:
+        return torch.where(taus[t].abs() >= thresholds[t], taus[t], 0.0)
+
+    elected = torch.zeros_like(taus[0])
+    for t in range(taus.shape[0]):
+        elected += trimmed(t)
+    elected.sign_()
+    total = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
+    for t in range(taus.shape[0]):
+        kept = trimmed(t)
+        agree = torch.sign(kept) == elected
+        total += torch.where(agree, kept, 0.0)
+        count += agree
+    return scale * total / count.clamp_min_(1)
 
 
 class ModelTrimPrepass:
@@ -84,12 +98,13 @@ class ModelTrimPrepass:
         return scaled.floor().long().clamp_(0, self.bins - 1)
 
     def observe(self, pass_index: int, taus: Tensor, ctx: TensorContext) -> None:
-        flat = taus.reshape(taus.shape[0], -1).abs().double().cpu()
+        flat = taus.reshape(taus.shape[0], -1)
         if self.counts is None:
             self.counts = torch.zeros(flat.shape[0], self.bins, dtype=torch.long)
             self.sizes = torch.zeros(flat.shape[0], dtype=torch.long)
             self.in_bin = [[] for _ in range(flat.shape[0])]
-        for t, row in enumerate(flat):
+        for t in range(flat.shape[0]):  # one task at a time: float64 copies of one row only
+            row = flat[t].abs().double().cpu()
             nonzero = row[row > 0]
             idx = self._bin_index(nonzero)
             if pass_index == 0:
