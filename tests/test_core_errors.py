@@ -397,7 +397,7 @@ def test_cli_interrupt_mid_merge_exits_130_and_leaves_nothing(zoo, tmp_path, cap
     import primerge.engine as engine
 
     calls = []
-    real = engine.task_vectors
+    real = engine._task_vector
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -405,7 +405,7 @@ def test_cli_interrupt_mid_merge_exits_130_and_leaves_nothing(zoo, tmp_path, cap
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "task_vectors", interrupted)
+    monkeypatch.setattr(engine, "_task_vector", interrupted)
     recipe = recipe_file(tmp_path, zoo_recipe(zoo))
     out = tmp_path / "out" / "merged"
     code = cli.main(["merge", str(recipe), "--out", str(out), "--quiet", "--shard-size", "10000"])

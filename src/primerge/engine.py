@@ -307,6 +307,27 @@ def _factors(src: Source, entry: PlanEntry, device: torch.device) -> LowRank:
     return LowRank(left * src.weight, right)
 
 
+def _task_vector(plan: Plan, src: Source, entry: PlanEntry, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write w·τ of one model into ``out``: θ_t − θ₀ (or an adapter's delta), the plan's
+    ``transform`` if any, then the model's weight."""
+    if src.adapter is not None:
+        _adapter_delta(src, entry, base, out)
+    else:
+        name = src.names[entry.name]
+        tensor = _finite(src.checkpoint.load(name), str(src.checkpoint.info(name).file), name)
+        torch.sub(tensor.to(device=out.device, dtype=torch.float32), base, out=out)
+    if plan.transform is not None:
+        out.copy_(plan.transform(src.label, entry.name, base, out))
+    if src.weight != 1.0:
+        out.mul_(src.weight)
+    return out
+
+
+def _base_tensor(plan: Plan, entry: PlanEntry, device: torch.device) -> torch.Tensor:
+    base = _finite(plan.base.load(entry.name), str(plan.base.info(entry.name).file), entry.name)
+    return base.to(device=device, dtype=torch.float32)
+
+
 def task_vectors(plan: Plan, entry: PlanEntry, device: torch.device, *,
                  factors: bool = False) -> tuple[torch.Tensor, torch.Tensor | TaskStack]:
     """Base tensor (float32) and the stacked weighted task vectors w_t (θ_t − θ₀), shape (T, *shape).
@@ -315,25 +336,28 @@ def task_vectors(plan: Plan, entry: PlanEntry, device: torch.device, *,
     ``factors`` the task vectors come as a :class:`TaskStack` in which LoRA matrices stay as
     their factors w·s·B A (unless a ``transform`` needs them dense).
     """
-    base = _finite(plan.base.load(entry.name), str(plan.base.info(entry.name).file), entry.name)
-    base = base.to(device=device, dtype=torch.float32)
+    base = _base_tensor(plan, entry, device)
     keep = factors and plan.transform is None
     lowrank = {t: _factors(s, entry, device) for t, s in enumerate(plan.sources) if keep and s.lowrank(entry)}
     dense_index = [t for t in range(len(plan.sources)) if t not in lowrank]
     taus = torch.empty((len(dense_index), *entry.shape), dtype=torch.float32, device=device)
     for i, t in enumerate(dense_index):
-        src = plan.sources[t]
-        if src.adapter is not None:
-            _adapter_delta(src, entry, base, taus[i])
-        else:
-            name = src.names[entry.name]
-            tensor = _finite(src.checkpoint.load(name), str(src.checkpoint.info(name).file), name)
-            torch.sub(tensor.to(device=device, dtype=torch.float32), base, out=taus[i])
-        if plan.transform is not None:
-            taus[i] = plan.transform(src.label, entry.name, base, taus[i])
-        if src.weight != 1.0:
-            taus[i].mul_(src.weight)
+        _task_vector(plan, plan.sources[t], entry, base, taus[i])
     return base, (TaskStack(taus, dense_index, lowrank) if factors else taus)
+
+
+def summed_task_vectors(plan: Plan, entry: PlanEntry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base tensor (float32) and Σ_t w_t τ_t, accumulated one model at a time.
+
+    For merges that depend on the task vectors only through their sum (Task Arithmetic,
+    the SVD methods' mean fallback): three tensors in memory whatever the number of models.
+    """
+    base = _base_tensor(plan, entry, device)
+    total = torch.zeros_like(base)
+    scratch = torch.empty_like(base)
+    for src in plan.sources:
+        total += _task_vector(plan, src, entry, base, scratch)
+    return base, total
 
 
 def _contexts(plan: Plan, recipe: Recipe, prepass_result=None) -> Iterator[tuple[PlanEntry, TensorContext]]:
@@ -377,9 +401,16 @@ def merged_tensors(plan: Plan, recipe: Recipe, spec: MethodSpec, params: MethodP
         if entry.kind == "copy":
             yield MergedTensor(entry.name, plan.base.load(entry.name))
             continue
-        base, taus = task_vectors(plan, entry, device, factors=spec.factored)
-        update = spec.apply(taus, contexts[entry.name], params)
-        del taus
+        ctx = contexts[entry.name]
+        of_sum = spec.sum_merge_for(ctx)
+        if of_sum is not None:  # streamed: memory independent of the number of models
+            base, total = summed_task_vectors(plan, entry, device)
+            update = of_sum(total, len(plan.sources), ctx, params)
+            del total
+        else:
+            base, taus = task_vectors(plan, entry, device, factors=spec.factored)
+            update = spec.apply(taus, ctx, params)
+            del taus
         per_task = update if isinstance(update, PerTaskUpdate) else None
         if per_task is not None:
             update = per_task.update

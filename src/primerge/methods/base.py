@@ -106,6 +106,13 @@ class PerTaskUpdate:
 
 
 RebuildFn = Callable[[Tensor, dict[str, Tensor], dict[str, float]], Tensor]
+#: (Σ_t τ_t, T, ctx, params) -> update, for merges that depend on the task vectors only through their sum.
+SumMergeFn = Callable[[Tensor, int, TensorContext, Any], Tensor]
+
+
+def mean_of_sum(total: Tensor, tasks: int, ctx: TensorContext, params: Any) -> Tensor:
+    """α · mean_t τ_t from the sum: the SVD family's rule for non-matrix tensors (ALGORITHMS.md)."""
+    return params.alpha * (total / tasks)
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,19 @@ class MethodSpec:
     fallback: MergeFn | None = None
     rebuild: RebuildFn | None = None
     factored: bool = False
+    sum_merge: SumMergeFn | None = None
+
+    def sum_merge_for(self, ctx: TensorContext) -> SumMergeFn | None:
+        """This tensor's merge as a function of Σ_t τ_t alone, when it is one.
+
+        The engine then accumulates the sum one model at a time instead of stacking T task
+        vectors (peak memory independent of T). The SVD family's default fallback α · mean_t τ_t
+        = α · (Σ_t τ_t)/T is one; an element-wise method declares ``sum_merge`` (Task
+        Arithmetic). Must equal ``apply`` on the stacked task vectors.
+        """
+        if self.family == "svd" and ctx.kind != "matrix":
+            return mean_of_sum if self.fallback is None else None
+        return self.sum_merge
 
     @property
     def per_task(self) -> bool:
@@ -158,7 +178,7 @@ class MethodSpec:
         if self.family == "svd" and ctx.kind != "matrix":
             if self.fallback is not None:
                 return self.fallback(taus, ctx, params)
-            return params.alpha * taus.mean(0)
+            return mean_of_sum(taus.sum(0), taus.shape[0], ctx, params)
         return self.merge(taus, ctx, params)
 
 

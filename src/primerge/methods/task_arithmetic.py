@@ -15,10 +15,14 @@ class TaskArithmeticParams(MethodParams):
     scale: float | None = Field(None, description="λ; None means 1/T")
 
 
+def of_sum(total: Tensor, tasks: int, ctx: TensorContext, params: TaskArithmeticParams) -> Tensor:
+    """λ Σ_t τ_t (Task Arithmetic, Ilharco et al. 2023, Eq. 1) from the sum Σ_t τ_t."""
+    return (params.scale if params.scale is not None else 1.0 / tasks) * total
+
+
 def merge(taus: Tensor, ctx: TensorContext, params: TaskArithmeticParams) -> Tensor:
-    """λ Σ_t τ_t (Task Arithmetic, Ilharco et al. 2023, Eq. 1)."""
-    scale = params.scale if params.scale is not None else 1.0 / taus.shape[0]
-    return scale * taus.sum(0)
+    """λ Σ_t τ_t from the stacked task vectors (the engine streams the sum via :func:`of_sum`)."""
+    return of_sum(taus.sum(0), taus.shape[0], ctx, params)
 
 
 SPEC = register(
@@ -28,5 +32,6 @@ SPEC = register(
         params_model=TaskArithmeticParams,
         merge=merge,
         family="elementwise",
+        sum_merge=of_sum,
     )
 )
