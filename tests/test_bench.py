@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from primerge import bench

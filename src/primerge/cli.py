@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"primerge: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("primerge: interrupted; no output was left in place.", file=sys.stderr)
+        print("primerge: interrupted; no incomplete output was left in place.", file=sys.stderr)
         return 130
     finally:
         for name, handler in previous.items():

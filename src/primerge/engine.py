@@ -506,6 +506,16 @@ def _collect(plan: Plan, spec: MethodSpec, stream: Iterator[MergedTensor],
     result.task_tensors = task_specific_tensors(plan)
 
 
+def _write_heads(folder: Path, plan: Plan, ledger: Ledger) -> dict[str, dict[str, torch.Tensor]]:
+    """Each model's task-specific tensors in ``task_heads/<model>.safetensors``; returns them."""
+    heads = task_specific_tensors(plan)
+    if heads:
+        (folder / "task_heads").mkdir()
+        for label, tensors in heads.items():
+            save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors, ledger=ledger)
+    return heads
+
+
 def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[MergedTensor], force: bool,
                   shard_size: int, result: MergeResult, spec: MethodSpec,
                   scalars: list[dict[str, float]] | None) -> None:
@@ -521,11 +531,7 @@ def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[Merged
         files = writer.finish()
         if per_task is not None:
             per_task.finish(spec.name, recipe.base, scalars)
-        heads = task_specific_tensors(plan)
-        if heads:
-            (folder / "task_heads").mkdir()
-            for label, tensors in heads.items():
-                save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors, ledger=ledger)
+        heads = _write_heads(folder, plan, ledger)
         copied = copy_support_files(plan.base.support, folder)
         write_card(folder, recipe, result, [f.name for f in files], heads, copied)
         ledger.seal()
@@ -542,11 +548,7 @@ def _write_lora(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[MergedTe
             if m.update is not None:
                 export.add(m.name, kinds[m.name], m.update, m.tensor)
         files = export.write(folder, recipe.base, ledger)
-        heads = task_specific_tensors(plan)
-        if heads:
-            (folder / "task_heads").mkdir()
-            for label, tensors in heads.items():
-                save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors, ledger=ledger)
+        heads = _write_heads(folder, plan, ledger)
         result.lora = export.report()
         card = write_card(folder, recipe, result, files, heads, [])
         with open(card, "a") as handle:
