@@ -525,3 +525,37 @@ def test_inputs_are_never_modified(zoo, tmp_path):
                        out=tmp_path / method)
     assert snapshot(zoo["paths"]["root"]) == before
     assert_nothing_left(tmp_path / "never-written")
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_decompositions_under_thread_independent_do_not_depend_on_the_thread_count(monkeypatch, split):
+    """Batched and single decompositions give the same bits with 1 and 2 threads, whether a
+    batch is split over the threads or decomposed in one call; a split batch gives each matrix
+    exactly what the matrix alone gives."""
+    from primerge import deterministic
+    from primerge.deterministic import ThreadIndependent
+
+    monkeypatch.setattr(deterministic, "SPLIT_WORK", 0 if split else 2**62)
+
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randn(3, 384, 200, generator=gen)
+    gram = batch[0].T @ batch[0] + torch.eye(200)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with ThreadIndependent():
+                results[threads] = [*torch.linalg.svd(batch, full_matrices=False), *torch.linalg.qr(batch[0]),
+                                    torch.linalg.svdvals(batch), *torch.linalg.eigh(gram),
+                                    torch.linalg.cholesky(gram),
+                                    torch.linalg.svd(batch[1], full_matrices=False).U]
+            assert torch.get_num_threads() == threads  # restored after every decomposition
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(results[1], results[2]):
+        assert torch.equal(one, two)
+    if split:
+        assert torch.equal(results[1][0][1], results[1][-1])  # batch element 1 == that matrix alone
+    U, S, Vh = results[1][:3]
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, batch, rtol=0, atol=1e-4)

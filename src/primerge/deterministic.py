@@ -5,17 +5,24 @@ inverses, solves) split their work by thread count, so the same input gives slig
 different bits with 1 and with 2 threads (measured on this project's CPU torch: the U of
 ``torch.linalg.svd`` of a 384 × 200 matrix differs; matrix products and reductions do
 not). :class:`ThreadIndependent` is a torch function mode that runs exactly those
-decompositions on one thread and leaves everything else (products, element-wise work) on
-all threads; the engine merges under it, so a recipe and seed give byte-identical files
-whatever ``torch.set_num_threads``, ``OMP_NUM_THREADS`` or the machine's core count.
+decompositions with one LAPACK thread each and leaves everything else (products, element-wise
+work) on all threads; a batched decomposition (the T task vectors' SVDs) is split into its
+matrices, which run side by side on the available threads, so the threads still work and the
+bits are those of one-thread decompositions whatever their number. The engine merges under
+it, so a recipe and seed give byte-identical files whatever ``torch.set_num_threads``,
+``OMP_NUM_THREADS`` or the machine's core count.
 
-The decompositions primerge runs are thin (m × T·r, r ≪ m) or batched small ones, where
-one thread costs little; on a busy 2-core machine one thread was even faster (an SVD of a
-4096 × 328 matrix: 0.065 s on one thread, 2.5 s on two while another process ran).
-Bits still differ between CPU instruction sets (AVX2 vs AVX-512) and between CPU and GPU.
+A single large decomposition (an exact SVD of one big matrix) loses LAPACK's own threading.
+Measured on the 2-core bench zoo (8 models, 100M parameters): exact TSV took 53.5 s with
+LAPACK's threads (not reproducible), 78–81 s with every decomposition on one thread, and
+55 s with large batches spread over the threads as here; PRIME's decompositions are thin
+(m × T·r) or small batches, which stay one call (:data:`SPLIT_WORK`). Bits still differ between CPU instruction sets
+(AVX2 vs AVX-512) and between CPU and GPU.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -30,23 +37,76 @@ DECOMPOSITIONS = frozenset({
 })
 
 
-class ThreadIndependent(TorchFunctionMode):
-    """Run :data:`DECOMPOSITIONS` on one CPU thread; every other torch call is untouched.
+#: Decompositions of one (possibly batched) matrix whose batch elements are independent: a batch
+#: is split into matrices, each decomposed on one thread, the matrices spread over the threads.
+BATCHABLE = frozenset({
+    torch.linalg.svd, torch.linalg.svdvals, torch.linalg.qr, torch.linalg.eigh, torch.linalg.eigvalsh,
+    torch.linalg.cholesky, torch.linalg.inv,
+})
 
-    Usage: ``with ThreadIndependent(): ...``. CUDA decompositions are left alone (their
-    determinism is the GPU libraries' business).
+
+#: Split a batch only when one matrix's decomposition costs at least this many m·n·min(m, n)
+#: flops: smaller ones (the QRs inside a randomized SVD) are cheaper as one batched call.
+SPLIT_WORK = 2**26
+
+
+class ThreadIndependent(TorchFunctionMode):
+    """Run :data:`DECOMPOSITIONS` on one CPU thread each; every other torch call is untouched.
+
+    A batched decomposition from :data:`BATCHABLE` whose matrices are large (:data:`SPLIT_WORK`;
+    e.g. the T task vectors' exact SVDs) is split into its matrices, which run in parallel on
+    ``torch.get_num_threads()`` workers, one LAPACK thread each; the bits are those of each
+    matrix's one-thread decomposition, whatever the number of workers. Usage:
+    ``with ThreadIndependent(): ...``. CUDA decompositions are left alone (their determinism is
+    the GPU libraries' business).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        threads = torch.get_num_threads()
-        if func not in DECOMPOSITIONS or threads == 1 or _on_gpu(args):
+        if func not in DECOMPOSITIONS or _on_gpu(args):
             return func(*args, **kwargs)
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return func(*args, **kwargs)
+            if not _split(func, args):
+                return func(*args, **kwargs)
+            batch = args[0]
+            if self._pool is None:
+                # each worker's own OpenMP/MKL setting: one thread (a new thread starts at the default)
+                self._pool = ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,))
+            matrices = batch.reshape(-1, *batch.shape[-2:]).unbind(0)
+            return _stack(list(self._pool.map(lambda m: func(m, **kwargs), matrices)), batch.shape[:-2])
         finally:
             torch.set_num_threads(threads)
+
+
+def _split(func, args) -> bool:
+    """Whether a decomposition is a batch of large matrices to spread over the threads."""
+    if len(args) != 1 or func not in BATCHABLE or args[0].dim() < 3 or args[0].shape[:-2].numel() < 2:
+        return False
+    m, n = args[0].shape[-2:]
+    return m * n * min(m, n) >= SPLIT_WORK
+
+
+def _stack(parts: list, batch_shape: torch.Size):
+    """Reassemble per-matrix results (tensors or torch's named result tuples) into a batch."""
+    def join(tensors):
+        return torch.stack(tensors).reshape(*batch_shape, *tensors[0].shape)
+
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return join(parts)
+    return type(first)([join(list(group)) for group in zip(*parts)])
 
 
 def _on_gpu(args) -> bool:
