@@ -97,7 +97,9 @@ def lowrank_stack(seed: int = 0) -> TaskStack:
 
 
 @pytest.mark.parametrize("method,params", [("tsv", {}), ("prime", {"rank": 5}), ("prime", {"rank": 2}),
-                                           ("prime", {"rank": 5, "residual": "ties"}), ("iso_c", {})])
+                                           ("prime", {"rank": 5, "residual": "ties"}), ("iso_c", {}),
+                                           ("subspace_boosting", {}),
+                                           ("subspace_boosting", {"beta": 0.5, "base_params": {"scale": -0.7}})])
 def test_factored_methods_equal_their_dense_path(method, params):
     spec = primerge.get_method(method)
     assert spec.factored
@@ -106,6 +108,20 @@ def test_factored_methods_equal_their_dense_path(method, params):
     factored = spec.apply(stack, ctx, p)
     dense = spec.apply(stack.dense(), ctx, p)
     assert torch.isfinite(factored).all()
+    assert float((factored - dense).norm() / dense.norm()) <= 1e-4
+
+
+@pytest.mark.parametrize("params", [{}, {"beta": 0.3, "alpha": 1.5, "base_params": {"scale": 0.4}}])
+def test_subspace_boosting_of_all_lowrank_tasks_uses_the_factored_sum(params, monkeypatch):
+    """Boost(λ Σ τ_t) = λ Boost(Σ τ_t) from the factored sum's SVD: no dense stack is formed."""
+    g = torch.Generator().manual_seed(3)
+    stack = TaskStack(torch.zeros(0, 40, 24), [], {t: LowRank(torch.randn(40, k, generator=g),
+                                                             torch.randn(k, 24, generator=g))
+                                                   for t, k in enumerate((2, 5, 3))})
+    spec, ctx = primerge.get_method("subspace_boosting"), TensorContext("layer.weight", "matrix")
+    dense = spec.apply(stack.dense(), ctx, spec.parameters(params))
+    monkeypatch.setattr(TaskStack, "dense", lambda self: pytest.fail("materialised the stack"))
+    factored = spec.apply(stack, ctx, spec.parameters(params))
     assert float((factored - dense).norm() / dense.norm()) <= 1e-4
 
 

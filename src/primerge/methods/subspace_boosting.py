@@ -15,7 +15,8 @@ second axis: that is how GPT-2's ``c_attn`` (a Conv1D, stored (in, 3·out)) keep
 
 [decision] Null directions (σ numerically zero, :func:`primerge.linalg.drop_null`) are not
 lifted: a rank-deficient merge (LoRA task vectors) would otherwise gain σ₁ along an arbitrary
-completion of its basis. LoRA task vectors are materialised: the boost follows a dense base merge.
+completion of its basis. With a Task Arithmetic base, LoRA task vectors stay factored (the boost
+is taken from the SVD of their factored sum); other base merges materialise them.
 
 Non-matrix parameters (biases, norms, excluded embeddings) take the base merge unboosted.
 Defaults: β = 0.0 (PRIME paper, Table 2), base Task Arithmetic with its λ = 1/T (PRIME
@@ -33,12 +34,17 @@ from primerge.errors import RecipeError
 from primerge.linalg import SVD, drop_null, flatten_spectrum, svd
 from primerge.methods.base import MethodParams, MethodSpec, Prepass, TensorContext, get_method, register
 from primerge.methods.fused import FusedQKVParams, fused_qkv_axis, per_slice
+from primerge.methods.stack import TaskStack, as_dense
+
+def boost_svd(full: SVD, beta: float) -> Tensor:
+    """U max(S, S[i]) Vᵀ from a thin SVD whose null triplets are zeroed (they stay at 0)."""
+    lifted = flatten_spectrum(full.S, beta) * (full.S != 0)
+    return SVD(full.U, lifted, full.V).reconstruct()
+
 
 def boost(matrix: Tensor, beta: float) -> Tensor:
     """U max(S, S[i]) Vᵀ for M = U S Vᵀ (SB Algorithm 1; exact SVD), null directions left at 0."""
-    full = drop_null(svd(matrix), matrix.shape)
-    lifted = flatten_spectrum(full.S, beta) * (full.S != 0)
-    return SVD(full.U, lifted, full.V).reconstruct()
+    return boost_svd(drop_null(svd(matrix), matrix.shape), beta)
 
 
 class SubspaceBoostingParams(FusedQKVParams):
@@ -68,10 +74,20 @@ def fallback(taus: Tensor, ctx: TensorContext, params: SubspaceBoostingParams) -
     return params.alpha * get_method(params.base_merge).apply(taus, ctx, params.base())
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
-    """α · Boost_β(BaseMerge({τ_t})) for one matrix parameter (per Q/K/V slice when fused)."""
-    merged = get_method(params.base_merge).apply(taus, ctx, params.base())
-    axis = fused_qkv_axis(ctx.name, tuple(merged.shape), params.qkv_pattern) if params.split_qkv else None
+def merge(taus: Tensor | TaskStack, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
+    """α · Boost_β(BaseMerge({τ_t})) for one matrix parameter (per Q/K/V slice when fused).
+
+    With a Task Arithmetic base and LoRA task vectors kept as factors, Boost(λ Σ_t τ_t) =
+    λ · Boost(Σ_t τ_t) (the lift is positively homogeneous and odd) is computed from the SVD of
+    the factored sum (:meth:`primerge.methods.stack.TaskStack.sum_svd`), never forming T dense
+    task vectors.
+    """
+    axis = fused_qkv_axis(ctx.name, tuple(taus.shape[1:]), params.qkv_pattern) if params.split_qkv else None
+    if isinstance(taus, TaskStack) and taus.factored and params.base_merge == "task_arithmetic" and axis is None:
+        scale = params.base().scale
+        scale = 1.0 / taus.shape[0] if scale is None else scale
+        return params.alpha * scale * boost_svd(taus.sum_svd(), params.beta)
+    merged = get_method(params.base_merge).apply(as_dense(taus), ctx, params.base())
     if axis is None:
         return params.alpha * boost(merged, params.beta)
     return params.alpha * per_slice(lambda part: boost(part, params.beta), merged, axis)
@@ -91,5 +107,6 @@ SPEC = register(
         family="svd",
         fallback=fallback,
         prepass=make_prepass,
+        factored=True,
     )
 )
