@@ -155,3 +155,19 @@ def test_svd_namedtuple_reconstruct_batched():
     f = svd(x)
     assert isinstance(f, SVD)
     assert torch.allclose(f.reconstruct(), x, atol=1e-12)
+
+
+def test_null_singular_values_stay_null_in_the_lift_and_the_whitening():
+    """Exactly-zero σ (null triplets zeroed by drop_null) gain nothing: flatten_spectrum keeps
+    them at 0 and live_polar whitens only the live columns, as polar would on them alone."""
+    from primerge.linalg import live_polar
+
+    assert flatten_spectrum(torch.tensor([3.0, 1.0, 0.0])).tolist() == [3.0, 3.0, 0.0]
+    assert flatten_spectrum(torch.tensor([4.0, 2.0, 0.0]), 0.0, 0.5).tolist() == [2.0, 2.0, 0.0]
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    X = torch.cat([Y, torch.zeros(12, 2, dtype=torch.float64)], dim=1)
+    W = live_polar(X, torch.tensor([2.0, 1.0, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(W[:, :3], polar(Y), rtol=0, atol=1e-12)
+    assert not W[:, 3:].any()
+    torch.testing.assert_close(live_polar(Y, torch.ones(3)), polar(Y), rtol=0, atol=0)

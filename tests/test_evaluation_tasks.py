@@ -104,33 +104,16 @@ def test_jsonl_skips_blank_lines_and_keeps_extra_fields(tmp_path):
     assert task.texts == ("a b", "c") and task.labels == (0, 1)
 
 
-def test_csv_missing_column_names_file_and_column(tmp_path):
-    path = write(tmp_path / "bad.csv", "text,category\nhello,a\n")
-    with pytest.raises(InputError, match=r"bad\.csv has no 'label' column.*'category'"):
-        load_table(path)
-
-
-def test_csv_empty_text_names_the_row(tmp_path):
-    path = write(tmp_path / "bad.csv", "text,label\nhello,a\n  ,b\nbye,b\n")
-    with pytest.raises(InputError, match=r"bad\.csv, row 3: has an empty text"):
-        load_table(path)
-
-
-def test_csv_empty_label_names_the_row(tmp_path):
-    path = write(tmp_path / "bad.csv", "text,label\nhello,a\nbye,\n")
-    with pytest.raises(InputError, match=r"bad\.csv, row 3: has an empty label"):
-        load_table(path)
-
-
-def test_csv_row_with_too_many_fields(tmp_path):
-    path = write(tmp_path / "bad.csv", "text,label\nhello,a,extra\n")
-    with pytest.raises(InputError, match=r"bad\.csv, row 2: has more fields"):
-        load_table(path)
-
-
-def test_jsonl_invalid_json_names_the_line(tmp_path):
-    path = write(tmp_path / "bad.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": \n')
-    with pytest.raises(InputError, match=r"bad\.jsonl, row 2: is not valid JSON"):
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.csv", "text,category\nhello,a\n", r"bad\.csv has no 'label' column.*'category'"),
+    ("bad.csv", "text,label\nhello,a\n  ,b\nbye,b\n", r"bad\.csv, row 3: has an empty text"),
+    ("bad.csv", "text,label\nhello,a\nbye,\n", r"bad\.csv, row 3: has an empty label"),
+    ("bad.csv", "text,label\nhello,a,extra\n", r"bad\.csv, row 2: has more fields"),
+    ("bad.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": \n', r"bad\.jsonl, row 2: is not valid JSON"),
+])
+def test_bad_table_names_the_file_row_and_problem(tmp_path, name, content, message):
+    path = write(tmp_path / name, content)
+    with pytest.raises(InputError, match=message):
         load_table(path)
 
 

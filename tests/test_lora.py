@@ -336,6 +336,11 @@ def test_broken_adapter_folders_are_refused(lora_zoo, tmp_path):
         merge_one(lora_zoo, half)
     with pytest.raises(InputError, match="the base is a LoRA adapter"):
         primerge.merge(src, [lora_zoo["full"]["plain"]], "tsv")
+    linked = edit_adapter(src, tmp_path / "linked")  # weights that are a link out of the folder
+    (linked / "adapter_model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (linked / "adapter_model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(InputError, match="outside the model folder"):
+        merge_one(lora_zoo, linked)
     # CLI: one line, exit code 2
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"base": str(lora_zoo["base"]), "models": [str(not_json)]}))

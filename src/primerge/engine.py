@@ -457,7 +457,7 @@ def run_merge(
     params = recipe.method_parameters()
     dev = resolve_device(device)
     out_path = check_output(Path(out), recipe, force) if out is not None else None
-    if recipe.output is not None and recipe.output.lora_rank is not None and (out is None or spec.per_task):
+    if recipe.lora_rank is not None and (out is None or spec.per_task):
         raise RecipeError("a LoRA output (--as-lora / output.lora_rank) needs an output folder and a "
                           "method that writes one model (not a per-task method).")
     plan = build_plan(recipe)
@@ -473,7 +473,7 @@ def run_merge(
             scalars = prepass_result.task_scalars() if spec.per_task else None
             if out_path is None:
                 _collect(plan, spec, stream, scalars, result)
-            elif recipe.output is not None and recipe.output.lora_rank is not None:
+            elif recipe.lora_rank is not None:
                 _write_lora(out_path, plan, recipe, stream, force, result)
                 result.out = out_path
             else:
@@ -541,7 +541,7 @@ def _write_lora(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[MergedTe
                 result: MergeResult) -> None:
     """The merge as a PEFT LoRA adapter folder (:mod:`primerge.lora_export`), written atomically."""
     kinds = {e.name: e.kind for e in plan.entries}
-    export = LoraExport(recipe.output.lora_rank, recipe.seed)
+    export = LoraExport(recipe.lora_rank, recipe.seed)
     with atomic_folder(out, force=force) as folder:
         ledger = Ledger(folder)
         for m in stream:

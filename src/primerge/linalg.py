@@ -96,6 +96,22 @@ def polar(x: Tensor) -> Tensor:
     return P @ Qh
 
 
+def live_polar(X: Tensor, S: Tensor) -> Tensor:
+    """Whitening (:func:`polar`) of the columns of X whose σ ≠ 0; zero columns where σ = 0.
+
+    For X = [Y, 0] with Y of full column rank, polar(X) restricted to Y's columns is polar(Y),
+    and its other columns are an arbitrary completion that must not reach a merge; whitening
+    only Y gives the same result and costs O(m·k_live²) (LoRA tasks of rank k ≪ r).
+    """
+    live = S != 0
+    if bool(live.all()):
+        return polar(X)
+    out = torch.zeros_like(X)
+    if bool(live.any()):
+        out[:, live] = polar(X[:, live])
+    return out
+
+
 def project_out(basis: Tensor, x: Tensor) -> Tensor:
     """Project ``X`` onto the orthogonal complement of span(``basis``).
 
@@ -111,7 +127,9 @@ def flatten_spectrum(S: Tensor, beta: float = 0.0, scale: float = 1.0) -> Tensor
     With ``c = cumsum(S)/sum(S)`` and ``i`` the first index where ``c_i >= beta``
     (the last index if none), return ``scale * max(S, S[i])``. ``beta = 0`` raises
     every value to ``σ₁``; ``scale = 1.7`` with ``beta = 0`` is PRIME's S-SB.
-    An all-zero spectrum stays zero.
+    Singular values that are exactly zero (null triplets zeroed by :func:`drop_null`) stay
+    zero: a rank-deficient matrix gains nothing along directions it does not have. An
+    all-zero spectrum stays zero.
     """
     total = S.sum(-1, keepdim=True)
     if bool((total == 0).all()):
@@ -120,7 +138,7 @@ def flatten_spectrum(S: Tensor, beta: float = 0.0, scale: float = 1.0) -> Tensor
     reached = c >= beta
     idx = torch.where(reached.any(-1), reached.float().argmax(-1), S.shape[-1] - 1)
     floor = S.gather(-1, idx.unsqueeze(-1))
-    return scale * torch.maximum(S, floor)
+    return scale * torch.maximum(S, floor) * (S != 0)
 
 
 def stable_rank(singular_values: Tensor) -> float:

@@ -102,6 +102,11 @@ class Recipe(BaseModel):
         return value
 
     @property
+    def lora_rank(self) -> int | None:
+        """The rank of a LoRA adapter output, or ``None`` for a full model."""
+        return self.output.lora_rank if self.output is not None else None
+
+    @property
     def spec(self) -> MethodSpec:
         return get_method(self.method)
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from primerge.errors import InputError
-from primerge.io.readers import Checkpoint, open_checkpoint
+from primerge.io.readers import Checkpoint, inside, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -294,13 +294,14 @@ def _lora_weight(adapter: Adapter, weights: Checkpoint, module: str, parts: dict
 def open_adapter(path: str | Path, open_weights: Callable[[Path], Checkpoint] = open_checkpoint) -> Adapter:
     """Open a PEFT LoRA adapter folder lazily; raises :class:`InputError` when it cannot be merged.
 
-    ``open_weights`` opens the weight file (the readers' policy for ``.bin`` files applies).
+    ``open_weights`` opens the weight file (the readers' policy for ``.bin`` files applies); the
+    config and weights must lie in the folder (the readers' symlink policy, :func:`inside`).
     """
     path = Path(path).expanduser()
-    config_file = path / CONFIG_NAME
+    config_file = inside(path, CONFIG_NAME)
     config = _read_config(config_file)
     check_config(config, config_file)
-    files = [path / name for name in WEIGHT_NAMES if (path / name).is_file()]
+    files = [inside(path, name) for name in WEIGHT_NAMES if (path / name).is_file()]
     if not files:
         raise InputError(f"{path}: {CONFIG_NAME} is there but no adapter weights "
                          f"({' or '.join(WEIGHT_NAMES)}); copy the whole adapter folder.")

@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from primerge.linalg import SVD, drop_null, polar, project_out, truncated_svd
+from primerge.linalg import SVD, drop_null, live_polar, project_out, truncated_svd
 from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
 from primerge.methods.stack import TaskStack
 from primerge.methods.tsv import concat_factors
@@ -81,9 +81,8 @@ def iso_cts(taus: Tensor, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
     if common is not None:
         blocks.append(common)
     S = torch.cat([b.S for b in blocks])
-    live = (S != 0).to(S.dtype)
-    U_hat = polar(torch.cat([b.U for b in blocks], dim=1)) * live
-    V_hat = polar(torch.cat([b.V for b in blocks], dim=1)) * live
+    U_hat = live_polar(torch.cat([b.U for b in blocks], dim=1), S)
+    V_hat = live_polar(torch.cat([b.V for b in blocks], dim=1), S)
     return params.alpha * S.mean() * (U_hat @ V_hat.mT)
 
 

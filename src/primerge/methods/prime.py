@@ -80,8 +80,7 @@ def merge_residual(taus: Tensor | TaskStack, stacked: SVD, factors: SVD, params:
         return mean_residual
     # judged against the principal spectrum: a residual that is rounding noise stays zero
     full = drop_null(svd(mean_residual), mean_residual.shape, stacked.S.max())
-    lifted = flatten_spectrum(full.S, 0.0, params.s_sb_scale) * (full.S != 0)
-    return SVD(full.U, lifted, full.V).reconstruct()
+    return SVD(full.U, flatten_spectrum(full.S, 0.0, params.s_sb_scale), full.V).reconstruct()
 
 
 def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:

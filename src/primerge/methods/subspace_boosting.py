@@ -38,8 +38,7 @@ from primerge.methods.stack import TaskStack, as_dense
 
 def boost_svd(full: SVD, beta: float) -> Tensor:
     """U max(S, S[i]) Vᵀ from a thin SVD whose null triplets are zeroed (they stay at 0)."""
-    lifted = flatten_spectrum(full.S, beta) * (full.S != 0)
-    return SVD(full.U, lifted, full.V).reconstruct()
+    return SVD(full.U, flatten_spectrum(full.S, beta), full.V).reconstruct()
 
 
 def boost(matrix: Tensor, beta: float) -> Tensor:

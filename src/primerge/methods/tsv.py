@@ -15,10 +15,9 @@ columns of U_s and V_s and of the whitened bases, so they contribute nothing.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from primerge.linalg import SVD, polar
+from primerge.linalg import SVD, live_polar
 from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
 from primerge.methods.stack import TaskStack
 
@@ -47,26 +46,10 @@ def whitened_merge(stacked: SVD) -> tuple[Tensor, Tensor]:
 
     Û = Whitening(U_s), V̂ = Whitening(V_s) with Whitening the polar factor
     (:func:`primerge.linalg.polar`); Û has orthonormal columns (PRIME Algorithm 1). Null
-    triplets (σ = 0) are zero columns of Û and V̂ (:func:`live_polar`).
+    triplets (σ = 0) are zero columns of Û and V̂ (:func:`primerge.linalg.live_polar`).
     """
     U_hat, V_hat = live_polar(stacked.U, stacked.S), live_polar(stacked.V, stacked.S)
     return U_hat, (U_hat * stacked.S) @ V_hat.mT
-
-
-def live_polar(X: Tensor, S: Tensor) -> Tensor:
-    """Whitening(X) of the columns with σ ≠ 0; zero columns where σ = 0.
-
-    For X = [Y, 0] with Y of full column rank, polar(X) restricted to Y's columns is polar(Y),
-    and its other columns are an arbitrary completion that must not reach PRIME's projection;
-    whitening only Y gives the same result and costs O(m·k_live²) (LoRA tasks of rank k ≪ r).
-    """
-    live = S != 0
-    if bool(live.all()):
-        return polar(X)
-    out = torch.zeros_like(X)
-    if bool(live.any()):
-        out[:, live] = polar(X[:, live])
-    return out
 
 
 def merge(taus: TaskStack, ctx: TensorContext, params: TSVParams) -> Tensor:
