@@ -22,6 +22,7 @@ from primerge import cli
 from primerge.errors import InputError, OutputError, RecipeError
 from primerge.io import writer as writer_module
 from primerge.io.readers import open_checkpoint
+from primerge.io.destination import Destination
 from primerge.io.writer import TEMP_MARK, atomic_folder
 from refusals import (TASK_SPECIFIC, assert_nothing_left, leftovers, model_copy, recipe_file, refused,
                       snapshot, zoo_recipe)
@@ -209,28 +210,27 @@ def test_output_overlapping_an_input(zoo, own_inputs, tmp_path, capsys, where, f
 
 
 def test_existing_output_without_and_with_force(zoo, tmp_path, capsys):
+    """--force replaces an earlier primerge output, only once the new one is complete."""
     out = tmp_path / "out" / "merged"
-    out.mkdir(parents=True)
-    (out / "old.txt").write_text("previous merge")
     recipe = recipe_file(tmp_path, zoo_recipe(zoo))
+    assert cli.main(["merge", str(recipe), "--out", str(out), "--quiet"]) == 0
+    before = snapshot(out)
     refused(recipe, out, OutputError, [out, "--force"], capsys, existed=True)
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert snapshot(out) == before
 
-    # with force but a failing merge: the old content stays, nothing new appears
+    # with force but a failing merge: the old output stays, nothing new appears
     state = dict(zoo["models"][0])
     state["pooler.dense.weight"] = torch.full_like(state["pooler.dense.weight"], float("nan"))
     bad = model_copy(tmp_path / "nan_model", state)
     bad_recipe = recipe_file(tmp_path / "bad", zoo_recipe(zoo, models=[bad]))
     refused(bad_recipe, out, InputError, ["'pooler.dense.weight'"], capsys, force=True, existed=True)
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
-    assert (out / "old.txt").read_text() == "previous merge"
+    assert snapshot(out) == before
 
-    # with force and a good merge: replaced, old content gone, no aside folder left
-    assert cli.main(["merge", str(recipe), "--out", str(out), "--quiet", "--force"]) == 0
-    names = sorted(p.name for p in out.iterdir())
-    assert "old.txt" not in names and "model.safetensors" in names and "task_heads" in names
-    assert leftovers(out) == []
-    ref = primerge.merge(zoo["paths"]["base"], zoo["paths"]["models"], "task_arithmetic",
+    # with force and a good merge: replaced, no aside folder left
+    other = recipe_file(tmp_path / "other", zoo_recipe(zoo, models=zoo["paths"]["models"][:2]))
+    assert cli.main(["merge", str(other), "--out", str(out), "--quiet", "--force"]) == 0
+    assert snapshot(out) != before and leftovers(out) == []
+    ref = primerge.merge(zoo["paths"]["base"], zoo["paths"]["models"][:2], "task_arithmetic",
                          task_specific=TASK_SPECIFIC)
     merged = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(merged[k], v) for k, v in ref.state_dict.items())
@@ -248,15 +248,13 @@ def test_existing_empty_output_folder_is_used_without_force(zoo, tmp_path, capsy
     assert leftovers(out) == []
 
 
-def test_output_that_is_a_file_is_replaced_with_force_leaving_nothing(zoo, tmp_path, capsys):
+def test_output_that_is_a_file_is_never_replaced(zoo, tmp_path, capsys):
     out = tmp_path / "merged"
     out.write_text("a stray file")
     recipe = recipe_file(tmp_path / "r", zoo_recipe(zoo))
-    refused(recipe, out, OutputError, [out, "--force"], capsys, existed=True)
-    assert out.read_text() == "a stray file"
-    assert cli.main(["merge", str(recipe), "--out", str(out), "--quiet", "--force"]) == 0
-    assert (out / "model.safetensors").is_file()
-    assert leftovers(out) == [], leftovers(out)
+    for force in (False, True):
+        refused(recipe, out, OutputError, [out, "is a file", "never replaces"], capsys, existed=True, force=force)
+        assert out.read_text() == "a stray file"
 
 
 # --------------------------------------------------------------------------- unreadable inputs
@@ -367,7 +365,7 @@ def test_atomic_folder_removes_temp_on_keyboard_interrupt(tmp_path):
     dest = tmp_path / "dest"
     seen = []
     with pytest.raises(KeyboardInterrupt):
-        with atomic_folder(dest) as folder:
+        with atomic_folder(Destination(dest)) as folder:
             seen.append(folder)
             (folder / "model.safetensors").write_bytes(b"partial")
             raise KeyboardInterrupt
@@ -380,14 +378,14 @@ def test_atomic_folder_removes_temp_on_keyboard_interrupt(tmp_path):
     dest.mkdir()
     (dest / "old.txt").write_text("keep me")
     with pytest.raises(KeyboardInterrupt):
-        with atomic_folder(dest, force=True) as folder:
+        with atomic_folder(Destination(dest, force=True)) as folder:
             (folder / "new.txt").write_text("new")
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
     assert sorted(p.name for p in dest.iterdir()) == ["old.txt"]
 
     # and on success the folder is renamed into place
-    with atomic_folder(tmp_path / "ok") as folder:
+    with atomic_folder(Destination(tmp_path / "ok")) as folder:
         (folder / "a.txt").write_text("a")
     assert (tmp_path / "ok" / "a.txt").read_text() == "a"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "ok"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import MergeResult, build_plan, check_output, run_merge
+from primerge.engine import MergeResult, build_plan, check_output, resolve_device, run_merge
+from primerge.errors import RecipeError
+from primerge.io.names import user_path
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from primerge.recipe import OutputConfig, Recipe, build_recipe, load_recipe
 from primerge.validation import validate
@@ -80,10 +82,15 @@ def merge_recipe(
 
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
     """
+    size = parse_size(shard_size)  # the call's own arguments first: wrong types are one clear error
+    resolve_device(device)
+    if not isinstance(allow_pickle, bool):
+        raise RecipeError(f"allow_pickle must be true or false, not {allow_pickle!r:.40}.")
     folder = None
     if not isinstance(recipe, Recipe):
-        folder = Path(recipe).parent
-        recipe = load_recipe(recipe)
+        path = user_path(recipe, "recipe")
+        folder = path.parent
+        recipe = load_recipe(path)
     if allow_pickle:
         recipe = recipe.model_copy(update={"allow_pickle": True})
     if lora_rank is not None:
@@ -94,8 +101,8 @@ def merge_recipe(
         from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
         if out is not None:  # fail on a bad output before the (slow) covariance collection
-            check_output(Path(out), recipe, force)
+            check_output(out, recipe, force)
         build_plan(recipe).close()  # likewise for the inputs: files, key sets, shapes
         transform = build_purifier(recipe, relative_to=folder, quiet=quiet)
     return run_merge(recipe, out, device=device, force=force, quiet=quiet,
-                     shard_size=parse_size(shard_size), transform=transform)
+                     shard_size=size, transform=transform)

@@ -31,16 +31,19 @@ import torch
 from tqdm.auto import tqdm
 
 from primerge.deterministic import ThreadIndependent
-from primerge.errors import InputError, OutputError, RecipeError
+from primerge.errors import InputError, RecipeError
 from primerge.io.adapters import Adapter, is_adapter, open_adapter
 from primerge.io.card import write_card
+from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger
+from primerge.io.names import components
 from primerge.io.readers import Checkpoint, open_checkpoint
 from primerge.lora_export import LoraExport
 from primerge.io.writer import (
     DEFAULT_SHARD_SIZE,
     ShardedWriter,
     atomic_folder,
+    check_finite,
     copy_support_files,
     save_tensors,
 )
@@ -140,15 +143,21 @@ class MergeResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when available)."""
+    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when available); anything else,
+    or a CUDA device that is not there, is a :class:`RecipeError`."""
+    if not isinstance(device, str):
+        raise RecipeError(f"device must be text (cpu, cuda, cuda:N or auto), not {type(device).__name__}.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError("--device cuda was requested but no CUDA device is available; use cpu.")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise RecipeError(f"unknown device '{device}'; use cpu, cuda or auto.") from None
+    match = re.fullmatch(r"cpu|cuda(?::(\d{1,4}))?", device)
+    if match is None:
+        raise RecipeError(f"unsupported device '{device[:40]}'; use cpu, cuda, cuda:N or auto.")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RecipeError("--device cuda was requested but no CUDA device is available; use cpu.")
+        if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+            raise RecipeError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices.")
+    return torch.device(device)
 
 
 def _prefix_map(base_names: list[str], model_names: set[str]) -> dict[str, str] | None:
@@ -264,22 +273,10 @@ def build_plan(recipe: Recipe) -> Plan:
     return plan
 
 
-def check_output(out: Path, recipe: Recipe, force: bool) -> Path:
-    """Refuse an output that is, or contains, or lies inside an input, or exists (without force)."""
-    out = Path(out).expanduser()
-    target = out.resolve()
-    for path in [recipe.base, *(m.path for m in recipe.models)]:
-        src = Path(path).expanduser().resolve()
-        if target == src or (src.is_dir() and src in target.parents):
-            raise OutputError(f"output {out} is, or is inside, the input {path}; choose another folder.")
-        if target in src.parents:
-            raise OutputError(
-                f"output {out} contains the input {path}; replacing it would delete the input. "
-                f"Choose another folder."
-            )
-    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
-        raise OutputError(f"output {out} exists and is not empty; use --force to replace it.")
-    return out
+def check_output(out: str | Path, recipe: Recipe, force: bool) -> Destination:
+    """The checked output location: never an input, inside one or holding one's files; an existing
+    folder only when empty or, with ``force``, an earlier primerge output (:mod:`primerge.io.destination`)."""
+    return destination(out, [recipe.base, *(m.path for m in recipe.models)], force=force)
 
 
 def _finite(tensor: torch.Tensor, what: str, name: str) -> torch.Tensor:
@@ -456,7 +453,7 @@ def run_merge(
     spec = recipe.spec
     params = recipe.method_parameters()
     dev = resolve_device(device)
-    out_path = check_output(Path(out), recipe, force) if out is not None else None
+    out_path = check_output(out, recipe, force) if out is not None else None
     if recipe.lora_rank is not None and (out is None or spec.per_task):
         raise RecipeError("a LoRA output (--as-lora / output.lora_rank) needs an output folder and a "
                           "method that writes one model (not a per-task method).")
@@ -474,11 +471,11 @@ def run_merge(
             if out_path is None:
                 _collect(plan, spec, stream, scalars, result)
             elif recipe.lora_rank is not None:
-                _write_lora(out_path, plan, recipe, stream, force, result)
-                result.out = out_path
+                _write_lora(out_path, plan, recipe, stream, result)
+                result.out = out_path.path
             else:
-                _write_output(out_path, plan, recipe, stream, force, shard_size, result, spec, scalars)
-                result.out = out_path
+                _write_output(out_path, plan, recipe, stream, shard_size, result, spec, scalars)
+                result.out = out_path.path
     finally:
         plan.close()
     result.seconds = time.perf_counter() - start
@@ -493,6 +490,7 @@ def _collect(plan: Plan, spec: MethodSpec, stream: Iterator[MergedTensor],
     if scalars is not None:
         result.task_states = {label: {} for label in labels}
     for m in stream:
+        check_finite({m.name: m.tensor}, "merge result")  # as the writers check every written tensor
         result.state_dict[m.name] = m.tensor
         if scalars is None:
             continue
@@ -511,15 +509,16 @@ def _write_heads(folder: Path, plan: Plan, ledger: Ledger) -> dict[str, dict[str
     heads = task_specific_tensors(plan)
     if heads:
         (folder / "task_heads").mkdir()
+        files = components(heads)  # labels are user text: encoded into safe file names
         for label, tensors in heads.items():
-            save_tensors(folder / "task_heads" / f"{label}.safetensors", tensors, ledger=ledger)
+            save_tensors(folder / "task_heads" / f"{files[label]}.safetensors", tensors, ledger=ledger)
     return heads
 
 
-def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[MergedTensor], force: bool,
+def _write_output(out: Destination, plan: Plan, recipe: Recipe, stream: Iterator[MergedTensor],
                   shard_size: int, result: MergeResult, spec: MethodSpec,
                   scalars: list[dict[str, float]] | None) -> None:
-    with atomic_folder(out, force=force) as folder:
+    with atomic_folder(out) as folder:
         ledger = Ledger(folder)
         writer = ShardedWriter(folder, shard_size, ledger=ledger)
         per_task = (PerTaskWriter(folder, [s.label for s in plan.sources], shard_size, ledger)
@@ -537,12 +536,12 @@ def _write_output(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[Merged
         ledger.seal()
 
 
-def _write_lora(out: Path, plan: Plan, recipe: Recipe, stream: Iterator[MergedTensor], force: bool,
+def _write_lora(out: Destination, plan: Plan, recipe: Recipe, stream: Iterator[MergedTensor],
                 result: MergeResult) -> None:
     """The merge as a PEFT LoRA adapter folder (:mod:`primerge.lora_export`), written atomically."""
     kinds = {e.name: e.kind for e in plan.entries}
     export = LoraExport(recipe.lora_rank, recipe.seed)
-    with atomic_folder(out, force=force) as folder:
+    with atomic_folder(out) as folder:
         ledger = Ledger(folder)
         for m in stream:
             if m.update is not None:

@@ -29,6 +29,7 @@ import torch
 
 from primerge.errors import OutputError
 from primerge.io.adapters import CONFIG_NAME, PEFT_PREFIX
+from primerge.io.card import md_code
 from primerge.io.writer import save_tensors
 from primerge.linalg import fit_rank, truncated_svd
 from primerge.methods.base import derive_seed
@@ -112,7 +113,7 @@ class LoraExport:
 
     def to_markdown(self) -> str:
         """The card section: what was approximated, how well, and what is stored in full."""
-        rows = [f"| `{m}` | {e:.2e} |" for m, e in sorted(self.errors.items())]
+        rows = [f"| {md_code(m, table=True)} | {e:.2e} |" for m, e in sorted(self.errors.items())]
         return "\n".join([
             f"## LoRA adapter (rank {self.rank})",
             "",

@@ -4,16 +4,40 @@ It records what is needed to reproduce and audit the merge: primerge's version,
 the method and every effective parameter, the models with their weights, the
 full recipe, how tensors were classified, the files written, and where each
 task's own (unmerged) tensors are.
+
+Names and paths come from users and checkpoints, so every one is written as a Markdown
+code span (:func:`md_code`) and the recipe as a fence longer than any backtick run in it:
+a tensor or model name holding backticks, ``|``, newlines or HTML cannot change the card's
+structure.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
 from primerge import __version__
+from primerge.io.names import components
+
+
+def md_code(text: object, table: bool = False) -> str:
+    """``text`` as one Markdown code span: control characters shown as ``\\xNN``, a fence longer
+    than any backtick run inside, and (in a table cell) ``|`` escaped, as GFM requires."""
+    text = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    if table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_fence(text: str, info: str = "") -> list[str]:
+    """A fenced code block for ``text``, its fence longer than any backtick run inside."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return [f"{fence}{info}", text, fence]
 
 
 def _front_matter(recipe, result) -> str:
@@ -31,25 +55,27 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
                heads: dict[str, dict[str, torch.Tensor]], copied: list[str]) -> Path:
     """Write ``folder/README.md`` for a finished merge and return its path."""
     labels = recipe.model_labels()
+    files = components(heads)
     lines = [
         _front_matter(recipe, result),
         f"# Merged model ({result.method})",
         "",
         f"Merged by primerge {__version__} with method `{result.method}` from the base "
-        f"`{recipe.base}` and {len(recipe.models)} fine-tuned models.",
+        f"{md_code(recipe.base)} and {len(recipe.models)} fine-tuned models.",
         "",
         "## Parameters",
         "",
         "| parameter | value |",
         "|---|---|",
-        *[f"| {k} | {v} |" for k, v in result.parameters.items()],
+        *[f"| {k} | {v} |" for k, v in result.parameters.items()],  # validated values, no user text
         f"| seed | {recipe.seed} |",
         "",
         "## Models",
         "",
         "| name | path | weight |",
         "|---|---|---|",
-        *[f"| {label} | `{m.path}` | {m.weight} |" for label, m in zip(labels, recipe.models)],
+        *[f"| {md_code(label, table=True)} | {md_code(m.path, table=True)} | {m.weight} |"
+          for label, m in zip(labels, recipe.models)],
         "",
         "## Tensors",
         "",
@@ -57,8 +83,8 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         f"- other floating parameters (element-wise / fallback mean): {result.counts.get('fallback', 0)}",
         f"- copied from the base (non-floating, or task-specific names present in the base): "
         f"{result.counts.get('copy', 0)}",
-        f"- weight files: {', '.join(f'`{f}`' for f in weight_files)}",
-        f"- files copied from the base folder: {', '.join(f'`{c}`' for c in copied) or 'none'}",
+        f"- weight files: {', '.join(md_code(f) for f in weight_files)}",
+        f"- files copied from the base folder: {', '.join(md_code(c) for c in copied) or 'none'}",
         "",
     ]
     if result.report:
@@ -81,11 +107,12 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
             "## Task-specific tensors",
             "",
             "These tensors were not merged: each task keeps its own copy, stored under its own "
-            "names in `task_heads/<model>.safetensors`. Load the merged body, then the head of the "
-            "task you want to run.",
+            "names in `task_heads/<model>.safetensors` (a model name outside `A-Z a-z 0-9 - _ . + = @ ,` "
+            "is percent-encoded in the file name). Load the merged body, then the head of the task you "
+            "want to run.",
             "",
-            *[f"- `task_heads/{label}.safetensors`: {', '.join(f'`{n}`' for n in tensors)}"
-              for label, tensors in heads.items()],
+            *[f"- {md_code(label)}: {md_code(f'task_heads/{files[label]}.safetensors')}: "
+              f"{', '.join(md_code(n) for n in tensors)}" for label, tensors in heads.items()],
             "",
         ]
     lines += [
@@ -97,7 +124,7 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         "`primerge verify <this folder>` checks them again at any time.",
         "",
     ]
-    lines += ["## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    lines += ["## Recipe", "", *md_fence(recipe.to_yaml().rstrip(), "yaml"), ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path
