@@ -568,7 +568,10 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> t
             f"vocab {spec.vocab})")
         inputs = Inputs.from_zoo(f"L{spec.layers}", build_zoo(spec, args.cache, log), spec.tasks)
 
-    workdir = Path(tempfile.mkdtemp(prefix="primerge-bench-", dir=args.workdir))
+    from primerge.io.writer import make_scratch, remove_scratch
+
+    paths = [inputs.base, *(m["path"] if isinstance(m, dict) else m for m in inputs.models)]
+    workdir, created = make_scratch(args.workdir, "primerge-bench-", paths)  # never inside an input
     rows: list[Row] = []
     try:
         configs: list[tuple[Row, Path]] = []
@@ -607,7 +610,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> t
             log(f"accuracy: {fast.label} vs {exact.label}: relative error {error[0]:.2e} over all matrices, "
                 f"worst matrix {error[1]:.2e} ({time.perf_counter() - start:.1f}s)")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_scratch(workdir, created)
 
     return summarize(rows, error, inputs), targets(rows, error)
 

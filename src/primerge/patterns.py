@@ -13,6 +13,7 @@ Each failure is one error naming where the pattern came from.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -115,3 +116,9 @@ def checked(text: str | None, origin: str) -> str | None:
         except RecipeError as exc:
             raise ValueError(str(exc).removeprefix(f"{origin}: ")) from None
     return text
+
+
+@functools.lru_cache(maxsize=256)
+def compiled(text: str, origin: str) -> Pattern:
+    """The :class:`Pattern` of a recipe field (``origin``), compiled once per process."""
+    return Pattern(text, origin)

@@ -27,7 +27,6 @@ parameter is reported (with the closest name) before anything is read.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from primerge.errors import RecipeError
+from primerge.io.names import user_path
 from primerge.methods import get_method
 from primerge.methods.base import MethodParams, MethodSpec
 from primerge.methods.lines import LinesConfig
+from primerge.patterns import checked, compiled
 from primerge.validation import validate
 
 #: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
@@ -52,6 +53,11 @@ class ModelEntry(BaseModel):
     path: Path
     weight: float = Field(1.0, allow_inf_nan=False)
     name: str | None = None
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _usable_path(cls, value: Any) -> Path:
+        return user_path(value, "models: path")
 
     @property
     def label(self) -> str:
@@ -78,7 +84,7 @@ class Recipe(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     matrices: str | None = None
     task_specific: str | None = None
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63)
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
     output: OutputConfig | None = None
@@ -91,15 +97,15 @@ class Recipe(BaseModel):
             return [{"path": v} if isinstance(v, (str, Path)) else v for v in value]
         return value
 
+    @field_validator("base", mode="before")
+    @classmethod
+    def _usable_base(cls, value: Any) -> Path:
+        return user_path(value, "base")
+
     @field_validator("matrices", "task_specific")
     @classmethod
-    def _valid_regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+    def _valid_regex(cls, value: str | None, info) -> str | None:
+        return checked(value, info.field_name)
 
     @property
     def lora_rank(self) -> int | None:
@@ -127,11 +133,11 @@ class Recipe(BaseModel):
     def is_matrix_name(self, name: str) -> bool:
         """Whether a floating 2-D tensor called ``name`` is a matrix parameter (re.search)."""
         if self.matrices is not None:
-            return re.search(self.matrices, name) is not None
-        return re.search(DEFAULT_NON_MATRIX, name) is None
+            return compiled(self.matrices, "matrices").search(name) is not None
+        return compiled(DEFAULT_NON_MATRIX, "matrices").search(name) is None
 
     def is_task_specific(self, name: str) -> bool:
-        return self.task_specific is not None and re.search(self.task_specific, name) is not None
+        return self.task_specific is not None and compiled(self.task_specific, "task_specific").search(name) is not None
 
     def to_yaml(self) -> str:
         """The recipe as YAML, effective method parameters included."""
@@ -160,13 +166,13 @@ def _resolve(path: Path, folder: Path) -> Path:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
-    path = Path(path)
+    path = user_path(path, "recipe")
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({exc}).") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: e.g. an integer of 5000 digits
+        raise RecipeError(f"{path}: not valid YAML ({str(exc)[:200]}).") from None
     try:
         return build_recipe(data, relative_to=path.parent)
     except RecipeError as exc:

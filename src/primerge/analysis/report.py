@@ -25,7 +25,11 @@ from primerge.analysis.interference import Interference, cosine
 from primerge.analysis.signs import EDGES, SignAgreement
 from primerge.analysis.spectra import PrimeDiagnostics, RankCollapse
 from primerge.engine import Plan, build_plan, resolve_device, run_prepass, task_vectors
-from primerge.errors import OutputError, RecipeError
+from primerge.errors import RecipeError
+from primerge.io.card import md_code
+from primerge.io.destination import destination
+from primerge.io.manifest import Ledger
+from primerge.io.writer import atomic_folder
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext, derive_seed
 from primerge.recipe import Recipe
@@ -57,12 +61,12 @@ def _subset_prepasses(plan: Plan, recipe: Recipe, spec, params, device, quiet: b
 
 def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic", parameters: dict | None = None,
             device: str = "cpu", quiet: bool = True, relative_to: Path | None = None, force: bool = False) -> Report:
-    """Analyse the task vectors of ``recipe`` and write the report to ``out`` (see module docstring)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"report folder {out} is a file; choose a folder.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"report folder {out} exists and is not empty; use --force to overwrite.")
+    """Analyse the task vectors of ``recipe`` and write the report to ``out`` (see module docstring).
+
+    The report folder follows the merge's output rules (:mod:`primerge.io.destination`): never an
+    input or inside one, written atomically with a manifest, ``force`` replaces only an earlier
+    analysis report."""
+    target = destination(out, [recipe.base, *(m.path for m in recipe.models)], force=force, kind="analysis")
     spec = get_method(method)
     params = spec.parameters(parameters or {})
     dev = resolve_device(device)
@@ -105,10 +109,12 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
             prime.observe_cosines(taus, TensorContext(entry.name, "matrix", derive_seed(recipe.seed, entry.name)))
     finally:
         plan.close()
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report(out)
-    _write(report, labels, method, interference, prime, collapse, signs, alignment)
-    return report
+    with atomic_folder(target) as folder:
+        report = Report(folder)
+        _write(report, labels, method, interference, prime, collapse, signs, alignment)
+        Ledger(folder, kind="analysis").seal()
+    moved = [target.path / p.relative_to(folder) for p in report.figures + report.tables]
+    return Report(target.path, moved[:len(report.figures)], moved[len(report.figures):], report.summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +305,7 @@ def _index(report: Report, labels, method, summary) -> None:
     lines = [
         "# primerge analysis",
         "",
-        f"Models: {', '.join(labels)}. Rank-collapse method: `{method}`.",
+        f"Models: {', '.join(md_code(label) for label in labels)}. Rank-collapse method: `{method}`.",
         "",
         "## Task-vector interference",
         "![interference](interference_matrices.png)",
@@ -309,7 +315,7 @@ def _index(report: Report, labels, method, summary) -> None:
         f"Selected r* = **{prime['selected']}** (F(r) = Σ_i J_i + G_i averaged over matrices).",
         "",
         "| model | retention at r* |", "|---|---|",
-        *(f"| {k} | {v:.4f} |" for k, v in prime["retention"].items()),
+        *(f"| {md_code(k, table=True)} | {v:.4f} |" for k, v in prime["retention"].items()),
         "",
         "![objective](prime_objective.png)", "![retention](prime_retention.png)", "![cosine](prime_cosine.png)",
         "",

@@ -26,7 +26,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,13 @@ from primerge.evaluation.evaluate import average, evaluate_heads, normalized_acc
 from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, head_from_tensors, load_tokenizer
 from primerge.evaluation.probe import base_probe
 from primerge.evaluation.tasks import DEFAULT_TASKS, TaskSplit, load_splits
-from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
+from primerge.evaluation.zoo import Protocol, Zoo, build_zoo, cache_root
+from primerge.io.destination import destination
+from primerge.io.manifest import Ledger
+from primerge.io.writer import atomic_folder
+
+#: The report files as the demo wrote them before it wrote a manifest (such a folder is replaced).
+REPORT_FILES = ("results.md", "results.csv", "results.png", "results.json")
 
 MERGE_SEED = 42
 
@@ -180,6 +186,9 @@ def run_demo(
     timings: dict[str, float] = {}
     protocol = protocol or Protocol()
     specs = select_methods(methods)
+    inputs = [cache_root(cache), *([base] if base is not None else []), *(t for t in tasks if Path(t).suffix)]
+    target = None if report is None else destination(report, inputs, force=True, kind="demo-report",
+                                                      legacy=REPORT_FILES)  # checked before the long work
     clock = started = time.perf_counter()
     splits = load_splits(tasks)
     zoo = build_zoo(splits, base=base, protocol=protocol, cache=cache, progress=progress, log=log)
@@ -205,9 +214,11 @@ def run_demo(
         rows.append(row)
     timings["total_seconds"] = time.perf_counter() - started
     names = [s.name for s in splits]
-    result = DemoResult(rows, names, Path(report) if report is not None else None, timings)
-    if report is not None:
-        write_report(result, zoo, protocol, seed)
+    result = DemoResult(rows, names, target.path if target is not None else None, timings)
+    if target is not None:  # atomically, replacing only an earlier demo report
+        with atomic_folder(target) as folder:
+            write_report(replace(result, report=folder), zoo, protocol, seed)
+            Ledger(folder, kind="demo-report").seal()
     return result
 
 

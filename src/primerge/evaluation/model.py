@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -28,7 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from primerge.errors import InputError, OutputError
+from primerge.errors import InputError
+from primerge.io.destination import destination
+from primerge.io.manifest import Ledger
+from primerge.io.writer import atomic_folder
 
 HEAD_PREFIX = "classifier."
 HEAD_REGEX = r"^classifier\."
@@ -183,13 +184,13 @@ def save_folder(
     head: nn.Linear | None = None,
     metadata: Mapping[str, object] | None = None,
     metadata_name: str = "task.json",
+    inputs: Iterable[Path] = (),
 ) -> Path:
     """Write body (+ head as ``classifier.*``) safetensors, config, tokenizer and a metadata JSON,
-    atomically: into a temporary sibling that is renamed to ``folder`` at the end."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    atomically and under the output rules of :mod:`primerge.io.destination` (never over ``inputs``;
+    an existing folder is replaced only when it is an earlier zoo model), with a manifest."""
+    target = destination(folder, inputs, force=True, kind="zoo-model")
+    with atomic_folder(target) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
         if head is not None:
             tensors[HEAD_PREFIX + "weight"] = head.weight.detach().contiguous().cpu()
@@ -199,16 +200,8 @@ def save_folder(
         tokenizer.save_pretrained(str(tmp))
         if metadata is not None:
             (tmp / metadata_name).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write {folder}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        Ledger(tmp, kind="zoo-model").seal()
+    return target.path
 
 
 FINGERPRINT_SKIP = {"README.md", ".gitattributes"}

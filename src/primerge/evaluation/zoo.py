@@ -157,7 +157,8 @@ def prepare_base(base: str | Path, root: Path, log: Callable[[str], None] = prin
     log(f"Preparing the base {base} -> {target}")
     body = load_pretrained_body(base)
     tokenizer = load_tokenizer(base)
-    save_folder(target, body, tokenizer, metadata={"source": str(base), "fingerprint": fingerprint}, metadata_name="base.json")
+    save_folder(target, body, tokenizer, metadata={"source": str(base), "fingerprint": fingerprint},
+                metadata_name="base.json", inputs=[base])
     return target, fingerprint
 
 
@@ -296,7 +297,8 @@ def build_entry(
         "individual_accuracy": individual,
         **stats,
     }
-    path = save_folder(entry_path(root, key, split.name), model.body, tokenizer, model.classifier, metadata)
+    path = save_folder(entry_path(root, key, split.name), model.body, tokenizer, model.classifier, metadata,
+                       inputs=[base])
     return ZooEntry(split.name, path, list(split.classes), individual, len(split.train_texts),
                     len(split.test_texts), stats["epochs"], stats["train_seconds"], reused=False)
 

@@ -42,6 +42,7 @@ class Destination:
     kind: str = "merge"
     force: bool = False
     inputs: tuple[Path, ...] = ()
+    legacy: frozenset[str] = frozenset()  # file names of this kind of output from before manifests
 
     @property
     def label(self) -> str:
@@ -68,7 +69,7 @@ class Destination:
         if not self.force:
             raise OutputError(f"output {self.path} exists and is not empty; use --force to replace an "
                               f"earlier primerge {self.label} there.")
-        problem = _foreign(self.path, listing, self.kind)
+        problem = _foreign(self.path, listing, self.kind, self.legacy)
         if problem:
             raise OutputError(f"output {self.path} {problem}; --force replaces only an earlier primerge "
                               f"{self.label} (recognised by its {MANIFEST}) or an empty folder. Choose "
@@ -77,13 +78,16 @@ class Destination:
 
 
 def destination(out: object, inputs: Iterable[object] = (), *, force: object = False,
-                kind: str = "merge") -> Destination:
-    """A checked :class:`Destination` for ``out`` (``--out``) that must spare ``inputs``."""
+                kind: str = "merge", legacy: Iterable[str] = ()) -> Destination:
+    """A checked :class:`Destination` for ``out`` (``--out``) that must spare ``inputs``.
+
+    ``legacy`` names the files of this kind of output as primerge wrote it before it wrote
+    manifests: a folder holding only such files is recognised as an earlier output too."""
     if not isinstance(force, bool):
         raise RecipeError(f"force must be true or false, not {force!r:.40}.")
     path = user_path(out, "output", RecipeError)
     spared = tuple(user_path(p, "input", InputError) for p in inputs)
-    target = Destination(path, kind, force, spared)
+    target = Destination(path, kind, force, spared, frozenset(legacy))
     target.check()
     return target
 
@@ -126,11 +130,13 @@ def check_overlap(out: Path, inputs: Iterable[Path]) -> None:
                                   f"delete the input. Choose another folder.")
 
 
-def _foreign(folder: Path, listing, expected_kind: str) -> str | None:
+def _foreign(folder: Path, listing, expected_kind: str, legacy: frozenset[str]) -> str | None:
     """Why ``folder`` is not an earlier primerge output of ``expected_kind``, or ``None`` if it is one."""
     if listing.links or listing.special:
         first = (listing.links or list(listing.special))[0]
         return f"holds a link or special file ('{first}') that primerge never writes"
+    if legacy and not listing.folders and set(listing.files) <= legacy:
+        return None
     if MANIFEST not in listing.files:
         return f"holds files but no {MANIFEST}, so it is not a primerge output"
     try:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from primerge.errors import OutputError, RecipeError
-from primerge.io.destination import Destination
+from primerge.io.destination import Destination, check_overlap
+from primerge.io.names import user_path
 from primerge.io.manifest import Ledger, non_finite
 
 DEFAULT_SHARD_SIZE = 2 * 1024**3
@@ -68,7 +70,7 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def _make_parents(folder: Path) -> list[Path]:
+def make_parents(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; returns those created, deepest first."""
     missing = []
     for parent in [folder, *folder.parents]:
@@ -80,7 +82,7 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 def remove_created(created: list[Path]) -> None:
-    """Remove the folders :func:`_make_parents` created, where they are (still) empty."""
+    """Remove the folders :func:`make_parents` created, where they are (still) empty."""
     for folder in created:
         try:
             folder.rmdir()
@@ -139,7 +141,7 @@ def atomic_folder(target: Destination) -> Iterator[Path]:
     """
     destination = target.path
     try:
-        created = _make_parents(destination.parent)
+        created = make_parents(destination.parent)
     except OSError as exc:
         raise OutputError(f"{destination}: cannot create the output folder ({exc.strerror or exc}); "
                           f"check the path and permissions.") from None
@@ -155,6 +157,29 @@ def atomic_folder(target: Destination) -> Iterator[Path]:
     except BaseException:
         remove_created(created)
         raise
+
+
+def make_scratch(parent: object | None, prefix: str, inputs: list[Path]) -> tuple[Path, list[Path]]:
+    """A fresh work folder ``<parent>/<prefix>XXXX`` (``parent`` defaults to the system's temporary
+    folder), never an input, inside one or holding one's files; returns it and the parent folders
+    created for it, for :func:`remove_scratch`."""
+    root = Path(tempfile.gettempdir()) if parent is None else user_path(parent, "work folder")
+    check_overlap(root / prefix, [user_path(p, "input") for p in inputs])
+    try:
+        created = make_parents(root)
+    except OSError as exc:
+        raise OutputError(f"{root}: cannot create the work folder ({exc.strerror or exc}).") from None
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root)), created
+    except OSError as exc:
+        remove_created(created)
+        raise OutputError(f"{root}: cannot create a work folder in it ({exc.strerror or exc}).") from None
+
+
+def remove_scratch(folder: Path, created: list[Path]) -> None:
+    """Delete a :func:`make_scratch` folder and the parents made for it (where empty)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    remove_created(created)
 
 
 def _remove_stale(destination: Path) -> None:
