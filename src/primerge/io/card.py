@@ -30,7 +30,9 @@ def md_code(text: object, table: bool = False) -> str:
     if table:
         text = text.replace("|", "\\|")
     fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
-    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    # CommonMark strips one space from each end of a span's content that begins and ends with one
+    # (unless it is all spaces); a pad keeps such content, and separates backticks from the fence
+    pad = " " if text[:1] == "`" or text[-1:] == "`" or (text[:1] == text[-1:] == " " and text.strip()) else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
