@@ -49,6 +49,8 @@ def merge(
     model (:mod:`primerge.lora_export`); ``models`` may be LoRA adapter folders too.
     Raises a :class:`primerge.errors.PrimergeError` on any bad input.
     """
+    if not isinstance(parameters, (dict, type(None))):
+        raise RecipeError(f"parameters must be a mapping of method parameters, not {type(parameters).__name__}.")
     recipe = build_recipe({
         "base": base,
         "models": models,

@@ -70,7 +70,7 @@ class OutputConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_rank: int | None = Field(None, ge=1)
+    lora_rank: int | None = Field(None, ge=1, le=2**16)
 
 
 class Recipe(BaseModel):
@@ -88,7 +88,7 @@ class Recipe(BaseModel):
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
     output: OutputConfig | None = None
-    allow_pickle: bool = False  # opt in to .bin/.pt pickle checkpoints (read weights-only)
+    allow_pickle: bool = Field(False, strict=True)  # opt in to .bin/.pt pickles (read weights-only): true or false only
 
     @field_validator("models", mode="before")
     @classmethod

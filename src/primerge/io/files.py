@@ -47,11 +47,12 @@ def regular_file(path: Path, what: str = "file", error: type[PrimergeError] = In
     found = kind(path)
     if found == "file":
         return path
+    article = "an" if what[:1] in "aeiou" else "a"
     if found is None:
         raise error(f"{path}: no such {what}.")
     if found == "folder":
-        raise error(f"{path}: a folder where a {what} is expected; refusing to read it.")
-    raise error(f"{path}: {found} where a {what} is expected; refusing to open it.")
+        raise error(f"{path}: a folder where {article} {what} is expected; refusing to read it.")
+    raise error(f"{path}: {found} where {article} {what} is expected; refusing to open it.")
 
 
 def load_json(path: Path, what: str = "JSON file", error: type[PrimergeError] = InputError) -> Any:

@@ -183,7 +183,8 @@ def manifest_files(manifest: object) -> dict[str, dict]:
 def entry_problems(rel: object, entry: object) -> list[str]:
     """Why a manifest entry cannot be checked (an unsafe path or a malformed record), if it cannot."""
     if not _safe_relative(rel):
-        return [f"{str(rel)[:120]!r}: the manifest names a path outside the folder; not opened"]
+        return [f"{str(rel)[:120]!r}: the manifest names something other than a plain relative path inside "
+                f"the folder; not opened"]
     if not _valid_entry(entry):
         return [f"{rel}: the manifest entry is malformed (expected size and sha256 or tensors)"]
     return []
