@@ -71,7 +71,7 @@ def cache_key(model: Path, tokenizer: Path, texts: Sequence[str], samples: int, 
 
 
 def _load_model(folder: Path) -> nn.Module:
-    from primerge.evaluation.model import load_pretrained_body
+    from primerge.io.hf import load_pretrained_body
 
     return load_pretrained_body(folder).eval()
 
@@ -187,7 +187,7 @@ def model_covariances(model: Path, texts: Sequence[str], *, base: Path | None = 
         cached = _load(path)
         if cached is not None:
             return cached
-    from primerge.evaluation.model import load_tokenizer
+    from primerge.io.hf import load_tokenizer
 
     tokenizer = load_tokenizer(tok_folder)
     result = collect(_load_model(model), tokenizer, texts, samples, max_length, batch_size)
