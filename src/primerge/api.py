@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from primerge.engine import resolve_device, run
-from primerge.errors import RecipeError
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
-from primerge.output.base import MergeResult, Sink
-from primerge.output.folder import LoraFolder, ModelFolder, check_output
-from primerge.output.memory import MemorySink
+from primerge.output.base import MergeResult
+from primerge.output.formats import open_sink
 from primerge.plan import build_plan
 from primerge.recipe import Recipe, build_recipe, load_recipe
 
@@ -65,22 +63,6 @@ def merge(
         "output": {"lora_rank": lora_rank} if lora_rank is not None else None,
     })
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
-
-
-def open_sink(recipe: Recipe, out: Path | None, *, force: bool, shard_size: int) -> Sink:
-    """The output the recipe asks for: a model folder, a LoRA adapter folder, or memory."""
-    if out is None:
-        if recipe.output.format != "model":
-            raise RecipeError(f"the {recipe.output.format} output (--as-lora / output.format) needs an "
-                              f"output folder (--out / out=).")
-        return MemorySink()
-    out = check_output(out, recipe, force)
-    if recipe.output.format == "model":
-        return ModelFolder(out, force=force, shard_size=shard_size)
-    if recipe.spec.per_task:
-        raise RecipeError(f"method '{recipe.method}' gives every task its own model; it cannot be "
-                          f"written as one LoRA adapter (drop --as-lora / output.lora_rank).")
-    return LoraFolder(out, force=force, rank=recipe.output.lora_rank)
 
 
 def merge_recipe(

@@ -8,9 +8,11 @@ set, shapes, dtype class, one added or removed name prefix) before any tensor is
   the modules it adapts (kept as factors for matrix parameters), θ_saved − θ₀ on what it stores
   in full (``modules_to_save``, biases), and zero elsewhere (rank-0 factors for matrices).
 
-A new kind of input (vocabulary-aligned rows, dequantized weights) is one more subclass: it
-says how to write τ of an entry (:meth:`TaskVectorSource.delta`), optionally as factors
-(:meth:`TaskVectorSource.factors`), and where its task-specific tensors are.
+A new kind of input is one more subclass registered with :func:`source_kind`: it says which
+paths it reads (:meth:`TaskVectorSource.claims`), how it is opened and aligned with the base
+(:meth:`TaskVectorSource.open`), how to write τ of an entry (:meth:`TaskVectorSource.delta`),
+optionally as factors (:meth:`TaskVectorSource.factors`), and where its task-specific tensors are.
+A path no registered kind claims is read as a full fine-tune.
 
 :func:`read_stack` builds the :class:`~primerge.methods.stack.TaskStack` of one tensor: every
 model's τ_t (float32, on the merge device), transformed when a transform is set (PAVE
@@ -81,6 +83,17 @@ class TaskVectorSource(ABC):
         self.names = names
         self.task_specific = task_specific
 
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """Whether ``path`` is an input of this kind."""
+        return False
+
+    @classmethod
+    @abstractmethod
+    def open(cls, base: Checkpoint, path: Path, label: str, weight: float, *, allow_pickle: bool,
+             is_task_specific: Callable[[str], bool]) -> TaskVectorSource:
+        """Open ``path`` lazily and align it with the base (no tensor is read)."""
+
     @abstractmethod
     def delta(self, entry: PlanEntry, base: Tensor, out: Tensor) -> None:
         """Write τ of ``entry`` (float32, unweighted) into ``out``; ``base`` is θ₀ in float32."""
@@ -98,13 +111,44 @@ class TaskVectorSource(ABC):
         """Release file handles and cached tensors."""
 
 
+#: Registered input kinds, tried in order (:func:`open_source`).
+SOURCE_KINDS: list[type[TaskVectorSource]] = []
+
+
+def source_kind(cls: type[TaskVectorSource]) -> type[TaskVectorSource]:
+    """Class decorator: register an input kind (see the module docstring)."""
+    SOURCE_KINDS.append(cls)
+    return cls
+
+
 class FullFineTune(TaskVectorSource):
-    """A full fine-tune: τ = θ_t − θ₀."""
+    """A full fine-tune: τ = θ_t − θ₀. Any path no registered kind claims is read as one."""
 
     def __init__(self, checkpoint: Checkpoint, label: str, weight: float, names: dict[str, str],
                  task_specific: list[str]):
         super().__init__(label, weight, names, task_specific)
         self.checkpoint = checkpoint
+
+    @classmethod
+    def open(cls, base: Checkpoint, path: Path, label: str, weight: float, *, allow_pickle: bool,
+             is_task_specific: Callable[[str], bool]) -> FullFineTune:
+        """Check the checkpoint against the base (key set, shapes, dtype class) and map its names."""
+        model = open_checkpoint(path, allow_pickle=allow_pickle)
+        shared = [n for n in base.names if not is_task_specific(n)]
+        names = prefix_map(shared, set(model.names))
+        if names is None:
+            missing = [n for n in shared if n not in model]
+            raise InputError(f"{model.path}: {len(missing)} tensors of the base {base.path} are missing "
+                             f"(first: '{missing[0]}'). Is '{label}' a fine-tune of this base?")
+        heads = [n for n in model.names if is_task_specific(n)]
+        extra = sorted(set(model.names) - set(names.values()) - set(heads))
+        if extra:
+            raise InputError(f"{model.path}: {len(extra)} tensors are not in the base {base.path} "
+                             f"(first: '{extra[0]}'). If they are per-task heads, name them with "
+                             f"task_specific: REGEX in the recipe.")
+        for b, m in names.items():
+            _check_tensor(base, model, b, m)
+        return cls(model, label, weight, names, heads)
 
     def delta(self, entry: PlanEntry, base: Tensor, out: Tensor) -> None:
         name = self.names[entry.name]
@@ -118,6 +162,7 @@ class FullFineTune(TaskVectorSource):
         self.checkpoint.close()
 
 
+@source_kind
 class LoraAdapter(TaskVectorSource):
     """A PEFT LoRA adapter: τ = s·B A (factors for matrix parameters), stored values − θ₀, or 0."""
 
@@ -125,6 +170,33 @@ class LoraAdapter(TaskVectorSource):
                  task_specific: list[str]):
         super().__init__(label, weight, names, task_specific)
         self.adapter = adapter
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return is_adapter(path)
+
+    @classmethod
+    def open(cls, base: Checkpoint, path: Path, label: str, weight: float, *, allow_pickle: bool,
+             is_task_specific: Callable[[str], bool]) -> LoraAdapter:
+        """Map the adapter's targets onto base names (one prefix added or removed) and check shapes."""
+        adapter = open_adapter(path, partial(open_checkpoint, allow_pickle=allow_pickle))
+        heads = [n for n in adapter.targets() if is_task_specific(n)]
+        shared = [n for n in adapter.targets() if n not in heads]
+        mapping = prefix_map(shared, set(base.names)) if shared else {}
+        if mapping is None:
+            missing = [n for n in shared if n not in base]
+            raise InputError(
+                f"{adapter.path}: the adapter changes {len(missing)} tensors that are not in the base "
+                f"{base.path} (first: '{missing[0]}'). Is '{label}' an adapter of this base model? "
+                f"If they are per-task heads (modules_to_save), name them with task_specific: REGEX."
+            )
+        for target, name in mapping.items():
+            info = base.info(name)
+            adapter.orient(target, info.shape, info.file)
+            if not info.dtype.is_floating_point or is_task_specific(name):
+                raise InputError(f"{adapter.path}: the adapter changes '{target}', which the base "
+                                 f"{base.path} keeps unmerged (task-specific or not floating).")
+        return cls(adapter, label, weight, {b: t for t, b in mapping.items()}, heads)
 
     def delta(self, entry: PlanEntry, base: Tensor, out: Tensor) -> None:
         target = self.names.get(entry.name)
@@ -234,53 +306,8 @@ def _check_tensor(base: Checkpoint, model: Checkpoint, b: str, m: str) -> None:
         raise InputError(f"tensor '{b}': dtype {mi.dtype} in {mi.file} but {bi.dtype} in the base {bi.file}.")
 
 
-def open_full(base: Checkpoint, model: Checkpoint, label: str, weight: float,
-              is_task_specific: Callable[[str], bool]) -> FullFineTune:
-    """Check a full fine-tune against the base (key set, shapes, dtype class) and map its names."""
-    shared = [n for n in base.names if not is_task_specific(n)]
-    names = prefix_map(shared, set(model.names))
-    if names is None:
-        missing = [n for n in shared if n not in model]
-        raise InputError(f"{model.path}: {len(missing)} tensors of the base {base.path} are missing "
-                         f"(first: '{missing[0]}'). Is '{label}' a fine-tune of this base?")
-    heads = [n for n in model.names if is_task_specific(n)]
-    extra = sorted(set(model.names) - set(names.values()) - set(heads))
-    if extra:
-        raise InputError(f"{model.path}: {len(extra)} tensors are not in the base {base.path} "
-                         f"(first: '{extra[0]}'). If they are per-task heads, name them with "
-                         f"task_specific: REGEX in the recipe.")
-    for b, m in names.items():
-        _check_tensor(base, model, b, m)
-    return FullFineTune(model, label, weight, names, heads)
-
-
-def open_lora(base: Checkpoint, adapter: Adapter, label: str, weight: float,
-              is_task_specific: Callable[[str], bool]) -> LoraAdapter:
-    """Map an adapter's targets onto base names (one prefix added or removed) and check shapes."""
-    heads = [n for n in adapter.targets() if is_task_specific(n)]
-    shared = [n for n in adapter.targets() if n not in heads]
-    mapping = prefix_map(shared, set(base.names)) if shared else {}
-    if mapping is None:
-        missing = [n for n in shared if n not in base]
-        raise InputError(
-            f"{adapter.path}: the adapter changes {len(missing)} tensors that are not in the base "
-            f"{base.path} (first: '{missing[0]}'). Is '{label}' an adapter of this base model? "
-            f"If they are per-task heads (modules_to_save), name them with task_specific: REGEX."
-        )
-    for target, name in mapping.items():
-        info = base.info(name)
-        adapter.orient(target, info.shape, info.file)
-        if not info.dtype.is_floating_point or is_task_specific(name):
-            raise InputError(f"{adapter.path}: the adapter changes '{target}', which the base "
-                             f"{base.path} keeps unmerged (task-specific or not floating).")
-    return LoraAdapter(adapter, label, weight, {b: t for t, b in mapping.items()}, heads)
-
-
 def open_source(base: Checkpoint, path: Path, label: str, weight: float, *, allow_pickle: bool,
                 is_task_specific: Callable[[str], bool]) -> TaskVectorSource:
-    """A full fine-tune (any checkpoint :func:`open_checkpoint` reads) or a LoRA adapter folder."""
-    if is_adapter(path):
-        opener = partial(open_checkpoint, allow_pickle=allow_pickle)
-        return open_lora(base, open_adapter(path, opener), label, weight, is_task_specific)
-    model = open_checkpoint(path, allow_pickle=allow_pickle)
-    return open_full(base, model, label, weight, is_task_specific)
+    """The first registered kind that claims ``path`` (:data:`SOURCE_KINDS`), else a full fine-tune."""
+    kind = next((k for k in SOURCE_KINDS if k.claims(path)), FullFineTune)
+    return kind.open(base, path, label, weight, allow_pickle=allow_pickle, is_task_specific=is_task_specific)

@@ -12,7 +12,6 @@ on the purified task vectors, as the merge would see them.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,16 +145,9 @@ def _save(report: Report, fig, name: str) -> Path:
     return path
 
 
-def _write(report: Report, labels, method, interference, prime, collapse, signs, alignment) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _write_interference(report: Report, labels: list[str], method: str, interference, plt) -> dict:
+    """Inner products and cosines of the task vectors, whole model and per matrix."""
     T = len(labels)
-    summary: dict = {"models": labels, "method": method}
-
-    # Interference
     g = interference.total
     cos = cosine(g)
     _matrix_csv(report, "interference_inner.csv", labels, g.abs())
@@ -173,9 +165,12 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     ax.set_ylabel("mean off-diagonal |cos|")
     ax.set_title("Task-vector interference per matrix")
     _save(report, fig, "interference_per_layer.png")
-    summary["interference"] = {"inner": g.tolist(), "cosine": cos.tolist(), "per_layer": layer_rows}
+    return {"inner": g.tolist(), "cosine": cos.tolist(), "per_layer": layer_rows}
 
-    # PRIME
+
+def _write_prime(report: Report, labels: list[str], method: str, prime, plt) -> dict:
+    """PRIME's F(r) table, per-task retention at r*, and the cosines before and after PRIME."""
+    T = len(labels)
     auto = prime.auto
     labels_r = [auto.label(c) for c in auto.candidates]
     _csv(report, "prime_objective.csv", ["rank", "J", "G", "F", "selected"],
@@ -208,11 +203,14 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     _heatmap(axes[0], before, names, "before PRIME: τ_t^[r*] and mean residual", -1, 1, "coolwarm")
     _heatmap(axes[1], after, names, "after PRIME: whitened blocks and P⊥ residual", -1, 1, "coolwarm")
     _save(report, fig, "prime_cosine.png")
-    summary["prime"] = {"candidates": labels_r, "J": auto.J, "G": auto.G, "F": auto.F,
+    return {"candidates": labels_r, "J": auto.J, "G": auto.G, "F": auto.F,
                         "selected": labels_r[auto.index], "retention": dict(zip(labels, retention)),
                         "cosine_before": before.tolist(), "cosine_after": after.tolist()}
 
-    # Rank collapse
+
+def _write_rank_collapse(report: Report, labels: list[str], method: str, collapse, plt) -> dict:
+    """Stable and energy rank of the merged update per matrix and as models are added."""
+    T = len(labels)
     _csv(report, "rank_collapse_layers.csv", ["tensor", "r_full", "stable_rank", "energy_rank"],
          [[r["tensor"], r["r_full"], r["stable_rank"], r["energy_rank"]] for r in collapse.layers])
     growth = collapse.growth_rows()
@@ -236,9 +234,11 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     ax.set_title(f"Rank collapse as models are added ({method})")
     ax.legend(fontsize=8)
     _save(report, fig, "rank_collapse_growth.png")
-    summary["rank_collapse"] = {"layers": collapse.layers, "growth": growth}
+    return {"layers": collapse.layers, "growth": growth}
 
-    # Sign agreement
+
+def _write_signs(report: Report, labels: list[str], method: str, signs, plt) -> dict:
+    """Sign agreement after pruning, in parameter space and in DRM's joint space."""
     fractions = signs.fractions()
     edges = EDGES.tolist()
     _csv(report, "sign_agreement.csv", ["bin_low", "bin_high", *fractions],
@@ -252,9 +252,12 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     ax.set_title("Sign agreement after pruning (top 20%)")
     ax.legend(fontsize=8)
     _save(report, fig, "sign_agreement.png")
-    summary["sign_agreement"] = {"edges": edges, "fractions": fractions}
+    return {"edges": edges, "fractions": fractions}
 
-    # HO-GSVD
+
+def _write_hogsvd(report: Report, labels: list[str], method: str, alignment, plt) -> dict:
+    """HO-GSVD generalized singular values and the alignment matrix."""
+    T = len(labels)
     A = alignment.matrix()
     _matrix_csv(report, "hogsvd_alignment.csv", labels, A)
     rows = []
@@ -280,8 +283,22 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     fig, ax = plt.subplots(figsize=(2 + 1.4 * T, 1.5 + 1.2 * T))
     _heatmap(ax, A, labels, "HO-GSVD alignment (higher = better aligned)")
     _save(report, fig, "hogsvd_alignment.png")
-    summary["hogsvd"] = {"alignment": A.tolist(), "layers": len(alignment.values)}
+    return {"alignment": A.tolist(), "layers": len(alignment.values)}
 
+
+def _write(report: Report, labels, method, interference, prime, collapse, signs, alignment) -> None:
+    """Every section's CSV files and figures, ``summary.json`` and ``index.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary: dict = {"models": labels, "method": method}
+    summary["interference"] = _write_interference(report, labels, method, interference, plt)
+    summary["prime"] = _write_prime(report, labels, method, prime, plt)
+    summary["rank_collapse"] = _write_rank_collapse(report, labels, method, collapse, plt)
+    summary["sign_agreement"] = _write_signs(report, labels, method, signs, plt)
+    summary["hogsvd"] = _write_hogsvd(report, labels, method, alignment, plt)
     report.summary = summary
     (report.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _index(report, labels, method, summary)

@@ -34,9 +34,10 @@ import torch
 import primerge
 from primerge.errors import RecipeError
 from primerge.evaluation.evaluate import average, evaluate_heads, normalized_accuracy
-from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, head_from_tensors, load_tokenizer
+from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, head_from_tensors
+from primerge.io.hf import load_tokenizer
 from primerge.evaluation.probe import base_probe
-from primerge.evaluation.tasks import DEFAULT_TASKS, TaskSplit, load_splits
+from primerge.datasets import DEFAULT_TASKS, TaskSplit, load_splits
 from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
 
 MERGE_SEED = 42

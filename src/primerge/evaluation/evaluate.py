@@ -29,12 +29,12 @@ from primerge.evaluation.model import (
     body_from_state,
     head_from_tensors,
     load_body,
-    load_tokenizer,
     pooled_features,
     read_tensors,
     split_head,
 )
-from primerge.evaluation.tasks import TaskSplit
+from primerge.io.hf import load_tokenizer
+from primerge.datasets import TaskSplit
 
 EVAL_BATCH = 128
 MAX_LENGTH = 64

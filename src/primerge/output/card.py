@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from primerge import __version__
+from primerge.version import __version__
 
 
 def _front_matter(recipe, result) -> str:
@@ -26,6 +26,31 @@ def _front_matter(recipe, result) -> str:
                      "parameters": result.parameters, "seed": recipe.seed},
     }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+INTEGRITY = [
+    "## Integrity",
+    "",
+    "`primerge-manifest.json` lists every file of this folder with its size, and every tensor "
+    "with its shape, dtype and SHA-256 (the other files with their SHA-256). primerge checked the "
+    "written files against the computed tensors before publishing the folder; "
+    "`primerge verify <this folder>` checks them again at any time.",
+    "",
+]
+
+
+def _heads_section(heads: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    return [
+        "## Task-specific tensors",
+        "",
+        "These tensors were not merged: each task keeps its own copy, stored under its own "
+        "names in `task_heads/<model>.safetensors`. Load the merged body, then the head of the "
+        "task you want to run.",
+        "",
+        *[f"- `task_heads/{label}.safetensors`: {', '.join(f'`{n}`' for n in tensors)}"
+          for label, tensors in heads.items()],
+        "",
+    ]
 
 
 def write_card(folder: Path, recipe, result, weight_files: list[str],
@@ -68,26 +93,8 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
     for section in sections:
         lines += [section.rstrip("\n"), ""]
     if heads:
-        lines += [
-            "## Task-specific tensors",
-            "",
-            "These tensors were not merged: each task keeps its own copy, stored under its own "
-            "names in `task_heads/<model>.safetensors`. Load the merged body, then the head of the "
-            "task you want to run.",
-            "",
-            *[f"- `task_heads/{label}.safetensors`: {', '.join(f'`{n}`' for n in tensors)}"
-              for label, tensors in heads.items()],
-            "",
-        ]
-    lines += [
-        "## Integrity",
-        "",
-        "`primerge-manifest.json` lists every file of this folder with its size, and every tensor "
-        "with its shape, dtype and SHA-256 (the other files with their SHA-256). primerge checked the "
-        "written files against the computed tensors before publishing the folder; "
-        "`primerge verify <this folder>` checks them again at any time.",
-        "",
-    ]
+        lines += _heads_section(heads)
+    lines += INTEGRITY
     lines += ["## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from primerge.errors import OutputError
+from primerge.errors import OutputError, RecipeError
 from primerge.io.manifest import Ledger
 from primerge.io.writer import ShardedWriter, atomic_folder, copy_support_files, save_tensors
-from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, task_heads
+from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
 from primerge.output.lora import LoraExport
 from primerge.output.per_task import PerTaskWriter
@@ -45,14 +45,16 @@ def check_output(out: Path, recipe: Recipe, force: bool) -> Path:
 
 
 class FolderSink(Sink):
-    """A folder written atomically: subclasses write their files, this class the rest."""
+    """A folder written atomically: subclasses write their files, this class the rest. Every
+    folder output is built as ``cls(out, recipe, force=..., shard_size=...)``."""
 
     #: whether the base folder's support files (config, tokenizer) are copied in
     copies_support_files = True
 
-    def __init__(self, out: Path, *, force: bool = False) -> None:
+    def __init__(self, out: Path, recipe: Recipe, *, force: bool = False, shard_size: int) -> None:
         self.out = Path(out)
         self.force = force
+        self.shard_size = shard_size
 
     @contextmanager
     def session(self, plan: Plan, prepass: Any) -> Iterator[None]:
@@ -83,13 +85,10 @@ class FolderSink(Sink):
         self.ledger.seal()
 
 
+@output_format("model")
 class ModelFolder(FolderSink):
     """The merged model as sharded safetensors (Hugging Face layout); a per-task method's τ_uni,
     masks and scalars beside it (:mod:`primerge.output.per_task`)."""
-
-    def __init__(self, out: Path, *, force: bool = False, shard_size: int) -> None:
-        super().__init__(out, force=force)
-        self.shard_size = shard_size
 
     def open(self, plan: Plan, prepass: Any) -> None:
         self.model = ShardedWriter(self.folder, self.shard_size, ledger=self.ledger)
@@ -112,14 +111,19 @@ class ModelFolder(FolderSink):
         return files, [self.per_task.card_section()]
 
 
+@output_format("lora")
 class LoraFolder(FolderSink):
-    """The merge as a PEFT LoRA adapter folder (:mod:`primerge.output.lora`)."""
+    """The merge as a PEFT LoRA adapter folder (:mod:`primerge.output.lora`); ``output.lora_rank``
+    is its rank. A per-task method has no single adapter to write and is refused."""
 
     copies_support_files = False
 
-    def __init__(self, out: Path, *, force: bool = False, rank: int) -> None:
-        super().__init__(out, force=force)
-        self.rank = rank
+    def __init__(self, out: Path, recipe: Recipe, *, force: bool = False, shard_size: int) -> None:
+        if recipe.spec.per_task:
+            raise RecipeError(f"method '{recipe.method}' gives every task its own model; it cannot be "
+                              f"written as one LoRA adapter (drop --as-lora / output.lora_rank).")
+        super().__init__(out, recipe, force=force, shard_size=shard_size)
+        self.rank = recipe.output.lora_rank
 
     def open(self, plan: Plan, prepass: Any) -> None:
         self.export = LoraExport(self.rank, plan.recipe.seed)

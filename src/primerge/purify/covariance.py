@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from primerge.errors import InputError
+from primerge.paths import cache_root
 
 FORMAT = 1
 
@@ -40,12 +41,6 @@ class Covariances:
 
     def modules(self) -> list[str]:
         return sorted(self.cov)
-
-
-def cache_root() -> Path:
-    """``$PRIMERGE_CACHE``, else ``~/.cache/primerge`` (the evaluation cache's root)."""
-    env = os.environ.get("PRIMERGE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "primerge"
 
 
 def _files_digest(folder: Path, digest) -> None:

@@ -217,7 +217,7 @@ class Purifier:
 
 
 def _task_texts(spec: str, folder: Path | None) -> list[str]:
-    from primerge.evaluation.tasks import load_task
+    from primerge.datasets import load_task
 
     data = load_task(resolve_data(spec, folder))
     return list(data.split().train_texts)
