@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import primerge
 from primerge.io.readers import open_checkpoint
 from primerge.output import base as output_base
-from primerge.output.base import MergedTensor, MergeResult, Sink
+from primerge.output.base import MergedTensor, MergeResult, TensorSink
 from primerge import taskvectors
 from primerge.taskvectors import FullFineTune
 
@@ -24,7 +24,7 @@ def small_zoo(tmp_path_factory):
     return build_zoo(tmp_path_factory.mktemp("ext") / "zoo")
 
 
-class WeightsOnly(Sink):
+class WeightsOnly(TensorSink):
     """One ``weights.safetensors`` file, nothing else (no card, config or manifest)."""
 
     def __init__(self, out: Path, recipe, *, force: bool, shard_size: int) -> None:
@@ -39,9 +39,14 @@ class WeightsOnly(Sink):
         result.out = self.out
 
 
-def test_a_new_output_format_is_one_class_and_one_registration(small_zoo, tmp_path, monkeypatch):
-    monkeypatch.setattr(output_base, "FORMATS", dict(output_base.FORMATS))
+@pytest.fixture
+def weights_format():
     output_base.output_format("weights")(WeightsOnly)
+    yield
+    del output_base.FORMATS["weights"]
+
+
+def test_a_new_output_format_is_one_class_and_one_registration(small_zoo, tmp_path, weights_format):
     models = [small_zoo["t0"], small_zoo["t1"]]
     reference = primerge.merge(small_zoo["base"], models, "ties", task_specific=r"^score\.").state_dict
     from primerge.api import merge_recipe

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import resolve_device, run
+from primerge.engine import LocalExecutor, resolve_device, run
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from primerge.output.base import MergeResult
 from primerge.output.formats import open_sink
@@ -98,6 +98,6 @@ def merge_recipe(
             from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
             plan = plan.with_transform(build_purifier(recipe, relative_to=folder, quiet=quiet))
-        return run(plan, sink, dev, quiet)
+        return run(plan, sink, LocalExecutor(dev), quiet)
     finally:
         plan.close()

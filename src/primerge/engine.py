@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from primerge.deterministic import ThreadIndependent
 from primerge.errors import InputError, RecipeError
 from primerge.methods.base import PerTaskUpdate, Prepass, TensorContext, fold_statistics, is_sum_merge
-from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, Sink
+from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, Sink, UnitWriter
 from primerge.plan import Plan, WorkUnit
 from primerge.seeding import derive_seed
 from primerge.taskvectors import PlanEntry
@@ -59,20 +59,25 @@ def prepass_statistics(plan: Plan, prepass: Prepass, pass_index: int, entries: I
     return fold_statistics(prepass, pass_index, tensors)
 
 
+def fold_units(prepass: Prepass, parts: Iterable[Any]) -> Any:
+    """The fold (``prepass.combine``) of per-unit statistics, in unit order (``None`` for none)."""
+    total = None
+    for part in parts:
+        if part is not None:
+            total = part if total is None else prepass.combine(total, part)
+    return total
+
+
 def run_prepass(plan: Plan, device: torch.device, quiet: bool = True) -> Any:
-    """Fold every unit's statistics through the method's declared whole-model pass; its result."""
-    spec, params = plan.recipe.spec, plan.recipe.params
-    prepass = spec.make_prepass(params)
+    """Every pass of the method's whole-model pre-pass, unit by unit in this process; its result."""
+    prepass = plan.recipe.spec.make_prepass(plan.recipe.params)
     if prepass is None:
         return None
     for i in range(prepass.passes):
-        total = None
-        for unit in tqdm(plan.units, desc=f"{spec.name} pre-pass {i + 1}/{prepass.passes}", unit="unit",
-                         disable=quiet, leave=False):
-            part = prepass_statistics(plan, prepass, i, unit.entries, device)
-            if part is not None:
-                total = part if total is None else prepass.combine(total, part)
-        prepass.end_pass(i, total)
+        units = tqdm(plan.units, desc=f"{plan.recipe.spec.name} pre-pass {i + 1}/{prepass.passes}", unit="unit",
+                     disable=quiet, leave=False)
+        prepass.end_pass(i, fold_units(prepass, (prepass_statistics(plan, prepass, i, u.entries, device)
+                                                 for u in units)))
     return prepass.result()
 
 
@@ -98,7 +103,7 @@ def merge_tensor(plan: Plan, entry: PlanEntry, device: torch.device, prepass: An
         return MergedUpdate(entry.name, value, entry.kind, update)
     unified = update.to(dtype=entry.dtype, device="cpu")
     tensors = {k: v.cpu() for k, v in per_task.task_tensors.items()}
-    return PerTaskTensor(entry.name, value, entry.kind, update, unified, tensors)
+    return PerTaskTensor(entry.name, value, entry.kind, unified, tensors)
 
 
 def execute_unit(plan: Plan, unit: WorkUnit, device: torch.device, prepass: Any = None) -> Iterator[MergedTensor]:
@@ -107,29 +112,63 @@ def execute_unit(plan: Plan, unit: WorkUnit, device: torch.device, prepass: Any 
         yield merge_tensor(plan, entry, device, prepass)
 
 
-def stream(plan: Plan, device: torch.device, prepass: Any = None, quiet: bool = True) -> Iterator[MergedTensor]:
-    """Every output tensor of the plan, unit after unit, in base order."""
-    bar = tqdm(total=len(plan.entries), desc=f"merge [{plan.recipe.spec.name}]", unit="tensor", disable=quiet)
-    with bar:
-        for unit in plan.units:
-            for merged in execute_unit(plan, unit, device, prepass):
-                bar.update()
-                yield merged
+def progress(plan: Plan, quiet: bool, what: str = "merge"):
+    """A progress bar over the plan's stored bytes (units differ in size; bytes track the work)."""
+    return tqdm(total=sum(u.nbytes for u in plan.units), desc=f"{what} [{plan.recipe.spec.name}]", unit="B",
+                unit_scale=True, unit_divisor=1024, disable=quiet)
 
 
-def run(plan: Plan, sink: Sink, device: torch.device, quiet: bool = True) -> MergeResult:
-    """Pre-passes, then every unit into ``sink``; returns what the merge produced."""
+class Executor(Protocol):
+    """Where units run: this process (:class:`LocalExecutor`) or a cluster (:mod:`primerge.execution`).
+
+    ``prepass`` runs the method's whole-model pass; ``units`` yields (unit, receipt) in unit order,
+    each receipt made by ``writer`` where the unit ran; ``describe`` is what the model card records.
+    """
+
+    def prepass(self, plan: Plan, quiet: bool) -> Any: ...
+
+    def units(self, plan: Plan, prepass: Any, writer: UnitWriter, quiet: bool) -> Iterator[tuple[WorkUnit, Any]]: ...
+
+    def describe(self) -> dict: ...
+
+
+class LocalExecutor:
+    """Units run one after the other in this process, on ``device``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def prepass(self, plan: Plan, quiet: bool) -> Any:
+        return run_prepass(plan, self.device, quiet)
+
+    def units(self, plan: Plan, prepass: Any, writer: UnitWriter, quiet: bool) -> Iterator[tuple[WorkUnit, Any]]:
+        with progress(plan, quiet) as bar:
+            for unit in plan.units:
+                yield unit, writer.write(unit, self._tensors(plan, unit, prepass, bar))
+
+    def _tensors(self, plan: Plan, unit: WorkUnit, prepass: Any, bar) -> Iterator[MergedTensor]:
+        for entry, merged in zip(unit.entries, execute_unit(plan, unit, self.device, prepass)):
+            bar.set_postfix_str(entry.name, refresh=False)
+            bar.update(entry.nbytes)
+            yield merged
+
+    def describe(self) -> dict:
+        return {"backend": "local", "device": str(self.device)}
+
+
+def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> MergeResult:
+    """Pre-passes, then every unit through ``executor`` into ``sink``; returns what the merge produced."""
     start = time.perf_counter()
     spec = plan.recipe.spec
     result = MergeResult(spec.name, plan.recipe.params.model_dump(mode="json"), counts=plan.counts(),
-                         per_task=spec.per_task)
+                         per_task=spec.per_task, execution=executor.describe())
     with ThreadIndependent():  # byte-identical outputs whatever the thread count
-        prepass = run_prepass(plan, device, quiet)
+        prepass = executor.prepass(plan, quiet)
         if hasattr(prepass, "to_markdown"):
             result.report = prepass.to_markdown()
         with sink.session(plan, prepass):
-            for merged in stream(plan, device, prepass, quiet):
-                sink.add(merged)
+            for unit, receipt in executor.units(plan, prepass, sink.unit_writer(), quiet):
+                sink.receive(unit, receipt)
             sink.finish(result)
     result.seconds = time.perf_counter() - start
     return result

@@ -6,21 +6,27 @@ LoRA export approximates), per-task methods' as :class:`PerTaskTensor` (with τ_
 per-task tensors). A :class:`Sink` receives them: ``session`` opens it (a folder output creates
 its temporary folder there and publishes it when the session ends without error), ``add`` takes
 each tensor, ``finish`` writes what remains and fills the :class:`MergeResult`.
+
+Units may run in other processes or on other machines (:mod:`primerge.execution`). What runs
+beside a unit is the sink's :meth:`Sink.unit_writer`: a small picklable object that turns the
+unit's tensors into a *receipt* there (by default the tensors themselves; a model folder writes
+the unit's shard file and returns its hashes), which the sink then takes in unit order with
+:meth:`Sink.receive`. Local and distributed merges share this path, so they write the same bytes.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from primerge.plan import Plan
+    from primerge.plan import Plan, WorkUnit
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class MergedUpdate(MergedTensor):
 
 
 @dataclass(frozen=True)
-class PerTaskTensor(MergedUpdate):
+class PerTaskTensor(MergedTensor):
     """A per-task method's tensor: ``unified`` τ_uni (stored dtype, CPU) and ``task_tensors``
     (key -> (T, *shape) on the CPU) from which each task's own update is rebuilt."""
 
@@ -63,6 +69,20 @@ class MergeResult:
     task_states: dict[str, dict[str, Tensor]] | None = None  # per-task methods, in memory
     per_task: bool = False  # the method gives every task its own model (see primerge.output.per_task)
     lora: dict | None = None  # LoRA output: rank and per-module errors (primerge.output.lora)
+    execution: dict = field(default_factory=dict)  # where it ran: backend, device, workers
+
+
+class UnitWriter(Protocol):
+    """Runs where a unit runs: the unit's tensors -> a receipt for :meth:`Sink.receive` (picklable)."""
+
+    def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> Any: ...
+
+
+class KeepTensors:
+    """The default unit writer: the receipt is the unit's tensors, which the sink then ``add`` s."""
+
+    def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> list[MergedTensor]:
+        return list(tensors)
 
 
 class Sink(ABC):
@@ -73,13 +93,29 @@ class Sink(ABC):
         """Open the output for ``plan`` (``prepass`` is the method's pre-pass result, if any)."""
         yield
 
+    def unit_writer(self) -> UnitWriter:
+        """What turns a unit's tensors into this sink's receipt, where the unit runs."""
+        return KeepTensors()
+
     @abstractmethod
-    def add(self, merged: MergedTensor) -> None:
-        """Take one output tensor."""
+    def receive(self, unit: WorkUnit, receipt: Any) -> None:
+        """Take one unit's receipt, in unit order."""
 
     @abstractmethod
     def finish(self, result: MergeResult) -> None:
         """Write what remains (inside the session) and record the outcome in ``result``."""
+
+
+class TensorSink(Sink):
+    """A sink that takes the merged tensors one by one (:meth:`add`), whatever unit they came in."""
+
+    def receive(self, unit: WorkUnit, receipt: list[MergedTensor]) -> None:
+        for merged in receipt:
+            self.add(merged)
+
+    @abstractmethod
+    def add(self, merged: MergedTensor) -> None:
+        """Take one output tensor."""
 
 
 #: Registered folder outputs by name (``output: {format: NAME}`` in a recipe).

@@ -10,19 +10,22 @@ manifest, checked against what was computed.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from primerge.errors import OutputError, RecipeError
-from primerge.io.manifest import Ledger
-from primerge.io.writer import ShardedWriter, atomic_folder, copy_support_files, save_tensors
+from primerge.io.manifest import Ledger, tensor_record
+from primerge.io.writer import atomic_folder, copy_support_files, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
-from primerge.output.lora import LoraExport
+from primerge.output.lora import LoraExport, LoraParts
 from primerge.output.per_task import PerTaskWriter
-from primerge.plan import Plan
+from primerge.plan import Plan, WorkUnit
 from primerge.recipe import Recipe
 
 
@@ -85,26 +88,62 @@ class FolderSink(Sink):
         self.ledger.seal()
 
 
+@dataclass(frozen=True)
+class ShardReceipt:
+    """What a model folder's unit writer reports: the shard file written, its tensors' records
+    (:func:`~primerge.io.manifest.tensor_record`), and a per-task method's (name, τ_uni, tensors)."""
+
+    file: str
+    records: dict[str, dict]
+    per_task: list[tuple[str, Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """Writes unit i of n as the shard ``model-0000(i+1)-of-0000n.safetensors`` into ``folder``."""
+
+    folder: Path
+    units: int
+    per_task: bool
+
+    def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> ShardReceipt:
+        values, parts = {}, []
+        for merged in tensors:
+            values[merged.name] = merged.value.contiguous()
+            if self.per_task and isinstance(merged, PerTaskTensor):
+                parts.append((merged.name, merged.unified, merged.task_tensors))
+        name = shard_name("model", unit.index, self.units)
+        save_tensors(self.folder / name, values, {"format": "pt"})
+        return ShardReceipt(name, {k: tensor_record(v) for k, v in values.items()}, parts)
+
+
 @output_format("model")
 class ModelFolder(FolderSink):
-    """The merged model as sharded safetensors (Hugging Face layout); a per-task method's τ_uni,
-    masks and scalars beside it (:mod:`primerge.output.per_task`)."""
+    """The merged model as sharded safetensors (Hugging Face layout: one shard per work unit); a
+    per-task method's τ_uni, masks and scalars beside it (:mod:`primerge.output.per_task`)."""
 
     def open(self, plan: Plan, prepass: Any) -> None:
-        self.model = ShardedWriter(self.folder, self.shard_size, ledger=self.ledger)
         spec = plan.recipe.spec
+        self.weight_map: dict[str, str] = {}
         self.per_task = None
         if spec.per_task:
             self.per_task = PerTaskWriter(self.folder, spec, plan.labels, prepass.task_scalars(),
                                           self.shard_size, self.ledger)
 
-    def add(self, merged: MergedTensor) -> None:
-        self.model.add(merged.name, merged.value)
-        if self.per_task is not None and isinstance(merged, PerTaskTensor):
-            self.per_task.add(merged)
+    def unit_writer(self) -> ShardFiles:
+        return ShardFiles(self.folder, len(self.plan.units), self.per_task is not None)
+
+    def receive(self, unit: WorkUnit, receipt: ShardReceipt) -> None:
+        self.ledger.add(self.folder / receipt.file, receipt.records)
+        self.weight_map.update(dict.fromkeys(receipt.records, receipt.file))
+        for name, unified, tensors in receipt.per_task:
+            self.per_task.add(name, unified, tensors)
 
     def write(self, result: MergeResult) -> tuple[list[str], list[str]]:
-        files = [f.name for f in self.model.finish()]
+        files = list(dict.fromkeys(self.weight_map.values()))
+        if len(files) > 1:
+            total = sum(e.nbytes for e in self.plan.entries)
+            files.append(write_index(self.folder, "model", self.weight_map, total).name)
         if self.per_task is None:
             return files, []
         self.per_task.finish(self.plan.recipe.base)
@@ -126,10 +165,14 @@ class LoraFolder(FolderSink):
         self.rank = recipe.output.lora_rank
 
     def open(self, plan: Plan, prepass: Any) -> None:
-        self.export = LoraExport(self.rank, plan.recipe.seed)
+        self.export = LoraExport(self.rank)
 
-    def add(self, merged: MergedTensor) -> None:
-        self.export.add(merged)
+    def unit_writer(self) -> LoraParts:
+        return LoraParts(self.rank, self.plan.recipe.seed)
+
+    def receive(self, unit: WorkUnit, receipt: list) -> None:
+        for part in receipt:
+            self.export.take(part)
 
     def write(self, result: MergeResult) -> tuple[list[str], list[str]]:
         files = self.export.write(self.folder, self.plan.recipe.base, self.ledger)

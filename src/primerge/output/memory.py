@@ -3,19 +3,29 @@ task-specific tensors, and for per-task methods every task's rebuilt state dict.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor
 
-from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, task_heads
+from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, TensorSink, task_heads
 from primerge.output.per_task import rebuild_task
-from primerge.plan import Plan
+from primerge.plan import Plan, WorkUnit
 
 
-class MemorySink(Sink):
+class KeepValues:
+    """A unit's tensors without the float32 updates, which an in-memory result does not keep."""
+
+    def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> list[MergedTensor]:
+        return [MergedTensor(m.name, m.value, m.kind) if isinstance(m, MergedUpdate) else m for m in tensors]
+
+
+class MemorySink(TensorSink):
     """Collects the merge into :class:`~primerge.output.base.MergeResult` fields."""
+
+    def unit_writer(self) -> KeepValues:
+        return KeepValues()
 
     @contextmanager
     def session(self, plan: Plan, prepass: Any) -> Iterator[None]:

@@ -28,7 +28,6 @@ from primerge.io.readers import open_checkpoint
 from primerge.io.writer import ShardedWriter
 from primerge.methods import get_method
 from primerge.methods.base import MethodSpec
-from primerge.output.base import PerTaskTensor
 
 FOLDER = "per_task"
 META = "per_task.json"
@@ -67,10 +66,10 @@ class PerTaskWriter:
         self.tasks: dict[tuple[str, str], ShardedWriter] = {}
         self.kinds: dict[str, str] = {}
 
-    def add(self, merged: PerTaskTensor) -> None:
-        name = merged.name
-        self.unified.add(name, merged.unified)
-        for key, stacked in merged.task_tensors.items():
+    def add(self, name: str, unified: torch.Tensor, task_tensors: dict[str, torch.Tensor]) -> None:
+        """τ_uni of tensor ``name`` and its per-task tensors (key -> (T, *shape))."""
+        self.unified.add(name, unified)
+        for key, stacked in task_tensors.items():
             self.kinds[key] = "bool-packbits" if stacked.dtype == torch.bool else str(stacked.dtype)
             for t, label in enumerate(self.labels):
                 writer = self.tasks.get((label, key))
