@@ -14,6 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from primerge import bench
+from primerge.bench.accuracy import truncation_error
+from primerge.bench.report import format_table, summarize
+from primerge.bench.runs import Inputs, Measurement, Row, measure_merge, parse_method, parse_methods, write_recipe
+from primerge.bench.zoo import StreamingSafetensors, ZooSpec, build_zoo, task_vector, zoo_folder
 from primerge.cli import build_parser, main
 from primerge.io.readers import open_checkpoint
 from primerge.recipe import load_recipe
@@ -28,11 +32,11 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_zoo(cache):
-    return bench.build_zoo(bench.ZooSpec(**TINY), cache, log=lambda _: None)
+    return build_zoo(ZooSpec(**TINY), cache, log=lambda _: None)
 
 
 def test_default_zoo_is_llama_shaped_and_about_100m_parameters():
-    spec = bench.ZooSpec()
+    spec = ZooSpec()
     shapes = dict(spec.tensors())
     assert 95e6 < spec.parameters() < 105e6
     assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (32000, 768)
@@ -41,12 +45,12 @@ def test_default_zoo_is_llama_shaped_and_about_100m_parameters():
     assert shapes["model.layers.7.mlp.down_proj.weight"] == (768, 2048)
     assert shapes["model.layers.7.post_attention_layernorm.weight"] == (768,)
     assert "model.layers.8.mlp.up_proj.weight" not in shapes
-    assert spec.key != bench.ZooSpec(layers=4).key != bench.ZooSpec(scale=0.5).key
+    assert spec.key != ZooSpec(layers=4).key != ZooSpec(scale=0.5).key
 
 
 def test_streaming_writer_round_trips_and_checks_order(tmp_path):
     tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7).bfloat16()}
-    writer = bench.StreamingSafetensors(tmp_path / "x.safetensors", [(k, tuple(v.shape)) for k, v in tensors.items()])
+    writer = StreamingSafetensors(tmp_path / "x.safetensors", [(k, tuple(v.shape)) for k, v in tensors.items()])
     with pytest.raises(ValueError, match="expected a"):
         writer.write("b", tensors["b"])
     for k, v in tensors.items():
@@ -57,10 +61,10 @@ def test_streaming_writer_round_trips_and_checks_order(tmp_path):
 
 
 def test_zoo_is_cached_readable_and_structured(cache, tiny_zoo):
-    spec = bench.ZooSpec(**TINY)
-    assert tiny_zoo == bench.zoo_folder(spec, cache)
+    spec = ZooSpec(**TINY)
+    assert tiny_zoo == zoo_folder(spec, cache)
     stamp = (tiny_zoo / "ft-0" / "model.safetensors").stat().st_mtime_ns
-    assert bench.build_zoo(spec, cache, log=lambda _: pytest.fail("regenerated")) == tiny_zoo
+    assert build_zoo(spec, cache, log=lambda _: pytest.fail("regenerated")) == tiny_zoo
     assert (tiny_zoo / "ft-0" / "model.safetensors").stat().st_mtime_ns == stamp
 
     base = open_checkpoint(tiny_zoo / "base")
@@ -77,23 +81,23 @@ def test_zoo_is_cached_readable_and_structured(cache, tiny_zoo):
     cos = torch.nn.functional.cosine_similarity(taus[0].flatten(), taus[1].flatten(), dim=0).item()
     assert 0.05 < cos < 0.7
     # the generator is seeded per tensor: the same numbers again
-    again = bench.task_vector(spec, name, tuple(theta0.shape), 0)
+    again = task_vector(spec, name, tuple(theta0.shape), 0)
     assert torch.allclose((theta0 + again).bfloat16().float() - theta0, taus[0])
 
 
 def test_parse_methods():
-    runs = bench.parse_methods("task_arithmetic, prime:svd=exact;rank=0.02,tsv")
+    runs = parse_methods("task_arithmetic, prime:svd=exact;rank=0.02,tsv")
     assert [r.label for r in runs] == ["task_arithmetic", "prime:svd=exact;rank=0.02", "tsv"]
     assert runs[1].method == "prime" and runs[1].parameters == {"svd": "exact", "rank": 0.02}
     with pytest.raises(Exception, match="key=value"):
-        bench.parse_method("prime:exact")
+        parse_method("prime:exact")
 
 
 def test_measured_merge_numbers_are_sane(tiny_zoo, tmp_path):
-    inputs = bench.Inputs.from_zoo("tiny", tiny_zoo, 3)
-    recipe = bench.write_recipe(tmp_path / "r.yaml", inputs.base, inputs.models, bench.parse_method("prime"))
+    inputs = Inputs.from_zoo("tiny", tiny_zoo, 3)
+    recipe = write_recipe(tmp_path / "r.yaml", inputs.base, inputs.models, parse_method("prime"))
     assert load_recipe(recipe).method == "prime"
-    m = bench.measure_merge(recipe, tmp_path / "out")
+    m = measure_merge(recipe, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert 0 < m.merge_s < m.wall_s < 120
     assert m.cpu_s > 0.1  # at least importing torch
@@ -101,20 +105,20 @@ def test_measured_merge_numbers_are_sane(tiny_zoo, tmp_path):
 
 
 def test_truncation_error_is_zero_for_the_same_path_and_small_otherwise(tiny_zoo):
-    inputs = bench.Inputs.from_zoo("tiny", tiny_zoo, 3)
-    exact = bench.parse_method("prime:svd=exact")
-    assert bench.truncation_error(inputs, exact, exact) == (0.0, 0.0)
-    total, worst = bench.truncation_error(inputs, bench.parse_method("prime:svd=randomized"), exact)
+    inputs = Inputs.from_zoo("tiny", tiny_zoo, 3)
+    exact = parse_method("prime:svd=exact")
+    assert truncation_error(inputs, exact, exact) == (0.0, 0.0)
+    total, worst = truncation_error(inputs, parse_method("prime:svd=randomized"), exact)
     assert 0 < total <= worst < 0.5
 
 
 def _row(group, label, tasks, wall, merge, rss):
-    row = bench.Row(group, "z", label, tasks)
-    row.runs = [bench.Measurement(wall + d, wall + d, rss + d, merge + d) for d in (-0.1, 0.0, 5.0)]
+    row = Row(group, "z", label, tasks)
+    row.runs = [Measurement(wall + d, wall + d, rss + d, merge + d) for d in (-0.1, 0.0, 5.0)]
     return row
 
 
-def test_summary_ratios_and_targets():
+def test_summary_ratios():
     rows = [
         _row("methods", "task_arithmetic", 8, 10, 8, 1000),
         _row("methods", "prime", 8, 15, 12, 1100),
@@ -124,20 +128,14 @@ def test_summary_ratios_and_targets():
         _row("depth", "prime L=4", 8, 8, 6, 1000),
         _row("depth", "prime L=8", 8, 15, 12, 1050),
     ]
-    result = bench.summarize(rows, (2e-4, 1e-3))
+    result = summarize(rows, (2e-4, 1e-3))
     by = {r["method"]: r for r in result}
     assert by["prime"]["wall_s"] == 15 and by["prime"]["wall_x"] == 1.5  # medians, not means
     assert by["task_arithmetic"]["merge_x"] == 1.0
     assert by["prime T=8"]["rss_x"] == pytest.approx(1100 / 700, abs=1e-3)
     assert by["prime L=8"]["rss_x"] == 1.05
     assert "rel_err=2.000e-04" in result[-1]["note"]
-    lines = "\n".join(bench.targets(rows, (2e-4, 1e-3)))
-    assert "met    PRIME wall / task_arithmetic wall: 1.50x" in lines
-    assert "MISSED TSV(exact SVD) wall / PRIME wall: 6.00x" not in lines
-    assert "met    TSV(exact SVD) wall / PRIME wall: 6.00x" in lines
-    assert "MISSED prime peak RSS T=8 / T=4: 1.57x" in lines
-    assert "met    PRIME truncated vs exact" in lines
-    table = bench.format_table(result)
+    table = format_table(result)
     assert table.count("\n") == len(result) + 1 and "| prime T=4" in table
 
 
@@ -149,7 +147,7 @@ def test_cli_bench_end_to_end(tiny_zoo, cache, tmp_path, capsys):
                  "--csv", str(out_csv), "--layers", "1", "--scale", "0.0625", "--tasks", "3", "--seed", "7"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "| task_arithmetic" in text and "| prime " in text and "PRIME truncated vs exact" in text
+    assert "| task_arithmetic" in text and "| prime " in text and "prime vs prime:svd=exact" in text
     rows = list(csv.DictReader(open(out_csv)))
     assert [r["method"] for r in rows] == ["task_arithmetic", "prime", "prime vs prime:svd=exact"]
     assert float(rows[0]["wall_x"]) == 1.0 and math.isfinite(float(rows[1]["rss_x"]))

@@ -1,30 +1,36 @@
 """primerge: streaming merges of fine-tuned checkpoints (PRIME, TSV, TIES, Task Arithmetic, ...).
 
-Public API: :func:`merge`, :func:`merge_recipe`, :func:`load_recipe`,
-:func:`list_methods`, :func:`get_method`, :func:`load_task_state` (per-task methods), and the errors in :mod:`primerge.errors`.
+Public API: :func:`merge`, :func:`merge_recipe`, :func:`load_recipe`, :func:`list_methods`,
+:func:`get_method`, :func:`load_task_state` (per-task methods), :class:`MergeResult`,
+:class:`Recipe`, and the errors in :mod:`primerge.errors`. Everything but the errors is imported
+on first use, so ``import primerge`` (and ``primerge --version``) does not load torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from primerge.api import merge, merge_recipe  # noqa: E402
-from primerge.engine import MergeResult  # noqa: E402
-from primerge.errors import InputError, OutputError, PrimergeError, RecipeError  # noqa: E402
-from primerge.methods import get_method, list_methods  # noqa: E402
-from primerge.per_task import load_task_state  # noqa: E402
-from primerge.recipe import Recipe, load_recipe  # noqa: E402
+import importlib
 
-__all__ = [
-    "InputError",
-    "MergeResult",
-    "OutputError",
-    "PrimergeError",
-    "Recipe",
-    "RecipeError",
-    "__version__",
-    "get_method",
-    "list_methods",
-    "load_task_state",
-    "load_recipe",
-    "merge",
-    "merge_recipe",
-]
+from primerge.errors import InputError, OutputError, PrimergeError, RecipeError
+
+from primerge.version import __version__
+
+#: public name -> the module that defines it
+_LAZY = {
+    "merge": "primerge.api",
+    "merge_recipe": "primerge.api",
+    "MergeResult": "primerge.output.base",
+    "get_method": "primerge.methods",
+    "list_methods": "primerge.methods",
+    "load_task_state": "primerge.output.per_task",
+    "Recipe": "primerge.recipe",
+    "load_recipe": "primerge.recipe",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'primerge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+__all__ = ["InputError", "OutputError", "PrimergeError", "RecipeError", "__version__", *_LAZY]

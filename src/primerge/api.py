@@ -10,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import MergeResult, build_plan, check_output, resolve_device, run_merge
+from primerge.engine import LocalExecutor, resolve_device, run
 from primerge.errors import RecipeError
 from primerge.io.names import user_path
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
-from primerge.recipe import OutputConfig, Recipe, build_recipe, load_recipe
-from primerge.validation import validate
+from primerge.output.base import MergeResult
+from primerge.output.formats import open_sink
+from primerge.plan import build_plan
+from primerge.recipe import Recipe, build_recipe, load_recipe
 
 
 def merge(
@@ -42,11 +44,11 @@ def merge(
 
     Method parameters come from ``parameters`` and/or keyword arguments (e.g.
     ``rank=0.01``). ``allow_pickle`` opts in to ``.bin``/``.pt`` pickle checkpoints, which
-    are then read with ``torch.load(weights_only=True)``. With ``out`` the merged model folder is written atomically and
-    ``result.out`` is set; without it the merged tensors are returned in
+    are then read with ``torch.load(weights_only=True)``. With ``out`` the merged model folder is
+    written atomically and ``result.out`` is set; without it the merged tensors are returned in
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
     ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
-    model (:mod:`primerge.lora_export`); ``models`` may be LoRA adapter folders too.
+    model (:mod:`primerge.output.lora`); ``models`` may be LoRA adapter folders too.
     Raises a :class:`primerge.errors.PrimergeError` on any bad input.
     """
     if not isinstance(parameters, (dict, type(None))):
@@ -80,12 +82,11 @@ def merge_recipe(
 ) -> MergeResult:
     """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
 
-    ``lora_rank`` overrides the recipe's ``output.lora_rank`` (a LoRA adapter output).
-
+    ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank;
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
     """
-    size = parse_size(shard_size)  # the call's own arguments first: wrong types are one clear error
-    resolve_device(device)
+    dev = resolve_device(device)  # the call's own arguments first: a wrong type is one clear error
+    size = parse_size(shard_size)
     if not isinstance(allow_pickle, bool):
         raise RecipeError(f"allow_pickle must be true or false, not {allow_pickle!r:.40}.")
     folder = None
@@ -94,17 +95,16 @@ def merge_recipe(
         folder = path.parent
         recipe = load_recipe(path)
     if allow_pickle:
-        recipe = recipe.model_copy(update={"allow_pickle": True})
+        recipe = recipe.replace(allow_pickle=True)
     if lora_rank is not None:
-        output = validate(OutputConfig, {"lora_rank": lora_rank}, "output")
-        recipe = recipe.model_copy(update={"output": output})
-    transform = None
-    if recipe.purify is not None:
-        from primerge.purify import build_purifier  # above the engine: imported only when asked for
+        recipe = recipe.replace(output={"lora_rank": lora_rank})
+    sink = open_sink(recipe, out, force=force, shard_size=size)
+    plan = build_plan(recipe, shard_size=size)
+    try:
+        if recipe.purify is not None:
+            from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
-        if out is not None:  # fail on a bad output before the (slow) covariance collection
-            check_output(out, recipe, force)
-        build_plan(recipe).close()  # likewise for the inputs: files, key sets, shapes
-        transform = build_purifier(recipe, relative_to=folder, quiet=quiet)
-    return run_merge(recipe, out, device=device, force=force, quiet=quiet,
-                     shard_size=size, transform=transform)
+            plan = plan.with_transform(build_purifier(recipe, relative_to=folder, quiet=quiet))
+        return run(plan, sink, LocalExecutor(dev), quiet)
+    finally:
+        plan.close()

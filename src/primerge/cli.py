@@ -13,21 +13,16 @@ import sys
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
-from primerge import __version__
-from primerge import bench
-from primerge.api import merge_recipe
+from primerge.version import __version__
 from primerge.errors import PrimergeError
-from primerge.analysis import cli as analysis_cli
-from primerge.evaluation import cli as evaluation_cli
-from primerge.io.manifest import verify_folder
-from primerge.io.writer import DEFAULT_SHARD_SIZE
-from primerge.methods import list_methods
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from primerge.api import merge_recipe
+
+    size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
     result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force,
-                          quiet=args.quiet, shard_size=args.shard_size, allow_pickle=args.allow_pickle,
-                          lora_rank=args.as_lora)
+                          quiet=args.quiet, allow_pickle=args.allow_pickle, lora_rank=args.as_lora, **size)
     c = result.counts
     if result.report:
         print(result.report)
@@ -41,6 +36,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from primerge.io.manifest import verify_folder
+
     report = verify_folder(args.folder)
     for problem in report.problems:
         print(f"FAIL {problem}")
@@ -68,6 +65,8 @@ def _default(field) -> object:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
+    from primerge.methods import list_methods
+
     for spec in list_methods():
         print(f"{spec.name}  [{spec.family}]  {spec.description}")
         for name, f in spec.params_model.model_fields.items():
@@ -87,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
-    merge.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
-                       help="largest safetensors shard, e.g. 2GB (default) or 500MB")
+    merge.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (default) or 500MB")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
     merge.add_argument("--as-lora", type=int, metavar="RANK", default=None,
@@ -102,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list every method with its parameters and defaults")
     methods.set_defaults(func=_cmd_methods)
 
+    from primerge.analysis import cli as analysis_cli
+    from primerge.bench import cli as bench_cli
+    from primerge.evaluation import cli as evaluation_cli
+
     evaluation_cli.register(sub)
     analysis_cli.register(sub)
-    bench.register(sub)
+    bench_cli.register(sub)
     return parser
 
 

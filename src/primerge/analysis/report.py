@@ -1,7 +1,7 @@
 """``primerge analyze``: a report on a recipe's task vectors, without merging.
 
-Tensors are streamed through the engine's plan (:func:`primerge.engine.build_plan`,
-:func:`primerge.engine.task_vectors`), one parameter at a time, in two passes: pass 1 feeds every
+Tensors are streamed through the merge's plan (:func:`primerge.plan.build_plan`,
+:meth:`primerge.plan.Plan.task_vectors`), one parameter at a time, in two passes: pass 1 feeds every
 collector (interference, PRIME's F(r) and spectra, rank collapse of ``method``'s merge for
 1..T models, sign agreement, HO-GSVD); pass 2 computes PRIME's before/after cosines at the r*
 that pass 1 selected. The report folder gets ``index.md``, PNG figures (matplotlib, Agg), the
@@ -12,7 +12,6 @@ on the purified task vectors, as the merge would see them.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +23,13 @@ from primerge.analysis.alignment import Alignment
 from primerge.analysis.interference import Interference, cosine
 from primerge.analysis.signs import EDGES, SignAgreement
 from primerge.analysis.spectra import PrimeDiagnostics, RankCollapse
-from primerge.engine import Plan, build_plan, resolve_device, run_prepass, task_vectors
+from primerge.engine import context, resolve_device, run_prepass
 from primerge.errors import RecipeError
-from primerge.io.card import md_code
 from primerge.io.destination import destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
-from primerge.methods import get_method
-from primerge.methods.base import TensorContext, derive_seed
+from primerge.output.card import md_code
+from primerge.plan import Plan, build_plan
 from primerge.recipe import Recipe
 
 
@@ -50,13 +48,9 @@ def _update(result):
     return getattr(result, "update", result)
 
 
-def _subset_prepasses(plan: Plan, recipe: Recipe, spec, params, device, quiet: bool) -> list:
+def _subset_prepasses(plan: Plan, device, quiet: bool) -> list:
     """The method's pre-pass result for the first t models, t = 1..T (``None`` when it has none)."""
-    T = len(plan.sources)
-    if spec.make_prepass(params) is None:
-        return [None] * T
-    return [run_prepass(dataclasses.replace(plan, sources=plan.sources[:t]), recipe, spec, params, device, quiet)
-            for t in range(1, T + 1)]
+    return [run_prepass(plan.subset(t), device, quiet) for t in range(1, len(plan.sources) + 1)]
 
 
 def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic", parameters: dict | None = None,
@@ -67,20 +61,20 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
     input or inside one, written atomically with a manifest, ``force`` replaces only an earlier
     analysis report."""
     target = destination(out, [recipe.base, *(m.path for m in recipe.models)], force=force, kind="analysis")
-    spec = get_method(method)
-    params = spec.parameters(parameters or {})
+    recipe = recipe.replace(method=method, parameters=parameters or {})
+    spec, params = recipe.spec, recipe.params
     dev = resolve_device(device)
     plan = build_plan(recipe)
     if recipe.purify is not None:
         from primerge.purify import build_purifier
 
-        plan.transform = build_purifier(recipe, relative_to=relative_to, quiet=quiet)
-    labels = [s.label for s in plan.sources]
+        plan = plan.with_transform(build_purifier(recipe, relative_to=relative_to, quiet=quiet))
+    labels = plan.labels
     T = len(labels)
     if T < 2:
         raise RecipeError("analyze needs at least two models to compare.")
     try:
-        prepasses = _subset_prepasses(plan, recipe, spec, params, dev, quiet)
+        prepasses = _subset_prepasses(plan, dev, quiet)
         interference = Interference(T)
         prime = PrimeDiagnostics(T)
         collapse = RankCollapse(T)
@@ -88,15 +82,15 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
         alignment = Alignment()
         mergeable = plan.mergeable()
         for entry in tqdm(mergeable, desc="analyze", unit="tensor", disable=quiet):
-            _, taus = task_vectors(plan, entry, dev)
+            stack = plan.task_vectors(entry, dev)[1]
+            taus = stack.dense()
             is_matrix = entry.kind == "matrix"
             interference.observe(entry.name, taus, is_matrix)
             if not is_matrix:
                 continue
-            seed = derive_seed(recipe.seed, entry.name)
-            ctx = TensorContext(entry.name, "matrix", seed)
+            ctx = context(plan, entry)
             prime.observe(taus, ctx)
-            merged = [_update(spec.apply(taus[:t], TensorContext(entry.name, "matrix", seed, prepasses[t - 1]), params))
+            merged = [_update(spec.apply(stack.subset(t), context(plan, entry, prepasses[t - 1]), params))
                       for t in range(1, T + 1)]
             collapse.observe(entry.name, merged)
             signs.observe(taus)
@@ -105,8 +99,7 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
         if not matrices:
             raise RecipeError("the recipe has no matrix parameters to analyse; check its 'matrices' regex.")
         for entry in tqdm(matrices, desc="analyze (PRIME r*)", unit="tensor", disable=quiet):
-            _, taus = task_vectors(plan, entry, dev)
-            prime.observe_cosines(taus, TensorContext(entry.name, "matrix", derive_seed(recipe.seed, entry.name)))
+            prime.observe_cosines(plan.task_vectors(entry, dev)[1].dense(), context(plan, entry))
     finally:
         plan.close()
     with atomic_folder(target) as folder:
@@ -158,16 +151,9 @@ def _save(report: Report, fig, name: str) -> Path:
     return path
 
 
-def _write(report: Report, labels, method, interference, prime, collapse, signs, alignment) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _write_interference(report: Report, labels: list[str], method: str, interference, plt) -> dict:
+    """Inner products and cosines of the task vectors, whole model and per matrix."""
     T = len(labels)
-    summary: dict = {"models": labels, "method": method}
-
-    # Interference
     g = interference.total
     cos = cosine(g)
     _matrix_csv(report, "interference_inner.csv", labels, g.abs())
@@ -185,9 +171,12 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     ax.set_ylabel("mean off-diagonal |cos|")
     ax.set_title("Task-vector interference per matrix")
     _save(report, fig, "interference_per_layer.png")
-    summary["interference"] = {"inner": g.tolist(), "cosine": cos.tolist(), "per_layer": layer_rows}
+    return {"inner": g.tolist(), "cosine": cos.tolist(), "per_layer": layer_rows}
 
-    # PRIME
+
+def _write_prime(report: Report, labels: list[str], method: str, prime, plt) -> dict:
+    """PRIME's F(r) table, per-task retention at r*, and the cosines before and after PRIME."""
+    T = len(labels)
     auto = prime.auto
     labels_r = [auto.label(c) for c in auto.candidates]
     _csv(report, "prime_objective.csv", ["rank", "J", "G", "F", "selected"],
@@ -220,11 +209,14 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     _heatmap(axes[0], before, names, "before PRIME: τ_t^[r*] and mean residual", -1, 1, "coolwarm")
     _heatmap(axes[1], after, names, "after PRIME: whitened blocks and P⊥ residual", -1, 1, "coolwarm")
     _save(report, fig, "prime_cosine.png")
-    summary["prime"] = {"candidates": labels_r, "J": auto.J, "G": auto.G, "F": auto.F,
+    return {"candidates": labels_r, "J": auto.J, "G": auto.G, "F": auto.F,
                         "selected": labels_r[auto.index], "retention": dict(zip(labels, retention)),
                         "cosine_before": before.tolist(), "cosine_after": after.tolist()}
 
-    # Rank collapse
+
+def _write_rank_collapse(report: Report, labels: list[str], method: str, collapse, plt) -> dict:
+    """Stable and energy rank of the merged update per matrix and as models are added."""
+    T = len(labels)
     _csv(report, "rank_collapse_layers.csv", ["tensor", "r_full", "stable_rank", "energy_rank"],
          [[r["tensor"], r["r_full"], r["stable_rank"], r["energy_rank"]] for r in collapse.layers])
     growth = collapse.growth_rows()
@@ -248,9 +240,11 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     ax.set_title(f"Rank collapse as models are added ({method})")
     ax.legend(fontsize=8)
     _save(report, fig, "rank_collapse_growth.png")
-    summary["rank_collapse"] = {"layers": collapse.layers, "growth": growth}
+    return {"layers": collapse.layers, "growth": growth}
 
-    # Sign agreement
+
+def _write_signs(report: Report, labels: list[str], method: str, signs, plt) -> dict:
+    """Sign agreement after pruning, in parameter space and in DRM's joint space."""
     fractions = signs.fractions()
     edges = EDGES.tolist()
     _csv(report, "sign_agreement.csv", ["bin_low", "bin_high", *fractions],
@@ -264,9 +258,12 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     ax.set_title("Sign agreement after pruning (top 20%)")
     ax.legend(fontsize=8)
     _save(report, fig, "sign_agreement.png")
-    summary["sign_agreement"] = {"edges": edges, "fractions": fractions}
+    return {"edges": edges, "fractions": fractions}
 
-    # HO-GSVD
+
+def _write_hogsvd(report: Report, labels: list[str], method: str, alignment, plt) -> dict:
+    """HO-GSVD generalized singular values and the alignment matrix."""
+    T = len(labels)
     A = alignment.matrix()
     _matrix_csv(report, "hogsvd_alignment.csv", labels, A)
     rows = []
@@ -292,8 +289,22 @@ def _write(report: Report, labels, method, interference, prime, collapse, signs,
     fig, ax = plt.subplots(figsize=(2 + 1.4 * T, 1.5 + 1.2 * T))
     _heatmap(ax, A, labels, "HO-GSVD alignment (higher = better aligned)")
     _save(report, fig, "hogsvd_alignment.png")
-    summary["hogsvd"] = {"alignment": A.tolist(), "layers": len(alignment.values)}
+    return {"alignment": A.tolist(), "layers": len(alignment.values)}
 
+
+def _write(report: Report, labels, method, interference, prime, collapse, signs, alignment) -> None:
+    """Every section's CSV files and figures, ``summary.json`` and ``index.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary: dict = {"models": labels, "method": method}
+    summary["interference"] = _write_interference(report, labels, method, interference, plt)
+    summary["prime"] = _write_prime(report, labels, method, prime, plt)
+    summary["rank_collapse"] = _write_rank_collapse(report, labels, method, collapse, plt)
+    summary["sign_agreement"] = _write_signs(report, labels, method, signs, plt)
+    summary["hogsvd"] = _write_hogsvd(report, labels, method, alignment, plt)
     report.summary = summary
     (report.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _index(report, labels, method, summary)

@@ -1,14 +1,14 @@
 """The offline benchmark: tasks, the fine-tuned zoo, evaluation, the linear probe and the demo.
 
-It sits above the engine and uses only primerge's public API (``primerge.merge``,
-``primerge.list_methods``). Entry points: :func:`build_zoo`, :func:`evaluate_model`,
+Floors: above the API (it uses only primerge's public API, ``primerge.merge``,
+``primerge.list_methods``), below the CLI; task data come from :mod:`primerge.datasets`. Entry points: :func:`build_zoo`, :func:`evaluate_model`,
 :func:`run_demo`; the CLI subcommands ``zoo build``, ``eval`` and ``demo`` live in
 :mod:`primerge.evaluation.cli`.
 """
 
 from primerge.evaluation.demo import DemoResult, Row, run_demo
-from primerge.evaluation.tasks import DEFAULT_TASKS, TaskData, TaskSplit, load_splits, load_table, load_task
-from primerge.evaluation.zoo import Protocol, Zoo, ZooEntry, build_zoo, cache_root, evaluate_model
+from primerge.datasets import DEFAULT_TASKS, TaskData, TaskSplit, load_splits, load_table, load_task
+from primerge.evaluation.zoo import Protocol, Zoo, ZooEntry, build_zoo, evaluate_model
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -20,7 +20,6 @@ __all__ = [
     "Zoo",
     "ZooEntry",
     "build_zoo",
-    "cache_root",
     "evaluate_model",
     "load_splits",
     "load_table",

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from primerge.evaluation.tasks import DEFAULT_TASKS, PACKAGED
+from primerge.datasets import DEFAULT_TASKS, PACKAGED
 from primerge.evaluation.zoo import Protocol
 
 DEFAULTS = Protocol()
@@ -79,7 +79,7 @@ def register(subparsers) -> None:
 
 
 def cmd_zoo_build(args) -> int:
-    from primerge.evaluation.tasks import load_splits
+    from primerge.datasets import load_splits
     from primerge.evaluation.zoo import build_zoo
 
     splits = load_splits(_names(args.tasks) or list(DEFAULT_TASKS))
@@ -92,7 +92,7 @@ def cmd_zoo_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from primerge.evaluation.tasks import load_splits
+    from primerge.datasets import load_splits
     from primerge.evaluation.zoo import evaluate_model
 
     splits = load_splits(_names(args.tasks))

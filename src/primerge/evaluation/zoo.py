@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,13 +39,14 @@ from primerge.evaluation.model import (
     folder_fingerprint,
     head_from_tensors,
     load_body,
-    load_pretrained_body,
-    load_tokenizer,
     save_folder,
     split_head,
     read_tensors,
 )
-from primerge.evaluation.tasks import TaskSplit
+from primerge.io.hf import load_pretrained_body, load_tokenizer
+from primerge.datasets import TaskSplit
+from primerge.paths import cache_root
+from primerge.seeding import derive_seed
 
 ZOO_FORMAT = 1
 
@@ -71,7 +71,7 @@ class Protocol:
 
     def task_seed(self, task: str) -> int:
         """A seed per task derived from the protocol seed and the task name (order-independent)."""
-        return int.from_bytes(hashlib.sha256(f"{self.seed}:{task}".encode()).digest()[:4], "little")
+        return derive_seed(f"{self.seed}:{task}") & 0xFFFFFFFF
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,16 +83,6 @@ class Protocol:
         del settings["small_task_epochs"], settings["small_task_threshold"]
         settings["epochs"] = self.epochs_for(train_size)
         return settings
-
-
-def cache_root(cache: str | Path | None = None) -> Path:
-    """``cache``, else ``$PRIMERGE_CACHE``, else ``$XDG_CACHE_HOME/primerge``, else ~/.cache/primerge."""
-    if cache is not None:
-        return Path(cache).expanduser()
-    if os.environ.get("PRIMERGE_CACHE"):
-        return Path(os.environ["PRIMERGE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "primerge"
 
 
 def task_key(protocol: Protocol, base_fingerprint: str, split: TaskSplit) -> str:

@@ -110,8 +110,11 @@ class Ledger:
 
     def record(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Remember the tensors just saved to ``path`` (inside the folder)."""
-        rel = Path(path).relative_to(self.folder).as_posix()
-        self.tensors[rel] = {name: tensor_record(t) for name, t in tensors.items()}
+        self.add(path, {name: tensor_record(t) for name, t in tensors.items()})
+
+    def add(self, path: Path, records: dict[str, dict]) -> None:
+        """Remember :func:`tensor_record` s computed elsewhere (e.g. by the worker that wrote ``path``)."""
+        self.tensors[Path(path).relative_to(self.folder).as_posix()] = records
 
     def rename(self, old: Path, new: Path) -> None:
         """Follow a file renamed inside the folder (e.g. a shard given its final name)."""

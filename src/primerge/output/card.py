@@ -3,12 +3,12 @@
 It records what is needed to reproduce and audit the merge: primerge's version,
 the method and every effective parameter, the models with their weights, the
 full recipe, how tensors were classified, the files written, and where each
-task's own (unmerged) tensors are.
+task's own (unmerged) tensors are. Each output adds its own sections (the per-task layout
+and the method's rebuild formula, a LoRA adapter's errors).
 
-Names and paths come from users and checkpoints, so every one is written as a Markdown
-code span (:func:`md_code`) and the recipe as a fence longer than any backtick run in it:
-a tensor or model name holding backticks, ``|``, newlines or HTML cannot change the card's
-structure.
+Names and paths come from users and checkpoints, so every one is written as a Markdown code span
+(:func:`md_code`) and the recipe as a fence longer than any backtick run in it (:func:`md_fence`):
+a tensor or model name holding backticks, ``|``, newlines or HTML cannot change the card's structure.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from primerge import __version__
 from primerge.io.names import components
+from primerge.version import __version__
 
 
 def md_code(text: object, table: bool = False) -> str:
@@ -53,11 +53,38 @@ def _front_matter(recipe, result) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
-def write_card(folder: Path, recipe, result, weight_files: list[str],
-               heads: dict[str, dict[str, torch.Tensor]], copied: list[str]) -> Path:
-    """Write ``folder/README.md`` for a finished merge and return its path."""
-    labels = recipe.model_labels()
+INTEGRITY = [
+    "## Integrity",
+    "",
+    "`primerge-manifest.json` lists every file of this folder with its size, and every tensor "
+    "with its shape, dtype and SHA-256 (the other files with their SHA-256). primerge checked the "
+    "written files against the computed tensors before publishing the folder; "
+    "`primerge verify <this folder>` checks them again at any time.",
+    "",
+]
+
+
+def _heads_section(heads: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     files = components(heads)
+    return [
+        "## Task-specific tensors",
+        "",
+        "These tensors were not merged: each task keeps its own copy, stored under its own "
+        "names in `task_heads/<model>.safetensors` (a model name outside `A-Z a-z 0-9 - _ . + = @ ,` "
+        "is percent-encoded in the file name). Load the merged body, then the head of the task you "
+        "want to run.",
+        "",
+        *[f"- {md_code(label)}: {md_code(f'task_heads/{files[label]}.safetensors')}: "
+          f"{', '.join(md_code(n) for n in tensors)}" for label, tensors in heads.items()],
+        "",
+    ]
+
+
+def write_card(folder: Path, recipe, result, weight_files: list[str],
+               heads: dict[str, dict[str, torch.Tensor]], copied: list[str], sections: list[str]) -> Path:
+    """Write ``folder/README.md`` for a finished merge and return its path; ``sections`` are the
+    outputs' own Markdown sections."""
+    labels = recipe.model_labels()
     lines = [
         _front_matter(recipe, result),
         f"# Merged model ({result.method})",
@@ -91,41 +118,11 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
     ]
     if result.report:
         lines += ["## Whole-model pre-pass", "", result.report, ""]
-    if result.per_task:
-        lines += [
-            "## Per-task models",
-            "",
-            f"`{result.method}` gives every task its own model. `model.safetensors` holds the unified "
-            "model θ₀ + τ_uni; `per_task/task_vector*.safetensors` holds τ_uni, "
-            "`per_task/<task>/<key>*.safetensors` each task's tensors (boolean masks bit-packed with "
-            "numpy.packbits, big bit order, over the flattened tensor) and `per_task/per_task.json` the "
-            "task names, per-task scalars and the base path. Rebuild task t's weights with "
-            "`primerge.per_task.load_task_state(folder, task)`; for EMR they are "
-            "θ₀ + λ_t · m_t ⊙ τ_uni.",
-            "",
-        ]
+    for section in sections:
+        lines += [section.rstrip("\n"), ""]
     if heads:
-        lines += [
-            "## Task-specific tensors",
-            "",
-            "These tensors were not merged: each task keeps its own copy, stored under its own "
-            "names in `task_heads/<model>.safetensors` (a model name outside `A-Z a-z 0-9 - _ . + = @ ,` "
-            "is percent-encoded in the file name). Load the merged body, then the head of the task you "
-            "want to run.",
-            "",
-            *[f"- {md_code(label)}: {md_code(f'task_heads/{files[label]}.safetensors')}: "
-              f"{', '.join(md_code(n) for n in tensors)}" for label, tensors in heads.items()],
-            "",
-        ]
-    lines += [
-        "## Integrity",
-        "",
-        "`primerge-manifest.json` lists every file of this folder with its size, and every tensor "
-        "with its shape, dtype and SHA-256 (the other files with their SHA-256). primerge checked the "
-        "written files against the computed tensors before publishing the folder; "
-        "`primerge verify <this folder>` checks them again at any time.",
-        "",
-    ]
+        lines += _heads_section(heads)
+    lines += INTEGRITY
     lines += ["## Recipe", "", *md_fence(recipe.to_yaml().rstrip(), "yaml"), ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))

@@ -1,0 +1,137 @@
+"""``primerge bench``: the command. Light to import: the zoo, the runs and torch load when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from primerge import bench
+from primerge.bench import BASELINE, DEFAULT_METHODS
+
+
+def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: Callable[[str], None]) -> list:
+    """(Row, recipe path) of every configuration: the methods, then the T and depth scaling pairs."""
+    from primerge.bench.runs import Inputs, Row, parse_method, write_recipe
+    from primerge.bench.zoo import ZooSpec, build_zoo
+
+    configs: list = []
+
+    def add(group: str, inp: Inputs, run, label: str) -> None:
+        recipe = workdir / f"recipe-{len(configs)}.yaml"
+        configs.append((Row(group, inp.name, label, len(inp.models)),
+                        write_recipe(recipe, inp.base, inp.models, run, inp.extra)))
+
+    for run in runs:
+        add("methods", inputs, run, run.label)
+    if args.scaling and args.recipe is None:
+        spec = ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed)
+        pair = (parse_method(BASELINE), parse_method("prime"))
+        half = max(1, spec.tasks // 2)
+        for run in pair:
+            add("tasks", inputs.subset(f"L{spec.layers}", half), run, f"{run.label} T={half}")
+            add("tasks", inputs, run, f"{run.label} T={spec.tasks}")
+        shallow = ZooSpec(layers=max(1, spec.layers // 2), scale=spec.scale, tasks=spec.tasks, seed=spec.seed)
+        shallow_inputs = Inputs.from_zoo(f"L{shallow.layers}", build_zoo(shallow, args.cache, log), spec.tasks)
+        for run in pair:
+            add("depth", shallow_inputs, run, f"{run.label} L={shallow.layers}")
+            add("depth", inputs, run, f"{run.label} L={spec.layers}")
+    return configs
+
+
+def _inputs(args: argparse.Namespace, log: Callable[[str], None]):
+    """The recipe's base and models, or the cached zoo (built on first use)."""
+    from primerge.bench.runs import Inputs
+    from primerge.bench.zoo import ZooSpec, build_zoo
+
+    if args.recipe is not None:
+        return Inputs.from_recipe(Path(args.recipe))
+    spec = ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed)
+    log(f"zoo: {spec.key}: {spec.parameters() / 1e6:.1f}M parameters per checkpoint, {spec.tasks} fine-tunes "
+        f"(hidden {spec.hidden}, intermediate {spec.intermediate}, vocab {spec.vocab})")
+    return Inputs.from_zoo(f"L{spec.layers}", build_zoo(spec, args.cache, log), spec.tasks)
+
+
+def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict]:
+    """Run the benchmark described by parsed ``args``; returns the result rows."""
+    from primerge.bench.accuracy import truncation_error
+    from primerge.bench.report import summarize
+    from primerge.bench.runs import MethodRun, parse_method, parse_methods, run_interleaved
+    from primerge.recipe import build_recipe
+
+    runs = parse_methods(args.methods)
+    if not any(r.label == BASELINE for r in runs):
+        runs.insert(0, parse_method(BASELINE))
+    for run in runs:  # validate every method before the long work
+        build_recipe({"base": ".", "models": ["."], "method": run.method, "parameters": run.parameters})
+    from primerge.io.writer import make_scratch, remove_scratch
+
+    inputs = _inputs(args, log)
+    paths = [inputs.base, *(m["path"] if isinstance(m, dict) else m for m in inputs.models)]
+    workdir, created = make_scratch(args.workdir, "primerge-bench-", paths)  # never inside an input
+    try:
+        configs = _configs(args, runs, inputs, workdir, log)
+        log(f"running {len(configs)} configurations x {args.repeats} repeats (interleaved), "
+            f"device {args.device}, {os.cpu_count()} CPUs visible")
+        run_interleaved(configs, args.repeats, workdir, args.device, log)
+        error = None
+        if args.accuracy:
+            fast = next((r for r in runs if r.method == "prime" and "svd" not in r.parameters), parse_method("prime"))
+            exact = MethodRun("prime:svd=exact", "prime", {**fast.parameters, "svd": "exact"})
+            start = time.perf_counter()
+            error = truncation_error(inputs, fast, exact)
+            log(f"accuracy: {fast.label} vs {exact.label}: relative error {error[0]:.2e} over all matrices, "
+                f"worst matrix {error[1]:.2e} ({time.perf_counter() - start:.1f}s)")
+    finally:
+        remove_scratch(workdir, created)
+    return summarize([row for row, _ in configs], error, inputs)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from primerge.bench.report import format_table, write_csv
+    from primerge.paths import cache_root
+
+    result = run_bench(args)
+    print()
+    print(f"machine: {os.cpu_count()} CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, device {args.device}; medians of {args.repeats} runs; *_x = ratio to "
+          f"{BASELINE} (methods) or to the first row of the pair (tasks, depth)")
+    print(format_table(result))
+    csv_path = Path(args.csv) if args.csv else cache_root(args.cache) / "bench" / "results.csv"
+    print(f"\nCSV: {write_csv(csv_path, result)}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma-separated methods, each NAME or NAME:key=value;key=value "
+                             f"(default {DEFAULT_METHODS}); {BASELINE} is always included")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; medians (default 3)")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the zoo (default 8)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="width scale: 1.0 = hidden 768, vocab 32000, ~100M parameters (default 1.0)")
+    parser.add_argument("--tasks", type=int, default=8, help="fine-tunes in the zoo (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="zoo generation seed (default 0)")
+    parser.add_argument("--recipe", help="benchmark this recipe's base and models instead of the zoo")
+    parser.add_argument("--device", default="cpu", help="passed to every merge: cpu, cuda or auto")
+    parser.add_argument("--cache", type=Path,
+                        help="cache folder (default: $PRIMERGE_CACHE, else ~/.cache/primerge)")
+    parser.add_argument("--workdir", help="where merged outputs are written (default: system temp)")
+    parser.add_argument("--csv", help="CSV output path (default: <cache>/bench/results.csv)")
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false",
+                        help="skip the T=4 vs T=8 and half-depth vs full-depth rows")
+    parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                        help="skip PRIME's truncated-vs-exact SVD error check")
+
+
+def register(subparsers) -> None:
+    """Add ``bench`` to the main CLI's argparse subparsers."""
+    parser = subparsers.add_parser(
+        "bench", help="measure wall time, CPU time and peak RSS of merges on a cached LLaMA-style zoo",
+        description=bench.__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.set_defaults(func=cmd_bench)

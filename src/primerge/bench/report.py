@@ -1,0 +1,53 @@
+"""The benchmark's table: medians and ratios against Task Arithmetic, as Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from primerge.bench import BASELINE
+from primerge.bench.runs import Inputs, Row
+
+COLUMNS = ["group", "inputs", "method", "T", "runs", "wall_s", "cpu_s", "merge_s", "rss_mib",
+           "wall_x", "merge_x", "rss_x", "note"]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A Markdown table of result dicts (``COLUMNS`` order)."""
+    cells = [[str(r.get(c, "")) for c in COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(line(c) for c in cells)])
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _find(rows: Sequence[Row], group: str, label: str) -> Row | None:
+    return next((r for r in rows if r.group == group and r.label == label), None)
+
+
+def summarize(rows: Sequence[Row], error: tuple[float, float] | None, inputs: Inputs | None = None) -> list[dict]:
+    """Result dicts: method rows against ``task_arithmetic``, scaling rows against the first
+    row of their pair (same method, T = 4 or half depth), then the accuracy row."""
+    result: list[dict] = []
+    for row in rows:
+        if row.group == "methods":
+            base = _find(rows, "methods", BASELINE)
+        else:
+            base = next(r for r in rows if r.group == row.group and r.label.split()[0] == row.label.split()[0])
+        result.append(row.as_dict(base))
+    if error is not None:
+        result.append({"group": "accuracy", "inputs": inputs.name if inputs else "",
+                       "method": "prime vs prime:svd=exact", "T": len(inputs.models) if inputs else "",
+                       "note": f"rel_err={error[0]:.3e} worst_matrix={error[1]:.3e}"})
+    return result
+

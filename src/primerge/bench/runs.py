@@ -1,0 +1,177 @@
+"""Benchmark runs: methods and their recipes, each merge measured in its own child process.
+
+Every merge runs as ``python -m primerge.bench RECIPE OUT DEVICE`` (the same merge as ``primerge merge
+--force --quiet``); its wall time, CPU time (user + system) and peak RSS come from ``os.wait4`` (the
+child's own ``rusage``), and the engine's own merge time from its last output line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+@dataclass(frozen=True)
+class MethodRun:
+    """A method and parameter overrides, written ``name`` or ``name:key=value;key=value``."""
+
+    label: str
+    method: str
+    parameters: dict
+
+
+def parse_method(text: str) -> MethodRun:
+    text = text.strip()
+    method, _, rest = text.partition(":")
+    params: dict = {}
+    for item in filter(None, (p.strip() for p in rest.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"method option '{item}' in '{text}' is not key=value")
+        params[key.strip()] = yaml.safe_load(value.strip())
+    return MethodRun(text, method.strip(), params)
+
+
+def parse_methods(text: str) -> list[MethodRun]:
+    """Split ``a,b:k=v;k2=v2,c`` into runs (commas separate methods)."""
+    return [parse_method(t) for t in text.split(",") if t.strip()]
+
+
+def write_recipe(path: Path, base: Path, models: Sequence[Path | dict], run: MethodRun,
+                 extra: dict | None = None) -> Path:
+    data = {**(extra or {}), "base": str(base), "models": [m if isinstance(m, dict) else str(m) for m in models],
+            "method": run.method, "parameters": run.parameters}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a benchmark merges: base, models and any extra recipe fields."""
+
+    name: str
+    base: Path
+    models: tuple
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_zoo(cls, name: str, folder: Path, tasks: int) -> "Inputs":
+        return cls(name, folder / "base", tuple(folder / f"ft-{t}" for t in range(tasks)))
+
+    @classmethod
+    def from_recipe(cls, path: Path) -> "Inputs":
+        from primerge.recipe import load_recipe
+
+        recipe = load_recipe(path)
+        models = tuple({"path": str(m.path), "weight": m.weight, **({"name": m.name} if m.name else {})}
+                       for m in recipe.models)
+        extra = {k: v for k, v in (("matrices", recipe.matrices), ("task_specific", recipe.task_specific),
+                                   ("seed", recipe.seed)) if v is not None}
+        return cls(path.stem, recipe.base, models, extra)
+
+    def subset(self, name: str, tasks: int) -> "Inputs":
+        return Inputs(name, self.base, self.models[:tasks], self.extra)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One merge in a child process: seconds, CPU seconds, peak RSS (MiB), engine seconds."""
+
+    wall_s: float
+    cpu_s: float
+    rss_mib: float
+    merge_s: float
+
+
+MERGED_LINE = re.compile(r"merged with \S+ in ([0-9.]+)s")
+
+
+#: The child command: this module's runner (``primerge merge`` with a precise time line).
+RUNNER = [sys.executable, "-m", "primerge.bench"]
+
+
+def child_merge(argv: Sequence[str]) -> int:
+    """``RECIPE OUT DEVICE``: the whole merge as ``primerge merge --force --quiet`` does it,
+    then one line ``merged with METHOD in SECONDSs`` (the engine's time, to the microsecond)."""
+    from primerge.api import merge_recipe
+
+    recipe, out, device = argv
+    result = merge_recipe(recipe, out=out, device=device, force=True, quiet=True)
+    print(f"merged with {result.method} in {result.seconds:.6f}s")
+    return 0
+
+
+def measure_merge(recipe: Path, out: Path, device: str = "cpu",
+                  runner: Sequence[str] | None = None) -> Measurement:
+    """Merge in a child process (``runner``, default :data:`RUNNER`, given RECIPE OUT DEVICE);
+    measure it with the child's own rusage from ``os.wait4``."""
+    cmd = [*(runner or RUNNER), str(recipe), str(out), device]
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"merge of {recipe} failed (exit {proc.returncode}):\n{text[-2000:]}")
+    found = MERGED_LINE.findall(text)
+    merge_s = float(found[-1]) if found else float("nan")
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    rss = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    return Measurement(wall, usage.ru_utime + usage.ru_stime, rss, merge_s)
+
+
+@dataclass
+class Row:
+    """Medians of one configuration's runs and its ratios against the baseline."""
+
+    group: str
+    inputs: str
+    label: str
+    tasks: int
+    runs: list[Measurement] = field(default_factory=list)
+    note: str = ""
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(m, attr) for m in self.runs)
+
+    def as_dict(self, baseline: "Row | None") -> dict:
+        d = {"group": self.group, "inputs": self.inputs, "method": self.label, "T": self.tasks,
+             "runs": len(self.runs)}
+        for attr in ("wall_s", "cpu_s", "merge_s", "rss_mib"):
+            d[attr] = round(self.median(attr), 3)
+        for attr, key in (("wall_s", "wall_x"), ("merge_s", "merge_x"), ("rss_mib", "rss_x")):
+            ref = baseline.median(attr) if baseline and baseline.runs else 0.0
+            d[key] = round(self.median(attr) / ref, 3) if ref > 0 else ""
+        d["note"] = self.note
+        return d
+
+
+def run_interleaved(configs: Sequence[tuple[Row, Path]], repeats: int, workdir: Path, device: str,
+                    log: Callable[[str], None] = print, runner: Sequence[str] | None = None) -> None:
+    """``repeats`` rounds, each merging every configuration once (interleaved)."""
+    out = workdir / "merged"
+    for rep in range(repeats):
+        for row, recipe in configs:
+            m = measure_merge(recipe, out, device, runner)
+            row.runs.append(m)
+            log(f"  [{rep + 1}/{repeats}] {row.inputs:<14} {row.label:<24} wall {m.wall_s:7.2f}s  "
+                f"cpu {m.cpu_s:7.2f}s  merge {m.merge_s:7.2f}s  rss {m.rss_mib:7.0f} MiB")
+    shutil.rmtree(out, ignore_errors=True)
+

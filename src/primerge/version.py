@@ -1,0 +1,3 @@
+"""primerge's version, in one place (pyproject.toml reads it)."""
+
+__version__ = "0.1.0"
