@@ -30,7 +30,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from primerge import bench
+from primerge.bench.runs import MERGED_LINE, RUNNER, Measurement
 
 
 def make_checkpoints(folder: Path, count: int, models: int) -> tuple[Path, list[Path]]:
@@ -66,9 +66,9 @@ def run(count: int, models: int, method: str, timeout: float, work: Path) -> dic
     return row
 
 
-def measure(recipe: Path, out: Path, timeout: float) -> bench.Measurement:
+def measure(recipe: Path, out: Path, timeout: float) -> Measurement:
     """The child's wall time, engine time and peak RSS (``os.wait4``); killed past ``timeout``."""
-    cmd = [*bench.RUNNER, str(recipe), str(out), "cpu"]
+    cmd = [*RUNNER, str(recipe), str(out), "cpu"]
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -84,8 +84,8 @@ def measure(recipe: Path, out: Path, timeout: float) -> bench.Measurement:
         raise subprocess.TimeoutExpired(cmd, timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"merge failed (exit {proc.returncode}):\n{text[-2000:]}")
-    found = bench.MERGED_LINE.findall(text)
-    return bench.Measurement(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
+    found = MERGED_LINE.findall(text)
+    return Measurement(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
                              float(found[-1]) if found else float("nan"))
 
 

@@ -20,6 +20,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import primerge
@@ -306,6 +307,8 @@ def test_the_reader_returns_exactly_what_safetensors_stores(tmp_path_factory, sp
     save_file(state, str(path))
     checkpoint = open_checkpoint(path)
     stored = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        assert checkpoint.names == list(handle.keys())  # the library's order (the header's is by data)
     for name, tensor in stored.items():
         got = checkpoint.load(name)
         assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name

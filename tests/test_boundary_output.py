@@ -27,13 +27,14 @@ from safetensors.torch import load_file, save_file
 import primerge
 from primerge import cli
 from primerge.errors import InputError, OutputError, RecipeError
-from primerge.io.card import write_card
+from primerge.output.base import MergeResult
+from primerge.output.card import write_card
 from primerge.io.destination import destination
 from primerge.io.manifest import MANIFEST, Ledger, tensor_record, verify_folder
 from primerge.io.names import MAX_COMPONENT, SAFE, component
 from primerge.io.readers import SUPPORT_FILES
 from primerge.io.writer import LOCK_SUFFIX, TEMP_MARK, save_tensors
-from primerge.per_task import load_task_state
+from primerge.output.per_task import load_task_state
 from primerge.recipe import build_recipe
 from refusals import TASK_SPECIFIC, leftovers, model_copy, recipe_file, refused, snapshot, zoo_recipe
 
@@ -452,9 +453,9 @@ def test_card_markdown_holds_any_model_and_tensor_names(tmp_path_factory, labels
     folder = tmp_path_factory.mktemp("card")
     recipe = build_recipe({"base": "base|dir`", "models": [{"path": f"m{i}", "name": n} for i, n in enumerate(labels)],
                            "method": "task_arithmetic"})
-    result = primerge.engine.MergeResult("task_arithmetic", {"scale": None}, counts={})
+    result = MergeResult("task_arithmetic", {"scale": None}, counts={})
     heads = {label: {n: torch.zeros(1) for n in tensors} for label in labels}
-    tokens = MD.parse(write_card(folder, recipe, result, ["model.safetensors"], heads, []).read_text())
+    tokens = MD.parse(write_card(folder, recipe, result, ["model.safetensors"], heads, [], []).read_text())
     models = next(i for i, t in enumerate(tokens) if t.type == "inline" and t.content == "name")
     table = tokens[models:next(i for i in range(models, len(tokens)) if tokens[i].type == "table_close")]
     assert _code_spans(table)[0::2] == [_shown(x) for x in labels]

@@ -110,9 +110,10 @@ class SafetensorsFile:
         self.size = path.stat().st_size
         self.infos: dict[str, TensorInfo] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
-        for name, entry in header.items():
+        for name in sorted(header):  # by name, as the library lists them (the header is in data order)
             if name == "__metadata__":
                 continue
+            entry = header[name]
             code = entry["dtype"]
             if code not in SAFETENSORS_DTYPES:
                 raise InputError(f"{path}: tensor '{name}' has unsupported dtype {code}.")

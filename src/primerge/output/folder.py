@@ -71,9 +71,10 @@ class FolderSink(Sink):
         heads = task_heads(self.plan)
         if heads:
             (self.folder / "task_heads").mkdir()
-            files = components(heads)  # labels are user text: encoded into safe file names
+            encoded = components(heads)  # labels are user text: encoded into safe file names
             for label, tensors in heads.items():
-                save_tensors(self.folder / "task_heads" / f"{files[label]}.safetensors", tensors, ledger=self.ledger)
+                save_tensors(self.folder / "task_heads" / f"{encoded[label]}.safetensors", tensors,
+                             ledger=self.ledger)
         copied = copy_support_files(self.plan.base.support, self.folder) if self.copies_support_files else []
         result.out = self.out
         write_card(self.folder, self.plan.recipe, result, files, heads, copied, sections)
