@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -113,6 +112,19 @@ def test_special_files_are_refused_before_they_are_opened(zoo, tmp_path, capsys,
     refused(recipe, tmp_path / "out" / "merged", InputError, [target, found], capsys)
 
 
+def test_a_socket_where_the_weights_should_be_is_refused(zoo, tmp_path, capsys):
+    import socket
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # a socket path must fit in 108 bytes
+        folder = Path(short) / "m"
+        folder.mkdir()
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(folder / "model.safetensors"))
+            recipe = recipe_file(tmp_path / "r", zoo_recipe(zoo, models=[folder]))
+            refused(recipe, tmp_path / "out", InputError, [folder / "model.safetensors", "a socket where"], capsys)
+
+
 # --------------------------------------------------------------------------- tracebacks that became errors
 
 
@@ -169,7 +181,7 @@ CASES = {  # name: (recipe overrides from (zoo, tmp_path), error, needles)
     "model with a NUL byte": (lambda z, t: {"models": ["a\0b"]}, RecipeError, ["models: path", "NUL byte"]),
     "over-long path component": (lambda z, t: {"base": "x" * 300}, RecipeError, ["300 bytes", "255"]),
     "path longer than PATH_MAX": (lambda z, t: {"base": "/".join(["x" * 200] * 25)}, RecipeError, ["4096"]),
-    "seed of 5000 digits": (lambda z, t: {"seed": 0}, RecipeError, ["not valid YAML", "5000 digits"]),
+    "seed of 5000 digits": (lambda z, t: {}, RecipeError, ["not valid YAML", "5000 digits"]),
     "seed of 2^70": (lambda z, t: {"seed": 2**70}, RecipeError, ["seed"]),
     "negative seed": (lambda z, t: {"seed": -1}, RecipeError, ["seed"]),
     "matrices regex unrolling": (lambda z, t: {"matrices": "(((x{50}){50}){50})"}, RecipeError,
@@ -180,24 +192,10 @@ CASES = {  # name: (recipe overrides from (zoo, tmp_path), error, needles)
 @pytest.mark.parametrize("case", list(CASES))
 def test_inputs_that_raised_tracebacks_are_one_clear_error(zoo, tmp_path, capsys, case):
     overrides, error, needles = CASES[case]
-    data = zoo_recipe(zoo, **overrides(zoo, tmp_path))
-    path = tmp_path / "r" / "recipe.yaml"
-    path.parent.mkdir()
-    if case == "seed of 5000 digits":  # PyYAML refuses to build such an int (Python's digit limit)
-        path.write_text(yaml.safe_dump(_plain({**data, "seed": 0})).replace("seed: 0", "seed: " + "9" * 5000))
-    else:
-        path.write_text(yaml.safe_dump(_plain(data), allow_unicode=True))
+    path = recipe_file(tmp_path / "r", zoo_recipe(zoo, **overrides(zoo, tmp_path)))
+    if case == "seed of 5000 digits":  # written as text: PyYAML builds no such int (Python's digit limit)
+        path.write_text(path.read_text() + "seed: " + "9" * 5000 + "\n")
     refused(path, tmp_path / "out" / "merged", error, needles, capsys)
-
-
-def _plain(x):
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_plain(v) for v in x]
-    return x
 
 
 @pytest.mark.parametrize("size", ["infGB", "nanMB", "0", "-5", "1e400", "", "GB", "0.1B"])
