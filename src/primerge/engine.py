@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from primerge.deterministic import ThreadIndependent
 from primerge.errors import InputError, RecipeError
+from primerge.io.manifest import non_finite
 from primerge.methods.base import PerTaskUpdate, Prepass, TensorContext, fold_statistics, is_sum_merge
 from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, Sink, UnitWriter
 from primerge.plan import Plan, WorkUnit
@@ -102,7 +103,7 @@ def merge_tensor(plan: Plan, entry: PlanEntry, device: torch.device, prepass: An
         update = per_task.update
     if plan.scales is not None:
         update = update * plan.scales[entry.name]
-    if not bool(torch.isfinite(update).all()):
+    if non_finite(update):
         raise InputError(f"tensor '{entry.name}': method '{spec.name}' produced NaN/Inf; check the inputs "
                          f"and parameters ({params.model_dump()}).")
     value = (base + update).to(dtype=entry.dtype, device="cpu")

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from primerge.errors import InputError
 from primerge.io.adapters import Adapter, is_adapter, open_adapter
+from primerge.io.manifest import non_finite
 from primerge.io.readers import Checkpoint, open_checkpoint
 from primerge.methods.stack import LowRank, TaskStack
 
@@ -65,7 +66,7 @@ class PlanEntry:
 
 def finite(tensor: Tensor, where: object, name: str) -> Tensor:
     """``tensor``, refused with the file and tensor named when it holds NaN or Inf."""
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+    if non_finite(tensor):
         raise InputError(f"{where}: tensor '{name}' contains NaN or Inf values; fix or re-export it.")
     return tensor
 
