@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import LocalExecutor, resolve_device, run
+from primerge.engine import run
+from primerge.execution import make_executor
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from primerge.output.base import MergeResult
 from primerge.output.formats import open_sink
@@ -32,6 +33,7 @@ def merge(
     purify: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     lora_rank: int | None = None,
+    execution: dict[str, Any] | None = None,
     device: str = "cpu",
     force: bool = False,
     quiet: bool = True,
@@ -47,6 +49,7 @@ def merge(
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
     ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
     model (:mod:`primerge.output.lora`); ``models`` may be LoRA adapter folders too.
+    ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.execution.ray`).
     Raises a :class:`primerge.errors.PrimergeError` on any bad input.
     """
     recipe = build_recipe({
@@ -61,6 +64,7 @@ def merge(
         "purify": purify,
         "allow_pickle": allow_pickle,
         "output": {"lora_rank": lora_rank} if lora_rank is not None else None,
+        "execution": execution,
     })
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
 
@@ -75,10 +79,12 @@ def merge_recipe(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     allow_pickle: bool = False,
     lora_rank: int | None = None,
+    execution: dict[str, Any] | None = None,
 ) -> MergeResult:
     """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
 
-    ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank;
+    ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank; ``execution``
+    overrides fields of the recipe's ``execution`` block (e.g. ``{"backend": "ray", "workers": 4}``);
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
     """
     folder = None
@@ -89,8 +95,10 @@ def merge_recipe(
         recipe = recipe.replace(allow_pickle=True)
     if lora_rank is not None:
         recipe = recipe.replace(output={"lora_rank": lora_rank})
-    dev = resolve_device(device)
+    if execution:
+        recipe = recipe.replace(execution={**recipe.execution.model_dump(exclude_defaults=True), **execution})
     size = parse_size(shard_size)
+    executor = make_executor(recipe.execution, device)
     sink = open_sink(recipe, Path(out) if out is not None else None, force=force, shard_size=size)
     plan = build_plan(recipe, shard_size=size)
     try:
@@ -98,6 +106,7 @@ def merge_recipe(
             from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
             plan = plan.with_transform(build_purifier(recipe, relative_to=folder, quiet=quiet))
-        return run(plan, sink, LocalExecutor(dev), quiet)
+        return run(plan, sink, executor, quiet)
     finally:
         plan.close()
+        executor.close()

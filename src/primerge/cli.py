@@ -21,8 +21,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from primerge.api import merge_recipe
 
     size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
-    result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force,
-                          quiet=args.quiet, allow_pickle=args.allow_pickle, lora_rank=args.as_lora, **size)
+    execution = {key: value for key in ("backend", "address", "workers", "cpus_per_worker", "gpus_per_worker")
+                 if (value := getattr(args, key)) is not None}
+    result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force, quiet=args.quiet,
+                          allow_pickle=args.allow_pickle, lora_rank=args.as_lora, execution=execution, **size)
     c = result.counts
     if result.report:
         print(result.report)
@@ -91,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
     merge.add_argument("--as-lora", type=int, metavar="RANK", default=None,
                        help="write a PEFT LoRA adapter of this rank instead of a full model")
+    ray = merge.add_argument_group("distributed execution (pip install 'primerge[ray]')")
+    ray.add_argument("--backend", choices=["local", "ray"], help="where the units run (default: the recipe's, "
+                     "else local)")
+    ray.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local runtime)")
+    ray.add_argument("--workers", type=int, help="units merged at once (default: the cluster's CPUs)")
+    ray.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per unit (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs reserved per unit; units then merge on CUDA")
     merge.set_defaults(func=_cmd_merge)
 
     verify = sub.add_parser("verify", help="check an output folder against its primerge-manifest.json")

@@ -107,6 +107,10 @@ class TaskVectorSource(ABC):
         """A task-specific tensor under its name in this model."""
 
     @abstractmethod
+    def files(self) -> list[Path]:
+        """Every file this model is read from (a distributed merge checks each node sees them)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release file handles and cached tensors."""
 
@@ -157,6 +161,9 @@ class FullFineTune(TaskVectorSource):
 
     def head(self, name: str) -> Tensor:
         return self.checkpoint.load(name)
+
+    def files(self) -> list[Path]:
+        return sorted({self.checkpoint.info(n).file for n in self.checkpoint.names})
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -218,6 +225,10 @@ class LoraAdapter(TaskVectorSource):
 
     def head(self, name: str) -> Tensor:
         return self.adapter.full_value(name)
+
+    def files(self) -> list[Path]:
+        weights = self.adapter.weights
+        return sorted({self.adapter.config_file, *(weights.info(n).file for n in weights.names)})
 
     def close(self) -> None:
         self.adapter.close()

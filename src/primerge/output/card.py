@@ -65,6 +65,8 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         f"Merged by primerge {__version__} with method `{result.method}` from the base "
         f"`{recipe.base}` and {len(recipe.models)} fine-tuned models.",
         "",
+        "Executed on: " + ", ".join(f"{k} {v}" for k, v in result.execution.items()) + ".",
+        "",
         "## Parameters",
         "",
         "| parameter | value |",

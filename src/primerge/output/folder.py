@@ -9,6 +9,7 @@ manifest, checked against what was computed.
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,9 @@ class FolderSink(Sink):
         self.ledger.seal()
 
 
+PART_MARK = ".part-"
+
+
 @dataclass(frozen=True)
 class ShardReceipt:
     """What a model folder's unit writer reports: the shard file written, its tensors' records
@@ -113,7 +117,9 @@ class ShardFiles:
             if self.per_task and isinstance(merged, PerTaskTensor):
                 parts.append((merged.name, merged.unified, merged.task_tensors))
         name = shard_name("model", unit.index, self.units)
-        save_tensors(self.folder / name, values, {"format": "pt"})
+        part = self.folder / f".{name}{PART_MARK}{os.getpid()}"  # a worker killed mid-write leaves only this
+        save_tensors(part, values, {"format": "pt"})
+        os.replace(part, self.folder / name)
         return ShardReceipt(name, {k: tensor_record(v) for k, v in values.items()}, parts)
 
 
@@ -140,6 +146,8 @@ class ModelFolder(FolderSink):
             self.per_task.add(name, unified, tensors)
 
     def write(self, result: MergeResult) -> tuple[list[str], list[str]]:
+        for stray in self.folder.glob(f".*{PART_MARK}*"):  # from workers killed mid-write, then retried
+            stray.unlink()
         files = list(dict.fromkeys(self.weight_map.values()))
         if len(files) > 1:
             total = sum(e.nbytes for e in self.plan.entries)
