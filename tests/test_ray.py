@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,51 +20,10 @@ import primerge
 ray = pytest.importorskip("ray")
 
 from golden.cases import build_zoo, folder_hashes  # noqa: E402
+from primerge.bench.cluster import local_cluster, start_node, stop_node, wait_nodes  # noqa: E402
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
-#: The loopback test cluster runs without Ray's token authentication (Ray >= 2.59 turns it on for
-#: clusters started with ``ray start``; drivers would then need RAY_AUTH_MODE=token and the token).
-RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 HEAD = r"^score\."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
-    """A ``ray start ... --block`` process group of its own (killed as a whole at the end)."""
-    return subprocess.Popen([*(prefix or []), RAY, "start", *args, "--block", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **RAY_ENV})
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _wait_nodes(address: str, count: int) -> None:
-    """Poll the cluster (connecting from this process) until ``count`` nodes are alive."""
-    deadline = time.time() + 600
-    while True:
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-            alive = sum(n["Alive"] for n in ray.nodes())
-        except ConnectionError:
-            alive = 0
-        finally:
-            ray.shutdown()
-        if alive >= count:
-            return
-        assert time.time() < deadline, f"the Ray cluster at {address} did not reach {count} nodes"
-        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +34,8 @@ def zoo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(zoo):
     """Head (1 CPU) and a second node (1 CPU) on 127.0.0.1; yields the address."""
-    mp = pytest.MonkeyPatch()
-    for key, value in RAY_ENV.items():
-        mp.setenv(key, value)
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    head = _start(["--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false",
-                   "--node-ip-address", "127.0.0.1"])
-    procs = [head]
-    try:
-        _wait_nodes(address, 1)
-        procs.append(_start(["--address", address, "--num-cpus", "1", "--node-ip-address", "127.0.0.1"]))
-        _wait_nodes(address, 2)
+    with local_cluster([1, 1]) as address:
         yield address
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-        mp.undo()
 
 
 def _models(zoo):
@@ -238,15 +180,15 @@ def test_a_node_that_cannot_see_an_input_fails_the_run_before_merging(zoo, clust
     if probe.returncode != 0:
         pytest.skip("this machine does not allow mount namespaces (unshare -m), needed to hide a path")
     hidden = zoo["base"].parent
-    node = _start(["--address", cluster, "--num-cpus", "1", "--node-ip-address", "127.0.0.1"],
-                  prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
-                          f'mount -t tmpfs none "{hidden}" && exec "$0" "$@"'])
+    node = start_node(["--address", cluster, "--num-cpus", "1"],
+                      prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f'mount -t tmpfs none "{hidden}" && exec "$0" "$@"'])
     try:
-        _wait_nodes(cluster, 3)
+        wait_nodes(cluster, 3)
         with pytest.raises(primerge.InputError, match=r"Ray node .* cannot see .*zoo") as info:
             primerge.merge(zoo["base"], _models(zoo), "prime", task_specific=HEAD, out=tmp_path / "out",
                            execution={"backend": "ray", "address": cluster})
         assert "shared filesystem" in str(info.value)
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.primerge-*"))
     finally:
-        _stop(node)
+        stop_node(node)
