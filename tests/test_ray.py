@@ -38,6 +38,15 @@ def cluster(zoo):
         yield address
 
 
+@pytest.fixture(scope="class")
+def connected(cluster):
+    """This process joined to the cluster, as a user's own ``ray.init`` would: primerge then uses
+    that connection (no --address) and leaves it open."""
+    ray.init(address=cluster, log_to_driver=False, configure_logging=False)
+    yield cluster
+    ray.shutdown()
+
+
 def _models(zoo):
     return [zoo["t0"], zoo["t1"], zoo["t2"]]
 
@@ -50,38 +59,49 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_ray_writes_the_local_bytes(zoo, cluster, tmp_path, case, workers):
-    method = case.split("-")[0]
-    kw = dict(task_specific=HEAD, shard_size=3000, **CASES[case])
-    primerge.merge(zoo["base"], _models(zoo), method, out=tmp_path / "local", **kw)
-    result = primerge.merge(zoo["base"], _models(zoo), method, out=tmp_path / "ray",
-                            execution={"backend": "ray", "address": cluster, "workers": workers}, **kw)
-    local, distributed = folder_hashes(tmp_path / "local", tmp_path), folder_hashes(tmp_path / "ray", tmp_path)
-    assert len([f for f in local if f.startswith("model-")]) > 2  # several units
-    assert distributed == local
-    assert result.execution["backend"] == "ray" and result.execution["nodes"] == 2
-    assert "backend ray" in (tmp_path / "ray" / "README.md").read_text()
-    assert primerge.merge is not None and not ray.is_initialized()  # left as found
+class TestOnAJoinedCluster:
+    """Merges on a connection this process holds (``ray.init`` once for the class)."""
+
+    @pytest.mark.parametrize("workers", [2, 3])
+    @pytest.mark.parametrize("case", sorted(CASES))
+    def test_ray_writes_the_local_bytes(self, zoo, connected, tmp_path, case, workers):
+        method = case.split("-")[0]
+        kw = dict(task_specific=HEAD, shard_size=3000, **CASES[case])
+        primerge.merge(zoo["base"], _models(zoo), method, out=tmp_path / "local", **kw)
+        result = primerge.merge(zoo["base"], _models(zoo), method, out=tmp_path / "ray",
+                                execution={"backend": "ray", "workers": workers}, **kw)
+        local, distributed = folder_hashes(tmp_path / "local", tmp_path), folder_hashes(tmp_path / "ray", tmp_path)
+        assert len([f for f in local if f.startswith("model-")]) > 2  # several units
+        assert distributed == local
+        assert result.execution["backend"] == "ray" and result.execution["nodes"] == 2
+        assert "backend ray" in (tmp_path / "ray" / "README.md").read_text()
+        assert ray.is_initialized()  # the caller's connection is left open
+
+    def test_ray_lora_inputs_lora_output_and_memory(self, zoo, connected, tmp_path):
+        ray_exec = {"backend": "ray", "workers": 2}
+        adapters = [zoo["lora0"], zoo["lora1"]]
+        for kw in ({"lora_rank": 3}, {}):
+            primerge.merge(zoo["base"], adapters, "prime", out=tmp_path / "a", shard_size=3000, **kw)
+            primerge.merge(zoo["base"], adapters, "prime", out=tmp_path / "b", shard_size=3000, execution=ray_exec, **kw)
+            assert folder_hashes(tmp_path / "a", tmp_path) == folder_hashes(tmp_path / "b", tmp_path)
+            for folder in ("a", "b"):
+                subprocess.run(["rm", "-r", str(tmp_path / folder)], check=True)
+        local = primerge.merge(zoo["base"], _models(zoo), "emr", task_specific=HEAD, shard_size=3000)
+        remote = primerge.merge(zoo["base"], _models(zoo), "emr", task_specific=HEAD, shard_size=3000, execution=ray_exec)
+        for attr in ("state_dict",):
+            a, b = getattr(local, attr), getattr(remote, attr)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for task in local.task_states:
+            assert all(torch.equal(local.task_states[task][k], remote.task_states[task][k]) for k in local.task_states[task])
 
 
-def test_ray_lora_inputs_lora_output_and_memory(zoo, cluster, tmp_path):
-    ray_exec = {"backend": "ray", "address": cluster, "workers": 2}
-    adapters = [zoo["lora0"], zoo["lora1"]]
-    for kw in ({"lora_rank": 3}, {}):
-        primerge.merge(zoo["base"], adapters, "prime", out=tmp_path / "a", shard_size=3000, **kw)
-        primerge.merge(zoo["base"], adapters, "prime", out=tmp_path / "b", shard_size=3000, execution=ray_exec, **kw)
-        assert folder_hashes(tmp_path / "a", tmp_path) == folder_hashes(tmp_path / "b", tmp_path)
-        for folder in ("a", "b"):
-            subprocess.run(["rm", "-r", str(tmp_path / folder)], check=True)
-    local = primerge.merge(zoo["base"], _models(zoo), "emr", task_specific=HEAD, shard_size=3000)
-    remote = primerge.merge(zoo["base"], _models(zoo), "emr", task_specific=HEAD, shard_size=3000, execution=ray_exec)
-    for attr in ("state_dict",):
-        a, b = getattr(local, attr), getattr(remote, attr)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for task in local.task_states:
-        assert all(torch.equal(local.task_states[task][k], remote.task_states[task][k]) for k in local.task_states[task])
+def test_joining_by_address_leaves_ray_as_it_was_found(zoo, cluster, tmp_path):
+    kw = dict(task_specific=HEAD, shard_size=3000)
+    primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "local", **kw)
+    primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "ray",
+                   execution={"backend": "ray", "address": cluster}, **kw)
+    assert folder_hashes(tmp_path / "ray", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
+    assert not ray.is_initialized()
 
 
 def test_a_primerge_error_in_a_unit_stops_the_run_with_that_error(zoo, cluster, tmp_path):

@@ -111,8 +111,8 @@ class RayExecutor:
             raise ExecutionError(f"this process is already connected to a Ray cluster; give no --address to use "
                                  f"it, or call ray.shutdown() before joining {self.config.address}.")
         options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        try:
-            ray.init(address=self.config.address, **options)
+        try:  # "local": a new runtime, never a cluster an earlier `ray start` left recorded in /tmp/ray
+            ray.init(address=self.config.address or "local", **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ExecutionError(f"cannot reach the Ray cluster at {self.config.address or 'a new local runtime'} "
                                  f"({exc}); start it with `ray start --head` or check --address.") from None
