@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from primerge.methods import task_arithmetic, ties, tsv, prime, dare, della, breadcrumbs, consensus, iso, subspace_boosting, drm, emr, ho_gsvd  # noqa: F401, I001  (registration order = listing order)
+from primerge.methods import task_arithmetic, ties, tsv, prime, dare, della, breadcrumbs, consensus, iso, subspace_boosting, drm, emr, ho_gsvd, wudi, knots, core_space  # noqa: F401, I001  (registration order = listing order)
 from primerge.methods.base import (
     MethodParams,
     MethodSpec,
