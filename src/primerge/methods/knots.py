@@ -126,12 +126,21 @@ def joint_svd(taus: TaskStack) -> SVD:
 
 
 def knots_space(taus: TaskStack) -> KnotsSpace:
-    """Steps 1–2: the joint SVD without its null triplets, Vᵀ split into task blocks."""
+    """Steps 1–2: the joint SVD without its null triplets, Vᵀ split into task blocks.
+
+    [decision] A task's row i of V_tᵀ whose share σ_i ‖v_{t,i}‖ is numerically zero against σ₁
+    (:func:`primerge.linalg.null_mask`) is set to zero: the task has no component along direction
+    i (a task that does not touch this matrix, a LoRA task outside its rank), and the SVD of
+    materialised updates leaves rounding there that TIES would keep and count in its disjoint mean.
+    """
     T, m, n = taus.shape
     full = joint_svd(taus)
     keep = ~null_mask(full.S, (m, T * n))
     U, S, V = full.U[:, keep], full.S[keep], full.V[:, keep]
-    return KnotsSpace(U, S, V.mT.reshape(-1, T, n).permute(1, 0, 2))
+    blocks = V.mT.reshape(-1, T, n).permute(1, 0, 2)
+    sigma_1 = S[:1].expand(T) if S.numel() else S.new_zeros(T)
+    dead = null_mask(S * blocks.norm(dim=-1), (m, T * n), sigma_1)
+    return KnotsSpace(U, S, blocks * ~dead.unsqueeze(-1))
 
 
 def knots(taus: TaskStack, ctx: TensorContext, params: KnotsParams) -> Tensor:
