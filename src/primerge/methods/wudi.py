@@ -123,6 +123,13 @@ def task_rows(taus: TaskStack, t: int) -> tuple[Tensor, Tensor]:
     return tau, tau
 
 
+def times_gram(X: Tensor, F: Tensor) -> Tensor:
+    """X Fᵀ F for X (m × n) and F (k × n), in the cheaper order: (X Fᵀ) F costs 4·m·n·k flops,
+    X (Fᵀ F) costs 2·k·n² + 2·m·n²."""
+    m, n, k = X.shape[0], X.shape[1], F.shape[0]
+    return (X @ F.mT) @ F if 2 * m * k <= k * n + m * n else X @ (F.mT @ F)
+
+
 def adam_descent(gradient: Callable[[Tensor], Tensor], start: Tensor, steps: int, lr: float) -> Tensor:
     """``steps`` Adam steps (Kingma & Ba 2015, torch.optim.Adam's update rule) from ``start``.
 
@@ -153,7 +160,7 @@ def wudi(taus: TaskStack, steps: int, lr: float) -> Tensor:
         if norm2 > 0:
             rows.append(F)
             weights.append(1.0 / norm2)
-            offset.addmm_((total - tau) @ F.mT, F, alpha=weights[-1])
+            offset.add_(times_gram(total - tau, F), alpha=weights[-1])
     if len(rows) <= 1 or steps == 0:
         return total
     product = InputRows(rows, weights).product()
