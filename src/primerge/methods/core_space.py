@@ -113,7 +113,7 @@ def merge(taus: TaskStack, ctx: TensorContext, params: CoreSpaceParams) -> Tenso
     """U_B · Merge({M_t}) · V_Aᵀ for one matrix parameter (Core Space merging)."""
     space = core_space(taus)
     if 0 in space.cores.shape[1:]:
-        return taus.dense_rows.new_zeros(taus.matrix_shape)
+        return taus.dense_rows.new_zeros(taus.shape[1:])
     return space.left @ merge_inside(space.cores, ctx, params) @ space.right.mT
 
 

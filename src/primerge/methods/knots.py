@@ -147,7 +147,7 @@ def knots(taus: TaskStack, ctx: TensorContext, params: KnotsParams) -> Tensor:
     """U · Merge({Σ V_tᵀ}) (or U Σ · Merge({V_tᵀ})) for one matrix parameter (KnOTS)."""
     space = knots_space(taus)
     if space.S.numel() == 0:
-        return taus.dense_rows.new_zeros(taus.matrix_shape)
+        return taus.dense_rows.new_zeros(taus.shape[1:])
     if params.representation == "sv":
         return space.U @ merge_inside(space.S.unsqueeze(-1) * space.blocks, ctx, params)
     return (space.U * space.S) @ merge_inside(space.blocks, ctx, params)
