@@ -55,7 +55,7 @@ CASES = {
     "prime": {}, "tsv": {}, "task_arithmetic": {}, "iso_cts": {}, "dare": {}, "drm": {},
     "ties": {"trim_scope": "model"}, "prime-auto": {"rank": "auto"}, "emr": {},
     "ho_subspace_boosting": {}, "della": {}, "consensus": {}, "breadcrumbs": {}, "iso_c": {},
-    "subspace_boosting": {},
+    "subspace_boosting": {}, "wudi": {"steps": 20}, "knots": {}, "core_space": {},
 }
 
 
