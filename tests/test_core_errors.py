@@ -21,6 +21,7 @@ import primerge
 from primerge import cli
 from primerge.errors import InputError, OutputError, RecipeError
 from primerge.io import writer as writer_module
+from primerge.output import folder as folder_module
 from primerge.io.readers import open_checkpoint
 from primerge.io.writer import TEMP_MARK, atomic_folder
 from refusals import (TASK_SPECIFIC, assert_nothing_left, leftovers, model_copy, recipe_file, refused,
@@ -213,7 +214,7 @@ def test_non_finite_values_abort_a_started_merge(zoo, tmp_path, capsys, monkeypa
         assert Path(path).is_file()
         written.append(Path(path))
 
-    monkeypatch.setattr(writer_module, "save_tensors", spy)
+    monkeypatch.setattr(folder_module, "save_tensors", spy)  # the model folder's shard writer
     refused(recipe, out, InputError, [f"'{name}'", model / "model.safetensors", "NaN or Inf"], capsys,
             shard_size=10_000)
     # merging had started streaming: shards were written into the temporary folder, then removed

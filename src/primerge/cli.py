@@ -19,6 +19,7 @@ from primerge.errors import PrimergeError
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from primerge.api import merge_recipe
+    from primerge.output.lora import LARGE_ERROR
 
     size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
     execution = {key: value for key in ("backend", "address", "workers", "cpus_per_worker", "gpus_per_worker")
@@ -29,8 +30,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if result.report:
         print(result.report)
     if result.lora is not None:
-        print(f"LoRA adapter, rank {result.lora['rank']}: {len(result.lora['modules'])} modules, largest "
-              f"relative error {result.lora['max_relative_error']:.2e} (per module in lora_report.json)")
+        lora = result.lora
+        print(f"LoRA adapter, rank {lora['rank']}: {len(lora['modules'])} modules, largest "
+              f"relative error {lora['max_relative_error']:.2e} (per module in lora_report.json)")
+        if lora["large_errors"]:
+            worst = ", ".join(f"{w['module']} ({w['relative_error']:.2f})" for w in lora["large_errors"][:3])
+            print(f"primerge: warning: {len(lora['large_errors'])} modules are approximated worse than "
+                  f"{LARGE_ERROR:g} relative error at rank {lora['rank']} (worst: {worst}); --as-lora "
+                  f"{lora['suggested_rank']} keeps every module within {LARGE_ERROR:g}.", file=sys.stderr)
     print(f"merged with {result.method} in {result.seconds:.1f}s -> {result.out} "
           f"({c['matrix']} matrices, {c['fallback']} other merged tensors, {c['copy']} copied, "
           f"{c['task_specific']} task-specific)")

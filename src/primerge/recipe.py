@@ -70,6 +70,7 @@ class OutputConfig(BaseModel):
 
     format: str = "model"
     lora_rank: int | None = Field(None, ge=1)
+    lora_task_type: str | None = None  # peft task type of a LoRA output; default: the inputs' or the base's
 
     @model_validator(mode="before")
     @classmethod

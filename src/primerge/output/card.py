@@ -21,7 +21,7 @@ def _front_matter(recipe, result) -> str:
     meta = {
         "library_name": "primerge",
         "tags": ["merge", "primerge", result.method],
-        "base_model": str(recipe.base),
+        "base_model": str(Path(recipe.base).resolve()),
         "primerge": {"version": __version__, "method": result.method,
                      "parameters": result.parameters, "seed": recipe.seed},
     }

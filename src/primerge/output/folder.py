@@ -24,7 +24,7 @@ from primerge.io.manifest import Ledger, tensor_record
 from primerge.io.writer import atomic_folder, copy_support_files, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
-from primerge.output.lora import LoraExport, LoraParts
+from primerge.output.lora import LoraExport, LoraParts, lora_task_type
 from primerge.output.per_task import PerTaskWriter
 from primerge.plan import Plan, WorkUnit
 from primerge.recipe import Recipe
@@ -173,7 +173,7 @@ class LoraFolder(FolderSink):
         self.rank = recipe.output.lora_rank
 
     def open(self, plan: Plan, prepass: Any) -> None:
-        self.export = LoraExport(self.rank)
+        self.export = LoraExport(self.rank, lora_task_type(plan, plan.recipe.output.lora_task_type))
 
     def unit_writer(self) -> LoraParts:
         return LoraParts(self.rank, self.plan.recipe.seed)
