@@ -22,6 +22,7 @@ purification), then multiplied by the model's weight w_t; :func:`read_sum` accum
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -110,6 +111,10 @@ class TaskVectorSource(ABC):
     def files(self) -> list[Path]:
         """Every file this model is read from (a distributed merge checks each node sees them)."""
 
+    def architectures(self) -> list[str] | None:
+        """The transformers classes the model was saved as (its ``config.json``), when known."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release file handles and cached tensors."""
@@ -169,6 +174,14 @@ class FullFineTune(TaskVectorSource):
 
     def files(self) -> list[Path]:
         return sorted({self.checkpoint.info(n).file for n in self.checkpoint.names})
+
+    def architectures(self) -> list[str] | None:
+        config = next((f for f in self.checkpoint.support if f.name == "config.json"), None)
+        if config is None:
+            return None
+        data = json.loads(config.read_text())
+        architectures = data.get("architectures") if isinstance(data, dict) else None
+        return [str(a) for a in architectures] if isinstance(architectures, list) else None
 
     def close(self) -> None:
         self.checkpoint.close()

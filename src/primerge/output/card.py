@@ -44,8 +44,9 @@ def _heads_section(heads: dict[str, dict[str, torch.Tensor]]) -> list[str]:
         "## Task-specific tensors",
         "",
         "These tensors were not merged: each task keeps its own copy, stored under its own "
-        "names in `task_heads/<model>.safetensors`. Load the merged body, then the head of the "
-        "task you want to run.",
+        "names in `task_heads/<model>.safetensors` (its model class in `task_heads/<model>.json`). "
+        "`primerge.load_task_model(folder, task)` returns the merged body with that task's head as "
+        "the transformers model the fine-tune was.",
         "",
         *[f"- `task_heads/{label}.safetensors`: {', '.join(f'`{n}`' for n in tensors)}"
           for label, tensors in heads.items()],

@@ -24,6 +24,7 @@ from primerge.io.manifest import Ledger, tensor_record
 from primerge.io.writer import atomic_folder, copy_support_files, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
+from primerge.output.heads import write_heads
 from primerge.output.lora import LoraExport, LoraParts, lora_task_type
 from primerge.output.per_task import PerTaskWriter
 from primerge.plan import Plan, WorkUnit
@@ -80,9 +81,7 @@ class FolderSink(Sink):
         files, sections = self.write(result)
         heads = task_heads(self.plan)
         if heads:
-            (self.folder / "task_heads").mkdir()
-            for label, tensors in heads.items():
-                save_tensors(self.folder / "task_heads" / f"{label}.safetensors", tensors, ledger=self.ledger)
+            write_heads(self.folder, heads, {s.label: s.architectures() for s in self.plan.sources}, self.ledger)
         copied = copy_support_files(self.plan.base.support, self.folder) if self.copies_support_files else []
         result.out = self.out
         write_card(self.folder, self.plan.recipe, result, files, heads, copied, sections)
