@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from primerge import bench, linalg
-from primerge.engine import build_plan, task_vectors
-from primerge.methods import prime, tsv
-from primerge.methods.base import TensorContext, derive_seed
+from primerge import linalg
+from primerge.bench.zoo import ZooSpec, build_zoo
+from primerge.engine import context
+from primerge.methods import get_method, prime, tsv
+from primerge.plan import build_plan
 from primerge.recipe import build_recipe
 
 VARIANTS = [("randomized os=10 it=2 (current)", 10, 2), ("randomized os=10 it=4", 10, 4),
@@ -31,7 +32,7 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--zoo-layers", type=int, default=8)
     args = parser.parse_args()
-    folder = bench.build_zoo(bench.ZooSpec(layers=args.zoo_layers, scale=args.scale))
+    folder = build_zoo(ZooSpec(layers=args.zoo_layers, scale=args.scale))
     recipe = build_recipe({"base": str(folder / "base"), "models": [str(folder / f"ft-{t}") for t in range(8)],
                            "method": "prime"})
     plan = build_plan(recipe)
@@ -42,28 +43,28 @@ def main() -> int:
     stage = {"read+f32": 0.0, "truncated svd": 0.0, "polar U,V": 0.0, "residual+project": 0.0}
     for entry in entries:
         t0 = time.perf_counter()
-        _, taus = task_vectors(plan, entry, torch.device("cpu"))
+        _, taus = plan.task_vectors(entry, torch.device("cpu"))
         stage["read+f32"] += time.perf_counter() - t0
-        ctx = TensorContext(entry.name, "matrix", derive_seed(42, entry.name))
-        p_exact = prime.SPEC.parameters({"svd": "exact"})
+        ctx = context(plan, entry)
+        p_exact = get_method("prime").parameters({"svd": "exact"})
         t0 = time.perf_counter()
         exact = prime.merge(taus, ctx, p_exact).double()
         sums["exact"] = sums.get("exact", 0.0) + time.perf_counter() - t0
-        r = prime.principal_rank(0.01, min(taus.shape[-2:]), taus.shape[0])
+        r = prime.principal_rank(0.01, min(taus.shape[-2:]), taus.T)
         for label, os_, it in VARIANTS:
             linalg.OVERSAMPLE, linalg.POWER_ITERATIONS = os_, it
             t0 = time.perf_counter()
-            fast = prime.merge(taus, ctx, prime.SPEC.parameters({"svd": "randomized"})).double()
+            fast = prime.merge(taus, ctx, get_method("prime").parameters({"svd": "randomized"})).double()
             sums[label] = sums.get(label, 0.0) + time.perf_counter() - t0
             err[label][0] += float((fast - exact).square().sum())
             err[label][1] += float(exact.square().sum())
         linalg.OVERSAMPLE, linalg.POWER_ITERATIONS = 10, 2
         # stage breakdown of the current default path
         t0 = time.perf_counter()
-        factors = linalg.truncated_svd(taus, r, mode="randomized", seed=ctx.seed)
+        factors = taus.truncated_svd(r, mode="randomized", seed=ctx.seed)
         t1 = time.perf_counter()
         stacked = tsv.concat_factors(factors)
-        U_hat, principal = tsv.whitened_merge(stacked)
+        U_hat, _ = tsv.whiten(stacked)
         t2 = time.perf_counter()
         linalg.project_out(U_hat, prime.merge_residual(taus, stacked, factors, p_exact))
         t3 = time.perf_counter()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from primerge import bench
+from primerge.bench.runs import Inputs, child_merge, measure_merge, parse_methods, write_recipe
+from primerge.bench.zoo import ZooSpec, build_zoo
 from primerge.io import readers
 
 
@@ -61,21 +62,21 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         patch_checkpoint_load()
-        return bench.child_merge(args.child)
+        return child_merge(args.child)
     patched_runner = [sys.executable, str(Path(__file__).resolve()), "--child"]
     work = Path(tempfile.mkdtemp(prefix="rss-pread-"))
     configs = []
     try:
         for layers in args.zoo_layers:
-            folder = bench.build_zoo(bench.ZooSpec(layers=layers, scale=args.scale))
-            inputs = bench.Inputs.from_zoo(f"L{layers}", folder, 8)
-            for run in bench.parse_methods(args.methods):
-                recipe = bench.write_recipe(work / f"r{len(configs)}.yaml", inputs.base, inputs.models, run)
+            folder = build_zoo(ZooSpec(layers=layers, scale=args.scale))
+            inputs = Inputs.from_zoo(f"L{layers}", folder, 8)
+            for run in parse_methods(args.methods):
+                recipe = write_recipe(work / f"r{len(configs)}.yaml", inputs.base, inputs.models, run)
                 for variant, runner in (("mmap", None), ("pread", patched_runner)):
                     configs.append((f"L{layers} {run.label} {variant}", recipe, runner, []))
         for _ in range(args.repeats):
             for label, recipe, runner, results in configs:
-                m = bench.measure_merge(recipe, work / "out", "cpu", runner)
+                m = measure_merge(recipe, work / "out", "cpu", runner)
                 results.append(m)
                 print(f"{label:<32} wall {m.wall_s:6.2f}s merge {m.merge_s:6.2f}s rss {m.rss_mib:6.0f} MiB", flush=True)
         print("\n| config | wall_s | merge_s | peak RSS MiB |\n|---|---|---|---|")

@@ -126,6 +126,49 @@ def test_model_missing_a_tensor(zoo, tmp_path, capsys):
             [model / "model.safetensors", "'pooler.dense.bias'", "missing"], capsys)
 
 
+def test_prefixed_model_missing_a_tensor_is_blamed_for_that_tensor_only(zoo, tmp_path, capsys):
+    """A ``bert.``-prefixed fine-tune lacking one tensor: the message names that tensor (under its
+    prefixed name), not every base tensor the unprefixed comparison would miss."""
+    state = {f"bert.{k}" if not k.startswith("classifier.") else k: v for k, v in zoo["models"][0].items()}
+    del state["bert.encoder.layer.0.output.dense.bias"]
+    model = model_copy(tmp_path / "prefixed", state)
+    recipe = recipe_file(tmp_path, zoo_recipe(zoo, models=[model, zoo["paths"]["models"][1]]))
+    err = refused(recipe, tmp_path / "out" / "merged", InputError,
+                  ["1 tensors", "'bert.encoder.layer.0.output.dense.bias'"], capsys)
+    assert "pooler" not in err
+
+
+def test_integer_buffers_missing_from_a_fine_tune_are_copied_from_the_base(tmp_path):
+    """Older BERT checkpoints keep ``embeddings.position_ids`` (int64) in the base only: the
+    fine-tunes merge, prefixed or not, and the output carries the base's buffer."""
+    gen = torch.Generator().manual_seed(0)
+    base = {"embeddings.position_ids": torch.arange(8)[None], "encoder.dense.weight": torch.randn(4, 4, generator=gen),
+            "encoder.norm.weight": torch.ones(4)}
+    tuned = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items() if v.is_floating_point()}
+             for _ in range(2)]
+    tuned[1] = {f"bert.{k}": v for k, v in tuned[1].items()}
+    paths = [model_copy(tmp_path / f"m{i}", state) for i, state in enumerate(tuned)]
+    result = primerge.merge(model_copy(tmp_path / "base", base), paths, "task_arithmetic")
+    assert torch.equal(result.state_dict["embeddings.position_ids"], base["embeddings.position_ids"])
+    expected = base["encoder.dense.weight"] + ((tuned[0]["encoder.dense.weight"] - base["encoder.dense.weight"])
+                                               + (tuned[1]["bert.encoder.dense.weight"] - base["encoder.dense.weight"])) / 2
+    torch.testing.assert_close(result.state_dict["encoder.dense.weight"], expected)
+
+
+@pytest.mark.parametrize("name,shape,needles", [
+    ("embeddings.LayerNorm.weight", (40,), ["dimension 0 is 40 in the model, 32 in the base", "not a fine-tune"]),
+    ("embeddings.word_embeddings.weight", (70, 32), ["dimension 0 is 70 in the model, 64 in the base",
+                                                     "resized vocabulary"]),
+    ("encoder.layer.0.attention.self.query.weight", (32, 32, 1), ["3 dimensions in the model and 2"]),
+])
+def test_shape_mismatch_says_which_dimension_and_what_it_means(zoo, tmp_path, capsys, name, shape, needles):
+    state = {**zoo["models"][1], name: torch.zeros(shape)}
+    model = model_copy(tmp_path / "odd", state)
+    recipe = recipe_file(tmp_path, zoo_recipe(zoo, models=[zoo["paths"]["models"][0], model]))
+    err = refused(recipe, tmp_path / "out" / "merged", InputError, [f"'{name}'", *needles], capsys)
+    assert ("resized vocabulary" in err) == ("embeddings" in name and "word" in name)
+
+
 def test_model_with_extra_tensor_suggests_task_specific(zoo, tmp_path, capsys):
     # the zoo's classifier heads without a task_specific rule
     data = zoo_recipe(zoo)
@@ -172,7 +215,6 @@ def test_non_finite_values_abort_a_started_merge(zoo, tmp_path, capsys, monkeypa
         assert Path(path).is_file()
         written.append(Path(path))
 
-    monkeypatch.setattr(writer_module, "save_tensors", spy)
     monkeypatch.setattr(folder_module, "save_tensors", spy)  # the model folder's shard writer
     refused(recipe, out, InputError, [f"'{name}'", model / "model.safetensors", "NaN or Inf"], capsys,
             shard_size=10_000)

@@ -18,7 +18,7 @@ FLOORS = {
     "primerge.datasets": 0,
     "primerge.methods": 1,
     "primerge.recipe": 2, "primerge.taskvectors": 2, "primerge.plan": 2,
-    "primerge.engine": 3, "primerge.output": 3,
+    "primerge.engine": 3, "primerge.output": 3, "primerge.execution": 4,
     "primerge.purify": 4, "primerge.analysis": 4,
     "primerge": 5, "primerge.api": 5,
     "primerge.evaluation": 6, "primerge.bench": 6,

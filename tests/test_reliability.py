@@ -25,6 +25,7 @@ from primerge.io import writer as writer_module
 from primerge.io.manifest import MANIFEST, verify_folder
 from primerge.io.readers import open_checkpoint
 from primerge.methods import get_method
+from primerge.methods.base import TensorContext
 from primerge.recipe import load_recipe
 from refusals import TASK_SPECIFIC, assert_nothing_left, model_copy, recipe_file, refused, snapshot, zoo_recipe
 
@@ -525,6 +526,33 @@ def test_inputs_are_never_modified(zoo, tmp_path):
                        out=tmp_path / method)
     assert snapshot(zoo["paths"]["root"]) == before
     assert_nothing_left(tmp_path / "never-written")
+
+
+def test_products_with_few_rows_do_not_depend_on_the_thread_count():
+    """The CPU BLAS splits a product's rows over its threads with a remainder kernel, so a left
+    operand of a few rows (5–11 on this project's CPU torch; e.g. Ûᵀ M_r in PRIME with T·r = 6)
+    gives other bits with 2 threads than with 1. Under ThreadIndependent it does not, and neither
+    does a PRIME merge at a rank where that happens."""
+    from primerge.deterministic import ThreadIndependent
+    from primerge.methods.stack import TaskStack
+
+    gen = torch.Generator().manual_seed(0)
+    lefts = [torch.randn(rows, 24, generator=gen) for rows in range(1, 40)]
+    right = torch.randn(24, 64, generator=gen)
+    taus = TaskStack.of(torch.randn(3, 24, 16, generator=gen))
+    spec = get_method("prime")
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with ThreadIndependent():
+                results[threads] = [a @ right for a in lefts] + [a.mT.mT @ right for a in lefts] + [
+                    torch.addmm(torch.zeros(a.shape[0], 64), a, right) for a in lefts] + [
+                    spec.apply(taus, TensorContext("w", "matrix"), spec.parameters({"rank": 0.12}))]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(one, two) for one, two in zip(results[1], results[2]))
 
 
 @pytest.mark.parametrize("split", [True, False])

@@ -1,7 +1,8 @@
 """primerge: streaming merges of fine-tuned checkpoints (PRIME, TSV, TIES, Task Arithmetic, ...).
 
 Public API: :func:`merge`, :func:`merge_recipe`, :func:`load_recipe`, :func:`list_methods`,
-:func:`get_method`, :func:`load_task_state` (per-task methods), :class:`MergeResult`,
+:func:`get_method`, :func:`load_task_state` (per-task methods), :func:`load_task_model` (a task's
+head on the merged body), :class:`MergeResult`,
 :class:`Recipe`, and the errors in :mod:`primerge.errors`. Everything but the errors is imported
 on first use, so ``import primerge`` (and ``primerge --version``) does not load torch.
 """
@@ -22,6 +23,7 @@ _LAZY = {
     "get_method": "primerge.methods",
     "list_methods": "primerge.methods",
     "load_task_state": "primerge.output.per_task",
+    "load_task_model": "primerge.output.heads",
     "Recipe": "primerge.recipe",
     "load_recipe": "primerge.recipe",
 }

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import LocalExecutor, resolve_device, run
+from primerge.engine import resolve_device, run
 from primerge.errors import RecipeError
+from primerge.execution import make_executor
 from primerge.io.names import user_path
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from primerge.output.base import MergeResult
@@ -34,6 +35,7 @@ def merge(
     purify: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     lora_rank: int | None = None,
+    execution: dict[str, Any] | None = None,
     device: str = "cpu",
     force: bool = False,
     quiet: bool = True,
@@ -49,6 +51,7 @@ def merge(
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
     ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
     model (:mod:`primerge.output.lora`); ``models`` may be LoRA adapter folders too.
+    ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.execution.ray`).
     Raises a :class:`primerge.errors.PrimergeError` on any bad input.
     """
     if not isinstance(parameters, (dict, type(None))):
@@ -65,6 +68,7 @@ def merge(
         "purify": purify,
         "allow_pickle": allow_pickle,
         "output": {"lora_rank": lora_rank} if lora_rank is not None else None,
+        "execution": execution,
     })
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
 
@@ -79,13 +83,15 @@ def merge_recipe(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     allow_pickle: bool = False,
     lora_rank: int | None = None,
+    execution: dict[str, Any] | None = None,
 ) -> MergeResult:
     """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
 
-    ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank;
+    ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank; ``execution``
+    overrides fields of the recipe's ``execution`` block (e.g. ``{"backend": "ray", "workers": 4}``);
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
     """
-    dev = resolve_device(device)  # the call's own arguments first: a wrong type is one clear error
+    resolve_device(device)  # the call's own arguments first: a wrong type is one clear error
     size = parse_size(shard_size)
     if not isinstance(allow_pickle, bool):
         raise RecipeError(f"allow_pickle must be true or false, not {allow_pickle!r:.40}.")
@@ -98,6 +104,9 @@ def merge_recipe(
         recipe = recipe.replace(allow_pickle=True)
     if lora_rank is not None:
         recipe = recipe.replace(output={"lora_rank": lora_rank})
+    if execution:
+        recipe = recipe.replace(execution={**recipe.execution.model_dump(exclude_defaults=True), **execution})
+    executor = make_executor(recipe.execution, device)
     sink = open_sink(recipe, out, force=force, shard_size=size)
     plan = build_plan(recipe, shard_size=size)
     try:
@@ -105,6 +114,7 @@ def merge_recipe(
             from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
             plan = plan.with_transform(build_purifier(recipe, relative_to=folder, quiet=quiet))
-        return run(plan, sink, LocalExecutor(dev), quiet)
+        return run(plan, sink, executor, quiet)
     finally:
         plan.close()
+        executor.close()

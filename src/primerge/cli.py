@@ -19,16 +19,25 @@ from primerge.errors import PrimergeError
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from primerge.api import merge_recipe
+    from primerge.output.lora import LARGE_ERROR
 
     size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
-    result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force,
-                          quiet=args.quiet, allow_pickle=args.allow_pickle, lora_rank=args.as_lora, **size)
+    execution = {key: value for key in ("backend", "address", "workers", "cpus_per_worker", "gpus_per_worker")
+                 if (value := getattr(args, key)) is not None}
+    result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force, quiet=args.quiet,
+                          allow_pickle=args.allow_pickle, lora_rank=args.as_lora, execution=execution, **size)
     c = result.counts
     if result.report:
         print(result.report)
     if result.lora is not None:
-        print(f"LoRA adapter, rank {result.lora['rank']}: {len(result.lora['modules'])} modules, largest "
-              f"relative error {result.lora['max_relative_error']:.2e} (per module in lora_report.json)")
+        lora = result.lora
+        print(f"LoRA adapter, rank {lora['rank']}: {len(lora['modules'])} modules, largest "
+              f"relative error {lora['max_relative_error']:.2e} (per module in lora_report.json)")
+        if lora["large_errors"]:
+            worst = ", ".join(f"{w['module']} ({w['relative_error']:.2f})" for w in lora["large_errors"][:3])
+            print(f"primerge: warning: {len(lora['large_errors'])} modules are approximated worse than "
+                  f"{LARGE_ERROR:g} relative error at rank {lora['rank']} (worst: {worst}); --as-lora "
+                  f"{lora['suggested_rank']} keeps every module within {LARGE_ERROR:g}.", file=sys.stderr)
     print(f"merged with {result.method} in {result.seconds:.1f}s -> {result.out} "
           f"({c['matrix']} matrices, {c['fallback']} other merged tensors, {c['copy']} copied, "
           f"{c['task_specific']} task-specific)")
@@ -91,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
     merge.add_argument("--as-lora", type=int, metavar="RANK", default=None,
                        help="write a PEFT LoRA adapter of this rank instead of a full model")
+    ray = merge.add_argument_group("distributed execution (pip install 'primerge[ray]')")
+    ray.add_argument("--backend", choices=["local", "ray"], help="where the units run (default: the recipe's, "
+                     "else local)")
+    ray.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local runtime)")
+    ray.add_argument("--workers", type=int, help="units merged at once (default: the cluster's CPUs)")
+    ray.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per unit (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs reserved per unit; units then merge on CUDA")
     merge.set_defaults(func=_cmd_merge)
 
     verify = sub.add_parser("verify", help="check an output folder against its primerge-manifest.json")

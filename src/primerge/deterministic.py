@@ -3,10 +3,11 @@
 LAPACK decompositions in MKL and OpenBLAS (SVD, QR, eigendecompositions, Cholesky,
 inverses, solves) split their work by thread count, so the same input gives slightly
 different bits with 1 and with 2 threads (measured on this project's CPU torch: the U of
-``torch.linalg.svd`` of a 384 × 200 matrix differs; matrix products and reductions do
-not). :class:`ThreadIndependent` is a torch function mode that runs exactly those
-decompositions with one LAPACK thread each and leaves everything else (products, element-wise
-work) on all threads; a batched decomposition (the T task vectors' SVDs) is split into its
+``torch.linalg.svd`` of a 384 × 200 matrix differs), and so do matrix products whose left
+operand has a handful of rows (:data:`PRODUCTS`); wider products and reductions do not.
+:class:`ThreadIndependent` is a torch function mode that runs exactly those decompositions and
+products with one thread each and leaves everything else (large products, element-wise work) on
+all threads; a batched decomposition (the T task vectors' SVDs) is split into its
 matrices, which run side by side on the available threads, so the threads still work and the
 bits are those of one-thread decompositions whatever their number. The engine merges under
 it, so a recipe and seed give byte-identical files whatever ``torch.set_num_threads``,
@@ -36,6 +37,19 @@ DECOMPOSITIONS = frozenset({
     torch.linalg.slogdet,
 })
 
+
+#: Matrix products. The CPU BLAS splits a product's rows over the threads with a remainder kernel
+#: whose summation order differs from the full-width one, so a product whose left operand has few
+#: rows gives other bits with 2 threads than with 1 (measured on this project's CPU torch: 5–11
+#: rows, e.g. Ûᵀ M_r with T·r = 6 whitened directions; wider ones and the column count do not
+#: matter). Such products run on one thread; they are small, so that costs nothing measurable.
+PRODUCTS = frozenset({
+    torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.einsum,
+    torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.addmm,
+    torch.Tensor.addmm_, torch.Tensor.baddbmm,
+})
+#: Products whose left operand has fewer rows than this run on one thread (einsum always does).
+FEW_ROWS = 32
 
 #: Decompositions of one (possibly batched) matrix whose batch elements are independent: a batch
 #: is split into matrices, each decomposed on one thread, the matrices spread over the threads.
@@ -73,7 +87,7 @@ class ThreadIndependent(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in DECOMPOSITIONS or _on_gpu(args):
+        if _on_gpu(args) or (func not in DECOMPOSITIONS and not _few_rows(func, args)):
             return func(*args, **kwargs)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -88,6 +102,17 @@ class ThreadIndependent(TorchFunctionMode):
             return _stack(list(self._pool.map(lambda m: func(m, **kwargs), matrices)), batch.shape[:-2])
         finally:
             torch.set_num_threads(threads)
+
+
+def _few_rows(func, args) -> bool:
+    """Whether ``func`` is a product (:data:`PRODUCTS`) whose left operand has few rows."""
+    if func not in PRODUCTS:
+        return False
+    if func is torch.einsum:
+        return True
+    left = args[1] if func in (torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.addmm_,
+                               torch.Tensor.baddbmm) else args[0]
+    return isinstance(left, torch.Tensor) and left.dim() >= 2 and left.shape[-2] < FEW_ROWS
 
 
 def _split(func, args) -> bool:

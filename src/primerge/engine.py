@@ -139,6 +139,8 @@ class Executor(Protocol):
 
     def describe(self) -> dict: ...
 
+    def close(self) -> None: ...
+
 
 class LocalExecutor:
     """Units run one after the other in this process, on ``device``."""
@@ -163,13 +165,16 @@ class LocalExecutor:
     def describe(self) -> dict:
         return {"backend": "local", "device": str(self.device)}
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> MergeResult:
     """Pre-passes, then every unit through ``executor`` into ``sink``; returns what the merge produced."""
     start = time.perf_counter()
     spec = plan.recipe.spec
     result = MergeResult(spec.name, plan.recipe.params.model_dump(mode="json"), counts=plan.counts(),
-                         per_task=spec.per_task, execution=executor.describe())
+                         per_task=spec.per_task)
     with ThreadIndependent():  # byte-identical outputs whatever the thread count
         prepass = executor.prepass(plan, quiet)
         if hasattr(prepass, "to_markdown"):
@@ -177,6 +182,7 @@ def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> Merge
         with sink.session(plan, prepass):
             for unit, receipt in executor.units(plan, prepass, sink.unit_writer(), quiet):
                 sink.receive(unit, receipt)
+            result.execution = executor.describe()
             sink.finish(result)
     result.seconds = time.perf_counter() - start
     return result

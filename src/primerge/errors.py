@@ -26,6 +26,10 @@ class OutputError(PrimergeError):
     """The output location is unsafe or cannot be written."""
 
 
+class ExecutionError(PrimergeError):
+    """The units could not be run where they were sent (a cluster unreachable, workers lost)."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest choice, or '' if none is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

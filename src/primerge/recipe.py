@@ -14,6 +14,7 @@ A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
     lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
     purify: {...}              # optional PAVE purification of the task vectors (primerge.purify)
     output: {lora_rank: 16}    # optional: write a PEFT LoRA adapter instead of a full model
+    execution: {backend: ray, address: auto, workers: 8}   # optional: run the units on Ray
     allow_pickle: false        # true: also read .bin/.pt pickles, with torch.load(weights_only=True)
 
 A model may also be a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)
@@ -30,7 +31,7 @@ parameters (:attr:`Recipe.params`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -75,6 +76,7 @@ class OutputConfig(BaseModel):
 
     format: str = "model"
     lora_rank: int | None = Field(None, ge=1, le=2**16)
+    lora_task_type: str | None = None  # peft task type of a LoRA output; default: the inputs' or the base's
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +89,33 @@ class OutputConfig(BaseModel):
     def _lora_has_rank(self) -> OutputConfig:
         if self.format == "lora" and self.lora_rank is None:
             raise ValueError("format lora needs lora_rank (the adapter's rank)")
+        return self
+
+
+class ExecutionConfig(BaseModel):
+    """Where the merge runs: ``local`` (this process) or ``ray`` (units on a Ray cluster).
+
+    For ``ray``: ``address`` joins an existing cluster (``auto`` or ``HOST:PORT``; unset starts a
+    local runtime for the run), ``workers`` is how many units run at once (default: one per CPU of
+    the cluster, divided by ``cpus_per_worker``), and ``gpus_per_worker`` reserves GPUs per unit
+    (units then merge on CUDA).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int | None = Field(None, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> ExecutionConfig:
+        ray_only = {"address": self.address, "workers": self.workers,
+                    "gpus_per_worker": self.gpus_per_worker or None}
+        given = [k for k, v in ray_only.items() if v is not None]
+        if self.backend == "local" and given:
+            raise ValueError(f"{', '.join(given)} only apply to backend ray")
         return self
 
 
@@ -105,6 +134,7 @@ class Recipe(BaseModel):
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     allow_pickle: bool = Field(False, strict=True)  # opt in to .bin/.pt pickles (read weights-only): true or false
 
     _spec: MethodSpec = PrivateAttr()
@@ -122,9 +152,9 @@ class Recipe(BaseModel):
     def _usable_base(cls, value: Any) -> Path:
         return user_path(value, "base")
 
-    @field_validator("output", mode="before")
+    @field_validator("output", "execution", mode="before")
     @classmethod
-    def _default_output(cls, value: Any) -> Any:
+    def _default_section(cls, value: Any) -> Any:
         return {} if value is None else value
 
     def model_post_init(self, context: Any) -> None:
@@ -173,8 +203,9 @@ class Recipe(BaseModel):
     def to_yaml(self) -> str:
         """The recipe as YAML, effective method parameters included."""
         data = self.model_dump(mode="json", exclude_none=True)
-        if data.get("output") == OutputConfig().model_dump(mode="json", exclude_none=True):
-            del data["output"]
+        for key, default in (("output", OutputConfig()), ("execution", ExecutionConfig())):
+            if data.get(key) == default.model_dump(mode="json", exclude_none=True):
+                del data[key]
         data["parameters"] = self.params.model_dump(mode="json")
         return yaml.safe_dump(data, sort_keys=False)
 

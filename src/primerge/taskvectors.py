@@ -22,6 +22,7 @@ purification), then multiplied by the model's weight w_t; :func:`read_sum` accum
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -108,6 +109,14 @@ class TaskVectorSource(ABC):
         """A task-specific tensor under its name in this model."""
 
     @abstractmethod
+    def files(self) -> list[Path]:
+        """Every file this model is read from (a distributed merge checks each node sees them)."""
+
+    def architectures(self) -> list[str] | None:
+        """The transformers classes the model was saved as (its ``config.json``), when known."""
+        return None
+
+    @abstractmethod
     def close(self) -> None:
         """Release file handles and cached tensors."""
 
@@ -133,14 +142,19 @@ class FullFineTune(TaskVectorSource):
     @classmethod
     def open(cls, base: Checkpoint, path: Path, label: str, weight: float, *, allow_pickle: bool,
              is_task_specific: Callable[[str], bool]) -> FullFineTune:
-        """Check the checkpoint against the base (key set, shapes, dtype class) and map its names."""
+        """Check the checkpoint against the base (key set, shapes, dtype class) and map its names.
+
+        The base's floating tensors must all be there (one name prefix added or removed allowed);
+        its integer buffers (e.g. BERT's ``position_ids``) are copied from the base, so a fine-tune
+        saved without them is fine.
+        """
         model = open_checkpoint(path, allow_pickle=allow_pickle)
         shared = [n for n in base.names if not is_task_specific(n)]
-        names = prefix_map(shared, set(model.names))
-        if names is None:
-            missing = [n for n in shared if n not in model]
-            raise InputError(f"{model.path}: {len(missing)} tensors of the base {base.path} are missing "
-                             f"(first: '{missing[0]}'). Is '{label}' a fine-tune of this base?")
+        floating = [n for n in shared if base.info(n).dtype.is_floating_point]
+        rename = find_rename(floating, set(model.names))
+        if rename is None:
+            raise missing_tensors(base, model, floating, label)
+        names = {n: rename(n) for n in shared if n in floating or rename(n) in model}
         heads = [n for n in model.names if is_task_specific(n)]
         extra = sorted(set(model.names) - set(names.values()) - set(heads))
         if extra:
@@ -158,6 +172,17 @@ class FullFineTune(TaskVectorSource):
 
     def head(self, name: str) -> Tensor:
         return self.checkpoint.load(name)
+
+    def files(self) -> list[Path]:
+        return sorted({self.checkpoint.info(n).file for n in self.checkpoint.names})
+
+    def architectures(self) -> list[str] | None:
+        config = next((f for f in self.checkpoint.support if f.name == "config.json"), None)
+        if config is None:
+            return None
+        data = json.loads(config.read_text())
+        architectures = data.get("architectures") if isinstance(data, dict) else None
+        return [str(a) for a in architectures] if isinstance(architectures, list) else None
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -220,6 +245,10 @@ class LoraAdapter(TaskVectorSource):
     def head(self, name: str) -> Tensor:
         return self.adapter.full_value(name)
 
+    def files(self) -> list[Path]:
+        weights = self.adapter.weights
+        return sorted({self.adapter.config_file, *(weights.info(n).file for n in weights.names)})
+
     def close(self) -> None:
         self.adapter.close()
 
@@ -277,32 +306,60 @@ def read_sum(base: Checkpoint, sources: Sequence[TaskVectorSource], entry: PlanE
 # ------------------------------------------------------------------------------------ opening
 
 
-def prefix_map(base_names: list[str], model_names: set[str]) -> dict[str, str] | None:
-    """Map base names to model names, allowing one added or removed leading prefix.
+Rename = Callable[[str], str]
 
-    A model saved with a task wrapper (``bert.encoder...`` for a base ``encoder...``) or the
-    reverse is recognised; returns ``None`` when no single prefix fits.
-    """
-    if all(n in model_names for n in base_names):
-        return {n: n for n in base_names}
-    for p in sorted({m.split(".", 1)[0] + "." for m in model_names if "." in m}):
-        if all(p + n in model_names for n in base_names):
-            return {n: p + n for n in base_names}
-    for p in sorted({b.split(".", 1)[0] + "." for b in base_names if "." in b}):
-        if all(n.startswith(p) and n[len(p):] in model_names for n in base_names):
-            return {n: n[len(p):] for n in base_names}
-    return None
+
+def renames(base_names: list[str], model_names: set[str]) -> list[Rename]:
+    """Candidate maps from base names to model names: identity, then one leading prefix added
+    (``bert.encoder...`` for a base ``encoder...``) or removed, for every prefix either side has."""
+    added = sorted({m.split(".", 1)[0] + "." for m in model_names if "." in m})
+    removed = sorted({b.split(".", 1)[0] + "." for b in base_names if "." in b})
+    return ([lambda n: n] + [lambda n, p=p: p + n for p in added]
+            + [lambda n, p=p: n[len(p):] if n.startswith(p) else "\0" + n for p in removed])
+
+
+def find_rename(base_names: list[str], model_names: set[str]) -> Rename | None:
+    """The first candidate :func:`renames` that finds every base name in the model, or ``None``."""
+    return next((r for r in renames(base_names, model_names) if all(r(n) in model_names for n in base_names)), None)
+
+
+def prefix_map(base_names: list[str], model_names: set[str]) -> dict[str, str] | None:
+    """{base name: model name} by :func:`find_rename`, or ``None`` when no single prefix fits."""
+    rename = find_rename(base_names, model_names)
+    return None if rename is None else {n: rename(n) for n in base_names}
+
+
+def missing_tensors(base: Checkpoint, model: Checkpoint, wanted: list[str], label: str) -> InputError:
+    """The error for a model that lacks base tensors, judged under the name prefix that finds the
+    most of them (so a ``bert.``-prefixed model with one missing tensor blames that one)."""
+    names = set(model.names)
+    rename = max(renames(wanted, names), key=lambda r: sum(r(n) in names for n in wanted))
+    missing = [n for n in wanted if rename(n) not in names]
+    shown = ", ".join(f"'{rename(n)}'" for n in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return InputError(f"{model.path}: {len(missing)} tensors of the base {base.path} are missing ({shown}). "
+                      f"Is '{label}' a fine-tune of this base?")
+
+
+def _shape_hint(name: str, model_shape: tuple[int, ...], base_shape: tuple[int, ...]) -> str:
+    """Which dimension differs, and what that means."""
+    if len(model_shape) != len(base_shape):
+        return (f"It has {len(model_shape)} dimensions in the model and {len(base_shape)} in the base: the "
+                f"architectures differ.")
+    dims = [d for d, (a, b) in enumerate(zip(model_shape, base_shape)) if a != b]
+    what = "; ".join(f"dimension {d} is {model_shape[d]} in the model, {base_shape[d]} in the base" for d in dims)
+    if dims == [0] and len(base_shape) == 2 and re.search(r"embed|wte|lm_head|shared", name):
+        return (f"{what}: a resized vocabulary (tokens added or removed). Resize the base's embeddings to the "
+                f"model's (or the model's to the base's) before merging.")
+    return (f"{what}: the model's architecture (hidden size, heads or MLP width) differs from the base's, "
+            f"so it is not a fine-tune of this base.")
 
 
 def _check_tensor(base: Checkpoint, model: Checkpoint, b: str, m: str) -> None:
     """Same shape and dtype class for base tensor ``b`` and model tensor ``m``."""
     bi, mi = base.info(b), model.info(m)
     if bi.shape != mi.shape:
-        vocab = re.search(r"embed|wte|lm_head|shared", b) and bi.shape[1:] == mi.shape[1:]
-        hint = (" A resized vocabulary? Resize the base's embeddings to the model's (or the model's "
-                "to the base's) before merging." if vocab else " Models must share the base's architecture.")
         raise InputError(f"tensor '{b}': shape {list(mi.shape)} in {mi.file} but {list(bi.shape)} "
-                         f"in the base {bi.file}.{hint}")
+                         f"in the base {bi.file}. {_shape_hint(b, tuple(mi.shape), tuple(bi.shape))}")
     if bi.dtype.is_floating_point != mi.dtype.is_floating_point:
         raise InputError(f"tensor '{b}': dtype {mi.dtype} in {mi.file} but {bi.dtype} in the base {bi.file}.")
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from primerge import bench
 from primerge.bench import BASELINE, DEFAULT_METHODS
 
 
-def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: Callable[[str], None]) -> list:
-    """(Row, recipe path) of every configuration: the methods, then the T and depth scaling pairs."""
+def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: Callable[[str], None],
+             ray_address: str | None) -> list:
+    """(Row, recipe path) of every configuration: the methods, the same on Ray (with ``ray_address``),
+    then the T and depth scaling pairs."""
     from primerge.bench.runs import Inputs, Row, parse_method, write_recipe
     from primerge.bench.zoo import ZooSpec, build_zoo
 
@@ -26,6 +29,12 @@ def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: C
 
     for run in runs:
         add("methods", inputs, run, run.label)
+    if ray_address is not None:
+        execution = {"backend": "ray", "address": ray_address, "workers": args.ray_workers,
+                     "gpus_per_worker": args.gpus_per_worker}
+        on_ray = Inputs(inputs.name, inputs.base, inputs.models, {**inputs.extra, "execution": execution})
+        for run in runs:
+            add("ray", on_ray, run, run.label)
     if args.scaling and args.recipe is None:
         spec = ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed)
         pair = (parse_method(BASELINE), parse_method("prime"))
@@ -72,10 +81,11 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
     paths = [inputs.base, *(m["path"] if isinstance(m, dict) else m for m in inputs.models)]
     workdir, created = make_scratch(args.workdir, "primerge-bench-", paths)  # never inside an input
     try:
-        configs = _configs(args, runs, inputs, workdir, log)
-        log(f"running {len(configs)} configurations x {args.repeats} repeats (interleaved), "
-            f"device {args.device}, {os.cpu_count()} CPUs visible")
-        run_interleaved(configs, args.repeats, workdir, args.device, log)
+        with _ray_cluster(args, log) as address:
+            configs = _configs(args, runs, inputs, workdir, log, address)
+            log(f"running {len(configs)} configurations x {args.repeats} repeats (interleaved), "
+                f"device {args.device}, {os.cpu_count()} CPUs visible")
+            run_interleaved(configs, args.repeats, workdir, args.device, log)
         error = None
         if args.accuracy:
             fast = next((r for r in runs if r.method == "prime" and "svd" not in r.parameters), parse_method("prime"))
@@ -87,6 +97,22 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
     finally:
         remove_scratch(workdir, created)
     return summarize([row for row, _ in configs], error, inputs)
+
+
+@contextmanager
+def _ray_cluster(args: argparse.Namespace, log: Callable[[str], None]) -> Iterator[str | None]:
+    """With ``--ray-workers N``: a private one-node Ray cluster of N CPUs for the Ray rows (started
+    once, so the rows measure merging on Ray, not starting it); else nothing."""
+    if not args.ray_workers:
+        yield None
+        return
+    from primerge.bench.cluster import local_cluster
+
+    start = time.perf_counter()
+    with local_cluster([args.ray_workers], gpus=args.ray_workers * args.gpus_per_worker) as address:
+        log(f"ray: a local cluster at {address} ({args.ray_workers} CPUs) started in "
+            f"{time.perf_counter() - start:.1f}s")
+        yield address
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -126,6 +152,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the T=4 vs T=8 and half-depth vs full-depth rows")
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                         help="skip PRIME's truncated-vs-exact SVD error check")
+    parser.add_argument("--ray-workers", type=int, default=0, metavar="N",
+                        help="also run every method on a local Ray cluster with N workers (pip install "
+                             "'primerge[ray]'); ratios against the same method run locally")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="GPUs per Ray worker (with --ray-workers and --device cuda)")
 
 
 def register(subparsers) -> None:

@@ -36,12 +36,15 @@ def _find(rows: Sequence[Row], group: str, label: str) -> Row | None:
 
 
 def summarize(rows: Sequence[Row], error: tuple[float, float] | None, inputs: Inputs | None = None) -> list[dict]:
-    """Result dicts: method rows against ``task_arithmetic``, scaling rows against the first
-    row of their pair (same method, T = 4 or half depth), then the accuracy row."""
+    """Result dicts: method rows against ``task_arithmetic``, Ray rows against the same method run
+    locally, scaling rows against the first row of their pair (same method, T = 4 or half depth),
+    then the accuracy row."""
     result: list[dict] = []
     for row in rows:
         if row.group == "methods":
             base = _find(rows, "methods", BASELINE)
+        elif row.group == "ray":
+            base = _find(rows, "methods", row.label)
         else:
             base = next(r for r in rows if r.group == row.group and r.label.split()[0] == row.label.split()[0])
         result.append(row.as_dict(base))

@@ -46,7 +46,7 @@ def _front_matter(recipe, result) -> str:
     meta = {
         "library_name": "primerge",
         "tags": ["merge", "primerge", result.method],
-        "base_model": str(recipe.base),
+        "base_model": str(Path(recipe.base).resolve()),
         "primerge": {"version": __version__, "method": result.method,
                      "parameters": result.parameters, "seed": recipe.seed},
     }
@@ -70,9 +70,10 @@ def _heads_section(heads: dict[str, dict[str, torch.Tensor]]) -> list[str]:
         "## Task-specific tensors",
         "",
         "These tensors were not merged: each task keeps its own copy, stored under its own "
-        "names in `task_heads/<model>.safetensors` (a model name outside `A-Z a-z 0-9 - _ . + = @ ,` "
-        "is percent-encoded in the file name). Load the merged body, then the head of the task you "
-        "want to run.",
+        "names in `task_heads/<model>.safetensors` (its model class in `task_heads/<model>.json`; a "
+        "model name outside `A-Z a-z 0-9 - _ . + = @ ,` is percent-encoded in these file names). "
+        "`primerge.load_task_model(folder, task)` returns the merged body with that task's head as "
+        "the transformers model the fine-tune was.",
         "",
         *[f"- {md_code(label)}: {md_code(f'task_heads/{files[label]}.safetensors')}: "
           f"{', '.join(md_code(n) for n in tensors)}" for label, tensors in heads.items()],
@@ -91,6 +92,8 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         "",
         f"Merged by primerge {__version__} with method `{result.method}` from the base "
         f"{md_code(recipe.base)} and {len(recipe.models)} fine-tuned models.",
+        "",
+        "Executed on: " + ", ".join(f"{k} {v}" for k, v in result.execution.items()) + ".",
         "",
         "## Parameters",
         "",

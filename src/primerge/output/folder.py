@@ -9,6 +9,7 @@ manifest, checked against what was computed.
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,11 +22,11 @@ from torch import Tensor
 from primerge.errors import RecipeError
 from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger, tensor_record
-from primerge.io.names import components
 from primerge.io.writer import atomic_folder, copy_support_files, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
-from primerge.output.lora import LoraExport, LoraParts
+from primerge.output.heads import write_heads
+from primerge.output.lora import LoraExport, LoraParts, lora_task_type
 from primerge.output.per_task import PerTaskWriter
 from primerge.plan import Plan, WorkUnit
 from primerge.recipe import Recipe
@@ -70,15 +71,14 @@ class FolderSink(Sink):
         files, sections = self.write(result)
         heads = task_heads(self.plan)
         if heads:
-            (self.folder / "task_heads").mkdir()
-            encoded = components(heads)  # labels are user text: encoded into safe file names
-            for label, tensors in heads.items():
-                save_tensors(self.folder / "task_heads" / f"{encoded[label]}.safetensors", tensors,
-                             ledger=self.ledger)
+            write_heads(self.folder, heads, {s.label: s.architectures() for s in self.plan.sources}, self.ledger)
         copied = copy_support_files(self.plan.base.support, self.folder) if self.copies_support_files else []
         result.out = self.out
         write_card(self.folder, self.plan.recipe, result, files, heads, copied, sections)
         self.ledger.seal()
+
+
+PART_MARK = ".part-"
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,9 @@ class ShardFiles:
             if self.per_task and isinstance(merged, PerTaskTensor):
                 parts.append((merged.name, merged.unified, merged.task_tensors))
         name = shard_name("model", unit.index, self.units)
-        save_tensors(self.folder / name, values, {"format": "pt"})
+        part = self.folder / f".{name}{PART_MARK}{os.getpid()}"  # a worker killed mid-write leaves only this
+        save_tensors(part, values, {"format": "pt"})
+        os.replace(part, self.folder / name)
         return ShardReceipt(name, {k: tensor_record(v) for k, v in values.items()}, parts)
 
 
@@ -133,6 +135,8 @@ class ModelFolder(FolderSink):
             self.per_task.add(name, unified, tensors)
 
     def write(self, result: MergeResult) -> tuple[list[str], list[str]]:
+        for stray in self.folder.glob(f".*{PART_MARK}*"):  # from workers killed mid-write, then retried
+            stray.unlink()
         files = list(dict.fromkeys(self.weight_map.values()))
         if len(files) > 1:
             total = sum(e.nbytes for e in self.plan.entries)
@@ -158,7 +162,7 @@ class LoraFolder(FolderSink):
         self.rank = recipe.output.lora_rank
 
     def open(self, plan: Plan, prepass: Any) -> None:
-        self.export = LoraExport(self.rank)
+        self.export = LoraExport(self.rank, lora_task_type(plan, plan.recipe.output.lora_task_type))
 
     def unit_writer(self) -> LoraParts:
         return LoraParts(self.rank, self.plan.recipe.seed)

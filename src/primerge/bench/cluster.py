@@ -1,0 +1,90 @@
+"""A private Ray cluster on this machine for benchmarks and tests: ``ray start --head`` (plus
+optional extra nodes) on the loopback address, each a process group of its own, stopped by killing
+exactly those groups. It runs without Ray's token authentication (loopback only, for the run)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+#: Environment of the cluster's processes and of every driver that joins it.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
+    """``ray start ARGS --block`` on 127.0.0.1, in a process group of its own."""
+    return subprocess.Popen([*(prefix or []), RAY, "start", *args, "--node-ip-address", "127.0.0.1", "--block",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, **RAY_ENV})
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    """Stop one node's process group (SIGTERM, then SIGKILL)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def wait_nodes(address: str, count: int, timeout: float = 600) -> None:
+    """Poll the cluster from this process until ``count`` nodes are alive."""
+    import ray
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            alive = sum(n["Alive"] for n in ray.nodes())
+        except ConnectionError:
+            alive = 0
+        finally:
+            ray.shutdown()
+        if alive >= count:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes in {timeout:.0f}s")
+        time.sleep(2)
+
+
+@contextmanager
+def local_cluster(cpus_per_node: list[float], gpus: float = 0) -> Iterator[str]:
+    """A head and ``len(cpus_per_node) - 1`` more nodes with these CPUs; yields ``127.0.0.1:PORT``.
+    The environment of this process gets :data:`RAY_ENV` while the cluster runs."""
+    previous = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    address = f"127.0.0.1:{free_port()}"
+    port = address.rsplit(":", 1)[1]
+    nodes = [start_node(["--head", "--port", port, "--num-cpus", str(cpus_per_node[0]), "--num-gpus", str(gpus),
+                         "--include-dashboard=false"])]
+    try:
+        wait_nodes(address, 1)
+        for cpus in cpus_per_node[1:]:
+            nodes.append(start_node(["--address", address, "--num-cpus", str(cpus), "--num-gpus", "0"]))
+        wait_nodes(address, len(cpus_per_node))
+        yield address
+    finally:
+        for node in reversed(nodes):
+            stop_node(node)
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,216 @@
+"""The units of a merge on a Ray cluster: ``execution: {backend: ray}`` / ``--backend ray``.
+
+Ray (``pip install "primerge[ray]"``) schedules, retries and moves data; primerge only says what
+runs: the same pure function of (plan, unit, pre-pass result) as a local merge.
+
+- **Start or join.** Without ``address`` a local Ray runtime is started for the run (all CPUs and
+  GPUs of the machine) and stopped after it; with ``address`` (``auto`` or ``HOST:PORT``) primerge
+  joins an existing cluster (``ray start --head`` / ``ray start --address``) and leaves it running.
+- **Shared storage.** Every node reads the inputs and writes into the output's temporary folder at
+  the same paths: one machine's disk, or a shared filesystem on a cluster. Before any tensor is
+  merged, one task per node checks that it sees every input file and the output folder; a node
+  that does not fails the run with its address and the first missing path.
+- **Pre-passes** (TIES model-wide trim, PRIME ``rank: auto``, EMR rescalers): one task per unit
+  computes the unit's statistics; the driver folds them in unit order, exactly as a local merge.
+- **Units**: one task per unit (``workers`` at a time, ``cpus_per_worker`` / ``gpus_per_worker``
+  reserved each). The output's unit writer runs in the task — a model folder's shard file is
+  written there, straight into the temporary output folder — and the driver takes the receipts in
+  unit order, then writes the index, manifest and card, verifies and publishes as a local merge.
+- **Faults**: a task whose worker dies is retried by Ray (up to :data:`RETRIES` times) and, being a
+  pure function of its inputs, writes the same bytes; a primerge error inside a unit is raised by
+  the driver as it is (exit 2), never retried; Ctrl-C cancels every running task before the
+  temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from primerge.deterministic import ThreadIndependent
+from primerge.engine import execute_unit, fold_units, prepass_statistics, progress
+from primerge.errors import ExecutionError, InputError, PrimergeError, RecipeError
+from primerge.output.base import UnitWriter
+from primerge.plan import Plan, WorkUnit
+from primerge.recipe import ExecutionConfig
+
+#: How many times Ray reruns a unit whose worker died (a primerge error is never retried).
+RETRIES = 3
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise RecipeError("backend ray needs Ray: pip install 'primerge[ray]'.") from None
+    return ray
+
+
+def _worker() -> str:
+    """Who ran a task: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _unit_statistics(plan: Plan, prepass: Any, pass_index: int, index: int, device: str) -> Any:
+    """Task: one unit's pre-pass statistics (:func:`primerge.engine.prepass_statistics`)."""
+    with ThreadIndependent():
+        return prepass_statistics(plan, prepass, pass_index, plan.units[index].entries, torch.device(device))
+
+
+def _unit(plan: Plan, index: int, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float]:
+    """Task: merge unit ``index`` and hand its tensors to the output's unit writer, here."""
+    start = time.perf_counter()
+    unit = plan.units[index]
+    with ThreadIndependent():
+        receipt = writer.write(unit, execute_unit(plan, unit, torch.device(device), prepass))
+    return receipt, _worker(), time.perf_counter() - start
+
+
+def _missing(paths: list[str]) -> tuple[str, list[str]]:
+    """Task pinned to one node: the node's name and the paths it cannot see."""
+    ray = _ray()
+    node_id = ray.get_runtime_context().get_node_id()[:8]
+    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, id {node_id})"
+    return node, [p for p in paths if not os.path.exists(p)]
+
+
+def plan_paths(plan: Plan) -> list[str]:
+    """Every file the merge reads: the base's weights and support files and each model's files."""
+    files = {plan.base.info(n).file for n in plan.base.names} | set(plan.base.support)
+    for source in plan.sources:
+        files |= set(source.files())
+    return sorted(str(Path(f).resolve()) for f in files)
+
+
+class RayExecutor:
+    """Runs pre-passes and units as Ray tasks (see the module docstring)."""
+
+    def __init__(self, config: ExecutionConfig, device: str) -> None:
+        self.config = config
+        self.device = "cuda" if config.gpus_per_worker > 0 else device
+        self.ray = _ray()
+        self.started = False
+        self.stats: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ cluster
+
+    def connect(self) -> None:
+        """Join ``config.address`` or start a local runtime; a runtime this process already holds
+        (the caller's own ``ray.init``) is used as it is when no address is given."""
+        ray = self.ray
+        if self.started or (ray.is_initialized() and not self.config.address):
+            return
+        if ray.is_initialized():
+            raise ExecutionError(f"this process is already connected to a Ray cluster; give no --address to use "
+                                 f"it, or call ray.shutdown() before joining {self.config.address}.")
+        options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        try:  # "local": a new runtime, never a cluster an earlier `ray start` left recorded in /tmp/ray
+            ray.init(address=self.config.address or "local", **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ExecutionError(f"cannot reach the Ray cluster at {self.config.address or 'a new local runtime'} "
+                                 f"({exc}); start it with `ray start --head` or check --address.") from None
+        self.started = True
+
+    def close(self) -> None:
+        """Leave Ray as it was found: disconnect from a joined cluster, stop a runtime started here."""
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+    def workers(self) -> int:
+        """Units run at once: ``config.workers``, else the cluster's CPUs (or GPUs) per unit's share."""
+        if self.config.workers is not None:
+            return self.config.workers
+        resources = self.ray.cluster_resources()
+        if self.config.gpus_per_worker > 0:
+            return max(1, int(resources.get("GPU", 0) // self.config.gpus_per_worker))
+        return max(1, int(resources.get("CPU", 1) // self.config.cpus_per_worker))
+
+    def check_storage(self, paths: list[str]) -> None:
+        """One task per alive node: refuse the run if any node cannot see one of ``paths``."""
+        ray = self.ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = ray.remote(_missing)
+        refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                .remote(paths) for node in ray.nodes() if node["Alive"]]
+        for node, missing in ray.get(refs):
+            if missing:
+                raise InputError(f"Ray node {node} cannot see {missing[0]} ({len(missing)} of {len(paths)} paths "
+                                 f"missing there): every node must see the inputs and the output folder at "
+                                 f"the same paths (a shared filesystem).")
+
+    def _options(self) -> dict:
+        return {"num_cpus": self.config.cpus_per_worker, "num_gpus": self.config.gpus_per_worker,
+                "max_retries": RETRIES, "retry_exceptions": False}
+
+    # ------------------------------------------------------------------ the Executor protocol
+
+    def prepass(self, plan: Plan, quiet: bool) -> Any:
+        self.connect()
+        self.check_storage(plan_paths(plan))
+        prepass = plan.recipe.spec.make_prepass(plan.recipe.params)
+        if prepass is None:
+            return None
+        task = self.ray.remote(_unit_statistics).options(**self._options())
+        plan_ref = self.ray.put(plan)
+        for i in range(prepass.passes):
+            refs = [task.remote(plan_ref, prepass, i, unit.index, self.device) for unit in plan.units]
+            prepass.end_pass(i, fold_units(prepass, self._results(refs)))
+        return prepass.result()
+
+    def units(self, plan: Plan, prepass: Any, writer: UnitWriter, quiet: bool) -> Iterator[tuple[WorkUnit, Any]]:
+        self.connect()
+        folder = getattr(writer, "folder", None)
+        if folder is not None:
+            self.check_storage([str(Path(folder).resolve())])
+        task = self.ray.remote(_unit).options(**self._options())
+        plan_ref, prepass_ref = self.ray.put(plan), self.ray.put(prepass)
+        window, pending = 2 * self.workers(), deque()
+        todo = iter(plan.units)
+        try:
+            with progress(plan, quiet) as bar:
+                for unit in plan.units:
+                    while len(pending) < window and (nxt := next(todo, None)) is not None:
+                        pending.append(task.remote(plan_ref, nxt.index, prepass_ref, writer, self.device))
+                    receipt, worker, seconds = self._result(pending.popleft())
+                    self.stats.setdefault(worker, []).append(seconds)
+                    bar.update(unit.nbytes)
+                    bar.set_postfix_str(self._throughput(), refresh=False)
+                    yield unit, receipt
+        finally:
+            for ref in pending:
+                self.ray.cancel(ref, force=True)
+
+    def _throughput(self) -> str:
+        return ", ".join(f"{w}: {len(s) / sum(s):.2f} units/s" for w, s in sorted(self.stats.items()) if sum(s) > 0)
+
+    def _results(self, refs: list) -> Iterator[Any]:
+        for ref in refs:
+            yield self._result(ref)
+
+    def _result(self, ref) -> Any:
+        """A task's value; a primerge error raised in the task is raised here as it is."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, PrimergeError):
+                raise exc.cause from None
+            raise ExecutionError(f"a unit failed on the Ray cluster: {type(exc.cause).__name__}: {exc.cause}") from None
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+            raise ExecutionError(f"a unit's worker died {RETRIES + 1} times ({type(exc).__name__}); check the "
+                                 f"nodes' memory and logs.") from None
+
+    def describe(self) -> dict:
+        nodes = sum(1 for node in self.ray.nodes() if node["Alive"]) if self.ray.is_initialized() else 0
+        return {"backend": "ray", "address": self.config.address or "local runtime", "nodes": nodes,
+                "workers": self.workers() if self.ray.is_initialized() else self.config.workers,
+                "gpus_per_worker": self.config.gpus_per_worker, "device": self.device}

@@ -1,0 +1,214 @@
+"""The Ray backend against real Ray processes started here: a two-"node" cluster on the loopback
+address (``ray start --head`` plus ``ray start --address``, stopped by killing exactly the process
+groups these tests started), byte-identical outputs, faults, interrupts and the storage check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import primerge
+
+ray = pytest.importorskip("ray")
+
+from golden.cases import build_zoo, folder_hashes  # noqa: E402
+from primerge.bench.cluster import local_cluster, start_node, stop_node, wait_nodes  # noqa: E402
+
+pytestmark = pytest.mark.slow
+HEAD = r"^score\."
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_zoo(tmp_path_factory.mktemp("ray") / "zoo")
+
+
+@pytest.fixture(scope="module")
+def cluster(zoo):
+    """Head (1 CPU) and a second node (1 CPU) on 127.0.0.1; yields the address."""
+    with local_cluster([1, 1]) as address:
+        yield address
+
+
+@pytest.fixture(scope="class")
+def connected(cluster):
+    """This process joined to the cluster, as a user's own ``ray.init`` would: primerge then uses
+    that connection (no --address) and leaves it open."""
+    ray.init(address=cluster, log_to_driver=False, configure_logging=False)
+    yield cluster
+    ray.shutdown()
+
+
+def _models(zoo):
+    return [zoo["t0"], zoo["t1"], zoo["t2"]]
+
+
+CASES = {
+    "prime": {}, "tsv": {}, "task_arithmetic": {}, "iso_cts": {}, "dare": {}, "drm": {},
+    "ties": {"trim_scope": "model"}, "prime-auto": {"rank": "auto"}, "emr": {},
+    "ho_subspace_boosting": {}, "della": {}, "consensus": {}, "breadcrumbs": {}, "iso_c": {},
+    "subspace_boosting": {}, "wudi": {"steps": 20}, "knots": {}, "core_space": {},
+}
+
+
+class TestOnAJoinedCluster:
+    """Merges on a connection this process holds (``ray.init`` once for the class)."""
+
+    @pytest.mark.parametrize("workers", [2, 3])
+    @pytest.mark.parametrize("case", sorted(CASES))
+    def test_ray_writes_the_local_bytes(self, zoo, connected, tmp_path, case, workers):
+        method = case.split("-")[0]
+        kw = dict(task_specific=HEAD, shard_size=3000, **CASES[case])
+        primerge.merge(zoo["base"], _models(zoo), method, out=tmp_path / "local", **kw)
+        result = primerge.merge(zoo["base"], _models(zoo), method, out=tmp_path / "ray",
+                                execution={"backend": "ray", "workers": workers}, **kw)
+        local, distributed = folder_hashes(tmp_path / "local", tmp_path), folder_hashes(tmp_path / "ray", tmp_path)
+        assert len([f for f in local if f.startswith("model-")]) > 2  # several units
+        assert distributed == local
+        assert result.execution["backend"] == "ray" and result.execution["nodes"] == 2
+        assert "backend ray" in (tmp_path / "ray" / "README.md").read_text()
+        assert ray.is_initialized()  # the caller's connection is left open
+
+    def test_ray_lora_inputs_lora_output_and_memory(self, zoo, connected, tmp_path):
+        ray_exec = {"backend": "ray", "workers": 2}
+        adapters = [zoo["lora0"], zoo["lora1"]]
+        for kw in ({"lora_rank": 3}, {}):
+            primerge.merge(zoo["base"], adapters, "prime", out=tmp_path / "a", shard_size=3000, **kw)
+            primerge.merge(zoo["base"], adapters, "prime", out=tmp_path / "b", shard_size=3000, execution=ray_exec, **kw)
+            assert folder_hashes(tmp_path / "a", tmp_path) == folder_hashes(tmp_path / "b", tmp_path)
+            for folder in ("a", "b"):
+                subprocess.run(["rm", "-r", str(tmp_path / folder)], check=True)
+        local = primerge.merge(zoo["base"], _models(zoo), "emr", task_specific=HEAD, shard_size=3000)
+        remote = primerge.merge(zoo["base"], _models(zoo), "emr", task_specific=HEAD, shard_size=3000, execution=ray_exec)
+        for attr in ("state_dict",):
+            a, b = getattr(local, attr), getattr(remote, attr)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for task in local.task_states:
+            assert all(torch.equal(local.task_states[task][k], remote.task_states[task][k]) for k in local.task_states[task])
+
+
+def test_joining_by_address_leaves_ray_as_it_was_found(zoo, cluster, tmp_path):
+    kw = dict(task_specific=HEAD, shard_size=3000)
+    primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "local", **kw)
+    primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "ray",
+                   execution={"backend": "ray", "address": cluster}, **kw)
+    assert folder_hashes(tmp_path / "ray", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
+    assert not ray.is_initialized()
+
+
+def test_a_primerge_error_in_a_unit_stops_the_run_with_that_error(zoo, cluster, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    state = load_file(str(zoo["t1"] / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")  # found only when the tensor is read
+    save_file(state, str(broken / "model.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {zoo['base']}\nmodels: [{zoo['t0']}, {broken}]\nmethod: prime\n"
+                      f"task_specific: '{HEAD}'\nexecution: {{backend: ray, address: '{cluster}'}}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "primerge", "merge", str(recipe), "--out", str(out), "--quiet",
+                           "--shard-size", "3000"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("primerge: error:")]
+    assert len(lines) == 1 and "model.layers.1.mlp.up_proj.weight" in lines[0] and "NaN" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.primerge-*"))
+
+
+@pytest.fixture(scope="module")
+def slow_zoo(tmp_path_factory):
+    """Units that take seconds: four 640 × 640 matrices merged by TSV with exact SVDs."""
+    root = tmp_path_factory.mktemp("slow")
+    gen = torch.Generator().manual_seed(5)
+    base = {f"layers.{i}.proj.weight": torch.randn(640, 640, generator=gen) for i in range(4)}
+    paths = {}
+    for name, shift in (("base", 0.0), ("a", 0.01), ("b", 0.02), ("c", 0.03)):
+        folder = root / name
+        folder.mkdir()
+        state = {k: v + shift * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        save_file(state if shift else base, str(folder / "model.safetensors"))
+        paths[name] = folder
+    return paths
+
+
+def _ray_unit_pids() -> list[int]:
+    """Ray workers running a unit now (Ray titles a busy worker ``ray::<task name>``)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, _, args in (line.strip().partition(" ") for line in out.splitlines())
+            if args.split()[:1] in (["ray::_unit"], ["ray::_unit()"])]
+
+
+def test_a_worker_killed_mid_unit_is_retried_and_the_bytes_do_not_change(slow_zoo, cluster, tmp_path):
+    models = [slow_zoo["a"], slow_zoo["b"], slow_zoo["c"]]
+    kw = dict(svd="exact", shard_size=2_000_000)
+    primerge.merge(slow_zoo["base"], models, "tsv", out=tmp_path / "local", **kw)
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        deadline = time.time() + 600
+        while not killed and time.time() < deadline:
+            for pid in _ray_unit_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    primerge.merge(slow_zoo["base"], models, "tsv", out=tmp_path / "ray",
+                   execution={"backend": "ray", "address": cluster, "workers": 2}, **kw)
+    killer.join()
+    assert killed, "no running unit was found to kill"
+    assert folder_hashes(tmp_path / "ray", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
+
+
+def test_ctrl_c_on_the_driver_cancels_the_units_and_leaves_nothing(slow_zoo, cluster, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {slow_zoo['base']}\nmodels: [{slow_zoo['a']}, {slow_zoo['b']}, {slow_zoo['c']}]\n"
+                      f"method: tsv\nparameters: {{svd: exact}}\n"
+                      f"execution: {{backend: ray, address: '{cluster}', workers: 2}}\n")
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "primerge", "merge", str(recipe), "--out", str(out), "--quiet",
+                              "--shard-size", "2MB"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not _ray_unit_pids():
+        assert time.time() < deadline and child.poll() is None, "the merge never started a unit"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out.primerge-*"))
+    deadline = time.time() + 60
+    while _ray_unit_pids():  # the cancelled units stop too
+        assert time.time() < deadline, "units kept running after the driver was interrupted"
+        time.sleep(0.5)
+
+
+def test_a_node_that_cannot_see_an_input_fails_the_run_before_merging(zoo, cluster, tmp_path):
+    """A third node whose mount namespace hides the zoo (a tmpfs over it): the run names the node
+    and the path, and nothing is written. Runs last: it changes the module's cluster."""
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("this machine does not allow mount namespaces (unshare -m), needed to hide a path")
+    hidden = zoo["base"].parent
+    node = start_node(["--address", cluster, "--num-cpus", "1"],
+                      prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f'mount -t tmpfs none "{hidden}" && exec "$0" "$@"'])
+    try:
+        wait_nodes(cluster, 3)
+        with pytest.raises(primerge.InputError, match=r"Ray node .* cannot see .*zoo") as info:
+            primerge.merge(zoo["base"], _models(zoo), "prime", task_specific=HEAD, out=tmp_path / "out",
+                           execution={"backend": "ray", "address": cluster})
+        assert "shared filesystem" in str(info.value)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.primerge-*"))
+    finally:
+        stop_node(node)
