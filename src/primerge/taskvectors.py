@@ -22,7 +22,6 @@ purification), then multiplied by the model's weight w_t; :func:`read_sum` accum
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from primerge.errors import InputError
 from primerge.io.adapters import Adapter, is_adapter, open_adapter
+from primerge.io.files import load_json
 from primerge.io.manifest import non_finite
 from primerge.io.readers import Checkpoint, open_checkpoint
 from primerge.methods.stack import LowRank, TaskStack
@@ -180,7 +180,7 @@ class FullFineTune(TaskVectorSource):
         config = next((f for f in self.checkpoint.support if f.name == "config.json"), None)
         if config is None:
             return None
-        data = json.loads(config.read_text())
+        data = load_json(config, "config.json")  # vetted when opened; read again defensively
         architectures = data.get("architectures") if isinstance(data, dict) else None
         return [str(a) for a in architectures] if isinstance(architectures, list) else None
 
