@@ -271,6 +271,27 @@ def test_fuzzed_recipes_either_merge_or_fail_cleanly(zoo, tmp_path):
     assert outcomes.count(0) >= 10 and outcomes.count(2) >= 10, outcomes  # both sides were exercised
 
 
+#: Fragments of pydantic's own error wording that must never reach a user.
+JARGON = ("Input should", "literal[", "Value error", "constrained-", "function-after", "Field required", "type=")
+
+
+@FUZZ
+@given(data=recipes({"base": "/b", "models": ["/m0", "/m1"]}),
+       values=st.dictionaries(st.sampled_from(["rank", "density", "scale", "alpha", "svd", "residual", "k", "lam",
+                                               "beta", "drop_rate", "base_merge", "trim_scope"]), JUNK, max_size=2))
+def test_recipe_errors_name_the_field_and_value_in_plain_words(data, values):
+    """A recipe (or its method's parameters) with junk values is refused with one sentence per field,
+    naming the field and the value, never pydantic's internal wording."""
+    from primerge.recipe import build_recipe
+
+    if isinstance(data.get("parameters"), dict):
+        data["parameters"] = {**data["parameters"], **values}
+    try:
+        build_recipe(data)
+    except RecipeError as exc:
+        assert not any(fragment in str(exc) for fragment in JARGON), str(exc)
+
+
 @FUZZ
 @given(text=st.text(max_size=200))
 def test_fuzzed_recipe_text_is_a_recipe_or_a_recipe_error(tmp_path_factory, text):
