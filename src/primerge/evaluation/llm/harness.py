@@ -97,6 +97,18 @@ def task_manager(include: Sequence[Path], defaults: bool):
     return TaskManager(include_path=[str(p) for p in include] or None, include_defaults=defaults)
 
 
+def named_task_manager(include: Sequence[Path], names: Sequence[str]):
+    """A TaskManager that knows every name in ``names``: the ``include`` folders alone when they hold
+    them all (fast), else with lm-eval's own tasks indexed too. Unknown names raise InputError."""
+    if include:
+        manager = task_manager(include, defaults=False)
+        if set(names) <= set(manager.all_tasks):
+            return manager
+    manager = task_manager(include, defaults=True)
+    check_task_names(manager, names)
+    return manager
+
+
 def check_task_names(manager, names: Sequence[str]) -> None:
     from primerge.errors import closest
 

@@ -21,6 +21,13 @@ from primerge.evaluation.model import _transformers, load_tokenizer
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def checked_device(device: str) -> str:
+    """``cpu``, ``cuda[:N]`` or ``auto``, resolved (and refused when absent) as the merge engine does."""
+    from primerge.engine import resolve_device
+
+    return str(resolve_device(device))
+
+
 def is_adapter(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
