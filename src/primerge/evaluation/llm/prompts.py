@@ -118,19 +118,24 @@ def label_tokens(task: str, verbaliser: Verbaliser, tokenizer, classes: Sequence
 
 
 def fit_text(text: str, verbaliser: Verbaliser, tokenizer, max_prompt_tokens: int) -> str:
-    """``text`` cut at a word boundary (or mid-word if one word is too long) so that the prompt has
-    at most ``max_prompt_tokens`` tokens."""
-    if len(encode(tokenizer, verbaliser.prompt(text))) <= max_prompt_tokens:
+    """The longest word-boundary prefix of ``text`` (a mid-word cut only if the first word alone is
+    too long) whose prompt has at most ``max_prompt_tokens`` tokens."""
+    def fits(candidate: str) -> bool:
+        return len(encode(tokenizer, verbaliser.prompt(candidate))) <= max_prompt_tokens
+
+    if fits(text):
         return text
     overhead = len(encode(tokenizer, verbaliser.prompt("")))
-    budget = max(1, max_prompt_tokens - overhead)
-    ids = encode(tokenizer, text)[:budget]
-    cut = tokenizer.decode(ids)
-    while cut:
-        if len(encode(tokenizer, verbaliser.prompt(cut))) <= max_prompt_tokens:
-            return cut
-        shorter = cut.rsplit(" ", 1)[0] if " " in cut.strip() else cut[:-1]
-        cut = shorter.rstrip()
+    decoded = tokenizer.decode(encode(tokenizer, text)[:max(1, max_prompt_tokens - overhead)])
+    cut = text[:next((i for i, (a, b) in enumerate(zip(text, decoded)) if a != b), min(len(text), len(decoded)))]
+    words = cut.split(" ")
+    if len(cut) < len(text) and not text[len(cut)].isspace() and len(words) > 1:
+        words = words[:-1]  # drop the word the token budget cut through
+    while len(words) > 1 and not fits(" ".join(words).rstrip()):
+        words = words[:-1]
+    cut = " ".join(words).rstrip()
+    while cut and not fits(cut):
+        cut = cut[:-1]
     return cut
 
 

@@ -38,11 +38,11 @@ class LLMProtocol:
 
     max_prompt_tokens: int = 32
     test_size: int = 100
-    steps: int = 16
+    steps: int = 12
     batch_size: int = 8
     lora_rank: int = 16
     lora_learning_rate: float = 1e-3
-    full_learning_rate: float = 5e-5
+    full_learning_rate: float = 1e-4
     warmup_fraction: float = 0.1
     seed: int = 0
     eval_batch_size: int = 32
@@ -63,7 +63,8 @@ class LLMProtocol:
 
 
 CPU_PROTOCOL = LLMProtocol()
-GPU_PROTOCOL = LLMProtocol(max_prompt_tokens=64, test_size=1000, steps=150, batch_size=16, eval_batch_size=64)
+GPU_PROTOCOL = LLMProtocol(max_prompt_tokens=64, test_size=1000, steps=150, batch_size=16, lora_learning_rate=5e-4,
+                           full_learning_rate=3e-5, eval_batch_size=64)
 PRESETS = {"cpu": CPU_PROTOCOL, "gpu": GPU_PROTOCOL}
 
 

@@ -1,0 +1,126 @@
+"""Fine-tuning on answer tokens (LoRA and full), the cached zoo, and ``primerge demo --suite llm`` end to
+end on a tiny random LLaMA with two local tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama
+from primerge.cli import main
+from primerge.evaluation.llm.prompts import Verbaliser, cast_task, split_answer
+from primerge.evaluation.llm.training import TrainSettings, answer_loss, encode_examples, fine_tune, left_padded
+from primerge.evaluation.llm.zoo import LLMProtocol
+from primerge.evaluation.tasks import TaskData
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("peft")
+
+WORDS = ("posit", "negative")  # a single-token and a multi-token answer
+
+
+def toy_task(n: int = 40, name: str = "toy") -> TaskData:
+    texts = tuple(f"{'the pot' if i % 2 else 'a nose'} {i} is on it" for i in range(n))
+    return TaskData(name, ("p", "n"), texts, tuple(i % 2 for i in range(n)), "test")
+
+
+def cast(tokenizer, train=16, test=8):
+    return cast_task(toy_task(80).split(), tokenizer, 24, train, test, Verbaliser("Text: {text}\nAnswer:", WORDS))
+
+
+def test_left_padded_answer_loss_equals_per_example_loss():
+    """Right-aligned batches with answers of different lengths: the batched mean of the answer tokens'
+    cross-entropy equals the token-weighted mean of unpadded single-example losses."""
+    model, tokenizer = tiny_llama(seed=4), byte_level_tokenizer()
+    examples = encode_examples(cast(tokenizer), tokenizer, 6)
+    assert len({len(a) for _, a in examples}) == 2
+    with torch.no_grad():
+        batched = answer_loss(model, left_padded(examples, tokenizer.pad_token_id, "cpu")).item()
+        total = 0.0
+        for prompt, answer in examples:
+            ids = torch.tensor([prompt + answer])
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            total -= sum(logprobs[len(prompt) - 1 + j, t].item() for j, t in enumerate(answer))
+    assert batched == pytest.approx(total / sum(len(a) for _, a in examples), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fine_tune_lowers_the_answer_loss_and_trains_the_right_parameters(kind):
+    tokenizer = byte_level_tokenizer()
+    task = cast(tokenizer, train=32)
+    model = tiny_llama(seed=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = left_padded(encode_examples(task, tokenizer, 32), tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        start = answer_loss(model, batch).item()
+    settings = TrainSettings(kind=kind, steps=8, batch_size=4, learning_rate=3e-3 if kind == "lora" else 1e-3)
+    trained, stats = fine_tune(model, tokenizer, task, settings, progress=False)
+    with torch.no_grad():
+        assert answer_loss(trained, batch).item() < start
+    assert stats["steps"] == 8 and stats["examples"] == 32
+    if kind == "lora":
+        assert stats["trained_parameters"] == sum(p.numel() for n, p in trained.named_parameters() if "lora_" in n)
+        frozen = {k.replace(".base_layer", ""): v for k, v in trained.get_base_model().state_dict().items()
+                  if "lora_" not in k}
+        assert frozen.keys() == before.keys() and all(torch.equal(before[k], v) for k, v in frozen.items())
+    else:
+        after = trained.state_dict()
+        assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+        assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def write_jsonl(path, task: TaskData):
+    labels = ["posit", "the"]
+    path.write_text("\n".join(json.dumps({"text": t, "label": labels[y]}) for t, y in zip(task.texts, task.labels)) + "\n")
+    return path
+
+
+def test_llm_demo_end_to_end_and_cached_rerun(tmp_path, capsys, monkeypatch):
+    import primerge.evaluation.llm.zoo as zoo_module
+    from primerge.evaluation.llm import cli as llm_cli
+
+    tiny = LLMProtocol(max_prompt_tokens=48, test_size=8, steps=3, batch_size=4, lora_rank=2,
+                       lora_learning_rate=3e-3, full_learning_rate=1e-3, eval_batch_size=8)
+    monkeypatch.setitem(llm_cli.PRESETS, "cpu", tiny)
+    base = save_tiny_llama(tmp_path / "base", seed=7)
+    tasks = [str(write_jsonl(tmp_path / f"{n}.jsonl", toy_task(30, n))) for n in ("alpha", "beta")]
+    argv = ["demo", "--suite", "llm", "--base", str(base), "--tasks", *tasks, "--cache", str(tmp_path / "cache"),
+            "--report", str(tmp_path / "report"), "--methods", "task_arithmetic", "prime", "--as-lora", "prime",
+            "--as-lora-rank", "4", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LoRA adapters" in out and "Full fine-tunes" in out and "prime → LoRA r4" in out
+    record = json.loads((tmp_path / "report" / "llm-results.json").read_text())
+    assert [r["row"] for r in record["tables"]["lora"]] == ["Zero-shot base", "Individual", "task_arithmetic", "prime",
+                                                             "prime → LoRA r4"]
+    assert [r["row"] for r in record["tables"]["full"]] == ["Zero-shot base", "Individual", "task_arithmetic", "prime"]
+    for rows in record["tables"].values():
+        assert rows[0]["accuracy"] == record["tables"]["lora"][0]["accuracy"]  # one zero-shot evaluation
+        assert all(0.0 <= v <= 1.0 for r in rows for v in r["accuracy"].values())
+    assert record["tables"]["lora"][-1]["parameters"]["lora_rank"] == 4
+    for suffix in (".md", ".csv", ".png"):
+        assert (tmp_path / "report" / f"llm-results{suffix}").stat().st_size > 0
+    zoo_root = tmp_path / "cache" / "llm" / "zoo"
+    adapters = sorted(zoo_root.glob("lora-*/*/adapter_model.safetensors"))
+    fulls = sorted(zoo_root.glob("full-*/*/model.safetensors"))
+    assert len(adapters) == len(fulls) == 2
+    assert set(load_file(fulls[0])) == set(load_file(base / "model.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached rerun must not train")
+
+    monkeypatch.setattr(zoo_module, "fine_tune", refuse)
+    assert main(argv) == 0
+    again = json.loads((tmp_path / "report" / "llm-results.json").read_text())
+    assert [r["accuracy"] for r in again["tables"]["full"]] == [r["accuracy"] for r in record["tables"]["full"]]
+
+
+def test_answer_tokens_follow_the_prompt():
+    tokenizer = byte_level_tokenizer()
+    task = cast(tokenizer)
+    (prompt, answer), = encode_examples(task, tokenizer, 1)
+    assert (prompt, answer) == split_answer(tokenizer, task.train_prompts[0], task.verbaliser.answer(task.train_labels[0]))
+    assert tokenizer.decode(answer) == " " + WORDS[task.train_labels[0]]
