@@ -124,3 +124,18 @@ def test_answer_tokens_follow_the_prompt():
     (prompt, answer), = encode_examples(task, tokenizer, 1)
     assert (prompt, answer) == split_answer(tokenizer, task.train_prompts[0], task.verbaliser.answer(task.train_labels[0]))
     assert tokenizer.decode(answer) == " " + WORDS[task.train_labels[0]]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--zoos", "partial"], "unknown zoo kind partial"),
+    (["--pave", "prime"], "--pave rows belong to the encoder suite"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--methods", "primo"], "Did you mean 'prime'"),
+    pytest.param(["--device", "cuda"], "no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
+])
+def test_llm_demo_bad_options_are_one_clear_error(tmp_path, capsys, extra, message):
+    code = main(["demo", "--suite", "llm", "--cache", str(tmp_path), "--report", str(tmp_path / "r"), "--quiet", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "llm").exists() and not (tmp_path / "r").exists()

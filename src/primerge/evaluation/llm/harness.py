@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +32,12 @@ METRIC = "acc,none"
 
 
 def go_offline() -> None:
-    """Forbid hub access for the datasets/transformers/evaluate libraries (before they are imported)."""
+    """Forbid hub access for the datasets/transformers/evaluate libraries: through the environment for
+    libraries not imported yet, and through ``datasets.config`` if it was imported already."""
     os.environ.update(OFFLINE)
+    config = sys.modules.get("datasets.config")
+    if config is not None:
+        config.HF_DATASETS_OFFLINE = config.HF_HUB_OFFLINE = True
 
 
 def lm_eval_module():

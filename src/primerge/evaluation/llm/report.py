@@ -21,29 +21,23 @@ ZOO_TITLES = {"lora": "LoRA adapters", "full": "Full fine-tunes"}
 PREFIX = "llm-results"
 
 
-def cells(rows: Sequence[Row], tasks: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """The encoder demo's cells plus a ``merge s`` column."""
+def frame(rows: Sequence[Row], tasks: Sequence[str]):
+    """The encoder demo's cells (accuracy %, Avg, Normalized) plus a ``merge s`` column, as a DataFrame."""
+    import pandas as pd
+
     header, body = table_cells(rows, tasks)
     merge = ["" if r.merge_seconds is None else f"{r.merge_seconds:.1f}" for r in rows]
-    return [*header, "merge s"], [[*line, m] for line, m in zip(body, merge)]
+    return pd.DataFrame([[*line, m] for line, m in zip(body, merge)], columns=["row", *header[1:], "merge s"])
 
 
 def text_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
-    header, body = cells(rows, tasks)
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = []
-    for n, line in enumerate([header, *body]):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    table = frame(rows, tasks)
+    width = max(len(label) for label in table["row"])
+    return table.to_string(index=False, justify="left", formatters={"row": lambda label: label.ljust(width)})
 
 
 def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
-    header, body = cells(rows, tasks)
-    header[0] = "row"
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(line) + " |" for line in body)])
+    return frame(rows, tasks).to_markdown(index=False, disable_numparse=True)
 
 
 def text_tables(result) -> str:
