@@ -78,6 +78,7 @@ def write_jsonl(path, task: TaskData):
     return path
 
 
+@pytest.mark.slow
 def test_llm_demo_end_to_end_and_cached_rerun(tmp_path, capsys, monkeypatch):
     import primerge.evaluation.llm.zoo as zoo_module
     from primerge.evaluation.llm import cli as llm_cli

@@ -52,7 +52,7 @@ class LLMDemoResult:
 
 
 @dataclass
-class Bench:
+class Suite:
     """What every evaluation needs: the base, the cast tasks, the cache root and the device."""
 
     base: Path
@@ -79,74 +79,74 @@ def method_names(names: Sequence[str] | None) -> list[str]:
     return [spec.name for spec in select_methods(names)]
 
 
-def merged_row(bench: Bench, zoo: LLMZoo, method: str, individual: dict, seed: int, quiet: bool) -> Row:
+def merged_row(suite: Suite, zoo: LLMZoo, method: str, individual: dict, seed: int, quiet: bool) -> Row:
     """Merge the zoo with ``method`` at its defaults (in memory) and score the merged model; a per-task
     method (EMR) is scored task by task with each task's own rebuilt state."""
     start = time.perf_counter()
-    result = primerge.merge(bench.base, [str(p) for p in zoo.paths], method=method, seed=seed,
-                            device=bench.device, quiet=quiet)
+    result = primerge.merge(suite.base, [str(p) for p in zoo.paths], method=method, seed=seed,
+                            device=suite.device, quiet=quiet)
     merge_seconds = time.perf_counter() - start
     start = time.perf_counter()
     per_task = bool(result.per_task and result.task_states)
-    groups = [[t] for t in bench.tasks] if per_task else [bench.tasks]
+    groups = [[t] for t in suite.tasks] if per_task else [suite.tasks]
     accuracy: dict[str, float] = {}
     for group in groups:
         state = result.task_states[group[0].name] if per_task else result.state_dict
         origin = f"the {method} merge of the {zoo.kind} zoo"
-        accuracy.update(bench.score(state_digest(state),
-                                    lambda state=state, origin=origin: model_from_state(bench.base, state, origin, bench.device),
+        accuracy.update(suite.score(state_digest(state),
+                                    lambda state=state, origin=origin: model_from_state(suite.base, state, origin, suite.device),
                                     group))
     label = f"{method} (per-task)" if per_task else method
     return Row(label, accuracy, individual, result.parameters, merge_seconds, time.perf_counter() - start)
 
 
-def as_lora_row(bench: Bench, zoo: LLMZoo, method: str, rank: int, individual: dict, seed: int, quiet: bool) -> Row:
+def as_lora_row(suite: Suite, zoo: LLMZoo, method: str, rank: int, individual: dict, seed: int, quiet: bool) -> Row:
     """Merge with ``method`` into a rank-``rank`` PEFT adapter (``--as-lora``), apply it with peft, score."""
-    with tempfile.TemporaryDirectory(dir=bench.root / "llm") as tmp:
+    with tempfile.TemporaryDirectory(dir=suite.root / "llm") as tmp:
         out = Path(tmp) / f"{method}-lora-r{rank}"
         start = time.perf_counter()
-        result = primerge.merge(bench.base, [str(p) for p in zoo.paths], method=method, seed=seed,
-                                device=bench.device, quiet=quiet, out=out, lora_rank=rank)
+        result = primerge.merge(suite.base, [str(p) for p in zoo.paths], method=method, seed=seed,
+                                device=suite.device, quiet=quiet, out=out, lora_rank=rank)
         merge_seconds = time.perf_counter() - start
         start = time.perf_counter()
 
         def load():
-            return apply_adapter(load_model(bench.base, device=bench.device)[0], out)
+            return apply_adapter(load_model(suite.base, device=suite.device)[0], out)
 
-        accuracy = bench.score(folder_identity(out, bench.base), load)
+        accuracy = suite.score(folder_identity(out, suite.base), load)
     parameters = {**result.parameters, "lora_rank": rank, "max_relative_error": result.lora["max_relative_error"]}
     return Row(f"{method} → LoRA r{rank}", accuracy, individual, parameters, merge_seconds, time.perf_counter() - start)
 
 
-def individual_scores(bench: Bench, zoo: LLMZoo) -> dict[str, float]:
+def individual_scores(suite: Suite, zoo: LLMZoo) -> dict[str, float]:
     """Each fine-tune's accuracy on its own task."""
     scores = {}
-    for entry, task in zip(zoo.entries, bench.tasks):
-        base = bench.base if zoo.kind == "lora" else None
-        scores.update(bench.score(folder_identity(entry.path, base),
-                                  lambda path=entry.path: load_model(path, base=bench.base, device=bench.device)[0],
+    for entry, task in zip(zoo.entries, suite.tasks):
+        base = suite.base if zoo.kind == "lora" else None
+        scores.update(suite.score(folder_identity(entry.path, base),
+                                  lambda path=entry.path: load_model(path, base=suite.base, device=suite.device)[0],
                                   [task]))
     return scores
 
 
-def zoo_rows(bench: Bench, zoo: LLMZoo, zero_shot: dict, methods: Sequence[str], as_lora: Sequence[str],
+def zoo_rows(suite: Suite, zoo: LLMZoo, zero_shot: dict, methods: Sequence[str], as_lora: Sequence[str],
              as_lora_rank: int, seed: int, progress: bool, log: Callable[[str], None]) -> list[Row]:
-    individual = individual_scores(bench, zoo)
+    individual = individual_scores(suite, zoo)
     rows = [Row("Zero-shot base", zero_shot, individual), Row("Individual", individual, individual)]
     for method in methods:
         log(f"{zoo.kind} zoo: merging {len(zoo.paths)} fine-tunes with {method} and evaluating ...")
-        rows.append(merged_row(bench, zoo, method, individual, seed, quiet=not progress))
+        rows.append(merged_row(suite, zoo, method, individual, seed, quiet=not progress))
         log(f"{rows[-1].label}: avg {100 * rows[-1].average:.1f}%, merge {rows[-1].merge_seconds:.1f}s, "
             f"evaluation {rows[-1].eval_seconds:.0f}s")
     for method in as_lora if zoo.kind == "lora" else ():
         log(f"{zoo.kind} zoo: merging with {method} into a rank-{as_lora_rank} LoRA adapter and evaluating ...")
-        rows.append(as_lora_row(bench, zoo, method, as_lora_rank, individual, seed, quiet=not progress))
+        rows.append(as_lora_row(suite, zoo, method, as_lora_rank, individual, seed, quiet=not progress))
         log(f"{rows[-1].label}: avg {100 * rows[-1].average:.1f}%, merge {rows[-1].merge_seconds:.1f}s")
     return rows
 
 
-def prepare_bench(tasks: Sequence[str], base, cache, protocol: LLMProtocol, device: str,
-                  log: Callable[[str], None]) -> Bench:
+def prepare_suite(tasks: Sequence[str], base, cache, protocol: LLMProtocol, device: str,
+                  log: Callable[[str], None]) -> Suite:
     root = cache_root(cache)
     base_folder = resolve_base(base, root, log=log)
     tokenizer = load_tokenizer(base_folder)
@@ -155,7 +155,7 @@ def prepare_bench(tasks: Sequence[str], base, cache, protocol: LLMProtocol, devi
     for task in cast:
         log(f"task {task.name}: {len(task.train_prompts)} train / {len(task.test_prompts)} test prompts, "
             f"label words {task.describe_labels()}")
-    return Bench(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer)
+    return Suite(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer)
 
 
 def run_llm_demo(
@@ -181,24 +181,24 @@ def run_llm_demo(
     device = checked_device(device)
     timings: dict[str, float] = {}
     clock = started = time.perf_counter()
-    bench = prepare_bench(tasks, base, cache, protocol, device, log)
-    fingerprint = folder_fingerprint(bench.base)
+    suite = prepare_suite(tasks, base, cache, protocol, device, log)
+    fingerprint = folder_fingerprint(suite.base)
     timings["base_seconds"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    zero_shot = bench.score(folder_identity(bench.base), lambda: load_model(bench.base, device=device)[0])
+    zero_shot = suite.score(folder_identity(suite.base), lambda: load_model(suite.base, device=device)[0])
     timings["zero_shot_eval_seconds"] = time.perf_counter() - clock
     tables: dict[str, list[Row]] = {}
     for kind in zoos:
         clock = time.perf_counter()
-        zoo = build_llm_zoo(kind, bench.tasks, bench.base, fingerprint, protocol, bench.root, device=device,
+        zoo = build_llm_zoo(kind, suite.tasks, suite.base, fingerprint, protocol, suite.root, device=device,
                             progress=progress, log=log)
         timings[f"{kind}_zoo_seconds"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        tables[kind] = zoo_rows(bench, zoo, zero_shot, names, lora_names, as_lora_rank, seed, progress, log)
+        tables[kind] = zoo_rows(suite, zoo, zero_shot, names, lora_names, as_lora_rank, seed, progress, log)
         timings[f"{kind}_rows_seconds"] = time.perf_counter() - clock
     timings["total_seconds"] = time.perf_counter() - started
-    result = LLMDemoResult(tables, [t.name for t in bench.tasks], Path(report) if report is not None else None,
-                           bench.base, timings, {t.name: t.describe_labels() for t in bench.tasks})
+    result = LLMDemoResult(tables, [t.name for t in suite.tasks], Path(report) if report is not None else None,
+                           suite.base, timings, {t.name: t.describe_labels() for t in suite.tasks})
     if report is not None:
         from primerge.evaluation.llm.report import write_llm_report
 
