@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from llm_fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama
 from primerge.cli import main
 from primerge.evaluation.llm.prompts import Verbaliser, cast_task, split_answer
-from primerge.evaluation.llm.training import TrainSettings, answer_loss, encode_examples, fine_tune, left_padded
+from primerge.evaluation.llm.training import TrainSettings, class_scores, encode_examples, fine_tune, ranking_loss
 from primerge.evaluation.llm.zoo import LLMProtocol
 from primerge.evaluation.tasks import TaskData
 
@@ -31,20 +31,30 @@ def cast(tokenizer, train=16, test=8):
     return cast_task(toy_task(80).split(), tokenizer, 24, train, test, Verbaliser("Text: {text}\nAnswer:", WORDS))
 
 
-def test_left_padded_answer_loss_equals_per_example_loss():
-    """Right-aligned batches with answers of different lengths: the batched mean of the answer tokens'
-    cross-entropy equals the token-weighted mean of unpadded single-example losses."""
-    model, tokenizer = tiny_llama(seed=4), byte_level_tokenizer()
-    examples = encode_examples(cast(tokenizer), tokenizer, 6)
-    assert len({len(a) for _, a in examples}) == 2
+def direct_score(model, prompt, answer) -> float:
+    """log p(answer | prompt) from one unpadded forward pass."""
+    ids = torch.tensor([prompt + answer])
     with torch.no_grad():
-        batched = answer_loss(model, left_padded(examples, tokenizer.pad_token_id, "cpu")).item()
-        total = 0.0
-        for prompt, answer in examples:
-            ids = torch.tensor([prompt + answer])
-            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-            total -= sum(logprobs[len(prompt) - 1 + j, t].item() for j, t in enumerate(answer))
-    assert batched == pytest.approx(total / sum(len(a) for _, a in examples), rel=1e-5)
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    return sum(logprobs[len(prompt) - 1 + j, t].item() for j, t in enumerate(answer))
+
+
+@pytest.mark.parametrize("words", [WORDS, ("posit", "the")], ids=["multi-token", "single-token"])
+def test_class_scores_equal_unpadded_loglikelihoods(words):
+    """Left-padded batches (one forward per class, or one shared forward for single-token answers) give
+    every class's answer log-likelihood, and the loss is the cross-entropy over those scores."""
+    model, tokenizer = tiny_llama(seed=4), byte_level_tokenizer()
+    task = cast_task(toy_task(80).split(), tokenizer, 24, 6, 4, Verbaliser("Text: {text}\nAnswer:", words))
+    examples = encode_examples(task, tokenizer, 6)
+    assert {len(a) for candidates, _ in examples for _, a in candidates} == ({1} if words[1] == "the" else {1, 7})
+    with torch.no_grad():
+        scores = class_scores(model, [c for c, _ in examples], tokenizer.pad_token_id, "cpu")
+        loss = ranking_loss(model, examples, tokenizer.pad_token_id, "cpu").item()
+    direct = torch.tensor([[direct_score(model, p, a) for p, a in candidates] for candidates, _ in examples],
+                          dtype=torch.float64)
+    assert torch.allclose(scores.double(), direct.double(), atol=1e-4)
+    expected = -torch.log_softmax(direct, -1)[range(6), [y for _, y in examples]].mean().item()
+    assert loss == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -53,13 +63,13 @@ def test_fine_tune_lowers_the_answer_loss_and_trains_the_right_parameters(kind):
     task = cast(tokenizer, train=32)
     model = tiny_llama(seed=6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = left_padded(encode_examples(task, tokenizer, 32), tokenizer.pad_token_id, "cpu")
+    examples = encode_examples(task, tokenizer, 32)
     with torch.no_grad():
-        start = answer_loss(model, batch).item()
+        start = ranking_loss(model, examples, tokenizer.pad_token_id, "cpu").item()
     settings = TrainSettings(kind=kind, steps=8, batch_size=4, learning_rate=3e-3 if kind == "lora" else 1e-3)
     trained, stats = fine_tune(model, tokenizer, task, settings, progress=False)
     with torch.no_grad():
-        assert answer_loss(trained, batch).item() < start
+        assert ranking_loss(trained, examples, tokenizer.pad_token_id, "cpu").item() < start
     assert stats["steps"] == 8 and stats["examples"] == 32
     if kind == "lora":
         assert stats["trained_parameters"] == sum(p.numel() for n, p in trained.named_parameters() if "lora_" in n)
@@ -122,9 +132,11 @@ def test_llm_demo_end_to_end_and_cached_rerun(tmp_path, capsys, monkeypatch):
 def test_answer_tokens_follow_the_prompt():
     tokenizer = byte_level_tokenizer()
     task = cast(tokenizer)
-    (prompt, answer), = encode_examples(task, tokenizer, 1)
-    assert (prompt, answer) == split_answer(tokenizer, task.train_prompts[0], task.verbaliser.answer(task.train_labels[0]))
-    assert tokenizer.decode(answer) == " " + WORDS[task.train_labels[0]]
+    (candidates, label), = encode_examples(task, tokenizer, 1)
+    assert label == task.train_labels[0] and len(candidates) == 2
+    for c, (prompt, answer) in enumerate(candidates):
+        assert (prompt, answer) == split_answer(tokenizer, task.train_prompts[0], task.verbaliser.answer(c))
+        assert tokenizer.decode(answer) == " " + WORDS[c]
 
 
 @pytest.mark.parametrize("extra, message", [
