@@ -90,6 +90,7 @@ def write_jsonl(path, task: TaskData):
 
 @pytest.mark.slow
 def test_llm_demo_end_to_end_and_cached_rerun(tmp_path, capsys, monkeypatch):
+    import primerge.evaluation.llm.demo as demo_module
     import primerge.evaluation.llm.zoo as zoo_module
     from primerge.evaluation.llm import cli as llm_cli
 
@@ -124,9 +125,11 @@ def test_llm_demo_end_to_end_and_cached_rerun(tmp_path, capsys, monkeypatch):
         raise AssertionError("a cached rerun must not train")
 
     monkeypatch.setattr(zoo_module, "fine_tune", refuse)
+    monkeypatch.setattr(demo_module, "evaluate_prompt_tasks", refuse)  # every score comes from the cache
     assert main(argv) == 0
     again = json.loads((tmp_path / "report" / "llm-results.json").read_text())
-    assert [r["accuracy"] for r in again["tables"]["full"]] == [r["accuracy"] for r in record["tables"]["full"]]
+    for kind in ("lora", "full"):
+        assert [r["accuracy"] for r in again["tables"][kind]] == [r["accuracy"] for r in record["tables"][kind]]
 
 
 def test_answer_tokens_follow_the_prompt():

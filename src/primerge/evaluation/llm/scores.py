@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from primerge.evaluation.llm.prompts import PromptTask
-from primerge.evaluation.model import folder_fingerprint
+from primerge.evaluation.model import FINGERPRINT_SKIP, folder_fingerprint
+from primerge.io.manifest import MANIFEST
 
 SCORE_FORMAT = "llm-eval-v1"
 
@@ -32,9 +33,14 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+#: Files that do not change what a folder computes: documentation, and primerge's manifest (hashes of
+#: the folder's files, the model card among them).
+IDENTITY_SKIP = FINGERPRINT_SKIP | {MANIFEST}
+
+
 def folder_identity(folder: Path, base: Path | None = None) -> str:
     """The identity of a model folder (and of the base an adapter applies to)."""
-    parts = [folder_fingerprint(folder)] + ([folder_fingerprint(base)] if base is not None else [])
+    parts = [folder_fingerprint(folder, IDENTITY_SKIP)] + ([folder_fingerprint(base)] if base is not None else [])
     return hashlib.sha256(":".join(parts).encode()).hexdigest()
 
 
