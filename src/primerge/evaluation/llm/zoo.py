@@ -26,7 +26,7 @@ from primerge.evaluation.llm.prompts import PromptTask
 from primerge.evaluation.llm.training import TrainSettings, fine_tune
 from primerge.evaluation.model import writing_folder
 
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2  # 2: fine-tunes trained with the ranking loss
 KINDS = ("lora", "full")
 TASK_FILE = "task.json"
 
