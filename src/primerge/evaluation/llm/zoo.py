@@ -41,7 +41,7 @@ class LLMProtocol:
     steps: int = 12
     batch_size: int = 8
     lora_rank: int = 16
-    lora_learning_rate: float = 1e-3
+    lora_learning_rate: float = 3e-3
     full_learning_rate: float = 1e-4
     warmup_fraction: float = 0.1
     seed: int = 0
