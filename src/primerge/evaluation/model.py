@@ -17,7 +17,8 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -145,29 +146,15 @@ def head_from_tensors(head: Mapping[str, torch.Tensor], origin: str) -> nn.Linea
     return linear
 
 
-def save_folder(
-    folder: Path,
-    body: nn.Module,
-    tokenizer,
-    head: nn.Linear | None = None,
-    metadata: Mapping[str, object] | None = None,
-    metadata_name: str = "task.json",
-) -> Path:
-    """Write body (+ head as ``classifier.*``) safetensors, config, tokenizer and a metadata JSON,
-    atomically: into a temporary sibling that is renamed to ``folder`` at the end."""
+@contextmanager
+def writing_folder(folder: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``folder`` to write into; on success it replaces ``folder``
+    (renamed into place), on any error it is removed. An OSError becomes an OutputError."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
-        if head is not None:
-            tensors[HEAD_PREFIX + "weight"] = head.weight.detach().contiguous().cpu()
-            tensors[HEAD_PREFIX + "bias"] = head.bias.detach().contiguous().cpu()
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        body.config.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        if metadata is not None:
-            (tmp / metadata_name).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        yield tmp
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -177,7 +164,29 @@ def save_folder(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+
+
+def save_folder(
+    folder: Path,
+    body: nn.Module,
+    tokenizer,
+    head: nn.Linear | None = None,
+    metadata: Mapping[str, object] | None = None,
+    metadata_name: str = "task.json",
+) -> Path:
+    """Write body (+ head as ``classifier.*``) safetensors, config, tokenizer and a metadata JSON,
+    atomically (:func:`writing_folder`)."""
+    with writing_folder(folder) as tmp:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
+        if head is not None:
+            tensors[HEAD_PREFIX + "weight"] = head.weight.detach().contiguous().cpu()
+            tensors[HEAD_PREFIX + "bias"] = head.bias.detach().contiguous().cpu()
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        body.config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if metadata is not None:
+            (tmp / metadata_name).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return Path(folder)
 
 
 FINGERPRINT_SKIP = {"README.md", ".gitattributes"}
