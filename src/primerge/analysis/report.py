@@ -55,6 +55,33 @@ def _subset_prepasses(plan: Plan, device, quiet: bool) -> list:
     return [run_prepass(plan.subset(t), device, quiet) for t in range(1, len(plan.sources) + 1)]
 
 
+def _collect(plan: Plan, dev, quiet: bool) -> tuple:
+    """Stream every mergeable tensor through the collectors (pass 1), then the matrices through
+    PRIME's cosines at r* (pass 2); returns (interference, prime, collapse, signs, alignment)."""
+    spec, params, T = plan.recipe.spec, plan.recipe.params, len(plan.sources)
+    prepasses = _subset_prepasses(plan, dev, quiet)
+    interference, prime, collapse = Interference(T), PrimeDiagnostics(T), RankCollapse(T)
+    signs, alignment = SignAgreement(), Alignment()
+    mergeable = plan.mergeable()
+    for entry in tqdm(mergeable, desc="analyze", unit="tensor", disable=quiet):
+        stack = plan.task_vectors(entry, dev)[1]
+        taus = stack.dense()
+        interference.observe(entry.name, taus, entry.kind == "matrix")
+        if entry.kind != "matrix":
+            continue
+        prime.observe(taus, context(plan, entry))
+        collapse.observe(entry.name, [_update(spec.apply(stack.subset(t), context(plan, entry, prepasses[t - 1]),
+                                                         params)) for t in range(1, T + 1)])
+        signs.observe(taus)
+        alignment.observe(entry.name, taus)
+    matrices = [e for e in mergeable if e.kind == "matrix"]
+    if not matrices:
+        raise RecipeError("the recipe has no matrix parameters to analyse; check its 'matrices' regex.")
+    for entry in tqdm(matrices, desc="analyze (PRIME r*)", unit="tensor", disable=quiet):
+        prime.observe_cosines(plan.task_vectors(entry, dev)[1].dense(), context(plan, entry))
+    return interference, prime, collapse, signs, alignment
+
+
 def analyze(recipe: Recipe, out: str | Path, *, method: str | None = None, parameters: dict | None = None,
             device: str = "cpu", quiet: bool = True, relative_to: Path | None = None, force: bool = False) -> Report:
     """Analyse the task vectors of ``recipe`` and write the report to ``out`` (see module docstring).
@@ -70,7 +97,6 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str | None = None, param
     target = destination(out, [recipe.base, *(m.path for m in recipe.models)], force=force, kind="analysis")
     if method is not None:
         recipe = recipe.replace(method=method, parameters=parameters or {})
-    spec, params = recipe.spec, recipe.params
     dev = resolve_device(device)
     plan = build_plan(recipe)
     if recipe.purify is not None:
@@ -78,41 +104,15 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str | None = None, param
 
         plan = plan.with_transform(build_purifier(recipe, relative_to=relative_to, quiet=quiet))
     labels = plan.labels
-    T = len(labels)
-    if T < 2:
+    if len(labels) < 2:
         raise RecipeError("analyze needs at least two models to compare.")
     try:
-        prepasses = _subset_prepasses(plan, dev, quiet)
-        interference = Interference(T)
-        prime = PrimeDiagnostics(T)
-        collapse = RankCollapse(T)
-        signs = SignAgreement()
-        alignment = Alignment()
-        mergeable = plan.mergeable()
-        for entry in tqdm(mergeable, desc="analyze", unit="tensor", disable=quiet):
-            stack = plan.task_vectors(entry, dev)[1]
-            taus = stack.dense()
-            is_matrix = entry.kind == "matrix"
-            interference.observe(entry.name, taus, is_matrix)
-            if not is_matrix:
-                continue
-            ctx = context(plan, entry)
-            prime.observe(taus, ctx)
-            merged = [_update(spec.apply(stack.subset(t), context(plan, entry, prepasses[t - 1]), params))
-                      for t in range(1, T + 1)]
-            collapse.observe(entry.name, merged)
-            signs.observe(taus)
-            alignment.observe(entry.name, taus)
-        matrices = [e for e in mergeable if e.kind == "matrix"]
-        if not matrices:
-            raise RecipeError("the recipe has no matrix parameters to analyse; check its 'matrices' regex.")
-        for entry in tqdm(matrices, desc="analyze (PRIME r*)", unit="tensor", disable=quiet):
-            prime.observe_cosines(plan.task_vectors(entry, dev)[1].dense(), context(plan, entry))
+        collectors = _collect(plan, dev, quiet)
     finally:
         plan.close()
     with atomic_folder(target) as folder:
         report = Report(folder)
-        _write(report, labels, recipe.method, interference, prime, collapse, signs, alignment)
+        _write(report, labels, recipe.method, *collectors)
         Ledger(folder, kind="analysis").seal()
     moved = [target.path / p.relative_to(folder) for p in report.figures + report.tables]
     return Report(target.path, moved[:len(report.figures)], moved[len(report.figures):], report.summary)

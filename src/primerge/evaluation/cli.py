@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from primerge.datasets import DEFAULT_TASKS, PACKAGED
+from primerge.evaluation.llm import cli as llm_cli
 from primerge.evaluation.zoo import Protocol
 
 DEFAULTS = Protocol()
@@ -62,6 +63,7 @@ def register(subparsers) -> None:
     _add_common(evaluate, tasks_default=False)
     evaluate.add_argument("--batch-size", type=int, default=128, help="inference batch size (default 128)")
     evaluate.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    llm_cli.add_eval_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     demo = subparsers.add_parser(
@@ -75,6 +77,7 @@ def register(subparsers) -> None:
                       help="also merge these methods on PAVE-purified task vectors (e.g. prime ties)")
     demo.add_argument("--seed", type=int, default=42, help="merge seed (default 42)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    llm_cli.add_demo_options(demo)
     demo.set_defaults(func=cmd_demo)
 
 
@@ -92,6 +95,8 @@ def cmd_zoo_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.harness:
+        return llm_cli.cmd_eval(args)
     from primerge.datasets import load_splits
     from primerge.evaluation.zoo import evaluate_model
 
@@ -112,6 +117,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.suite == "llm":
+        return llm_cli.cmd_demo(args)
     from primerge.evaluation.demo import run_demo, text_table
 
     result = run_demo(

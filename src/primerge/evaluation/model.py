@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,6 +147,18 @@ def head_from_tensors(head: Mapping[str, torch.Tensor], origin: str) -> nn.Linea
     return linear
 
 
+@contextmanager
+def writing_folder(folder: Path, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling of ``folder`` to write into; on success it gets a manifest and
+    replaces ``folder``, on any error it is removed. The output rules of :mod:`primerge.io.destination`
+    apply: never over ``inputs``, and an existing folder is replaced only when it is an earlier zoo
+    model (its manifest says so) or empty."""
+    target = destination(folder, inputs, force=True, kind="zoo-model")
+    with atomic_folder(target) as tmp:
+        yield tmp
+        Ledger(tmp, kind="zoo-model").seal()
+
+
 def save_folder(
     folder: Path,
     body: nn.Module,
@@ -156,10 +169,8 @@ def save_folder(
     inputs: Iterable[Path] = (),
 ) -> Path:
     """Write body (+ head as ``classifier.*``) safetensors, config, tokenizer and a metadata JSON,
-    atomically and under the output rules of :mod:`primerge.io.destination` (never over ``inputs``;
-    an existing folder is replaced only when it is an earlier zoo model), with a manifest."""
-    target = destination(folder, inputs, force=True, kind="zoo-model")
-    with atomic_folder(target) as tmp:
+    atomically (:func:`writing_folder`, never over ``inputs``)."""
+    with writing_folder(folder, inputs) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
         if head is not None:
             tensors[HEAD_PREFIX + "weight"] = head.weight.detach().contiguous().cpu()
@@ -169,8 +180,7 @@ def save_folder(
         tokenizer.save_pretrained(str(tmp))
         if metadata is not None:
             (tmp / metadata_name).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        Ledger(tmp, kind="zoo-model").seal()
-    return target.path
+    return Path(folder)
 
 
 FINGERPRINT_SKIP = {"README.md", ".gitattributes"}
