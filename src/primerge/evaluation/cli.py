@@ -48,7 +48,9 @@ def _protocol(args) -> Protocol:
 
 
 def register(subparsers) -> None:
-    """Add ``zoo`` (with ``build``), ``eval`` and ``demo`` to an argparse subparsers object."""
+    """Add ``zoo`` (with ``build``), ``eval``, ``demo`` and ``tune`` to an argparse subparsers object."""
+    from primerge.tuning import cli as tuning_cli
+
     zoo = subparsers.add_parser("zoo", help="the fine-tuned model zoo of the offline benchmark")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="{build}", required=True)
     build = zoo_sub.add_parser("build", help="fine-tune the base on each task (cached; reused when unchanged)")
@@ -76,6 +78,7 @@ def register(subparsers) -> None:
     demo.add_argument("--seed", type=int, default=42, help="merge seed (default 42)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+    tuning_cli.register(subparsers)
 
 
 def cmd_zoo_build(args) -> int:

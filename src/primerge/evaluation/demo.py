@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import primerge
 from primerge.errors import RecipeError
@@ -93,22 +95,32 @@ def select_methods(names: Sequence[str] | None) -> list:
 
 def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict, seed: int,
                max_length: int, quiet: bool, purify: dict | None = None) -> Row:
-    """Merge the zoo with ``spec`` at its defaults, in memory, and score the result with each
-    task's head as the merge returned it (the zoo's head when it returned none).
+    """Merge the zoo with ``spec`` at its defaults, in memory, and score it (:func:`scored_row`).
 
-    One merged body serves every task; a per-task method (``result.per_task``, e.g. EMR) gives
-    each task its own rebuilt state, and task t is scored with task t's state. With ``purify``
-    the task vectors are PAVE-purified first (recipe field ``purify``) and the row is labelled so."""
+    With ``purify`` the task vectors are PAVE-purified first (recipe field ``purify``) and the row
+    is labelled so (``+ PAVE``, ``+ PAVE delta`` for ``target: delta``)."""
     start = time.perf_counter()
     result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
                             task_specific=HEAD_REGEX, seed=seed, quiet=quiet, purify=purify)
-    merge_seconds = time.perf_counter() - start
+    label = f"{spec.name} (per-task)" if result.per_task else spec.name
+    if purify is not None:
+        label += " + PAVE" + (" delta" if purify.get("target") == "delta" else "")
+    return scored_row(result, label, zoo, splits, tokenizer, zoo_heads, max_length,
+                      time.perf_counter() - start)
+
+
+def scored_row(result, label: str, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict,
+               max_length: int, merge_seconds: float) -> Row:
+    """Score a merge's result on every test split with each task's head as the merge returned it
+    (the zoo's head when it returned none).
+
+    One merged body serves every task; a per-task method (``result.per_task``, e.g. EMR) gives
+    each task its own rebuilt state, and task t is scored with task t's state."""
     start = time.perf_counter()
     heads = dict(zoo_heads)
     for name, tensors in (result.task_tensors or {}).items():
         if name in heads:
-            stripped = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
-            heads[name] = head_from_tensors(stripped, f"the {spec.name} merge's head of {name}")
+            heads[name] = head_of(tensors, f"the {result.method} merge's head of {name}")
     per_task = result.per_task and result.task_states is not None
     states = {s.name: result.task_states[s.name] if per_task else result.state_dict for s in splits}
     accuracy: dict[str, float] = {}
@@ -117,29 +129,39 @@ def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads
         state = states[group[0].name]
 
         def score(state=state, group=group) -> dict[str, float]:
-            body = body_from_state(zoo.base, state, f"the {spec.name} merge")
+            body = body_from_state(zoo.base, state, f"the {result.method} merge")
             return evaluate_heads(body, tokenizer, group, heads, max_length=max_length)
 
         accuracy.update(cached_scores(zoo.root, state, heads, group, max_length, score))
-    label = f"{spec.name} (per-task)" if per_task else spec.name
-    if purify is not None:
-        label += " + PAVE"
     return Row(label, accuracy, zoo.individual, result.parameters, merge_seconds, time.perf_counter() - start)
+
+
+def head_of(tensors: dict[str, torch.Tensor], origin: str) -> nn.Linear:
+    """A task's head from its tensors, named ``classifier.weight``/``classifier.bias`` or
+    ``weight``/``bias``."""
+    stripped = {k[len(HEAD_PREFIX):] if k.startswith(HEAD_PREFIX) else k: v for k, v in tensors.items()}
+    return head_from_tensors(stripped, origin)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence[TaskSplit],
-                   max_length: int) -> str:
-    """SHA-256 of every tensor (name, dtype, shape, bytes), of each task's head and split, and of
-    the evaluation settings: equal digests mean equal scores."""
-    digest = hashlib.sha256(f"eval-v1:{max_length}".encode())
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor of a state dict (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence[TaskSplit],
+                   max_length: int, state_hex: str | None = None) -> str:
+    """SHA-256 of the weights (:func:`state_digest`, or ``state_hex`` when already computed), of
+    each task's head and split, and of the evaluation settings: equal digests mean equal scores."""
+    digest = hashlib.sha256(f"eval-v2:{max_length}:{state_hex or state_digest(state)}".encode())
     for split in splits:
         head = heads[split.name]
         digest.update(split.fingerprint().encode())
@@ -148,14 +170,14 @@ def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence
 
 
 def cached_scores(root: Path, state: dict, heads: dict, splits: Sequence[TaskSplit], max_length: int,
-                  compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+                  compute: Callable[[], dict[str, float]], state_hex: str | None = None) -> dict[str, float]:
     """Scores of a merged body from ``root/scores/<digest>.json``, computed and stored if absent."""
-    path = root / "scores" / f"{tensors_digest(state, heads, splits, max_length)}.json"
+    path = root / "scores" / f"{tensors_digest(state, heads, splits, max_length, state_hex)}.json"
     if path.is_file():
         return {k: float(v) for k, v in json.loads(path.read_text()).items()}
     scores = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(scores, indent=2) + "\n")
     tmp.replace(path)
     return scores

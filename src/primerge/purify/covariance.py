@@ -27,7 +27,7 @@ from torch import nn
 
 from primerge.errors import InputError
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Covariances:
     cov: dict[str, torch.Tensor]
     abs_mean: dict[str, torch.Tensor]
     rows: int
+    key: str = ""  # the cache key: model, tokenizer, texts and settings (purified results reuse it)
 
     def modules(self) -> list[str]:
         return sorted(self.cov)
@@ -48,23 +49,34 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "primerge"
 
 
-def _files_digest(folder: Path, digest) -> None:
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\x01")
+_DIGESTS: dict[tuple, str] = {}
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and bytes, sorted).
+
+    Memoised per process on every file's (name, size, mtime): a tuning run purifies the same
+    models many times and hashes each once."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    signature = (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature not in _DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\x00")
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            digest.update(b"\x01")
+        _DIGESTS[signature] = digest.hexdigest()
+    return _DIGESTS[signature]
 
 
 def cache_key(model: Path, tokenizer: Path, texts: Sequence[str], samples: int, max_length: int,
               batch_size: int) -> str:
     """SHA-256 of the model files, tokenizer files, texts and settings."""
     digest = hashlib.sha256(f"pave-cov/{FORMAT}/{samples}/{max_length}/{batch_size}".encode())
-    _files_digest(model, digest)
-    digest.update(b"\x02")
-    _files_digest(tokenizer, digest)
-    digest.update(b"\x03")
+    digest.update(content_digest(model).encode() + b"\x02" + content_digest(tokenizer).encode() + b"\x03")
     for text in texts:
         digest.update(text.encode() + b"\x00")
     return digest.hexdigest()[:32]
@@ -186,10 +198,12 @@ def model_covariances(model: Path, texts: Sequence[str], *, base: Path | None = 
     if path.is_file():
         cached = _load(path)
         if cached is not None:
+            cached.key = key
             return cached
     from primerge.evaluation.model import load_tokenizer
 
     tokenizer = load_tokenizer(tok_folder)
     result = collect(_load_model(model), tokenizer, texts, samples, max_length, batch_size)
     _save(path, result)
+    result.key = key
     return result
