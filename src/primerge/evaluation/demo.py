@@ -40,6 +40,7 @@ from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, 
 from primerge.evaluation.probe import base_probe
 from primerge.evaluation.tasks import DEFAULT_TASKS, TaskSplit, load_splits
 from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
+from primerge.purify.config import paper_rank_ratio
 
 MERGE_SEED = 42
 
@@ -54,6 +55,8 @@ class Row:
     parameters: dict | None = None
     merge_seconds: float | None = None
     eval_seconds: float | None = None
+    setting: str | None = None  # PAVE or tuned setting, in words
+    tuned: bool = False  # a setting chosen on validation data (the tuned table)
 
     @property
     def average(self) -> float:
@@ -72,6 +75,8 @@ class Row:
             "parameters": self.parameters,
             "merge_seconds": self.merge_seconds,
             "eval_seconds": self.eval_seconds,
+            "setting": self.setting,
+            "tuned": self.tuned,
         }
 
 
@@ -81,6 +86,8 @@ class DemoResult:
     tasks: list[str]
     report: Path | None
     timings: dict[str, float] = field(default_factory=dict)
+    zoo: Zoo | None = None
+    splits: list[TaskSplit] = field(default_factory=list)
 
 
 def select_methods(names: Sequence[str] | None) -> list:
@@ -194,11 +201,13 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
     pave: Sequence[str] = (),
+    pave_targets: Sequence[str] = ("weight",),
 ) -> DemoResult:
     """Build/reuse the zoo, fill the table (Base, Individual, one row per method), write the report.
 
-    Each method named in ``pave`` gets a second row whose task vectors are purified by PAVE
-    (default settings; each task's own training split as calibration data)."""
+    Each method named in ``pave`` gets one more row per target in ``pave_targets`` whose task
+    vectors are purified by PAVE (the authors' ρ for the method, every task purified, each
+    task's own training split as calibration data)."""
     timings: dict[str, float] = {}
     protocol = protocol or Protocol()
     specs = select_methods(methods)
@@ -218,19 +227,30 @@ def run_demo(
         log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
             f"evaluation {row.eval_seconds:.0f}s")
         rows.append(row)
-    purify = {"data": {s.name: str(task) for s, task in zip(splits, tasks)}}
+    data = {s.name: str(task) for s, task in zip(splits, tasks)}
     for spec in select_methods(pave) if pave else []:
-        log(f"merging with {spec.name} on PAVE-purified task vectors and evaluating ...")
-        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length,
-                         quiet=not progress, purify=purify)
-        log(f"{row.label}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s")
-        rows.append(row)
+        for target in pave_targets:
+            log(f"merging with {spec.name} on PAVE-purified task vectors ({target}) and evaluating ...")
+            row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length,
+                             quiet=not progress, purify={"data": data, "target": target})
+            row.setting = f"PAVE {target}, ρ = {paper_rank_ratio(spec.name):g} (the authors'), every task purified"
+            log(f"{row.label}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s")
+            rows.append(row)
     timings["total_seconds"] = time.perf_counter() - started
     names = [s.name for s in splits]
-    result = DemoResult(rows, names, Path(report) if report is not None else None, timings)
+    result = DemoResult(rows, names, Path(report) if report is not None else None, timings, zoo, splits)
     if report is not None:
         write_report(result, zoo, protocol, seed)
     return result
+
+
+def tuned_section(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    """The tuned table (each method at the setting chosen on validation data, scored on test
+    once) and the settings, for results.md."""
+    settings = "\n".join(f"- **{r.label}**: {r.setting}" for r in rows if r.tuned)
+    return ("## Tuned on validation data (primerge tune), scored on test once\n\n"
+            f"{markdown_table(rows, tasks)}\n\n### Tuned settings\n{settings}\n\n"
+            "Trials, plots and recipes: `tuning/`.\n\n")
 
 
 def percent(value: float | None) -> str:
@@ -268,7 +288,8 @@ def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
 def write_csv(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", *tasks, "avg", "normalized", "merge_seconds", "eval_seconds", "parameters"])
+        writer.writerow(["row", *tasks, "avg", "normalized", "merge_seconds", "eval_seconds", "parameters",
+                         "setting"])
         for r in rows:
             writer.writerow([
                 r.label,
@@ -278,6 +299,7 @@ def write_csv(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
                 "" if r.merge_seconds is None else f"{r.merge_seconds:.1f}",
                 "" if r.eval_seconds is None else f"{r.eval_seconds:.1f}",
                 "" if r.parameters is None else json.dumps(r.parameters, sort_keys=True),
+                r.setting or "",
             ])
 
 
@@ -329,23 +351,29 @@ def write_report(result: DemoResult, zoo: Zoo, protocol: Protocol, seed: int) ->
     folder = result.report
     folder.mkdir(parents=True, exist_ok=True)
     rows, tasks = result.rows, result.tasks
-    params = "\n".join(f"- **{r.label}**: `{json.dumps(r.parameters, sort_keys=True)}` "
-                       f"(merge {r.merge_seconds:.0f} s, evaluation {r.eval_seconds:.0f} s)"
-                       for r in rows if r.parameters is not None)
+    plain = [r for r in rows if not r.tuned]
+    tuned = [r for r in rows if r.tuned]
+    params = "\n".join(f"- **{r.label}**: `{json.dumps(r.parameters, sort_keys=True)}`"
+                       + (f" — {r.setting}" if r.setting else "")
+                       + f" (merge {r.merge_seconds:.0f} s, evaluation {r.eval_seconds:.0f} s)"
+                       for r in plain if r.parameters is not None)
     sizes = "\n".join(f"- {e.name}: {e.train_size} train / {e.test_size} test, {e.epochs} epochs, "
                       f"classes {', '.join(e.classes)}" for e in zoo.entries)
     (folder / "results.md").write_text(
         "# primerge demo: merged models vs. individual fine-tunes\n\n"
         "Test accuracy (%) per task; Avg = mean over tasks; Normalized = mean over tasks of "
         "accuracy / Individual.\n\n"
-        f"{markdown_table(rows, tasks)}\n\n"
+        f"{markdown_table(plain, tasks)}\n\n"
         f"Base model: `{zoo.base}`; merge seed {seed}; split seed 0; fine-tuning "
         f"`{json.dumps(protocol.as_dict(), sort_keys=True)}`.\n\n"
         f"## Tasks\n{sizes}\n\n## Method parameters (registered defaults)\n{params}\n\n"
-        f"## Timings\n" + "\n".join(f"- {k}: {v:.0f} s" for k, v in result.timings.items()) + "\n"
+        + (tuned_section(plain[:2] + tuned, tasks) if tuned else "")
+        + "## Timings\n" + "\n".join(f"- {k}: {v:.0f} s" for k, v in result.timings.items()) + "\n"
     )
     write_csv(rows, tasks, folder / "results.csv")
-    bar_chart(rows, tasks, folder / "results.png")
+    bar_chart(plain, tasks, folder / "results.png")
+    if tuned:
+        bar_chart(plain[:2] + tuned, tasks, folder / "results-tuned.png")
     record = {
         "tasks": tasks,
         "rows": [r.as_dict() for r in rows],

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from primerge.errors import OutputError
 from primerge.tuning.run import TuneResult
-from primerge.tuning.study import MethodResult
+from primerge.tuning.study import SWITCH_PREFIX, MethodResult
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
@@ -29,8 +29,18 @@ def _pct(value: float | None) -> str:
 
 
 def setting_text(params: dict) -> str:
-    """``name=value`` pairs of a setting (floats to 4 significant digits)."""
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "defaults"
+    """A setting in words: ``name=value`` pairs (floats to 4 significant digits); PAVE's switches
+    as ``purified: a, b``."""
+    parts, purified, switches = [], [], False
+    for key, value in params.items():
+        if key.startswith(SWITCH_PREFIX):
+            switches = True
+            purified += [key[len(SWITCH_PREFIX):]] if value else []
+        else:
+            parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    if switches:
+        parts.append(f"purified: {', '.join(purified) or 'none (plain merge)'}")
+    return ", ".join(parts) or "defaults"
 
 
 def summary_rows(results: Sequence[MethodResult]) -> tuple[list[str], list[list[str]]]:

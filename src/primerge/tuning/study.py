@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from primerge.errors import InputError
 from primerge.methods.base import MethodSpec, derive_seed
 from primerge.purify.config import paper_rank_ratio
 from primerge.recipe import Recipe
@@ -35,6 +36,7 @@ from primerge.tuning.suites import Suite
 from primerge.tuning.validation import DEFAULT_SIZE
 
 PAVE_PREFIX = "purify."
+SWITCH_PREFIX = "purify.tasks."  # + model label: purify this model's task vector or not
 PAVE_RATIOS = (7 / 8, 15 / 16, 31 / 32, 63 / 64)
 PRUNER_STARTUP = 4
 
@@ -48,6 +50,7 @@ class TuneSettings:
     seed: int = 0
     validation_size: int = DEFAULT_SIZE  # examples per task
     pave: bool = False
+    method_params: bool = True  # False: only the PAVE settings are searched (the method at its defaults)
     pave_targets: tuple[str, ...] = ("weight", "delta")
     pave_data: dict[str, str] = field(default_factory=dict)  # model label -> task data (PAVE)
     cache_bytes: int = DEFAULT_CACHE_BYTES
@@ -85,12 +88,22 @@ class MethodResult:
     recipe_path: Any = None
 
 
+def optuna_module():
+    """Optuna, or one clear error naming the install command."""
+    try:
+        import optuna
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InputError("primerge tune needs Optuna: pip install 'primerge[eval]' (optuna==5.0.0)") from exc
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
 def pave_dimensions(labels: list[str], targets: tuple[str, ...]) -> dict[str, Dimension]:
     """ρ, target and one purify-or-not switch per model (module docstring)."""
     dims: dict[str, Dimension] = {f"{PAVE_PREFIX}rank_ratio": Choice(PAVE_RATIOS)}
     if len(targets) > 1:
         dims[f"{PAVE_PREFIX}target"] = Choice(tuple(targets))
-    dims.update({f"{PAVE_PREFIX}{label}": Choice((True, False)) for label in labels})
+    dims.update({f"{SWITCH_PREFIX}{label}": Choice((True, False)) for label in labels})
     return dims
 
 
@@ -98,7 +111,7 @@ def pave_defaults(method: str, labels: list[str], targets: tuple[str, ...]) -> d
     point: dict[str, Any] = {f"{PAVE_PREFIX}rank_ratio": paper_rank_ratio(method)}
     if len(targets) > 1:
         point[f"{PAVE_PREFIX}target"] = targets[0]
-    point.update({f"{PAVE_PREFIX}{label}": True for label in labels})
+    point.update({f"{SWITCH_PREFIX}{label}": True for label in labels})
     return point
 
 
@@ -108,7 +121,7 @@ def split_point(point: dict[str, Any], labels: list[str], settings: TuneSettings
     params = {k: v for k, v in point.items() if not k.startswith(PAVE_PREFIX)}
     if not settings.pave:
         return params, fixed_purify
-    chosen = [label for label in labels if point[f"{PAVE_PREFIX}{label}"]]
+    chosen = [label for label in labels if point[f"{SWITCH_PREFIX}{label}"]]
     if not chosen:
         return params, None
     purify = {**(fixed_purify or {}), "rank_ratio": point[f"{PAVE_PREFIX}rank_ratio"],
@@ -129,8 +142,6 @@ class Objective:
         self._seen: dict[str, TrialRecord] = {}
 
     def __call__(self, trial) -> float:
-        import optuna
-
         start = time.perf_counter()
         point = {name: dim.suggest(trial, name) for name, dim in self.dims.items()}
         key = json.dumps(point, sort_keys=True)
@@ -145,7 +156,7 @@ class Objective:
             trial.report(value, step)
             if step < len(self.suite.labels) - 1 and trial.should_prune():
                 self._record(trial.number, "pruned", None, point, scores, start, built.merged, key)
-                raise optuna.TrialPruned()
+                raise optuna_module().TrialPruned()
         self._record(trial.number, "complete", value, point, scores, start, built.merged, key)
         return value
 
@@ -153,11 +164,9 @@ class Objective:
         return sum(scores[t] / self.individual[t] for t in scores) / len(scores)
 
     def _repeat(self, trial, point: dict, earlier: TrialRecord, start: float) -> float:
-        import optuna
-
         self._record(trial.number, "repeat", earlier.value, point, earlier.scores, start, False, None)
         if earlier.value is None:
-            raise optuna.TrialPruned()
+            raise optuna_module().TrialPruned()
         return earlier.value
 
     def _record(self, number: int, state: str, value: float | None, point: dict, scores: dict, start: float,
@@ -185,21 +194,19 @@ def method_recipe(recipe: Recipe, spec: MethodSpec) -> tuple[Recipe, dict[str, A
 
 def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSettings, timeout: float | None,
                 log: Callable[[str], None] = print) -> MethodResult:
-    """Run one method's study and return its best setting (not yet confirmed, see :func:`confirm`)."""
-    import optuna
-
+    """Run one method's study and return its best setting (confirmed by :func:`primerge.tuning.run.confirm`)."""
+    optuna = optuna_module()
     start = time.perf_counter()
     labels = suite.labels
     base, fixed = method_recipe(recipe, spec)
     space: MethodSpace = space_for(spec)
-    first = defaults_in_space(spec, space, len(labels), fixed)
-    dims = space.dimensions(len(labels), first)
+    first = defaults_in_space(spec, space, len(labels), fixed) if settings.method_params else {}
+    dims = space.dimensions(len(labels), first) if settings.method_params else {}
     if settings.pave:
         dims.update(pave_dimensions(labels, settings.pave_targets))
         first.update(pave_defaults(spec.name, labels, settings.pave_targets))
     cache = UpdateCache(base, space.scale.name if space.scale else None, settings.cache_bytes, log=log)
     objective = Objective(spec, dims, fixed, suite, cache, settings, recipe.purify, log)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction="maximize", study_name=spec.name,
         sampler=optuna.samplers.TPESampler(seed=derive_seed(settings.seed, spec.name) % 2**32),
