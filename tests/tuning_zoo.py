@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,26 +17,10 @@ transformers = pytest.importorskip("transformers")
 from primerge.evaluation.model import HEAD_REGEX  # noqa: E402
 from primerge.evaluation.tasks import load_splits  # noqa: E402
 from primerge.evaluation.zoo import Protocol, build_zoo  # noqa: E402
+from test_evaluation_zoo import FILLER, SPECIAL, sentences  # noqa: E402  (the same text generator)
 
 PROTOCOL = Protocol(epochs=10, small_task_epochs=10, learning_rate=3e-3, batch_size=16)
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-FILLER = "the a of to and is it on in at with this that very quite".split()
 TASKS = {"colors": ["red", "blue"], "animals": ["cat", "dog", "bird"], "sizes": ["big", "small"]}
-
-
-def sentences(keywords: list[str], n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` distinct texts of filler words around one keyword; the label is the keyword."""
-    rng = np.random.default_rng(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        label = keywords[int(rng.integers(len(keywords)))]
-        words = list(rng.choice(FILLER, size=int(rng.integers(3, 9))))
-        words.insert(int(rng.integers(len(words) + 1)), label)
-        text = " ".join(words)
-        if text not in seen:
-            seen.add(text)
-            rows.append((text, label))
-    return rows
 
 
 def write_task(path, rows) -> str:

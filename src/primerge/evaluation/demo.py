@@ -88,6 +88,11 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     zoo: Zoo | None = None
     splits: list[TaskSplit] = field(default_factory=list)
+    protocol: Protocol | None = None
+    seed: int = MERGE_SEED
+    task_specs: list[str] = field(default_factory=list)  # the tasks as named (packaged names or files)
+    pave: list[str] = field(default_factory=list)  # methods with PAVE rows
+    pave_targets: list[str] = field(default_factory=list)
 
 
 def select_methods(names: Sequence[str] | None) -> list:
@@ -238,7 +243,8 @@ def run_demo(
             rows.append(row)
     timings["total_seconds"] = time.perf_counter() - started
     names = [s.name for s in splits]
-    result = DemoResult(rows, names, Path(report) if report is not None else None, timings, zoo, splits)
+    result = DemoResult(rows, names, Path(report) if report is not None else None, timings, zoo, splits,
+                        protocol, seed, [str(t) for t in tasks], list(pave), list(pave_targets))
     if report is not None:
         write_report(result, zoo, protocol, seed)
     return result

@@ -22,8 +22,6 @@ from pathlib import Path
 from primerge.api import merge_recipe
 from primerge.evaluation.demo import DemoResult, Row, run_demo, scored_row, select_methods, write_report
 from primerge.evaluation.model import HEAD_REGEX, load_tokenizer
-from primerge.evaluation.tasks import DEFAULT_TASKS
-from primerge.evaluation.zoo import Protocol
 from primerge.recipe import build_recipe
 from primerge.tuning.report import setting_text
 from primerge.tuning.run import TuneResult, tune
@@ -51,36 +49,24 @@ def _label(result: MethodResult, pave_target: str | None) -> str:
     return f"{result.method}{per_task}{pave} (tuned)"
 
 
-def run_tuned_demo(
-    settings: TuneSettings,
-    tasks: Sequence[str] = DEFAULT_TASKS,
-    methods: Sequence[str] | None = None,
-    base: str | Path | None = None,
-    cache: str | Path | None = None,
-    report: str | Path | None = "demo-report",
-    protocol: Protocol | None = None,
-    seed: int = 42,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    pave: Sequence[str] = (),
-    pave_targets: Sequence[str] = ("weight",),
-) -> DemoResult:
-    """The demo's defaults table plus the tuned table (module docstring)."""
-    protocol = protocol or Protocol()
-    demo = run_demo(tasks, methods, base, cache, None, protocol, seed, progress, log, pave, pave_targets)
-    zoo = demo.zoo
+def run_tuned_demo(settings: TuneSettings, report: str | Path | None = "demo-report", log: Callable[[str], None] = print,
+                   **options) -> DemoResult:
+    """The demo's defaults table plus the tuned table (module docstring); ``options`` are
+    :func:`primerge.evaluation.demo.run_demo`'s."""
+    demo = run_demo(report=None, log=log, **options)
+    zoo, protocol = demo.zoo, demo.protocol
     recipe = build_recipe({"base": str(zoo.base), "models": [str(p) for p in zoo.paths],
-                           "task_specific": HEAD_REGEX, "seed": seed})
+                           "task_specific": HEAD_REGEX, "seed": demo.seed})
     suite = EncoderSuite(recipe, demo.splits, settings.validation_size, zoo.root, protocol.max_length)
     folder = Path(report) / "tuning" if report is not None else None
     started = time.perf_counter()
-    runs: list[tuple[TuneResult, str | None]] = [
-        (tune(recipe, suite, [s.name for s in select_methods(methods)], settings, folder, log), None)]
-    data = {label: str(task) for label, task in zip(suite.labels, tasks)}
-    for target in pave_targets if pave else ():
+    methods = [s.name for s in select_methods(options.get("methods"))]
+    runs: list[tuple[TuneResult, str | None]] = [(tune(recipe, suite, methods, settings, folder, log), None)]
+    data = dict(zip(suite.labels, demo.task_specs))
+    for target in demo.pave_targets if demo.pave else ():
         pave_settings = replace(settings, pave=True, method_params=False, pave_targets=(target,), pave_data=data)
         sub = folder / f"pave-{target}" if folder is not None else None
-        runs.append((tune(recipe, suite, [s.name for s in select_methods(pave)], pave_settings, sub, log), target))
+        runs.append((tune(recipe, suite, demo.pave, pave_settings, sub, log), target))
     demo.timings["tuning_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     for run, target in runs:
@@ -91,5 +77,5 @@ def run_tuned_demo(
     demo.timings["total_seconds"] += demo.timings["tuning_seconds"] + demo.timings["tuned_test_seconds"]
     if report is not None:
         demo.report = Path(report)
-        write_report(demo, zoo, protocol, seed)
+        write_report(demo, zoo, protocol, demo.seed)
     return demo
