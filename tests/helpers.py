@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from primerge.methods import get_method
-from primerge.methods.base import TensorContext
+from primerge.methods.base import Prepass, TensorContext, fold_statistics
+from primerge.methods.stack import TaskStack
 
 MATRIX = TensorContext("layer.weight", "matrix", seed=3)
 
@@ -15,6 +16,13 @@ def run(method: str, taus: torch.Tensor, ctx: TensorContext = MATRIX, **params) 
     """One method's merged update of ``taus`` with validated ``params``."""
     spec = get_method(method)
     return spec.apply(taus, ctx, spec.parameters(params))
+
+
+def run_passes(prepass: Prepass, tensors: list[tuple[torch.Tensor, TensorContext]]):
+    """Every pass of a method's whole-model ``prepass`` over (task vectors, context) pairs; its result."""
+    for i in range(prepass.passes):
+        prepass.end_pass(i, fold_statistics(prepass, i, ((TaskStack.of(t), ctx) for t, ctx in tensors)))
+    return prepass.result()
 
 
 def random_taus(T: int, m: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 import primerge
 from primerge.io.manifest import verify_folder
 from primerge import cli
-from primerge.methods.base import TensorContext, derive_seed, PerTaskUpdate
+from primerge.methods.base import TensorContext, PerTaskUpdate
+from primerge.seeding import derive_seed
+from helpers import run_passes
 
 TASK_SPECIFIC = r"^classifier\."
 NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"  # ALGORITHMS.md Conventions
@@ -72,11 +74,7 @@ def expected_merge(base: dict, models: list[dict], method: str, params: dict | N
 
     whole_model = spec.make_prepass(p)
     if prepass is None and whole_model is not None:  # stream our own τ through the declared pass
-        for i in range(whole_model.passes):
-            for name in merged:
-                whole_model.observe(i, stack(name), ctx(name))
-            whole_model.end_pass(i)
-        prepass = whole_model.result()
+        prepass = run_passes(whole_model, [(stack(name), ctx(name)) for name in merged])
     out = {name: b.clone() for name, b in base.items() if name not in merged}
     for name in merged:
         update = spec.apply(stack(name), ctx(name, prepass), p)
@@ -406,15 +404,15 @@ def test_repeated_merges_are_byte_stable(bert_zoo, tmp_path):
 
 
 def test_ties_model_scope_trims_over_the_whole_model(bert_zoo, zoo_states):
-    from primerge.engine import build_plan, resolve_device, run_prepass
+    from primerge.engine import resolve_device, run_prepass
+    from primerge.plan import build_plan
     from primerge.recipe import build_recipe
 
     base, models = zoo_states
     recipe = build_recipe({"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "ties",
                            "parameters": {"trim_scope": "model"}, "task_specific": TASK_SPECIFIC})
-    spec, params = recipe.spec, recipe.method_parameters()
     plan = build_plan(recipe)
-    thresholds = run_prepass(plan, recipe, spec, params, resolve_device("cpu"), quiet=True)
+    thresholds = run_prepass(plan, resolve_device("cpu"), quiet=True)
 
     names = [k for k, v in base.items() if v.dtype.is_floating_point and not re.search(TASK_SPECIFIC, k)]
     n = sum(base[k].numel() for k in names)
@@ -500,8 +498,8 @@ def test_methods_command_lists_every_method_with_parameters():
     # the parameters ALGORITHMS.md names are there (the lists may grow)
     assert blocks["task_arithmetic"][:1] == ["scale"]
     assert {"density", "scale", "trim_scope"} <= set(blocks["ties"])
-    assert {"alpha", "svd"} <= set(blocks["tsv"])
-    assert {"alpha", "rank", "residual", "s_sb_scale"} <= set(blocks["prime"])
+    assert {"scale", "svd"} <= set(blocks["tsv"])
+    assert {"scale", "rank", "residual", "s_sb_scale"} <= set(blocks["prime"])
     prime_rank = next(ln for ln in lines if ln.strip().startswith("rank"))
     assert "0.01" in prime_rank
     trim = next(ln for ln in lines if ln.strip().startswith("trim_scope"))

@@ -394,10 +394,10 @@ def test_atomic_folder_removes_temp_on_keyboard_interrupt(tmp_path):
 
 
 def test_cli_interrupt_mid_merge_exits_130_and_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
-    import primerge.engine as engine
+    import primerge.taskvectors as taskvectors
 
     calls = []
-    real = engine._task_vector
+    real = taskvectors.weighted_delta
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -405,7 +405,7 @@ def test_cli_interrupt_mid_merge_exits_130_and_leaves_nothing(zoo, tmp_path, cap
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_task_vector", interrupted)
+    monkeypatch.setattr(taskvectors, "weighted_delta", interrupted)
     recipe = recipe_file(tmp_path, zoo_recipe(zoo))
     out = tmp_path / "out" / "merged"
     code = cli.main(["merge", str(recipe), "--out", str(out), "--quiet", "--shard-size", "10000"])

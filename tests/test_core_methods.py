@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import primerge
 import torch
 
 from primerge.errors import RecipeError
@@ -16,10 +17,10 @@ from primerge.linalg import polar
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext
 
-from helpers import MATRIX, np_ties, random_taus, run
+from helpers import MATRIX, np_ties, random_taus, run, run_passes
 from primerge.methods.prime import principal_rank
 from primerge.methods.ties import ModelTrimPrepass, tensor_thresholds
-from primerge.methods.tsv import concat_factors, whitened_merge
+from primerge.methods.tsv import concat_factors, whiten, whitened_merge
 from primerge.linalg import truncated_svd
 
 
@@ -109,12 +110,7 @@ def test_ties_model_scope_prepass_equals_global_kthvalue():
                torch.randn(3, 17, 5, generator=g)]
     tensors[1][0, :5] = 0.0  # zeros count in N but are never kept
     density = 0.2
-    prepass = ModelTrimPrepass(density)
-    for i in range(prepass.passes):
-        for t in tensors:
-            prepass.observe(i, t, MATRIX)
-        prepass.end_pass(i)
-    got = prepass.result()
+    got = run_passes(ModelTrimPrepass(density), [(t, MATRIX) for t in tensors])
     everything = torch.cat([t.reshape(3, -1) for t in tensors], dim=1).abs().double()
     n = everything.shape[1]
     k = round(density * n)
@@ -130,12 +126,8 @@ def test_ties_model_scope_prepass_equals_global_kthvalue():
 
 def test_ties_model_prepass_degenerate_densities():
     for density, expect in ((0.0, float("inf")), (1.0, 0.0)):
-        prepass = ModelTrimPrepass(density)
         x = torch.tensor([[0.0, 1.0, -2.0]])
-        for i in range(2):
-            prepass.observe(i, x, MATRIX)
-            prepass.end_pass(i)
-        assert prepass.result().tolist() == [expect]
+        assert run_passes(ModelTrimPrepass(density), [(x, MATRIX)]).tolist() == [expect]
 
 
 # ---------- TSV -------------------------------------------------------------------------
@@ -202,7 +194,8 @@ def test_prime_whitened_basis_orthonormal_and_residual_orthogonal():
     r = 1  # below the tasks' rank, so the residual holds task-specific directions
     out = run("prime", taus, rank=r, svd="exact")
     factors = truncated_svd(taus, r, mode="exact")
-    U_hat, principal = whitened_merge(concat_factors(factors))
+    stacked = concat_factors(factors)
+    U_hat, principal = whiten(stacked)[0], whitened_merge(stacked)
     assert torch.allclose(U_hat.mT @ U_hat, torch.eye(4 * r, dtype=torch.float64), atol=1e-10)
     residual_part = out - principal
     assert (U_hat.mT @ residual_part).abs().max() < 1e-10
@@ -268,3 +261,13 @@ def test_prime_parameter_validation():
         spec.parameters({"residul": "mean"})
     with pytest.raises(RecipeError, match="residual"):
         spec.parameters({"residual": "median"})
+
+
+@pytest.mark.parametrize("method", [s.name for s in primerge.list_methods() if "scale" in s.params_model.model_fields])
+def test_alpha_is_the_documented_alias_of_scale(method):
+    """One name per concept: every method's multiplier of the merged update is ``scale``; ``alpha``
+    (the SVD papers' α) sets the same field, and giving both is refused."""
+    spec = primerge.get_method(method)
+    assert spec.parameters({"alpha": 0.3}).scale == spec.parameters({"scale": 0.3}).scale == 0.3
+    with pytest.raises(primerge.RecipeError, match="name the same field"):
+        spec.parameters({"alpha": 0.3, "scale": 0.3})

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 import primerge
 from primerge.methods.base import TensorContext
 from primerge.methods.emr import RescalePrepass, elect, merge
-from primerge.per_task import load_task_state, pack_mask, unpack_mask
+from primerge.methods.stack import TaskStack
+from primerge.output.per_task import load_task_state, pack_mask, unpack_mask
+from helpers import run_passes
 
 TAUS = torch.tensor([
     [1.0, -2.0, 0.5, 0.0],
@@ -32,18 +34,15 @@ def test_elect_hand_case():
 
 
 def test_rescalers_hand_case():
-    prepass = RescalePrepass()
-    prepass.observe(0, TAUS[:, :2], TensorContext("a", "matrix"))
-    prepass.observe(0, TAUS[:, 2:], TensorContext("b", "fallback"))
-    prepass.end_pass(0)
-    scales = prepass.result().scales
+    scales = run_passes(RescalePrepass(), [(TAUS[:, :2], TensorContext("a", "matrix")),
+                                           (TAUS[:, 2:], TensorContext("b", "fallback"))]).scales
     # λ_t = Σ|τ_t| / Σ|m_t ⊙ τ_uni|, summed over both tensors
     expected = [3.5 / (3 + 4 + 0.5), 4.5 / 3.0, 7.25 / (4 + 0.5 + 2)]
     assert scales == pytest.approx(expected)
 
 
 def test_merge_returns_unified_and_masks():
-    out = merge(TAUS, TensorContext("w", "matrix"), primerge.get_method("emr").parameters({}))
+    out = merge(TaskStack.of(TAUS), TensorContext("w", "matrix"), primerge.get_method("emr").parameters({}))
     unified, masks = elect(TAUS)
     assert torch.equal(out.update, unified) and torch.equal(out.task_tensors["mask"], masks)
 

@@ -10,6 +10,7 @@ from primerge.methods import get_method
 from primerge.methods.base import TensorContext
 from primerge.methods.prime import principal_rank
 from primerge.methods.prime_rank import AutoRankPrepass, candidate_ranks, layer_terms, select_rank
+from helpers import run_passes
 
 CANDIDATES = ["1", "1%", "2%", "3%", "4%", "5%", "10%", "12.5%"]
 
@@ -87,11 +88,9 @@ def test_prepass_averages_layers_and_merge_uses_the_choice():
     g = torch.Generator().manual_seed(1)
     prepass = AutoRankPrepass(candidate_ranks(0.1, 0.3), 0.025, "exact", principal_rank)
     layers = [torch.randn(3, 20, 20, generator=g, dtype=torch.float64) for _ in range(2)]
-    for k, x in enumerate(layers):
-        prepass.observe(0, x, TensorContext(f"l{k}", "matrix"))
-    prepass.observe(0, torch.randn(3, 20, dtype=torch.float64), TensorContext("b", "fallback"))
-    prepass.end_pass(0)
-    result = prepass.result()
+    tensors = [(x, TensorContext(f"l{k}", "matrix")) for k, x in enumerate(layers)]
+    tensors.append((torch.randn(3, 20, dtype=torch.float64), TensorContext("b", "fallback")))
+    result = run_passes(prepass, tensors)
     assert result.layers == 2
     expected_J = [sum(layer_terms(x, [principal_rank(c, 20, 3)], mode="exact")[0].item() for x in layers) / 2
                   for c in result.candidates]

@@ -211,7 +211,7 @@ def test_delta_target_against_a_float64_numpy_reference(pave_zoo, tmp_path, monk
     purifier = build_purifier(recipe)
     name = "encoder.layer.1.intermediate.dense.weight"
     W0 = load_file(str(pave_zoo["base"] / "model.safetensors"))[name]
-    merged = primerge.merge_recipe(recipe.model_copy(update={"parameters": {"scale": 1.0}}))
+    merged = primerge.merge_recipe(recipe.replace(parameters={"scale": 1.0}))
     expected = np.zeros(W0.shape)
     for model in pave_zoo["models"]:
         label = model.name

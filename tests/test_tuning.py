@@ -183,7 +183,7 @@ def test_scale_only_trials_reuse_one_merge(recipe):
 
 
 def test_a_scale_that_is_not_linear_merges_every_trial(recipe):
-    sb = recipe.model_copy(update={"method": "subspace_boosting"})
+    sb = recipe.replace(method="subspace_boosting")
     cache = UpdateCache(recipe_with(sb, {}, None), "beta", log=lambda m: None)
     built = cache.build({"beta": 0.3})
     assert cache.linear is False and built.merged

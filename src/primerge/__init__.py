@@ -7,10 +7,10 @@ Public API: :func:`merge`, :func:`merge_recipe`, :func:`load_recipe`,
 __version__ = "0.1.0"
 
 from primerge.api import merge, merge_recipe  # noqa: E402
-from primerge.engine import MergeResult  # noqa: E402
+from primerge.output.base import MergeResult  # noqa: E402
 from primerge.errors import InputError, OutputError, PrimergeError, RecipeError  # noqa: E402
 from primerge.methods import get_method, list_methods  # noqa: E402
-from primerge.per_task import load_task_state  # noqa: E402
+from primerge.output.per_task import load_task_state  # noqa: E402
 from primerge.recipe import Recipe, load_recipe  # noqa: E402
 
 __all__ = [

@@ -10,10 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import MergeResult, build_plan, check_output, run_merge
+from primerge.engine import resolve_device, run
+from primerge.errors import RecipeError
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
-from primerge.recipe import OutputConfig, Recipe, build_recipe, load_recipe
-from primerge.validation import validate
+from primerge.output.base import MergeResult, Sink
+from primerge.output.folder import LoraFolder, ModelFolder, check_output
+from primerge.output.memory import MemorySink
+from primerge.plan import build_plan
+from primerge.recipe import Recipe, build_recipe, load_recipe
 
 
 def merge(
@@ -40,11 +44,11 @@ def merge(
 
     Method parameters come from ``parameters`` and/or keyword arguments (e.g.
     ``rank=0.01``). ``allow_pickle`` opts in to ``.bin``/``.pt`` pickle checkpoints, which
-    are then read with ``torch.load(weights_only=True)``. With ``out`` the merged model folder is written atomically and
-    ``result.out`` is set; without it the merged tensors are returned in
+    are then read with ``torch.load(weights_only=True)``. With ``out`` the merged model folder is
+    written atomically and ``result.out`` is set; without it the merged tensors are returned in
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
     ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
-    model (:mod:`primerge.lora_export`); ``models`` may be LoRA adapter folders too.
+    model (:mod:`primerge.output.lora`); ``models`` may be LoRA adapter folders too.
     Raises a :class:`primerge.errors.PrimergeError` on any bad input.
     """
     recipe = build_recipe({
@@ -63,6 +67,22 @@ def merge(
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
 
 
+def open_sink(recipe: Recipe, out: Path | None, *, force: bool, shard_size: int) -> Sink:
+    """The output the recipe asks for: a model folder, a LoRA adapter folder, or memory."""
+    if out is None:
+        if recipe.output.format != "model":
+            raise RecipeError(f"the {recipe.output.format} output (--as-lora / output.format) needs an "
+                              f"output folder (--out / out=).")
+        return MemorySink()
+    out = check_output(out, recipe, force)
+    if recipe.output.format == "model":
+        return ModelFolder(out, force=force, shard_size=shard_size)
+    if recipe.spec.per_task:
+        raise RecipeError(f"method '{recipe.method}' gives every task its own model; it cannot be "
+                          f"written as one LoRA adapter (drop --as-lora / output.lora_rank).")
+    return LoraFolder(out, force=force, rank=recipe.output.lora_rank)
+
+
 def merge_recipe(
     recipe: Recipe | str | Path,
     *,
@@ -76,8 +96,7 @@ def merge_recipe(
 ) -> MergeResult:
     """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
 
-    ``lora_rank`` overrides the recipe's ``output.lora_rank`` (a LoRA adapter output).
-
+    ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank;
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
     """
     folder = None
@@ -85,17 +104,18 @@ def merge_recipe(
         folder = Path(recipe).parent
         recipe = load_recipe(recipe)
     if allow_pickle:
-        recipe = recipe.model_copy(update={"allow_pickle": True})
+        recipe = recipe.replace(allow_pickle=True)
     if lora_rank is not None:
-        output = validate(OutputConfig, {"lora_rank": lora_rank}, "output")
-        recipe = recipe.model_copy(update={"output": output})
-    transform = None
-    if recipe.purify is not None:
-        from primerge.purify import build_purifier  # above the engine: imported only when asked for
+        recipe = recipe.replace(output={"lora_rank": lora_rank})
+    dev = resolve_device(device)
+    size = parse_size(shard_size)
+    sink = open_sink(recipe, Path(out) if out is not None else None, force=force, shard_size=size)
+    plan = build_plan(recipe, shard_size=size)
+    try:
+        if recipe.purify is not None:
+            from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
-        if out is not None:  # fail on a bad output before the (slow) covariance collection
-            check_output(Path(out), recipe, force)
-        build_plan(recipe).close()  # likewise for the inputs: files, key sets, shapes
-        transform = build_purifier(recipe, relative_to=folder, quiet=quiet)
-    return run_merge(recipe, out, device=device, force=force, quiet=quiet,
-                     shard_size=parse_size(shard_size), transform=transform)
+            plan = plan.with_transform(build_purifier(recipe, relative_to=folder, quiet=quiet))
+        return run(plan, sink, dev, quiet)
+    finally:
+        plan.close()

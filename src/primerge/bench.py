@@ -447,8 +447,8 @@ def truncation_error(inputs: Inputs, fast: MethodRun, exact: MethodRun) -> tuple
     Computed in this process with the engine's own reader and methods, before the cast
     to the storage dtype (bf16 rounding of θ would otherwise swamp the comparison).
     """
-    from primerge.engine import build_plan, task_vectors
-    from primerge.methods.base import TensorContext, derive_seed
+    from primerge.engine import context
+    from primerge.plan import build_plan
     from primerge.recipe import build_recipe
 
     def recipe(run: MethodRun):
@@ -457,7 +457,7 @@ def truncation_error(inputs: Inputs, fast: MethodRun, exact: MethodRun) -> tuple
             "parameters": run.parameters})
 
     r_fast, r_exact = recipe(fast), recipe(exact)
-    p_fast, p_exact = r_fast.method_parameters(), r_exact.method_parameters()
+    p_fast, p_exact = r_fast.params, r_exact.params
     plan = build_plan(r_exact)
     diff2 = ref2 = 0.0
     worst = 0.0
@@ -466,8 +466,8 @@ def truncation_error(inputs: Inputs, fast: MethodRun, exact: MethodRun) -> tuple
             for entry in plan.entries:
                 if entry.kind != "matrix":
                     continue
-                ctx = TensorContext(entry.name, "matrix", derive_seed(r_exact.seed, entry.name))
-                _, taus = task_vectors(plan, entry, torch.device("cpu"))
+                ctx = context(plan, entry)
+                _, taus = plan.task_vectors(entry, torch.device("cpu"))
                 u_exact = r_exact.spec.apply(taus, ctx, p_exact).double()
                 u_fast = r_fast.spec.apply(taus, ctx, p_fast).double()
                 d2, e2 = float((u_fast - u_exact).square().sum()), float(u_exact.square().sum())

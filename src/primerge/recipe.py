@@ -14,15 +14,17 @@ A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
     lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
     purify: {...}              # optional PAVE purification of the task vectors (primerge.purify)
     output: {lora_rank: 16}    # optional: write a PEFT LoRA adapter instead of a full model
+    allow_pickle: false        # true: also read .bin/.pt pickles, with torch.load(weights_only=True)
 
 A model may also be a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)
 of the base; see :mod:`primerge.io.adapters`.
-    allow_pickle: false        # true: also read .bin/.pt pickles, with torch.load(weights_only=True)
 
 Relative paths in a YAML file are resolved against the file's folder. A model's
 ``weight`` multiplies its task vector before the method sees it (τ_t ← w_t τ_t).
-Validation resolves the method and its parameters, so an unknown method or
-parameter is reported (with the closest name) before anything is read.
+A recipe is resolved once: validation looks the method up and validates its parameters, so an
+unknown method or parameter is reported (with the closest name) before anything is read, and
+the frozen recipe then carries the method's spec (:attr:`Recipe.spec`) and validated
+parameters (:attr:`Recipe.params`).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from primerge.errors import RecipeError
 from primerge.methods import get_method
 from primerge.methods.base import MethodParams, MethodSpec
 from primerge.methods.lines import LinesConfig
-from primerge.validation import validate
+from primerge.validation import Regex, validate
 
 #: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
 DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
@@ -47,7 +49,7 @@ DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
 class ModelEntry(BaseModel):
     """One fine-tuned checkpoint; ``name`` defaults to the folder or file stem."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: Path
     weight: float = Field(1.0, allow_inf_nan=False)
@@ -59,30 +61,48 @@ class ModelEntry(BaseModel):
 
 
 class OutputConfig(BaseModel):
-    """How the merge is written: a full model (default) or, with ``lora_rank``, a PEFT LoRA
-    adapter holding the best rank-``lora_rank`` approximation of every merged matrix update."""
+    """How the merge is written: ``format`` names a registered output (:mod:`primerge.output`):
+    ``model`` (default) a full model folder, ``lora`` a PEFT LoRA adapter holding the best
+    rank-``lora_rank`` approximation of every merged matrix update (``lora_rank`` alone implies it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
+    format: str = "model"
     lora_rank: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rank_means_lora(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("lora_rank") is not None and "format" not in value:
+            return {**value, "format": "lora"}
+        return value
+
+    @model_validator(mode="after")
+    def _lora_has_rank(self) -> OutputConfig:
+        if self.format == "lora" and self.lora_rank is None:
+            raise ValueError("format lora needs lora_rank (the adapter's rank)")
+        return self
 
 
 class Recipe(BaseModel):
     """A validated merge recipe (see the module docstring for the YAML form)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     base: Path
     models: list[ModelEntry] = Field(min_length=1)
     method: str = "prime"
     parameters: dict[str, Any] = Field(default_factory=dict)
-    matrices: str | None = None
-    task_specific: str | None = None
+    matrices: Regex | None = None
+    task_specific: Regex | None = None
     seed: int = 42
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
-    output: OutputConfig | None = None
+    output: OutputConfig = Field(default_factory=OutputConfig)
     allow_pickle: bool = False  # opt in to .bin/.pt pickle checkpoints (read weights-only)
+
+    _spec: MethodSpec = PrivateAttr()
+    _params: MethodParams = PrivateAttr()
 
     @field_validator("models", mode="before")
     @classmethod
@@ -91,28 +111,33 @@ class Recipe(BaseModel):
             return [{"path": v} if isinstance(v, (str, Path)) else v for v in value]
         return value
 
-    @field_validator("matrices", "task_specific")
+    @field_validator("output", mode="before")
     @classmethod
-    def _valid_regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+    def _default_output(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    def model_post_init(self, context: Any) -> None:
+        self._spec = get_method(self.method)
+        self._params = self._spec.parameters(self.parameters)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's registered spec."""
+        return self._spec
+
+    @property
+    def params(self) -> MethodParams:
+        """The method's validated parameters with defaults filled in."""
+        return self._params
 
     @property
     def lora_rank(self) -> int | None:
         """The rank of a LoRA adapter output, or ``None`` for a full model."""
-        return self.output.lora_rank if self.output is not None else None
+        return self.output.lora_rank if self.output.format == "lora" else None
 
-    @property
-    def spec(self) -> MethodSpec:
-        return get_method(self.method)
-
-    def method_parameters(self) -> MethodParams:
-        """The method's validated parameters with defaults filled in."""
-        return self.spec.parameters(self.parameters)
+    def replace(self, **changes: Any) -> Recipe:
+        """A re-validated copy with ``changes`` applied (e.g. ``output={...}``)."""
+        return validate(Recipe, {**self.model_dump(exclude_none=True), **changes}, "recipe")
 
     def model_labels(self) -> list[str]:
         """Unique names of the models (``name``, else the stem; ``-2``, ``-3`` on clashes)."""
@@ -136,21 +161,22 @@ class Recipe(BaseModel):
     def to_yaml(self) -> str:
         """The recipe as YAML, effective method parameters included."""
         data = self.model_dump(mode="json", exclude_none=True)
-        data["parameters"] = self.method_parameters().model_dump(mode="json")
+        if data.get("output") == OutputConfig().model_dump(mode="json", exclude_none=True):
+            del data["output"]
+        data["parameters"] = self.params.model_dump(mode="json")
         return yaml.safe_dump(data, sort_keys=False)
 
 
 def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None) -> Recipe:
-    """Validate a recipe dict; resolve relative paths; check the method and parameters."""
+    """Validate a recipe dict, resolving relative paths against ``relative_to``; the method and
+    its parameters are checked too."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with at least 'base' and 'models'.")
     recipe = validate(Recipe, data, "recipe")
-    if relative_to is not None:
-        recipe.base = _resolve(recipe.base, relative_to)
-        for entry in recipe.models:
-            entry.path = _resolve(entry.path, relative_to)
-    recipe.method_parameters()
-    return recipe
+    if relative_to is None:
+        return recipe
+    models = [entry.model_copy(update={"path": _resolve(entry.path, relative_to)}) for entry in recipe.models]
+    return recipe.model_copy(update={"base": _resolve(recipe.base, relative_to), "models": models})
 
 
 def _resolve(path: Path, folder: Path) -> Path:

@@ -63,7 +63,8 @@ def pool_alignment(base, models: Sequence, *, task_specific: str | None = None, 
     """Alignment matrix of ``models`` (fine-tunes of ``base``), streamed through the engine's plan."""
     from tqdm.auto import tqdm
 
-    from primerge.engine import build_plan, resolve_device, task_vectors
+    from primerge.engine import resolve_device
+    from primerge.plan import build_plan
     from primerge.recipe import build_recipe
 
     recipe = build_recipe({"base": base, "models": [str(m) for m in models], "method": "task_arithmetic",
@@ -74,7 +75,7 @@ def pool_alignment(base, models: Sequence, *, task_specific: str | None = None, 
     try:
         for entry in tqdm([e for e in plan.entries if e.kind == "matrix"], desc="HO-GSVD", unit="tensor",
                           disable=quiet):
-            collector.observe(entry.name, task_vectors(plan, entry, dev)[1])
+            collector.observe(entry.name, plan.task_vectors(entry, dev)[1].dense())
     finally:
         plan.close()
     if not collector.values:

@@ -1,7 +1,7 @@
 """``primerge analyze``: a report on a recipe's task vectors, without merging.
 
-Tensors are streamed through the engine's plan (:func:`primerge.engine.build_plan`,
-:func:`primerge.engine.task_vectors`), one parameter at a time, in two passes: pass 1 feeds every
+Tensors are streamed through the merge's plan (:func:`primerge.plan.build_plan`,
+:meth:`primerge.plan.Plan.task_vectors`), one parameter at a time, in two passes: pass 1 feeds every
 collector (interference, PRIME's F(r) and spectra, rank collapse of ``method``'s merge for
 1..T models, sign agreement, HO-GSVD); pass 2 computes PRIME's before/after cosines at the r*
 that pass 1 selected. The report folder gets ``index.md``, PNG figures (matplotlib, Agg), the
@@ -24,10 +24,9 @@ from primerge.analysis.alignment import Alignment
 from primerge.analysis.interference import Interference, cosine
 from primerge.analysis.signs import EDGES, SignAgreement
 from primerge.analysis.spectra import PrimeDiagnostics, RankCollapse
-from primerge.engine import Plan, build_plan, resolve_device, run_prepass, task_vectors
+from primerge.engine import context, resolve_device, run_prepass
 from primerge.errors import OutputError, RecipeError
-from primerge.methods import get_method
-from primerge.methods.base import TensorContext, derive_seed
+from primerge.plan import Plan, build_plan
 from primerge.recipe import Recipe
 
 
@@ -46,13 +45,9 @@ def _update(result):
     return getattr(result, "update", result)
 
 
-def _subset_prepasses(plan: Plan, recipe: Recipe, spec, params, device, quiet: bool) -> list:
+def _subset_prepasses(plan: Plan, device, quiet: bool) -> list:
     """The method's pre-pass result for the first t models, t = 1..T (``None`` when it has none)."""
-    T = len(plan.sources)
-    if spec.make_prepass(params) is None:
-        return [None] * T
-    return [run_prepass(dataclasses.replace(plan, sources=plan.sources[:t]), recipe, spec, params, device, quiet)
-            for t in range(1, T + 1)]
+    return [run_prepass(plan.subset(t), device, quiet) for t in range(1, len(plan.sources) + 1)]
 
 
 def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic", parameters: dict | None = None,
@@ -63,20 +58,20 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
         raise OutputError(f"report folder {out} is a file; choose a folder.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"report folder {out} exists and is not empty; use --force to overwrite.")
-    spec = get_method(method)
-    params = spec.parameters(parameters or {})
+    recipe = recipe.replace(method=method, parameters=parameters or {})
+    spec, params = recipe.spec, recipe.params
     dev = resolve_device(device)
     plan = build_plan(recipe)
     if recipe.purify is not None:
         from primerge.purify import build_purifier
 
-        plan.transform = build_purifier(recipe, relative_to=relative_to, quiet=quiet)
-    labels = [s.label for s in plan.sources]
+        plan = plan.with_transform(build_purifier(recipe, relative_to=relative_to, quiet=quiet))
+    labels = plan.labels
     T = len(labels)
     if T < 2:
         raise RecipeError("analyze needs at least two models to compare.")
     try:
-        prepasses = _subset_prepasses(plan, recipe, spec, params, dev, quiet)
+        prepasses = _subset_prepasses(plan, dev, quiet)
         interference = Interference(T)
         prime = PrimeDiagnostics(T)
         collapse = RankCollapse(T)
@@ -84,15 +79,15 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
         alignment = Alignment()
         mergeable = plan.mergeable()
         for entry in tqdm(mergeable, desc="analyze", unit="tensor", disable=quiet):
-            _, taus = task_vectors(plan, entry, dev)
+            stack = plan.task_vectors(entry, dev)[1]
+            taus = stack.dense()
             is_matrix = entry.kind == "matrix"
             interference.observe(entry.name, taus, is_matrix)
             if not is_matrix:
                 continue
-            seed = derive_seed(recipe.seed, entry.name)
-            ctx = TensorContext(entry.name, "matrix", seed)
+            ctx = context(plan, entry)
             prime.observe(taus, ctx)
-            merged = [_update(spec.apply(taus[:t], TensorContext(entry.name, "matrix", seed, prepasses[t - 1]), params))
+            merged = [_update(spec.apply(stack.subset(t), context(plan, entry, prepasses[t - 1]), params))
                       for t in range(1, T + 1)]
             collapse.observe(entry.name, merged)
             signs.observe(taus)
@@ -101,8 +96,7 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
         if not matrices:
             raise RecipeError("the recipe has no matrix parameters to analyse; check its 'matrices' regex.")
         for entry in tqdm(matrices, desc="analyze (PRIME r*)", unit="tensor", disable=quiet):
-            _, taus = task_vectors(plan, entry, dev)
-            prime.observe_cosines(taus, TensorContext(entry.name, "matrix", derive_seed(recipe.seed, entry.name)))
+            prime.observe_cosines(plan.task_vectors(entry, dev)[1].dense(), context(plan, entry))
     finally:
         plan.close()
     out.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from primerge.analysis.interference import cosine
-from primerge.linalg import energy_rank, polar, project_out, stable_rank, truncated_svd
+from primerge.linalg import energy_rank, project_out, stable_rank
 from primerge.methods.base import TensorContext
-from primerge.methods.prime import PrimeParams, merge_residual, principal_rank
+from primerge.methods.prime import PrimeParams, decompose, principal_rank
 from primerge.methods.prime_rank import AutoRank, AutoRankPrepass, candidate_ranks
-from primerge.methods.tsv import concat_factors
+from primerge.methods.stack import TaskStack
 
 
 class PrimeDiagnostics:
@@ -37,14 +37,16 @@ class PrimeDiagnostics:
         self.tasks = tasks
         self.before = torch.zeros(tasks + 1, tasks + 1, dtype=torch.float64)
         self.after = torch.zeros(tasks + 1, tasks + 1, dtype=torch.float64)
+        self.terms: list = []
         self._auto: AutoRank | None = None
 
     def observe(self, taus: Tensor, ctx: TensorContext) -> None:
-        self.prepass.observe(0, taus, ctx)
+        self.terms = self.prepass.combine(self.terms, self.prepass.observe(0, TaskStack.of(taus), ctx))
 
     @property
     def auto(self) -> AutoRank:
         if self._auto is None:
+            self.prepass.end_pass(0, self.terms)
             self._auto = self.prepass.result()
         return self._auto
 
@@ -56,20 +58,20 @@ class PrimeDiagnostics:
         return self.auto.retention
 
     def observe_cosines(self, taus: Tensor, ctx: TensorContext) -> None:
+        """Inner products of the principal parts and merged residual before and after PRIME, from
+        PRIME's own decomposition (:func:`primerge.methods.prime.decompose`) at r*."""
         T = taus.shape[0]
         r = self.rank_of(min(taus.shape[-2:]))
         if r == 0:
             return
-        factors = truncated_svd(taus, r, mode=self.params.svd, seed=ctx.seed)
-        stacked = concat_factors(factors)
-        U_hat, V_hat = polar(stacked.U), polar(stacked.V)
-        residual = merge_residual(taus, stacked, factors, PrimeParams())
+        parts = decompose(TaskStack.of(taus), r, PrimeParams(svd=self.params.svd), ctx.seed)
+        S = parts.stacked.S
         blocks = []
         for t in range(T):
             cols = slice(t * r, (t + 1) * r)
-            blocks.append((U_hat[:, cols] * stacked.S[cols]) @ V_hat[:, cols].mT)
-        before = torch.cat([factors.reconstruct(), residual.unsqueeze(0)])
-        after = torch.cat([torch.stack(blocks), project_out(U_hat, residual).unsqueeze(0)])
+            blocks.append((parts.U_hat[:, cols] * S[cols]) @ parts.V_hat[:, cols].mT)
+        before = torch.cat([parts.factors.reconstruct(), parts.residual.unsqueeze(0)])
+        after = torch.cat([torch.stack(blocks), project_out(parts.U_hat, parts.residual).unsqueeze(0)])
         for items, acc in ((before, self.before), (after, self.after)):
             flat = items.reshape(T + 1, -1).double()
             acc += (flat @ flat.mT).cpu()

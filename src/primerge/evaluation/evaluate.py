@@ -206,7 +206,7 @@ def evaluate_folder(
     """Evaluate a saved model folder on ``splits``; heads come from the folder first (see
     :func:`folder_heads`), then ``fallback_heads`` (the zoo's). Its tokenizer is the folder's,
     else the fallback folder's. A per-task merge output (``per_task/per_task.json``, e.g. EMR)
-    scores task t with task t's own rebuilt model (``primerge.per_task.load_task_state``)."""
+    scores task t with task t's own rebuilt model (``primerge.load_task_state``)."""
     folder = Path(folder)
     heads = dict(fallback_heads or {})
     heads.update(folder_heads(folder, [s.name for s in splits]))
@@ -218,7 +218,7 @@ def evaluate_folder(
         )
     tokenizer = _tokenizer_for(folder, fallback_tokenizer_folder)
     if (folder / PER_TASK_META).is_file():
-        from primerge.per_task import load_task_state
+        from primerge.output.per_task import load_task_state
 
         scores = {}
         for split in splits:

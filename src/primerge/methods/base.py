@@ -1,40 +1,47 @@
 """The method protocol and the registry.
 
-A method is one module that registers a :class:`MethodSpec`: a name, a one-line
-description, a pydantic parameter model, and a pure function over one
-parameter's task vectors::
+A method is one module: a pydantic parameter model and a pure function over one parameter's
+task vectors, registered with :func:`merge_method`::
 
-    merge(taus, ctx, params) -> update
+    @merge_method("tsv", TSVParams, "TSV-M: ⌊r/T⌋ singular directions per task, whitened and summed")
+    def merge(taus: TaskStack, ctx: TensorContext, params: TSVParams) -> Tensor:
+        ...
 
-``taus`` is a float32 tensor of shape ``(T, *shape)`` holding the (weighted) task
-vectors τ_t = θ_t − θ₀ of one parameter; ``update`` is the merged, already
-scaled task vector, so the engine writes θ₀ + update. A method never opens a
-file and never loops over parameter names.
+``taus`` is always a :class:`~primerge.methods.stack.TaskStack`: the (weighted) task vectors
+τ_t = θ_t − θ₀ of one tensor, dense or as LoRA factors; ``.dense()`` gives the (T, *shape) float32
+tensor, ``.sum()``, ``.truncated_svd(r)`` and ``.sum_svd()`` work on factors directly. The
+result is the merged, already scaled update, so the output is θ₀ + update. A method never opens
+a file and never loops over parameter names.
 
-A method registered with ``factored=True`` receives a
-:class:`primerge.methods.stack.TaskStack` instead for its matrix parameters: the same task
-vectors, LoRA ones kept as factors L R (see that module).
+What a registration declares, once:
 
-Methods that need a whole-model pass (TIES with a model-wide trim, PRIME's
-adaptive rank, EMR rescalers, ...) declare a :class:`Prepass` factory; the
-engine streams every mergeable tensor through it before the merge pass and
-hands its :meth:`Prepass.result` to ``merge`` as ``ctx.prepass``.
+- ``family``: ``svd`` methods merge matrix parameters with their function and give every other
+  floating tensor ``other`` (by default α·mean_t τ_t, ALGORITHMS.md Conventions);
+  ``elementwise`` methods merge every floating tensor with their function.
+- :func:`reads_sum` on a function: its result depends on the task vectors only through Σ_t τ_t.
+  The stream then accumulates the sum one model at a time and hands over
+  :meth:`TaskStack.of_sum <primerge.methods.stack.TaskStack.of_sum>` (memory independent of T).
+- ``prepass``: a factory of the whole-model pass these parameters need (TIES model-wide trim,
+  PRIME's adaptive rank, EMR's rescalers), or ``None``. Its result reaches the merge as
+  ``ctx.prepass``. Pre-passes are reducible (:class:`Prepass`), so units can run anywhere.
+- ``rebuild`` (+ ``card``): a per-task method (EMR) returns :class:`PerTaskUpdate`;
+  ``rebuild(update, task tensors of t, scalars of t)`` gives task t's own update and ``card`` is
+  the formula the model card states.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from primerge.errors import RecipeError, closest
-from primerge.validation import validate
 from primerge.linalg import SVDMode
-from primerge.methods.stack import TaskStack, as_dense
+from primerge.methods.stack import TaskStack
+from primerge.validation import validate
 
 Kind = Literal["matrix", "fallback"]
 Family = Literal["elementwise", "svd"]
@@ -43,14 +50,25 @@ Family = Literal["elementwise", "svd"]
 class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown names are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def scale_field(default: float | None, description: str) -> Any:
+    """The multiplier of a method's merged update: ``scale``, with ``alpha`` accepted as its alias
+    (the TSV/PRIME/Iso papers call it α, the TA/TIES papers λ; it is one concept)."""
+    return Field(default, description=description, validation_alias=AliasChoices("scale", "alpha"))
+
+
+def uniform_scale(scale: float | None, tasks: int) -> float:
+    """λ, where unset means 1/T: the PRIME paper's uniform weighting of summed task vectors (Table 2)."""
+    return 1.0 / tasks if scale is None else scale
 
 
 class SVDParams(MethodParams):
-    """Parameters shared by SVD methods: α scales the merged update (θ = θ₀ + α·τ); ``svd``
-    overrides the automatic choice between exact and randomized truncated SVD."""
+    """Parameters shared by SVD methods: ``scale`` α multiplies the merged update (θ = θ₀ + α·τ);
+    ``svd`` overrides the automatic choice between exact and randomized truncated SVD."""
 
-    alpha: float = Field(1.0, description="α scaling the merged update")
+    scale: float = scale_field(1.0, "α scaling the merged update (alias: alpha)")
     svd: SVDMode = Field("auto", description="SVD algorithm: auto | exact | randomized")
 
 
@@ -58,10 +76,10 @@ class SVDParams(MethodParams):
 class TensorContext:
     """What a method knows about the tensor it merges.
 
-    ``kind`` is ``matrix`` for 2-D linear weights that get the SVD treatment and
-    ``fallback`` for everything else; ``seed`` is derived from the recipe seed and
-    the tensor name (:func:`derive_seed`), so results do not depend on the order
-    tensors are visited; ``prepass`` is the declared whole-model pass's result.
+    ``kind`` is ``matrix`` for 2-D linear weights that get the SVD treatment and ``fallback``
+    for everything else; ``seed`` is derived from the recipe seed and the tensor name
+    (:func:`primerge.seeding.derive_seed`), so results do not depend on the order tensors are
+    visited; ``prepass`` is the declared whole-model pass's result.
     """
 
     name: str
@@ -71,33 +89,47 @@ class TensorContext:
 
 
 class Prepass(Protocol):
-    """A whole-model pass declared by a method.
+    """A whole-model pass declared by a method, made of reducible per-tensor statistics.
 
-    The engine calls ``observe(i, taus, ctx)`` for every mergeable tensor in
-    pass ``i`` (for ``i`` in ``range(passes)``), then ``end_pass(i)``; after the last
-    pass ``result()`` is handed to the merge function as ``ctx.prepass``.
+    In pass ``i`` (``i`` in ``range(passes)``) the stream calls ``observe(i, taus, ctx)`` for every
+    mergeable tensor — a pure function of the tensor and of what earlier passes decided, so it can
+    run on any worker — and folds the statistics in plan order with ``combine`` (associative), then
+    calls ``end_pass(i, total)`` (``total`` is ``None`` for a model without mergeable tensors).
+    After the last pass, ``result()`` reaches the merge as ``ctx.prepass``. Statistics whose
+    reduction is a floating-point sum are kept as ordered lists and summed in ``end_pass``, so the
+    result does not depend on how the tensors were split into units.
     """
 
     passes: int
 
-    def observe(self, pass_index: int, taus: Tensor, ctx: TensorContext) -> None: ...
+    def observe(self, pass_index: int, taus: TaskStack, ctx: TensorContext) -> Any: ...
 
-    def end_pass(self, pass_index: int) -> None: ...
+    def combine(self, first: Any, second: Any) -> Any: ...
+
+    def end_pass(self, pass_index: int, total: Any) -> None: ...
 
     def result(self) -> Any: ...
 
 
-MergeFn = Callable[[Tensor, TensorContext, Any], Tensor]
+def fold_statistics(prepass: Prepass, pass_index: int, tensors: Iterable[tuple[TaskStack, TensorContext]],
+                    total: Any = None) -> Any:
+    """``total`` combined, in order, with the pass-``pass_index`` statistic of every (taus, ctx)."""
+    for taus, ctx in tensors:
+        stat = prepass.observe(pass_index, taus, ctx)
+        total = stat if total is None else prepass.combine(total, stat)
+    return total
+
+
+MergeFn = Callable[[TaskStack, TensorContext, Any], Tensor]
 
 
 @dataclass(frozen=True)
 class PerTaskUpdate:
     """Result of a per-task method (e.g. EMR) for one parameter.
 
-    ``update`` is the unified task vector written into the output model;
-    ``task_tensors`` maps a key (e.g. ``mask``) to a tensor with a leading task axis
-    (T, *shape) that the engine stores per task. Together with the scalars of the
-    method's pre-pass result (``task_scalars()``), :attr:`MethodSpec.rebuild` turns
+    ``update`` is the unified task vector written into the output model; ``task_tensors`` maps a
+    key (e.g. ``mask``) to a tensor with a leading task axis (T, *shape) stored per task. With the
+    scalars of the method's pre-pass result (``task_scalars()``), :attr:`MethodSpec.rebuild` turns
     them back into task t's own update.
     """
 
@@ -106,57 +138,47 @@ class PerTaskUpdate:
 
 
 RebuildFn = Callable[[Tensor, dict[str, Tensor], dict[str, float]], Tensor]
-#: (Σ_t τ_t, T, ctx, params) -> update, for merges that depend on the task vectors only through their sum.
-SumMergeFn = Callable[[Tensor, int, TensorContext, Any], Tensor]
 
 
-def mean_of_sum(total: Tensor, tasks: int, ctx: TensorContext, params: Any) -> Tensor:
-    """α · mean_t τ_t from the sum: the SVD family's rule for non-matrix tensors (ALGORITHMS.md)."""
-    return params.alpha * (total / tasks)
+def reads_sum(fn: MergeFn) -> MergeFn:
+    """Mark a merge function whose result depends on the task vectors only through Σ_t τ_t."""
+    fn.reads_sum = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_sum_merge(fn: MergeFn) -> bool:
+    """Whether ``fn`` is marked :func:`reads_sum`."""
+    return getattr(fn, "reads_sum", False)
+
+
+@reads_sum
+def scaled_mean(taus: TaskStack, ctx: TensorContext, params: Any) -> Tensor:
+    """α · mean_t τ_t: the SVD family's rule for non-matrix tensors (ALGORITHMS.md Conventions)."""
+    return params.scale * taus.mean()
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered merging method.
-
-    ``family`` is ``elementwise`` (the function sees every floating tensor) or
-    ``svd`` (the function sees matrix parameters only; the rest go to ``fallback``,
-    by default ``α · mean_t τ_t``, ALGORITHMS.md Conventions). ``prepass`` builds the
-    whole-model pass for the given parameters, or returns ``None`` when these
-    parameters need none. ``rebuild(update, task_tensors_t, scalars_t)`` marks a
-    per-task method and gives task t's update from what its merge stored.
-    ``factored`` marks a method whose matrix merge takes a
-    :class:`primerge.methods.stack.TaskStack` (LoRA task vectors as their factors); every
-    other merge, fallback and pre-pass receives the dense (T, *shape) tensor.
-    """
+    """A registered merging method (see the module docstring for what each field declares)."""
 
     name: str
     description: str
     params_model: type[MethodParams]
     merge: MergeFn
-    family: Family
+    family: Family = "svd"
+    other: MergeFn = scaled_mean
     prepass: Callable[[Any], Prepass | None] | None = None
-    fallback: MergeFn | None = None
     rebuild: RebuildFn | None = None
-    factored: bool = False
-    sum_merge: SumMergeFn | None = None
-
-    def sum_merge_for(self, ctx: TensorContext) -> SumMergeFn | None:
-        """This tensor's merge as a function of Σ_t τ_t alone, when it is one.
-
-        The engine then accumulates the sum one model at a time instead of stacking T task
-        vectors (peak memory independent of T). The SVD family's default fallback α · mean_t τ_t
-        = α · (Σ_t τ_t)/T is one; an element-wise method declares ``sum_merge`` (Task
-        Arithmetic). Must equal ``apply`` on the stacked task vectors.
-        """
-        if self.family == "svd" and ctx.kind != "matrix":
-            return mean_of_sum if self.fallback is None else None
-        return self.sum_merge
+    card: str | None = None
 
     @property
     def per_task(self) -> bool:
         """Whether the method produces one model per task (its merge returns :class:`PerTaskUpdate`)."""
         return self.rebuild is not None
+
+    def function_for(self, kind: str) -> MergeFn:
+        """The merge function of a tensor of ``kind`` (``matrix`` or ``fallback``)."""
+        return self.merge if kind == "matrix" or self.family == "elementwise" else self.other
 
     def parameters(self, values: dict[str, Any] | None = None) -> MethodParams:
         """Validate ``values`` against the parameter model, defaults filled in."""
@@ -167,30 +189,23 @@ class MethodSpec:
         return self.prepass(params) if self.prepass is not None else None
 
     def apply(self, taus: Tensor | TaskStack, ctx: TensorContext, params: MethodParams) -> Tensor:
-        """Merged update of one tensor, dispatching SVD methods' non-matrices to the fallback.
-
-        ``taus`` is a dense (T, *shape) tensor or a :class:`TaskStack`; a ``factored`` method's
-        matrix merge gets the stack, everything else the dense tensor.
-        """
-        if self.factored and ctx.kind == "matrix":
-            return self.merge(TaskStack.of(taus), ctx, params)
-        taus = as_dense(taus)
-        if self.family == "svd" and ctx.kind != "matrix":
-            if self.fallback is not None:
-                return self.fallback(taus, ctx, params)
-            return mean_of_sum(taus.sum(0), taus.shape[0], ctx, params)
-        return self.merge(taus, ctx, params)
+        """Merged update of one tensor (dense (T, *shape) task vectors or a stack)."""
+        return self.function_for(ctx.kind)(TaskStack.of(taus), ctx, params)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method to the registry (module import time); names are unique."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"method {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+def merge_method(name: str, params: type[MethodParams], description: str, *, family: Family = "svd",
+                 other: MergeFn = scaled_mean, prepass: Callable[[Any], Prepass | None] | None = None,
+                 rebuild: RebuildFn | None = None, card: str | None = None) -> Callable[[MergeFn], MergeFn]:
+    """Register the decorated function as method ``name`` (see the module docstring)."""
+    def register(fn: MergeFn) -> MergeFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        _REGISTRY[name] = MethodSpec(name, description, params, fn, family, other, prepass, rebuild, card)
+        return fn
+    return register
 
 
 def get_method(name: str) -> MethodSpec:
@@ -207,9 +222,3 @@ def get_method(name: str) -> MethodSpec:
 def list_methods() -> list[MethodSpec]:
     """Every registered method, in registration order."""
     return list(_REGISTRY.values())
-
-
-def derive_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from the recipe seed and a tensor name (order independent)."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

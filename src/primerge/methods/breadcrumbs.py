@@ -22,14 +22,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from primerge.methods.base import MethodParams, MethodSpec, TensorContext, register
+from primerge.methods.base import MethodParams, TensorContext, merge_method, scale_field, uniform_scale
 from primerge.methods.della import as_rows, row_ranks
+from primerge.methods.stack import TaskStack
 
 
 class BreadcrumbsParams(MethodParams):
     gamma: float = Field(0.01, ge=0.0, le=1.0, description="γ: fraction of largest |values| dropped per row")
     density: float = Field(0.9, ge=0.0, le=1.0, description="fraction kept per row, after the top γ")
-    scale: float | None = Field(None, description="α on the summed masked vectors; unset means 1/T")
+    scale: float | None = scale_field(None, "λ on the summed masked vectors; unset means 1/T (alias: alpha)")
 
     @model_validator(mode="after")
     def _fractions_fit(self) -> BreadcrumbsParams:
@@ -52,20 +53,11 @@ def breadcrumbs_mask(taus: Tensor, gamma: float, density: float) -> Tensor:
     return ((position >= top) & (position < top + kept)).reshape(taus.shape)
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: BreadcrumbsParams) -> Tensor:
-    """α Σ_t m_t ⊙ τ_t with the Breadcrumbs masks m_t of one tensor."""
-    scale = params.scale if params.scale is not None else 1.0 / taus.shape[0]
-    mask = breadcrumbs_mask(taus, params.gamma, params.density)
-    zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
-    return scale * torch.where(mask, taus, zero).sum(0)
-
-
-SPEC = register(
-    MethodSpec(
-        name="breadcrumbs",
-        description="Model Breadcrumbs: per row drop the top-γ outliers and the small tail, then sum",
-        params_model=BreadcrumbsParams,
-        merge=merge,
-        family="elementwise",
-    )
-)
+@merge_method("breadcrumbs", BreadcrumbsParams,
+              "Model Breadcrumbs: per row drop the top-γ outliers and the small tail, then sum", family="elementwise")
+def merge(taus: TaskStack, ctx: TensorContext, params: BreadcrumbsParams) -> Tensor:
+    """λ Σ_t m_t ⊙ τ_t with the Breadcrumbs masks m_t of one tensor."""
+    dense = taus.dense()
+    mask = breadcrumbs_mask(dense, params.gamma, params.density)
+    zero = torch.zeros((), dtype=dense.dtype, device=dense.device)
+    return uniform_scale(params.scale, taus.T) * torch.where(mask, dense, zero).sum(0)

@@ -23,13 +23,14 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from primerge.errors import RecipeError
-from primerge.methods.base import MethodParams, MethodSpec, TensorContext, register
+from primerge.methods.base import MethodParams, TensorContext, merge_method, scale_field, uniform_scale
+from primerge.methods.stack import TaskStack
 
 
 class ConsensusParams(MethodParams):
     k: int = Field(2, ge=1, description="minimum number of TALL masks an entry needs to be kept")
     lam: float | list[float] = Field(0.4, description="λ_t of the TALL masks: one value or one per task")
-    scale: float | None = Field(None, description="α on the masked τ_MTL; unset means 1/T")
+    scale: float | None = scale_field(None, "λ on the masked τ_MTL; unset means 1/T (alias: alpha)")
 
     @field_validator("lam")
     @classmethod
@@ -56,20 +57,13 @@ def tall_masks(taus: Tensor, lam: float | list[float], name: str = "") -> Tensor
     return taus.abs() >= lam_t * (total - taus).abs()
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: ConsensusParams) -> Tensor:
-    """α · [Σ_t m_t ≥ k] ⊙ Σ_t τ_t for one tensor."""
-    scale = params.scale if params.scale is not None else 1.0 / taus.shape[0]
-    votes = tall_masks(taus, params.lam, ctx.name).sum(0)
-    total = taus.sum(0)
-    return scale * torch.where(votes >= params.k, total, torch.zeros((), dtype=taus.dtype, device=taus.device))
-
-
-SPEC = register(
-    MethodSpec(
-        name="consensus",
-        description="Consensus (TALL masks): keep entries important to at least k tasks, of the task sum",
-        params_model=ConsensusParams,
-        merge=merge,
-        family="elementwise",
-    )
-)
+@merge_method("consensus", ConsensusParams,
+              "Consensus (TALL masks): keep entries important to at least k tasks, of the task sum",
+              family="elementwise")
+def merge(taus: TaskStack, ctx: TensorContext, params: ConsensusParams) -> Tensor:
+    """λ · [Σ_t m_t ≥ k] ⊙ Σ_t τ_t for one tensor."""
+    dense = taus.dense()
+    votes = tall_masks(dense, params.lam, ctx.name).sum(0)
+    total = dense.sum(0)
+    zero = torch.zeros((), dtype=dense.dtype, device=dense.device)
+    return uniform_scale(params.scale, taus.T) * torch.where(votes >= params.k, total, zero)

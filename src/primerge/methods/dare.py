@@ -24,14 +24,15 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from primerge.methods.base import MethodParams, MethodSpec, TensorContext, register
+from primerge.methods.base import MethodParams, TensorContext, merge_method, scale_field, uniform_scale
+from primerge.methods.stack import TaskStack
 from primerge.methods.ties import tensor_thresholds, ties_merge
 
 
 class DareParams(MethodParams):
     drop_rate: float = Field(0.8, ge=0.0, lt=1.0, description="p: probability of dropping an entry")
     combine: Literal["linear", "ties"] = Field("linear", description="merge of the rescaled vectors")
-    scale: float | None = Field(None, description="λ; unset: 1/T for linear, 1.0 for ties")
+    scale: float | None = scale_field(None, "λ; unset: 1/T for linear, 1.0 for ties (alias: alpha)")
     ties_density: float = Field(
         1.0, ge=0.0, le=1.0, description="combine: ties — magnitude fraction kept after the drop"
     )
@@ -52,22 +53,12 @@ def drop_and_rescale(taus: Tensor, drop_rate: float, seed: int) -> Tensor:
     return torch.where(keep, taus / (1.0 - drop_rate), zero)
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: DareParams) -> Tensor:
+@merge_method("dare", DareParams, "DARE: random drop with rate p, rescale by 1/(1-p), then Task Arithmetic or TIES",
+              family="elementwise")
+def merge(taus: TaskStack, ctx: TensorContext, params: DareParams) -> Tensor:
     """DARE then TA (λ Σ_t δ̂_t) or TIES on the rescaled task vectors of one tensor."""
-    dropped = drop_and_rescale(taus, params.drop_rate, ctx.seed)
+    dropped = drop_and_rescale(taus.dense(), params.drop_rate, ctx.seed)
     if params.combine == "linear":
-        scale = params.scale if params.scale is not None else 1.0 / taus.shape[0]
-        return scale * dropped.sum(0)
+        return uniform_scale(params.scale, taus.T) * dropped.sum(0)
     scale = params.scale if params.scale is not None else 1.0
     return ties_merge(dropped, tensor_thresholds(dropped, params.ties_density), scale)
-
-
-SPEC = register(
-    MethodSpec(
-        name="dare",
-        description="DARE: random drop with rate p, rescale by 1/(1-p), then Task Arithmetic or TIES",
-        params_model=DareParams,
-        merge=merge,
-        family="elementwise",
-    )
-)

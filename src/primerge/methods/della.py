@@ -28,15 +28,16 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from primerge.methods.base import MethodParams, MethodSpec, TensorContext, register
+from primerge.methods.base import MethodParams, TensorContext, merge_method, scale_field
 from primerge.methods.dare import uniform_draws
-from primerge.methods.ties import ties_merge
+from primerge.methods.stack import TaskStack
+from primerge.methods.ties import disjoint_mean
 
 
 class DellaParams(MethodParams):
     density: float = Field(0.2, gt=0.0, le=1.0, description="mean fraction of entries kept per row")
     epsilon: float = Field(0.1, ge=0.0, description="ε: keep probabilities span density ± ε")
-    scale: float = Field(1.0, description="λ applied to the merged update")
+    scale: float = scale_field(1.0, "λ applied to the merged update (alias: alpha)")
 
     @model_validator(mode="after")
     def _probabilities_in_range(self) -> DellaParams:
@@ -89,19 +90,8 @@ def magprune(taus: Tensor, density: float, epsilon: float, seed: int) -> Tensor:
     return torch.where(keep, rows / torch.where(keep, p, torch.ones_like(p)), zero).reshape(taus.shape)
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: DellaParams) -> Tensor:
+@merge_method("della", DellaParams, "DELLA: magnitude-ranked random drop per row, rescale 1/p, elect signs, "
+              "disjoint mean", family="elementwise")
+def merge(taus: TaskStack, ctx: TensorContext, params: DellaParams) -> Tensor:
     """λ · disjoint-mean(sign-elected MagPrune(τ_t)) for one tensor (ALGORITHMS.md, DELLA)."""
-    pruned = magprune(taus, params.density, params.epsilon, ctx.seed)
-    no_trim = torch.zeros(taus.shape[0], dtype=taus.dtype, device=taus.device)
-    return ties_merge(pruned, no_trim, params.scale)
-
-
-SPEC = register(
-    MethodSpec(
-        name="della",
-        description="DELLA: magnitude-ranked random drop per row, rescale 1/p, elect signs, disjoint mean",
-        params_model=DellaParams,
-        merge=merge,
-        family="elementwise",
-    )
-)
+    return disjoint_mean(magprune(taus.dense(), params.density, params.epsilon, ctx.seed), params.scale)

@@ -37,15 +37,16 @@ from pydantic import Field
 from torch import Tensor
 
 from primerge.linalg import null_mask, svd
-from primerge.methods.base import MethodSpec, TensorContext, register
-from primerge.methods.fused import FusedQKVParams, fused_qkv_axis
-from primerge.methods.ties import tensor_thresholds, ties_merge
+from primerge.methods.base import TensorContext, merge_method, scale_field
+from primerge.methods.fused import FusedQKVParams, fused_qkv_axis, per_slice
+from primerge.methods.stack import TaskStack
+from primerge.methods.ties import disjoint_mean, tensor_thresholds
 
 
 class DRMParams(FusedQKVParams):
     variant: Literal["H", "V"] = Field("H", description="H: horizontal stack, shared U; V: vertical, shared V")
     density: float = Field(0.2, ge=0.0, le=1.0, description="fraction of joint-space entries kept (joint prune)")
-    scale: float = Field(1.0, description="λ applied to the disjoint mean")
+    scale: float = scale_field(1.0, "λ applied to the disjoint mean (alias: alpha)")
     rank_tol: float = Field(1e-2, ge=0.0, lt=1.0, description="keep singular values above rank_tol · σ_max")
     split_qkv: bool = Field(False, description="merge fused Q/K/V weights per third")
 
@@ -88,8 +89,7 @@ def drm_h(taus: Tensor, params: DRMParams) -> Tensor:
     keep = joint_prune(space.blocks, params.density)
     zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
     scaled = space.scales.unsqueeze(-1) * torch.where(keep, space.blocks, zero)
-    no_trim = torch.zeros(taus.shape[0], dtype=taus.dtype, device=taus.device)
-    return space.U @ ties_merge(scaled, no_trim, params.scale)
+    return space.U @ disjoint_mean(scaled, params.scale)
 
 
 def drm_matrix(taus: Tensor, params: DRMParams) -> Tensor:
@@ -99,28 +99,14 @@ def drm_matrix(taus: Tensor, params: DRMParams) -> Tensor:
     return drm_h(taus.mT, params).mT
 
 
-def fallback(taus: Tensor, ctx: TensorContext, params: DRMParams) -> Tensor:
+def elect_mean(taus: TaskStack, ctx: TensorContext, params: DRMParams) -> Tensor:
     """Non-matrix parameters: TIES-style sign election and disjoint mean (no trim), times λ."""
-    no_trim = torch.zeros(taus.shape[0], dtype=taus.dtype, device=taus.device)
-    return ties_merge(taus, no_trim, params.scale)
+    return disjoint_mean(taus.dense(), params.scale)
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: DRMParams) -> Tensor:
+@merge_method("drm", DRMParams, "DRM: joint SVD, renormalised per-task bases, joint prune, sign election, "
+              "disjoint mean", other=elect_mean)
+def merge(taus: TaskStack, ctx: TensorContext, params: DRMParams) -> Tensor:
     """DRM of one matrix parameter, per third of a fused Q/K/V weight when ``split_qkv``."""
     axis = fused_qkv_axis(ctx.name, tuple(taus.shape[1:]), params.qkv_pattern) if params.split_qkv else None
-    if axis is None:
-        return drm_matrix(taus, params)
-    parts = taus.chunk(3, dim=axis + 1)
-    return torch.cat([drm_matrix(part, params) for part in parts], dim=axis)
-
-
-SPEC = register(
-    MethodSpec(
-        name="drm",
-        description="DRM: joint SVD, renormalised per-task bases, joint prune, sign election, disjoint mean",
-        params_model=DRMParams,
-        merge=merge,
-        family="svd",
-        fallback=fallback,
-    )
-)
+    return per_slice(lambda part: drm_matrix(part, params), taus.dense(), axis, tasks=True)

@@ -8,7 +8,7 @@ One unified task vector plus light per-task modulators (ALGORITHMS.md, Classic m
 
 Task t's model is θ₀ + λ_t · m_t ⊙ τ_uni (:func:`rebuild`). The merged output holds the
 unified model θ₀ + τ_uni; the engine stores τ_uni, the bit-packed masks and the scalars
-beside it (see the model card), and :func:`primerge.per_task.load_task_state` rebuilds
+beside it (see the model card), and :func:`primerge.load_task_state` rebuilds
 any task's weights. EMR is element-wise: it acts on every floating tensor.
 """
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from primerge.methods.base import MethodParams, MethodSpec, PerTaskUpdate, TensorContext, register
+from primerge.methods.base import MethodParams, PerTaskUpdate, TensorContext, merge_method
+from primerge.methods.stack import TaskStack
 
 
 class EMRParams(MethodParams):
@@ -34,34 +35,39 @@ def elect(taus: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class RescalePrepass:
-    """Whole-model sums Σ|τ_t| and Σ|m_t ⊙ τ_uni| per task, for λ_t."""
+    """Whole-model sums Σ|τ_t| and Σ|m_t ⊙ τ_uni| per task, for λ_t.
+
+    Each tensor contributes one (Σ|τ_t|, Σ|m_t ⊙ τ_uni|) pair per task (float64); the pairs are
+    kept in plan order and summed in that order, so any split into units gives the same λ_t.
+    """
 
     passes = 1
 
     def __init__(self) -> None:
-        self.numerator: Tensor | None = None
-        self.denominator: Tensor | None = None
+        self.scales: list[float] = []
 
-    def observe(self, pass_index: int, taus: Tensor, ctx: TensorContext) -> None:
-        unified, masks = elect(taus)
-        flat = (masks * unified.abs()).reshape(taus.shape[0], -1).sum(1).double().cpu()
-        total = taus.reshape(taus.shape[0], -1).abs().sum(1).double().cpu()
-        if self.numerator is None:
-            self.numerator, self.denominator = total, flat
-        else:
-            self.numerator += total
-            self.denominator += flat
+    def observe(self, pass_index: int, taus: TaskStack, ctx: TensorContext) -> list[tuple[Tensor, Tensor]]:
+        dense = taus.dense()
+        unified, masks = elect(dense)
+        kept = (masks * unified.abs()).reshape(taus.T, -1).sum(1).double().cpu()
+        total = dense.reshape(taus.T, -1).abs().sum(1).double().cpu()
+        return [(total, kept)]
 
-    def end_pass(self, pass_index: int) -> None:
-        """Nothing to finalise: λ_t is formed in :meth:`result`."""
+    def combine(self, first: list, second: list) -> list:
+        return first + second
+
+    def end_pass(self, pass_index: int, total: list[tuple[Tensor, Tensor]] | None) -> None:
+        if not total:
+            return
+        numerator, denominator = total[0]
+        for num, den in total[1:]:
+            numerator, denominator = numerator + num, denominator + den
+        # a task that never agrees with the elected signs (or a zero task vector) keeps λ = 1
+        safe = torch.where(denominator > 0, denominator, 1.0)
+        self.scales = torch.where(denominator > 0, numerator / safe, 1.0).tolist()
 
     def result(self) -> EMRScales:
-        if self.numerator is None:
-            return EMRScales([])
-        # a task that never agrees with the elected signs (or a zero task vector) keeps λ = 1
-        safe = torch.where(self.denominator > 0, self.denominator, 1.0)
-        scales = torch.where(self.denominator > 0, self.numerator / safe, 1.0)
-        return EMRScales(scales.tolist())
+        return EMRScales(self.scales)
 
 
 class EMRScales:
@@ -78,25 +84,15 @@ class EMRScales:
         return f"EMR rescalers (Σ|τ_t| / Σ|m_t ⊙ τ_uni| over the model): {values}"
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: EMRParams) -> PerTaskUpdate:
-    """τ_uni for the unified model, with the masks stored per task."""
-    unified, masks = elect(taus)
-    return PerTaskUpdate(unified, {"mask": masks})
-
-
 def rebuild(unified: Tensor, task: dict[str, Tensor], scalars: dict[str, float]) -> Tensor:
     """Task t's update λ_t · m_t ⊙ τ_uni."""
     return scalars["scale"] * task["mask"].to(unified.dtype) * unified
 
 
-SPEC = register(
-    MethodSpec(
-        name="emr",
-        description="EMR: one elected task vector + per-task sign masks and rescalers (a model per task)",
-        params_model=EMRParams,
-        merge=merge,
-        family="elementwise",
-        prepass=lambda params: RescalePrepass(),
-        rebuild=rebuild,
-    )
-)
+@merge_method("emr", EMRParams, "EMR: one elected task vector + per-task sign masks and rescalers (a model per task)",
+              family="elementwise", prepass=lambda params: RescalePrepass(), rebuild=rebuild,
+              card="θ₀ + λ_t · m_t ⊙ τ_uni")
+def merge(taus: TaskStack, ctx: TensorContext, params: EMRParams) -> PerTaskUpdate:
+    """τ_uni for the unified model, with the masks stored per task."""
+    unified, masks = elect(taus.dense())
+    return PerTaskUpdate(unified, {"mask": masks})

@@ -7,10 +7,11 @@ import re
 from collections.abc import Callable
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from primerge.methods.base import MethodParams
+from primerge.validation import Regex
 
 #: Names of fused attention input projections: ViT/BLIP ``qkv``, PyTorch MultiheadAttention
 #: ``in_proj_weight``, GPT-2 ``c_attn``.
@@ -20,16 +21,7 @@ QKV_PATTERN = r"qkv|in_proj|c_attn"
 class FusedQKVParams(MethodParams):
     """Parameter mixin: the regex that names fused Q/K/V weights (``split_qkv`` is per method)."""
 
-    qkv_pattern: str = Field(QKV_PATTERN, description="regex naming fused Q/K/V weights")
-
-    @field_validator("qkv_pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
-        return value
+    qkv_pattern: Regex = Field(QKV_PATTERN, description="regex naming fused Q/K/V weights")
 
 
 def fused_qkv_axis(name: str, shape: tuple[int, ...], pattern: str) -> int | None:
@@ -48,6 +40,10 @@ def fused_qkv_axis(name: str, shape: tuple[int, ...], pattern: str) -> int | Non
     return None
 
 
-def per_slice(fn: Callable[[Tensor], Tensor], x: Tensor, axis: int) -> Tensor:
-    """Apply ``fn`` to the three equal slices of ``x`` along ``axis`` and put them back together."""
-    return torch.cat([fn(part) for part in x.chunk(3, dim=axis)], dim=axis)
+def per_slice(fn: Callable[[Tensor], Tensor], x: Tensor, axis: int | None, *, tasks: bool = False) -> Tensor:
+    """``fn`` applied to the three equal Q/K/V slices of ``x`` along ``axis``, put back together;
+    ``fn(x)`` when ``axis`` is ``None`` (not a fused weight). With ``tasks``, ``x`` is a (T, m, n)
+    stack: it is sliced along ``axis + 1`` and each result (m', n') joined along ``axis``."""
+    if axis is None:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.chunk(3, dim=axis + int(tasks))], dim=axis)

@@ -46,8 +46,9 @@ from pydantic import Field
 from torch import Tensor
 
 from primerge.linalg import flatten_spectrum, null_mask, polar, svd
-from primerge.methods.base import MethodSpec, TensorContext, register
-from primerge.methods.fused import FusedQKVParams, fused_qkv_axis
+from primerge.methods.base import TensorContext, merge_method, reads_sum, scale_field, uniform_scale
+from primerge.methods.fused import FusedQKVParams, fused_qkv_axis, per_slice
+from primerge.methods.stack import TaskStack
 
 #: π of Eq. 32 (SB paper, Appendix G.1).
 PI = 1e-2
@@ -186,14 +187,14 @@ def alignment_matrix(layer_values: Sequence[Tensor], eps: float = EPS) -> Tensor
 class HOSubspaceBoostingParams(FusedQKVParams):
     pi: float = Field(PI, gt=0, description="π: HO-GSVD regularisation (Eq. 32)")
     beta: float = Field(0.0, ge=0.0, le=1.0, description="β: cumulative-spectrum cutoff of the boost")
-    scale: float | None = Field(None, description="λ applied to Σ_i Σ_i; None means 1/T")
-    alpha: float = Field(1.0, description="α scaling the boosted update")
+    scale: float | None = scale_field(None, "λ multiplying Σ_i Σ_i, hence the boosted update; unset means 1/T "
+                                            "(alias: alpha)")
     split_qkv: bool = Field(True, description="boost fused Q/K/V weights per slice")
 
 
 def ho_boost(taus: Tensor, pi: float = PI, beta: float = 0.0, scale: float | None = None) -> Tensor:
     """U_o diag(Boost_β(λ Σ_i Σ_i)) V_oᵀ for one matrix (SB paper Algorithm 2)."""
-    lam = scale if scale is not None else 1.0 / taus.shape[0]
+    lam = uniform_scale(scale, taus.shape[0])
     dec, transposed = shared_side_gsvd(taus, pi)
     total = lam * dec.S.sum(0)  # already ordered by energy; sort by value for the lift
     order = total.argsort(descending=True)
@@ -205,28 +206,15 @@ def ho_boost(taus: Tensor, pi: float = PI, beta: float = 0.0, scale: float | Non
     return out.mT if transposed else out
 
 
-def merge(taus: Tensor, ctx: TensorContext, params: HOSubspaceBoostingParams) -> Tensor:
-    """α · Higher-Order SB of one matrix parameter (per Q/K/V slice when fused)."""
+@reads_sum
+def scaled_sum(taus: TaskStack, ctx: TensorContext, params: HOSubspaceBoostingParams) -> Tensor:
+    """Non-matrix parameters: λ Σ_t τ_t (Task Arithmetic, unboosted)."""
+    return uniform_scale(params.scale, taus.T) * taus.sum()
+
+
+@merge_method("ho_subspace_boosting", HOSubspaceBoostingParams,
+              "Higher-Order SB: HO-GSVD shared space, summed generalized singular values boosted", other=scaled_sum)
+def merge(taus: TaskStack, ctx: TensorContext, params: HOSubspaceBoostingParams) -> Tensor:
+    """Higher-Order SB of one matrix parameter (per Q/K/V slice when fused)."""
     axis = fused_qkv_axis(ctx.name, tuple(taus.shape[1:]), params.qkv_pattern) if params.split_qkv else None
-    boost = lambda x: ho_boost(x, params.pi, params.beta, params.scale)  # noqa: E731
-    if axis is None:
-        return params.alpha * boost(taus)
-    return params.alpha * torch.cat([boost(part) for part in taus.chunk(3, dim=axis + 1)], dim=axis)
-
-
-def fallback(taus: Tensor, ctx: TensorContext, params: HOSubspaceBoostingParams) -> Tensor:
-    """Non-matrix parameters: α · λ Σ_t τ_t (Task Arithmetic, unboosted)."""
-    lam = params.scale if params.scale is not None else 1.0 / taus.shape[0]
-    return params.alpha * lam * taus.sum(0)
-
-
-SPEC = register(
-    MethodSpec(
-        name="ho_subspace_boosting",
-        description="Higher-Order SB: HO-GSVD shared space, summed generalized singular values boosted",
-        params_model=HOSubspaceBoostingParams,
-        merge=merge,
-        family="svd",
-        fallback=fallback,
-    )
-)
+    return per_slice(lambda part: ho_boost(part, params.pi, params.beta, params.scale), taus.dense(), axis, tasks=True)

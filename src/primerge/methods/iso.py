@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import Tensor
 
 from primerge.linalg import SVD, drop_null, live_polar, project_out, truncated_svd
-from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.base import SVDParams, TensorContext, merge_method
 from primerge.methods.stack import TaskStack
 from primerge.methods.tsv import concat_factors
 
@@ -50,10 +50,11 @@ class IsoCTSParams(SVDParams):
     common_ratio: float = Field(0.8, ge=0.0, le=1.0, description="fraction of r_full given to the common subspace")
 
 
+@merge_method("iso_c", IsoCParams, "Iso-C: SVD of the task sum with every singular value set to their mean")
 def iso_c(taus: TaskStack, ctx: TensorContext, params: IsoCParams) -> Tensor:
     """α · mean(S) · U Vᵀ with Σ_t τ_t = U S Vᵀ (Iso-C; ALGORITHMS.md), mean over r_full values."""
     full = taus.sum_svd()
-    return params.alpha * (full.S.sum() / min(taus.shape[-2:])) * (full.U @ full.V.mT)
+    return params.scale * (full.S.sum() / min(taus.shape[-2:])) * (full.U @ full.V.mT)
 
 
 def iso_cts_ranks(r_full: int, tasks: int, common_ratio: float) -> tuple[int, int]:
@@ -64,9 +65,10 @@ def iso_cts_ranks(r_full: int, tasks: int, common_ratio: float) -> tuple[int, in
     return r_full - t_tot, t_tot // tasks
 
 
-def iso_cts(taus: Tensor, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
+@merge_method("iso_cts", IsoCTSParams, "Iso-CTS: common + task-specific subspaces, whitened, with a flat spectrum")
+def iso_cts(stack: TaskStack, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
     """α · mean(S) · Û V̂ᵀ over the whitened task-specific and common bases (Iso-CTS; ALGORITHMS.md)."""
-    T = taus.shape[0]
+    taus, T = stack.dense(), stack.T
     k_c, n = iso_cts_ranks(min(taus.shape[-2:]), T, params.common_ratio)
     blocks: list[SVD] = []  # task-specific blocks first, then the common one
     common = None
@@ -83,28 +85,4 @@ def iso_cts(taus: Tensor, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
     S = torch.cat([b.S for b in blocks])
     U_hat = live_polar(torch.cat([b.U for b in blocks], dim=1), S)
     V_hat = live_polar(torch.cat([b.V for b in blocks], dim=1), S)
-    return params.alpha * S.mean() * (U_hat @ V_hat.mT)
-
-
-ISO_C = register(
-    MethodSpec(
-        name="iso_c",
-        description="Iso-C: SVD of the task sum with every singular value set to their mean",
-        params_model=IsoCParams,
-        merge=iso_c,
-        family="svd",
-        factored=True,
-    )
-)
-
-ISO_CTS = register(
-    MethodSpec(
-        name="iso_cts",
-        description="Iso-CTS: common + task-specific subspaces, whitened, with a flat spectrum",
-        params_model=IsoCTSParams,
-        merge=iso_cts,
-        family="svd",
-    )
-)
-
-SPEC = ISO_CTS
+    return params.scale * S.mean() * (U_hat @ V_hat.mT)

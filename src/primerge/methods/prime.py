@@ -26,17 +26,17 @@ has R_t = 0 exactly there, so TIES never elects rounding noise.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from primerge.linalg import SVD, drop_null, flatten_spectrum, project_out, svd
-from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.base import SVDParams, TensorContext, merge_method
 from primerge.methods.prime_rank import AutoRankPrepass, candidate_ranks
 from primerge.methods.stack import TaskStack
 from primerge.methods.ties import tensor_thresholds, ties_merge
-from primerge.methods.tsv import concat_factors, whitened_merge
+from primerge.methods.tsv import concat_factors, whiten
 
 
 class PrimeParams(SVDParams):
@@ -68,9 +68,8 @@ def principal_rank(rank: float, r_full: int, tasks: int) -> int:
     return r if tasks * r <= r_full else r_full // tasks
 
 
-def merge_residual(taus: Tensor | TaskStack, stacked: SVD, factors: SVD, params: PrimeParams) -> Tensor:
+def merge_residual(taus: TaskStack, stacked: SVD, factors: SVD, params: PrimeParams) -> Tensor:
     """Merge({R_t}) of PRIME Eq. 20 for the chosen ``residual`` rule."""
-    taus = TaskStack.of(taus)
     if params.residual == "ties":
         residuals = taus.dense() - factors.reconstruct()
         residuals[(factors.S == 0).any(-1)] = 0  # rank ≤ r: the principal part is all of τ_t
@@ -83,17 +82,33 @@ def merge_residual(taus: Tensor | TaskStack, stacked: SVD, factors: SVD, params:
     return SVD(full.U, flatten_spectrum(full.S, 0.0, params.s_sb_scale), full.V).reconstruct()
 
 
-def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:
-    """α (Û Σ_s V̂ᵀ + P⊥ Merge({R_t})) for one matrix parameter (PRIME Algorithm 1)."""
-    rank = ctx.prepass.rank if params.rank == "auto" else params.rank
-    r = principal_rank(rank, min(taus.shape[-2:]), taus.shape[0])
-    if r == 0:
-        return params.alpha * taus.mean()
-    factors = taus.truncated_svd(r, mode=params.svd, seed=ctx.seed)
+class PrimeParts(NamedTuple):
+    """PRIME's decomposition of one matrix at principal rank r (Algorithm 1, Eq. 20).
+
+    ``factors``: per-task top-r triplets (T, m, r), (T, r), (T, n, r); ``stacked``: them
+    concatenated task by task (U_s, Σ_s, V_s); ``U_hat``, ``V_hat``: the whitened bases Û, V̂;
+    ``principal``: M_p = Û Σ_s V̂ᵀ; ``residual``: M_r = Merge({R_t}) before its projection.
+    """
+
+    factors: SVD
+    stacked: SVD
+    U_hat: Tensor
+    V_hat: Tensor
+    principal: Tensor
+    residual: Tensor
+
+    def merged(self) -> Tensor:
+        """M_p + P⊥ M_r, with P⊥ M_r = M_r − Û(ÛᵀM_r) (Eq. 20)."""
+        return self.principal + project_out(self.U_hat, self.residual)
+
+
+def decompose(taus: TaskStack, r: int, params: PrimeParams, seed: int = 0) -> PrimeParts:
+    """Principal triplets, whitened principal merge and merged residual of one matrix at rank r ≥ 1."""
+    factors = taus.truncated_svd(r, mode=params.svd, seed=seed)
     stacked = concat_factors(factors)
-    U_hat, principal = whitened_merge(stacked)
-    residual = project_out(U_hat, merge_residual(taus, stacked, factors, params))
-    return params.alpha * (principal + residual)
+    U_hat, V_hat = whiten(stacked)
+    principal = (U_hat * stacked.S) @ V_hat.mT
+    return PrimeParts(factors, stacked, U_hat, V_hat, principal, merge_residual(taus, stacked, factors, params))
 
 
 def make_prepass(params: PrimeParams) -> AutoRankPrepass | None:
@@ -104,14 +119,12 @@ def make_prepass(params: PrimeParams) -> AutoRankPrepass | None:
     return AutoRankPrepass(candidates, params.auto_tolerance, params.svd, principal_rank)
 
 
-SPEC = register(
-    MethodSpec(
-        name="prime",
-        description="PRIME: ~1% principal directions merged by TSV + residuals projected off them",
-        params_model=PrimeParams,
-        merge=merge,
-        family="svd",
-        prepass=make_prepass,
-        factored=True,
-    )
-)
+@merge_method("prime", PrimeParams, "PRIME: ~1% principal directions merged by TSV + residuals projected off them",
+              prepass=make_prepass)
+def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:
+    """α (Û Σ_s V̂ᵀ + P⊥ Merge({R_t})) for one matrix parameter (PRIME Algorithm 1)."""
+    rank = ctx.prepass.rank if params.rank == "auto" else params.rank
+    r = principal_rank(rank, min(taus.shape[-2:]), taus.shape[0])
+    if r == 0:
+        return params.scale * taus.mean()
+    return params.scale * decompose(taus, r, params, ctx.seed).merged()

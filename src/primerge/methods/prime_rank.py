@@ -27,6 +27,7 @@ from torch import Tensor
 
 from primerge.linalg import SVDMode, truncated_svd
 from primerge.methods.base import TensorContext
+from primerge.methods.stack import TaskStack
 
 
 def candidate_ranks(step: float = 0.01, max_fraction: float = 0.125) -> list[float]:
@@ -125,7 +126,12 @@ class AutoRank:
 
 
 class AutoRankPrepass:
-    """Whole-model pass that averages F(r) over matrix parameters and selects r*."""
+    """Whole-model pass that averages F(r) over matrix parameters and selects r*.
+
+    Each matrix contributes its Σ_i J_i(r), Σ_i G_i(r) per candidate and its spectra; the
+    contributions are kept in plan order and summed in that order, so any split of the model into
+    units gives the same table and r*.
+    """
 
     passes = 1
 
@@ -138,28 +144,32 @@ class AutoRankPrepass:
         self.J = torch.zeros(len(candidates), dtype=torch.float64)
         self.G = torch.zeros(len(candidates), dtype=torch.float64)
         self.spectra: list[tuple[int, int, Tensor, Tensor]] = []  # (r_full, T, energy, total) per matrix
-        self.layers = 0
 
-    def observe(self, pass_index: int, taus: Tensor, ctx: TensorContext) -> None:
+    def observe(self, pass_index: int, taus: TaskStack, ctx: TensorContext) -> list[tuple]:
+        """[(Σ_i J_i, Σ_i G_i, (r_full, T, energy, total))] of one matrix, or [] when it has none."""
         if ctx.kind != "matrix":
-            return
-        r_full, T = min(taus.shape[-2:]), taus.shape[0]
+            return []
+        r_full, T = min(taus.shape[-2:]), taus.T
         ranks = [self.rank_of(c, r_full, T) for c in self.candidates]
         if min(ranks) == 0:
-            return  # T > r_full: this matrix has no principal part at any rank
-        terms = layer_terms(taus, ranks, mode=self.mode, seed=ctx.seed)
-        self.J += terms.J.double().cpu()
-        self.G += terms.G.double().cpu()
-        self.spectra.append((r_full, T, terms.energy.double().cpu(), terms.total.double().cpu()))
-        self.layers += 1
+            return []  # T > r_full: this matrix has no principal part at any rank
+        terms = layer_terms(taus.dense(), ranks, mode=self.mode, seed=ctx.seed)
+        spectrum = (r_full, T, terms.energy.double().cpu(), terms.total.double().cpu())
+        return [(terms.J.double().cpu(), terms.G.double().cpu(), spectrum)]
 
-    def end_pass(self, pass_index: int) -> None:
-        """Nothing to finalise: the averages are taken in :meth:`result`."""
+    def combine(self, first: list, second: list) -> list:
+        return first + second
+
+    def end_pass(self, pass_index: int, total: list[tuple] | None) -> None:
+        for J, G, spectrum in total or []:
+            self.J += J
+            self.G += G
+            self.spectra.append(spectrum)
 
     def result(self) -> AutoRank:
-        n = max(self.layers, 1)
-        auto = AutoRank(self.candidates, (self.J / n).tolist(), (self.G / n).tolist(),
-                        self.layers, self.tolerance)
+        layers = len(self.spectra)
+        n = max(layers, 1)
+        auto = AutoRank(self.candidates, (self.J / n).tolist(), (self.G / n).tolist(), layers, self.tolerance)
         if self.spectra:
             head = sum(e[:, self.rank_of(auto.rank, r_full, T) - 1] for r_full, T, e, _ in self.spectra)
             total = sum(t for *_, t in self.spectra)

@@ -1,21 +1,27 @@
-"""Task vectors of one matrix parameter, some of them kept as low-rank factors.
+"""The task vectors of one parameter, as every method receives them: a :class:`TaskStack`.
 
-A LoRA fine-tune's task vector is τ_t = s·B A: rank k ≪ min(m, n) by construction. The engine
-hands methods that declare ``factored=True`` (:class:`primerge.methods.base.MethodSpec`) a
-:class:`TaskStack` in which such task vectors stay as their factors τ_t = L_t R_t
-(L_t: m × k, R_t: k × n); every other task vector is a dense m × n matrix. The stack answers
-what the SVD methods ask of their task vectors:
+The T task vectors τ_1..τ_T of one tensor come in one of three forms, all behind this one type:
 
-- :meth:`TaskStack.truncated_svd`: top-r triplets per task. Dense rows go through
-  :func:`primerge.linalg.truncated_svd`; factored rows through
-  :func:`primerge.linalg.factored_svd` (QR of L and Rᵀ, SVD of the k × k core, O((m + n) k²)),
-  zero-padded when r > k. Null triplets are zeroed in both (:func:`primerge.linalg.drop_null`),
-  so the result does not depend on how a task vector was given.
-- :meth:`TaskStack.mean`, :meth:`TaskStack.sum_svd`: Σ_t τ_t accumulated one task at a time
-  (the sum of low-rank tasks stays low-rank: [L_1 … L_T][R_1; …; R_T]).
-- :meth:`TaskStack.dense`: the plain (T, m, n) float32 stack, for everything else.
+- **dense** rows, a float32 block (D, *shape) (full fine-tunes; any task vector once materialised);
+- **low-rank** rows τ_t = L_t R_t (:class:`LowRank`; L_t: m × k, R_t: k × n), how a LoRA fine-tune's
+  τ_t = s·B A arrives for a matrix parameter — never formed as an m × n matrix unless asked;
+- **summed**: only Σ_t τ_t, accumulated one model at a time by the stream for merge functions
+  marked :func:`primerge.methods.base.reads_sum` (Task Arithmetic, the SVD methods' mean), so
+  that memory does not grow with T.
 
-``shape`` mimics a tensor's ``(T, m, n)``, so a method's shape arithmetic works on both.
+A method asks the stack for what it needs:
+
+- :meth:`TaskStack.dense`: the (T, *shape) float32 tensor (element-wise methods). A dense-only
+  stack returns its own block, no copy;
+- :meth:`TaskStack.sum`, :meth:`TaskStack.mean`: Σ_t τ_t and (1/T) Σ_t τ_t, task by task;
+- :meth:`TaskStack.truncated_svd`: top-r triplets per task — dense rows through
+  :func:`primerge.linalg.truncated_svd`, low-rank rows through :func:`primerge.linalg.factored_svd`
+  (QR of L and Rᵀ, SVD of the k × k core, O((m + n) k²)); null triplets are zeroed in both
+  (:func:`primerge.linalg.drop_null`), so the result does not depend on how τ_t was given;
+- :meth:`TaskStack.sum_svd`: the thin SVD of Σ_t τ_t, from the concatenated factors
+  [L_1 … L_T][R_1; …; R_T] when every task is low-rank.
+
+``shape`` is the tensor-like (T, *shape), so shape arithmetic reads the same as on a tensor.
 """
 
 from __future__ import annotations
@@ -35,18 +41,29 @@ class LowRank:
     left: Tensor
     right: Tensor
 
+    @classmethod
+    def zero(cls, shape: tuple[int, int], device: torch.device) -> LowRank:
+        """The zero m × n task vector as factors of rank 0."""
+        m, n = shape
+        return cls(torch.zeros((m, 0), device=device), torch.zeros((0, n), device=device))
+
+    def scaled(self, weight: float) -> LowRank:
+        """w·τ = (w L) R."""
+        return LowRank(self.left * weight, self.right)
+
     def dense(self) -> Tensor:
         """L R as an m × n matrix."""
         return self.left @ self.right
 
-    def add_to(self, out: Tensor, scale: float = 1.0) -> Tensor:
-        """out += scale · L R, in place (one m × n accumulator, no temporary)."""
-        return out.addmm_(self.left, self.right, alpha=scale)
+    def add_to(self, out: Tensor) -> Tensor:
+        """out += L R, in place (one m × n accumulator, no temporary)."""
+        return out.addmm_(self.left, self.right)
 
 
 class TaskStack:
-    """T task vectors of one parameter: ``dense`` rows (D, m, n) at ``dense_index``, and
-    ``lowrank`` rows {t: :class:`LowRank`}; together they are tasks 0..T−1."""
+    """T task vectors of one parameter: ``dense`` rows (D, *shape) at ``dense_index`` and
+    ``lowrank`` rows {t: :class:`LowRank`}, together tasks 0..T−1; or only their sum
+    (:meth:`of_sum`)."""
 
     def __init__(self, dense: Tensor, dense_index: list[int], lowrank: dict[int, LowRank]):
         self.dense_rows = dense
@@ -55,28 +72,43 @@ class TaskStack:
         self.T = len(self.dense_index) + len(self.lowrank)
         if sorted([*self.dense_index, *self.lowrank]) != list(range(self.T)):
             raise ValueError("dense and low-rank rows must number the tasks 0..T-1 exactly once")
-        self.matrix_shape = tuple(dense.shape[1:])
+        self.tensor_shape = tuple(dense.shape[1:])
         self.dtype = dense.dtype
         self.device = dense.device
+        self._total: Tensor | None = None
 
     @classmethod
     def of(cls, taus: Tensor | TaskStack) -> TaskStack:
-        """A stack from a dense (T, m, n) tensor (no copy), or the stack itself."""
+        """A stack of dense task vectors (T, *shape) (no copy), or the stack itself."""
         if isinstance(taus, TaskStack):
             return taus
         return cls(taus, list(range(taus.shape[0])), {})
 
+    @classmethod
+    def of_sum(cls, total: Tensor, tasks: int) -> TaskStack:
+        """A stack known only through Σ_t τ_t of ``tasks`` task vectors (:meth:`dense` refuses)."""
+        stack = cls(total.new_empty((0, *total.shape)), [], {})
+        stack.T, stack._total = tasks, total
+        return stack
+
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.T, *self.matrix_shape))
+        return torch.Size((self.T, *self.tensor_shape))
 
     @property
     def factored(self) -> bool:
         """Whether any task vector is held as factors."""
         return bool(self.lowrank)
 
+    @property
+    def summed(self) -> bool:
+        """Whether only the sum Σ_t τ_t is known (:meth:`of_sum`)."""
+        return self._total is not None
+
     def dense(self) -> Tensor:
-        """The (T, m, n) stack; the dense block itself when no task is factored."""
+        """The (T, *shape) float32 task vectors; the dense block itself when no task is factored."""
+        if self.summed:
+            raise TypeError("this stack holds only Σ_t τ_t; a merge marked reads_sum must use sum()/mean()")
         if not self.lowrank:
             return self.dense_rows
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
@@ -86,7 +118,9 @@ class TaskStack:
         return out
 
     def sum(self) -> Tensor:
-        """Σ_t τ_t (m × n), accumulated task by task."""
+        """Σ_t τ_t, accumulated task by task."""
+        if self.summed:
+            return self._total
         out = self.dense_rows.sum(0)
         for f in self.lowrank.values():
             f.add_to(out)
@@ -102,7 +136,7 @@ class TaskStack:
         Null triplets are zeroed (:func:`primerge.linalg.drop_null`); a factored task of rank
         k < ``rank`` gets ``rank − k`` zero triplets (:func:`primerge.linalg.fit_rank`).
         """
-        m, n = self.matrix_shape
+        m, n = self.tensor_shape
         U = self.dense_rows.new_zeros((self.T, m, rank))
         S = self.dense_rows.new_zeros((self.T, rank))
         V = self.dense_rows.new_zeros((self.T, n, rank))
@@ -117,14 +151,18 @@ class TaskStack:
     def sum_svd(self) -> SVD:
         """Thin SVD of Σ_t τ_t with null triplets zeroed: from the concatenated factors
         [L_1 … L_T][R_1; …; R_T] when every task is factored, else from the dense sum."""
-        if self.dense_index:
+        if self.dense_index or self.summed:
             total = self.sum()
             return drop_null(svd(total), total.shape)
         left = torch.cat([f.left for f in self.lowrank.values()], dim=-1)
         right = torch.cat([f.right for f in self.lowrank.values()], dim=-2)
-        return drop_null(factored_svd(left, right), self.matrix_shape)
+        return drop_null(factored_svd(left, right), self.tensor_shape)
 
-
-def as_dense(taus: Tensor | TaskStack) -> Tensor:
-    """The dense (T, *shape) task vectors of a tensor or a stack."""
-    return taus.dense() if isinstance(taus, TaskStack) else taus
+    def subset(self, tasks: int) -> TaskStack:
+        """The stack of the first ``tasks`` task vectors (e.g. to merge 1..T models in analysis)."""
+        if self.summed:
+            raise TypeError("a stack known only through its sum has no subsets")
+        keep = [i for i, t in enumerate(self.dense_index) if t < tasks]
+        return TaskStack(self.dense_rows[keep] if len(keep) < len(self.dense_index) else self.dense_rows,
+                         [self.dense_index[i] for i in keep],
+                         {t: f for t, f in self.lowrank.items() if t < tasks})

@@ -32,9 +32,11 @@ from torch import Tensor
 
 from primerge.errors import RecipeError
 from primerge.linalg import SVD, drop_null, flatten_spectrum, svd
-from primerge.methods.base import MethodParams, MethodSpec, Prepass, TensorContext, get_method, register
+from primerge.methods.base import (MethodParams, Prepass, TensorContext, get_method, merge_method, scale_field,
+                                   uniform_scale)
 from primerge.methods.fused import FusedQKVParams, fused_qkv_axis, per_slice
-from primerge.methods.stack import TaskStack, as_dense
+from primerge.methods.stack import TaskStack
+
 
 def boost_svd(full: SVD, beta: float) -> Tensor:
     """U max(S, S[i]) Vᵀ from a thin SVD whose null triplets are zeroed (they stay at 0)."""
@@ -52,7 +54,7 @@ class SubspaceBoostingParams(FusedQKVParams):
     )
     base_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the base merge")
     beta: float = Field(0.0, ge=0.0, le=1.0, description="β: cumulative-spectrum cutoff of the boost")
-    alpha: float = Field(1.0, description="α scaling the boosted update")
+    scale: float = scale_field(1.0, "α scaling the boosted update (alias: alpha)")
     split_qkv: bool = Field(True, description="boost fused Q/K/V weights per slice")
 
     @model_validator(mode="after")
@@ -68,12 +70,20 @@ class SubspaceBoostingParams(FusedQKVParams):
         return get_method(self.base_merge).parameters(self.base_params)
 
 
-def fallback(taus: Tensor, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
+def base_merge(taus: TaskStack, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
     """Non-matrix parameters: α · BaseMerge({τ_t}), unboosted."""
-    return params.alpha * get_method(params.base_merge).apply(taus, ctx, params.base())
+    return params.scale * get_method(params.base_merge).apply(taus, ctx, params.base())
 
 
-def merge(taus: Tensor | TaskStack, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
+def make_prepass(params: SubspaceBoostingParams) -> Prepass | None:
+    """The base merge's whole-model pass, if it needs one (TIES with ``trim_scope: model``)."""
+    return get_method(params.base_merge).make_prepass(params.base())
+
+
+@merge_method("subspace_boosting", SubspaceBoostingParams,
+              "Subspace Boosting: a TA/TIES/Consensus merge with its small singular values raised",
+              other=base_merge, prepass=make_prepass)
+def merge(taus: TaskStack, ctx: TensorContext, params: SubspaceBoostingParams) -> Tensor:
     """α · Boost_β(BaseMerge({τ_t})) for one matrix parameter (per Q/K/V slice when fused).
 
     With a Task Arithmetic base and LoRA task vectors kept as factors, Boost(λ Σ_t τ_t) =
@@ -82,30 +92,10 @@ def merge(taus: Tensor | TaskStack, ctx: TensorContext, params: SubspaceBoosting
     task vectors.
     """
     axis = fused_qkv_axis(ctx.name, tuple(taus.shape[1:]), params.qkv_pattern) if params.split_qkv else None
-    if isinstance(taus, TaskStack) and taus.factored and params.base_merge == "task_arithmetic" and axis is None:
-        scale = params.base().scale
-        scale = 1.0 / taus.shape[0] if scale is None else scale
-        return params.alpha * scale * boost_svd(taus.sum_svd(), params.beta)
-    merged = get_method(params.base_merge).apply(as_dense(taus), ctx, params.base())
+    if taus.factored and params.base_merge == "task_arithmetic" and axis is None:
+        scale = uniform_scale(params.base().scale, taus.T)
+        return params.scale * scale * boost_svd(taus.sum_svd(), params.beta)
+    merged = get_method(params.base_merge).apply(taus, ctx, params.base())
     if axis is None:
-        return params.alpha * boost(merged, params.beta)
-    return params.alpha * per_slice(lambda part: boost(part, params.beta), merged, axis)
-
-
-def make_prepass(params: SubspaceBoostingParams) -> Prepass | None:
-    """The base merge's whole-model pass, if it needs one (TIES with ``trim_scope: model``)."""
-    return get_method(params.base_merge).make_prepass(params.base())
-
-
-SPEC = register(
-    MethodSpec(
-        name="subspace_boosting",
-        description="Subspace Boosting: a TA/TIES/Consensus merge with its small singular values raised",
-        params_model=SubspaceBoostingParams,
-        merge=merge,
-        family="svd",
-        fallback=fallback,
-        prepass=make_prepass,
-        factored=True,
-    )
-)
+        return params.scale * boost(merged, params.beta)
+    return params.scale * per_slice(lambda part: boost(part, params.beta), merged, axis)

@@ -5,7 +5,7 @@ singular triplets of every task vector, concatenate them task by task
 (U_s = [U_1 | … | U_T], Σ_s, V_s), decorrelate the bases with the orthonormal
 polar factor (Whitening) and rebuild τ = α · Û Σ_s V̂ᵀ. Non-matrix parameters
 take α times the mean. PRIME (methods/prime.py) reuses :func:`concat_factors` and
-:func:`whitened_merge` for its principal part.
+:func:`whiten` for its principal part.
 
 Task vectors arrive as a :class:`primerge.methods.stack.TaskStack`: LoRA task vectors keep
 their factors, and their top-k triplets come from the factored thin SVD (O((m + n) k²) each)
@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from primerge.linalg import SVD, live_polar
-from primerge.methods.base import MethodSpec, SVDParams, TensorContext, register
+from primerge.methods.base import SVDParams, TensorContext, merge_method
 from primerge.methods.stack import TaskStack
 
 
@@ -41,17 +41,20 @@ def concat_factors(factors: SVD) -> SVD:
     )
 
 
-def whitened_merge(stacked: SVD) -> tuple[Tensor, Tensor]:
-    """Whiten concatenated factors and rebuild: returns (Û, Û Σ_s V̂ᵀ).
-
-    Û = Whitening(U_s), V̂ = Whitening(V_s) with Whitening the polar factor
+def whiten(stacked: SVD) -> tuple[Tensor, Tensor]:
+    """(Û, V̂) = (Whitening(U_s), Whitening(V_s)) with Whitening the polar factor
     (:func:`primerge.linalg.polar`); Û has orthonormal columns (PRIME Algorithm 1). Null
-    triplets (σ = 0) are zero columns of Û and V̂ (:func:`primerge.linalg.live_polar`).
-    """
-    U_hat, V_hat = live_polar(stacked.U, stacked.S), live_polar(stacked.V, stacked.S)
-    return U_hat, (U_hat * stacked.S) @ V_hat.mT
+    triplets (σ = 0) are zero columns of Û and V̂ (:func:`primerge.linalg.live_polar`)."""
+    return live_polar(stacked.U, stacked.S), live_polar(stacked.V, stacked.S)
 
 
+def whitened_merge(stacked: SVD) -> Tensor:
+    """Û Σ_s V̂ᵀ: the concatenated factors whitened and rebuilt (TSV Eq. 4; PRIME's M_p)."""
+    U_hat, V_hat = whiten(stacked)
+    return (U_hat * stacked.S) @ V_hat.mT
+
+
+@merge_method("tsv", TSVParams, "TSV-M: ⌊r/T⌋ singular directions per task, whitened and summed")
 def merge(taus: TaskStack, ctx: TensorContext, params: TSVParams) -> Tensor:
     """α Û Σ_s V̂ᵀ with ⌊r_full/T⌋ directions per task.
 
@@ -60,18 +63,6 @@ def merge(taus: TaskStack, ctx: TensorContext, params: TSVParams) -> Tensor:
     """
     k = min(taus.shape[-2:]) // taus.shape[0]
     if k == 0:
-        return params.alpha * taus.mean()
+        return params.scale * taus.mean()
     factors = taus.truncated_svd(k, mode=params.svd, seed=ctx.seed)
-    return params.alpha * whitened_merge(concat_factors(factors))[1]
-
-
-SPEC = register(
-    MethodSpec(
-        name="tsv",
-        description="TSV-M: ⌊r/T⌋ singular directions per task, whitened and summed",
-        params_model=TSVParams,
-        merge=merge,
-        family="svd",
-        factored=True,
-    )
-)
+    return params.scale * whitened_merge(concat_factors(factors))

@@ -1,7 +1,7 @@
 """Task-vector purification plug-ins that any merge method can use (PAVE).
 
 :func:`build_purifier` turns a recipe's ``purify:`` block into the engine's task-vector
-transform (:data:`primerge.engine.TaskVectorTransform`). This package sits above the engine;
+transform (:data:`primerge.taskvectors.TaskVectorTransform`). This package sits above the engine;
 methods never import it.
 """
 

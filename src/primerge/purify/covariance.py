@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from primerge.errors import InputError
+from primerge.paths import cache_root
 
 FORMAT = 2
 
@@ -41,12 +42,6 @@ class Covariances:
 
     def modules(self) -> list[str]:
         return sorted(self.cov)
-
-
-def cache_root() -> Path:
-    """``$PRIMERGE_CACHE``, else ``~/.cache/primerge`` (the evaluation cache's root)."""
-    env = os.environ.get("PRIMERGE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "primerge"
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -83,7 +78,7 @@ def cache_key(model: Path, tokenizer: Path, texts: Sequence[str], samples: int, 
 
 
 def _load_model(folder: Path) -> nn.Module:
-    from primerge.evaluation.model import load_pretrained_body
+    from primerge.io.hf import load_pretrained_body
 
     return load_pretrained_body(folder).eval()
 
@@ -200,7 +195,7 @@ def model_covariances(model: Path, texts: Sequence[str], *, base: Path | None = 
         if cached is not None:
             cached.key = key
             return cached
-    from primerge.evaluation.model import load_tokenizer
+    from primerge.io.hf import load_tokenizer
 
     tokenizer = load_tokenizer(tok_folder)
     result = collect(_load_model(model), tokenizer, texts, samples, max_length, batch_size)

@@ -45,14 +45,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from primerge.engine import Plan, build_plan, task_vectors
+from primerge.plan import Plan, build_plan
 from primerge.errors import InputError
 from primerge.linalg import SVDMode, truncated_svd, use_randomized
-from primerge.methods.base import derive_seed
 from primerge.purify.config import PurifyConfig, Target, parse_purify, resolve_data
-from primerge.purify.covariance import Covariances, cache_root, content_digest, model_covariances
+from primerge.paths import cache_root
+from primerge.purify.covariance import Covariances, content_digest, model_covariances
 from primerge.purify.store import STORE, TAIL_FLOOR, Decomposition, decompose, store_key, tail_start
 from primerge.recipe import Recipe
+from primerge.seeding import derive_seed
 
 EPS_START = 0.01
 INVERSE_TOL = 0.05
@@ -271,7 +272,7 @@ def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Pa
             covariances[label] = model_covariances(
                 paths[label], texts, base=base_folder, samples=config.samples,
                 max_length=config.max_length, batch_size=config.batch_size, cache=cache)
-    unweighted = recipe.model_copy(update={"models": [m.model_copy(update={"weight": 1.0}) for m in recipe.models]})
+    unweighted = recipe.replace(models=[{**m.model_dump(exclude_none=True), "weight": 1.0} for m in recipe.models])
     plan = build_plan(unweighted)
     try:
         purifier = _prepare(plan, config, recipe, covariances)
@@ -333,12 +334,13 @@ def _decompose_missing(plan: Plan, purifier: Purifier, recipe: Recipe, paths: di
             missing.append(label)
     if not missing:
         return
-    labels = [s.label for s in plan.sources]
+    labels = plan.labels
     for entry in tqdm(matrices, desc="PAVE decompositions", unit="tensor", disable=quiet, leave=False):
         todo = [label for label in missing if (label, entry.name) in purifier.modules]
         if not todo:
             continue
-        base, taus = task_vectors(plan, entry, torch.device("cpu"))
+        base, stack = plan.task_vectors(entry, torch.device("cpu"))
+        taus = stack.dense()
         targets, inverses = [], []
         for label in todo:
             tau = taus[labels.index(label)].double()

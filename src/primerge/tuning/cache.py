@@ -1,6 +1,6 @@
 """Merged models for tuning trials, reusing one merge across every value of the linear scale.
 
-Every method here writes θ = θ₀ + λ·U, where λ is its linear scale (``alpha`` or ``scale``,
+Every method here writes θ = θ₀ + λ·U, where λ is its linear scale (``scale``, alias ``alpha``,
 :mod:`primerge.tuning.spaces`) and U depends only on the other parameters. So for each setting
 of the other parameters the tuner merges once, through the public :func:`primerge.merge_recipe`
 at λ = 1, keeps the merged tensors M₁ = θ₀ + U, and derives every trial's model as
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from primerge.api import merge_recipe
-from primerge.engine import MergeResult
+from primerge.output.base import MergeResult
 from primerge.io.readers import open_checkpoint
 from primerge.recipe import Recipe
 
@@ -64,7 +64,7 @@ class Built:
 
 def recipe_with(recipe: Recipe, parameters: dict[str, Any], purify: dict | None) -> Recipe:
     """``recipe`` with these method parameters and purify block (the model output, in memory)."""
-    return recipe.model_copy(update={"parameters": dict(parameters), "purify": purify, "output": None})
+    return recipe.replace(parameters=dict(parameters), purify=purify, output=None)
 
 
 def scaled_state(base: dict[str, Tensor], merged: dict[str, Tensor], lam: float) -> dict[str, Tensor]:

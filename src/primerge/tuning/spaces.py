@@ -2,7 +2,7 @@
 
 A method's space has two kinds of dimensions:
 
-- **the linear scale** (``alpha`` or ``scale``): every method here multiplies its merged update
+- **the linear scale** (``scale``, alias ``alpha``): every method here multiplies its merged update
   by it (θ = θ₀ + λ·update), so a trial that changes only λ needs no new merge — the tuner
   derives θ₀ + λ·U from one cached update U per setting of the other parameters
   (:mod:`primerge.tuning.cache`). Searched log-uniformly over a factor range around a reference:
@@ -20,8 +20,8 @@ Where the space comes from, first match wins:
        density: float = Field(0.2, json_schema_extra={"tune": [0.1, 0.2, 0.3]})
 
    (a list is a set of choices; ``{"low": a, "high": b, "log": true}`` a float range);
-3. the generic rule: the linear scale only — ``alpha`` if the method has one, else ``scale``
-   — over factors [1/4, 4] of its reference.
+3. the generic rule: the linear scale only — ``scale`` (or a field named ``alpha``) — over
+   factors [1/4, 4] of its reference.
 
 A method without any of these (EMR) has nothing to tune: its study is its default setting.
 """
@@ -35,7 +35,7 @@ from typing import Any
 from primerge.errors import RecipeError
 from primerge.methods.base import MethodSpec
 
-LINEAR_NAMES = ("alpha", "scale")
+LINEAR_NAMES = ("scale", "alpha")
 #: Factor range of a scale whose reference is a sum-like merge (λ = 1/T, Iso α = 1): wide.
 SUM_FACTORS = (0.25, 4.0)
 #: Factor range of a scale whose merge is already normalised (disjoint mean, whitened SVD): narrow.
@@ -119,8 +119,8 @@ def _beta_grid() -> Choice:
 SPACES: dict[str, MethodSpace] = {
     "task_arithmetic": MethodSpace(Scale("scale")),
     "ties": MethodSpace(Scale("scale", 1.0, MEAN_FACTORS), {"density": Choice((0.05, 0.1, 0.2, 0.3, 0.5))}),
-    "tsv": MethodSpace(Scale("alpha", 1.0, MEAN_FACTORS)),
-    "prime": MethodSpace(Scale("alpha", 1.0, MEAN_FACTORS), {
+    "tsv": MethodSpace(Scale("scale", 1.0, MEAN_FACTORS)),
+    "prime": MethodSpace(Scale("scale", 1.0, MEAN_FACTORS), {
         "rank": Choice((0.005, 0.01, 0.02, 0.04, 0.08)),
         "residual": Choice(("mean", "ties", "s_sb")),
     }),
@@ -138,9 +138,9 @@ SPACES: dict[str, MethodSpace] = {
         "density": Choice((0.7, 0.8, 0.9)),
     }),
     "consensus": MethodSpace(Scale("scale"), {"k": Choice((1, 2, 3)), "lam": Choice((0.2, 0.4, 0.6))}),
-    "iso_c": MethodSpace(Scale("alpha", 1.0)),
-    "iso_cts": MethodSpace(Scale("alpha", 1.0), {"common_ratio": Choice((0.6, 0.7, 0.8, 0.9))}),
-    "subspace_boosting": MethodSpace(Scale("alpha", 1.0), {
+    "iso_c": MethodSpace(Scale("scale", 1.0)),
+    "iso_cts": MethodSpace(Scale("scale", 1.0), {"common_ratio": Choice((0.6, 0.7, 0.8, 0.9))}),
+    "subspace_boosting": MethodSpace(Scale("scale", 1.0), {
         "beta": _beta_grid(),
         "base_merge": Choice(("task_arithmetic", "ties")),
     }),
@@ -148,7 +148,7 @@ SPACES: dict[str, MethodSpace] = {
         "density": Choice((0.1, 0.2, 0.3, 0.5)),
         "variant": Choice(("H", "V")),
     }),
-    "ho_subspace_boosting": MethodSpace(Scale("alpha", 1.0), {"beta": _beta_grid()}),
+    "ho_subspace_boosting": MethodSpace(Scale("scale"), {"beta": _beta_grid()}),
     "emr": MethodSpace(),
 }
 
@@ -166,7 +166,7 @@ def _hint(extra: Any) -> Dimension | None:
 
 
 def generic_scale(spec: MethodSpec) -> Scale | None:
-    """The generic rule: ``alpha`` if the method has it, else ``scale``; reference = its default
+    """The generic rule: ``scale`` (else a field named ``alpha``); reference = its default
     (None: 1/T), factors [1/4, 4]."""
     fields = spec.params_model.model_fields
     for name in LINEAR_NAMES:

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from primerge.errors import InputError
-from primerge.methods.base import MethodSpec, derive_seed
+from primerge.methods.base import MethodSpec
 from primerge.purify.config import paper_rank_ratio
 from primerge.recipe import Recipe
+from primerge.seeding import derive_seed
 from primerge.tuning.cache import DEFAULT_CACHE_BYTES, UpdateCache, recipe_with
 from primerge.tuning.spaces import (Choice, Dimension, MethodSpace, defaults_in_space, describe_dimensions,
                                    space_for)
@@ -189,7 +190,7 @@ def method_recipe(recipe: Recipe, spec: MethodSpec) -> tuple[Recipe, dict[str, A
     """The recipe with ``spec`` as its method, and the parameters the study keeps fixed: the
     recipe's own parameters when it names this method, else none (the registered defaults)."""
     fixed = dict(recipe.parameters) if recipe.method == spec.name else {}
-    return recipe.model_copy(update={"method": spec.name, "parameters": fixed}), fixed
+    return recipe.replace(method=spec.name, parameters=fixed), fixed
 
 
 def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSettings, timeout: float | None,

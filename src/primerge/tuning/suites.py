@@ -18,11 +18,11 @@ from typing import Protocol
 from torch import nn
 
 from primerge.errors import InputError
+from primerge.paths import cache_root
 from primerge.evaluation.demo import cached_scores, head_of, state_digest
 from primerge.evaluation.evaluate import MAX_LENGTH, evaluate_heads
 from primerge.evaluation.model import body_from_state, load_body, load_tokenizer
 from primerge.evaluation.tasks import TaskSplit, load_splits
-from primerge.evaluation.zoo import cache_root
 from primerge.recipe import Recipe
 from primerge.tuning.cache import MergedModel
 from primerge.tuning.validation import DEFAULT_SIZE, ValidationSet, carve

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from primerge.errors import InputError
-from primerge.io.readers import open_checkpoint
 from primerge.io.manifest import Ledger
+from primerge.io.readers import open_checkpoint
 from primerge.io.writer import ShardedWriter
 from primerge.methods import get_method
 from primerge.methods.base import MethodSpec
+from primerge.output.base import PerTaskTensor
 
 FOLDER = "per_task"
 META = "per_task.json"
@@ -53,9 +54,12 @@ def _encode(key: str, tensor: torch.Tensor) -> torch.Tensor:
 class PerTaskWriter:
     """Streams τ_uni and every task's tensors into ``folder/per_task`` as they are merged."""
 
-    def __init__(self, folder: Path, labels: list[str], shard_size: int, ledger: Ledger | None = None) -> None:
+    def __init__(self, folder: Path, spec: MethodSpec, labels: list[str], scalars: list[dict[str, float]],
+                 shard_size: int, ledger: Ledger | None = None) -> None:
         self.root = Path(folder) / FOLDER
+        self.spec = spec
         self.labels = labels
+        self.scalars = scalars
         self.shard_size = shard_size
         self.ledger = ledger
         self.root.mkdir()
@@ -63,9 +67,10 @@ class PerTaskWriter:
         self.tasks: dict[tuple[str, str], ShardedWriter] = {}
         self.kinds: dict[str, str] = {}
 
-    def add(self, name: str, unified: torch.Tensor, task_tensors: dict[str, torch.Tensor]) -> None:
-        self.unified.add(name, unified)
-        for key, stacked in task_tensors.items():
+    def add(self, merged: PerTaskTensor) -> None:
+        name = merged.name
+        self.unified.add(name, merged.unified)
+        for key, stacked in merged.task_tensors.items():
             self.kinds[key] = "bool-packbits" if stacked.dtype == torch.bool else str(stacked.dtype)
             for t, label in enumerate(self.labels):
                 writer = self.tasks.get((label, key))
@@ -75,19 +80,34 @@ class PerTaskWriter:
                                                                       ledger=self.ledger)
                 writer.add(name, _encode(key, stacked[t]))
 
-    def finish(self, method: str, base: Path, scalars: list[dict[str, float]]) -> None:
+    def finish(self, base: Path) -> None:
         self.unified.finish()
         for writer in self.tasks.values():
             writer.finish()
         meta = {
             "format": FORMAT_VERSION,
-            "method": method,
+            "method": self.spec.name,
             "base": str(Path(base).resolve()),
             "tasks": self.labels,
-            "scalars": dict(zip(self.labels, scalars)),
+            "scalars": dict(zip(self.labels, self.scalars)),
             "tensors": self.kinds,
         }
         (self.root / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def card_section(self) -> str:
+        """The model card's account of the per-task layout and the method's rebuild formula."""
+        formula = f" For {self.spec.name} they are {self.spec.card}." if self.spec.card else ""
+        return "\n".join([
+            "## Per-task models",
+            "",
+            f"`{self.spec.name}` gives every task its own model. `model.safetensors` holds the unified "
+            "model θ₀ + τ_uni; `per_task/task_vector*.safetensors` holds τ_uni, "
+            "`per_task/<task>/<key>*.safetensors` each task's tensors (boolean masks bit-packed with "
+            "numpy.packbits, big bit order, over the flattened tensor) and `per_task/per_task.json` the "
+            "task names, per-task scalars and the base path. Rebuild task t's weights with "
+            f"`primerge.load_task_state(folder, task)`.{formula}",
+            "",
+        ])
 
 
 def rebuild_task(spec: MethodSpec, base: torch.Tensor, unified: torch.Tensor,

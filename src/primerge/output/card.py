@@ -3,7 +3,8 @@
 It records what is needed to reproduce and audit the merge: primerge's version,
 the method and every effective parameter, the models with their weights, the
 full recipe, how tensors were classified, the files written, and where each
-task's own (unmerged) tensors are.
+task's own (unmerged) tensors are. Each output adds its own sections (the per-task layout
+and the method's rebuild formula, a LoRA adapter's errors).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def _front_matter(recipe, result) -> str:
 
 
 def write_card(folder: Path, recipe, result, weight_files: list[str],
-               heads: dict[str, dict[str, torch.Tensor]], copied: list[str]) -> Path:
-    """Write ``folder/README.md`` for a finished merge and return its path."""
+               heads: dict[str, dict[str, torch.Tensor]], copied: list[str], sections: list[str]) -> Path:
+    """Write ``folder/README.md`` for a finished merge and return its path; ``sections`` are the
+    outputs' own Markdown sections."""
     labels = recipe.model_labels()
     lines = [
         _front_matter(recipe, result),
@@ -63,19 +65,8 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
     ]
     if result.report:
         lines += ["## Whole-model pre-pass", "", result.report, ""]
-    if result.per_task:
-        lines += [
-            "## Per-task models",
-            "",
-            f"`{result.method}` gives every task its own model. `model.safetensors` holds the unified "
-            "model θ₀ + τ_uni; `per_task/task_vector*.safetensors` holds τ_uni, "
-            "`per_task/<task>/<key>*.safetensors` each task's tensors (boolean masks bit-packed with "
-            "numpy.packbits, big bit order, over the flattened tensor) and `per_task/per_task.json` the "
-            "task names, per-task scalars and the base path. Rebuild task t's weights with "
-            "`primerge.per_task.load_task_state(folder, task)`; for EMR they are "
-            "θ₀ + λ_t · m_t ⊙ τ_uni.",
-            "",
-        ]
+    for section in sections:
+        lines += [section.rstrip("\n"), ""]
     if heads:
         lines += [
             "## Task-specific tensors",

@@ -31,7 +31,8 @@ from primerge.errors import OutputError
 from primerge.io.adapters import CONFIG_NAME, PEFT_PREFIX
 from primerge.io.writer import save_tensors
 from primerge.linalg import fit_rank, truncated_svd
-from primerge.methods.base import derive_seed
+from primerge.output.base import MergedTensor, MergedUpdate
+from primerge.seeding import derive_seed
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "lora_report.json"
@@ -47,17 +48,18 @@ class LoraExport:
     errors: dict[str, float] = field(default_factory=dict)  # module -> ε
     full: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> merged value
 
-    def add(self, name: str, kind: str, update: torch.Tensor, merged: torch.Tensor) -> None:
-        """One merged tensor: its float32 ``update`` Δ and its ``merged`` value θ₀ + Δ (stored dtype)."""
-        if not bool(update.any()):
+    def add(self, merged: MergedTensor) -> None:
+        """One output tensor; merged ones (float32 update Δ, value θ₀ + Δ) enter the adapter."""
+        if not isinstance(merged, MergedUpdate) or not bool(merged.update.any()):
             return
-        if kind == "matrix" and name.endswith(".weight"):
+        name = merged.name
+        if merged.kind == "matrix" and name.endswith(".weight"):
             module = name.removesuffix(".weight")
-            A, B, error = low_rank(update, self.rank, derive_seed(self.seed, name))
+            A, B, error = low_rank(merged.update, self.rank, derive_seed(self.seed, name))
             self.factors[module] = (A.cpu(), B.cpu())
             self.errors[module] = error
         else:
-            self.full[name] = merged
+            self.full[name] = merged.value
 
     def layout(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapter's tensors and its config (see the module docstring)."""
@@ -110,7 +112,7 @@ class LoraExport:
             "full_tensors": sorted(self.full),
         }
 
-    def to_markdown(self) -> str:
+    def card_section(self) -> str:
         """The card section: what was approximated, how well, and what is stored in full."""
         rows = [f"| `{m}` | {e:.2e} |" for m, e in sorted(self.errors.items())]
         return "\n".join([
