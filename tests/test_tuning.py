@@ -203,3 +203,41 @@ def test_input_errors_are_one_line(tuning_zoo, cli_run, tmp_path, capsys):
     assert main(["tune", str(recipe_file), "--tasks", *files, "--methods", "tiess", "--out", str(tmp_path / "o"),
                  "--cache", str(tmp_path / "c")]) == 2
     assert "Did you mean 'ties'" in capsys.readouterr().err
+
+
+def test_demo_tuned_adds_the_tuned_table(tuning_zoo, tmp_path):
+    from primerge.tuning.demo import run_tuned_demo
+    from tuning_zoo import PROTOCOL
+
+    zoo = tuning_zoo["zoo"]
+    report = tmp_path / "report"
+    base = tuning_zoo["root"] / "base"
+    result = run_tuned_demo(TuneSettings(trials=2, validation_size=20), report=report, log=lambda m: None,
+                            tasks=tuning_zoo["files"], methods=["task_arithmetic", "emr"], base=base,
+                            cache=tuning_zoo["cache"], protocol=PROTOCOL, progress=False,
+                            pave=["task_arithmetic"], pave_targets=("weight", "delta"))
+    labels = [r.label for r in result.rows]
+    assert labels == ["Base (linear probe)", "Individual", "task_arithmetic", "emr (per-task)",
+                      "task_arithmetic + PAVE", "task_arithmetic + PAVE delta", "task_arithmetic (tuned)",
+                      "emr (per-task) (tuned)", "task_arithmetic + PAVE (tuned)", "task_arithmetic + PAVE delta (tuned)"]
+    assert [r.tuned for r in result.rows] == [False] * 6 + [True] * 4
+    assert result.timings["tuning_seconds"] > 0
+    tuned = load_recipe(report / "tuning" / "task_arithmetic.yaml")
+    row = result.rows[6]
+    merged = primerge.merge_recipe(report / "tuning" / "task_arithmetic.yaml")
+    assert row.parameters == merged.parameters and tuned.params.scale == merged.parameters["scale"]
+    pave = load_recipe(report / "tuning" / "pave-delta" / "task_arithmetic.yaml")
+    assert pave.parameters == {"scale": None}  # the method at its defaults: only PAVE was tuned
+    assert pave.purify is None or pave.purify["target"] == "delta"
+    markdown = (report / "results.md").read_text()
+    assert "## Tuned on validation data" in markdown and "| task_arithmetic (tuned) |" in markdown
+    assert markdown.index("| task_arithmetic |") < markdown.index("## Tuned on validation data")
+    assert (report / "results-tuned.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"trials.csv", "summary.md", "plots"} <= {p.name for p in (report / "tuning").iterdir()}
+    from primerge.cli import build_parser
+    from primerge.tuning.cli import settings_from
+
+    args = build_parser().parse_args(["demo", "--tuned", "--trials", "7", "--budget", "3", "--validation-size", "40",
+                                      "--pave", "ties", "--pave-targets", "weight", "delta"])
+    assert args.tuned and args.pave_targets == ["weight", "delta"]
+    assert settings_from(args) == TuneSettings(trials=7, budget_minutes=3.0, validation_size=40)
