@@ -209,7 +209,6 @@ def test_demo_tuned_adds_the_tuned_table(tuning_zoo, tmp_path):
     from primerge.tuning.demo import run_tuned_demo
     from tuning_zoo import PROTOCOL
 
-    zoo = tuning_zoo["zoo"]
     report = tmp_path / "report"
     base = tuning_zoo["root"] / "base"
     result = run_tuned_demo(TuneSettings(trials=2, validation_size=20), report=report, log=lambda m: None,
@@ -241,3 +240,45 @@ def test_demo_tuned_adds_the_tuned_table(tuning_zoo, tmp_path):
                                       "--pave", "ties", "--pave-targets", "weight", "delta"])
     assert args.tuned and args.pave_targets == ["weight", "delta"]
     assert settings_from(args) == TuneSettings(trials=7, budget_minutes=3.0, validation_size=40)
+
+
+@pytest.mark.parametrize("spec", primerge.list_methods(), ids=lambda s: s.name)
+def test_every_point_of_a_registered_space_is_valid(spec):
+    from primerge.tuning.spaces import Choice, defaults_in_space, space_for
+
+    space = space_for(spec)
+    first = defaults_in_space(spec, space, 3)
+    dims = space.dimensions(3, first)
+    for name, dim in dims.items():
+        values = dim.values if isinstance(dim, Choice) else (dim.low, dim.high)
+        for value in values:
+            spec.parameters({**first, name: value})  # raises on an invalid value
+    defaults = spec.parameters({}).model_dump()
+    for name, value in first.items():  # the first trial is the defaults (an unset scale: 1/T)
+        assert value == defaults[name] or (defaults[name] is None and value == pytest.approx(1 / 3))
+    if space.scale is not None:
+        assert space.scale.name in spec.params_model.model_fields
+
+
+def test_a_new_method_declares_its_space_on_its_fields():
+    from pydantic import Field
+
+    from primerge.methods.base import MethodParams, MethodSpec, scale_field
+    from primerge.tuning.spaces import Choice, Range, space_for
+
+    class Params(MethodParams):
+        depth: int = Field(2, json_schema_extra={"tune": [1, 2, 4]})
+        temperature: float = Field(0.5, json_schema_extra={"tune": {"low": 0.1, "high": 1.0, "log": False}})
+        scale: float | None = scale_field(None, "λ")
+
+    spec = MethodSpec("brand_new", "a method the registry does not know", Params, lambda taus, ctx, p: taus.sum())
+    space = space_for(spec)
+    assert space.source == "field hints"
+    assert space.params == {"depth": Choice((1, 2, 4)), "temperature": Range(0.1, 1.0, log=False)}
+    assert space.dimensions(4)["scale"] == Range(1 / 16, 1.0)  # the generic rule: 1/T × [1/4, 4]
+
+    class Plain(MethodParams):
+        scale: float = scale_field(2.0, "α")
+
+    bare = space_for(MethodSpec("bare", "", Plain, lambda taus, ctx, p: taus.sum()))
+    assert bare.source == "generic rule" and bare.dimensions(4) == {"scale": Range(0.5, 8.0)}

@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from primerge.api import merge_recipe
-from primerge.output.base import MergeResult
 from primerge.io.readers import open_checkpoint
+from primerge.output.base import MergeResult
 from primerge.recipe import Recipe
 
 LINEARITY_CHECK = 0.5

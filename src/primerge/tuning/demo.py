@@ -15,7 +15,7 @@ recipes, trials.csv, Optuna's plots and summary.md of each tuning run).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
