@@ -62,7 +62,10 @@ class EncoderSuite:
         self.recipe = recipe
         self.sets: dict[str, ValidationSet] = {lab: carve(s, size) for lab, s in zip(self.labels, splits)}
         self.config_folder = Path(recipe.base)
-        self.tokenizer = load_tokenizer(self.config_folder)
+        try:
+            self.tokenizer = load_tokenizer(self.config_folder)
+        except InputError:  # a base saved without its tokenizer: the fine-tunes carry one
+            self.tokenizer = load_tokenizer(Path(recipe.models[0].path))
         self.max_length = max_length
         self.root = cache_root(cache)
         self._current: _Current | None = None
