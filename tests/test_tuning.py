@@ -282,3 +282,24 @@ def test_a_new_method_declares_its_space_on_its_fields():
 
     bare = space_for(MethodSpec("bare", "", Plain, lambda taus, ctx, p: taus.sum()))
     assert bare.source == "generic rule" and bare.dimensions(4) == {"scale": Range(0.5, 8.0)}
+
+
+def test_a_failing_setting_fails_its_trial_only(tuning_zoo, recipe, tmp_path, monkeypatch):
+    from primerge.errors import RecipeError
+
+    build = UpdateCache.build
+
+    def refuse_dense(self, parameters, purify=None):
+        if parameters.get("density", 0.2) >= 0.3:
+            raise RecipeError("density refused here")
+        return build(self, parameters, purify)
+
+    monkeypatch.setattr(UpdateCache, "build", refuse_dense)
+    suite = EncoderSuite(recipe, tuning_zoo["splits"], size=20, cache=tmp_path / "c")
+    result = tune(recipe, suite, ["ties"], TuneSettings(trials=8, seed=3), log=lambda m: None)
+    states = [t.state for t in result.results[0].trials]
+    assert "failed" in states and states[0] == "complete"
+    assert result.results[0].best_params["density"] < 0.3
+    monkeypatch.setattr(UpdateCache, "build", lambda self, p, purify=None: (_ for _ in ()).throw(RecipeError("bad")))
+    with pytest.raises(RecipeError, match="bad"):
+        tune(recipe, suite, ["ties"], TuneSettings(trials=3), log=lambda m: None)

@@ -1,6 +1,6 @@
 """The tuning report: trial table (CSV), Optuna's plots (PNG), summary (Markdown, JSON, terminal).
 
-``<out>/trials.csv``: one row per trial of every method (state complete | pruned | repeat,
+``<out>/trials.csv``: one row per trial of every method (state complete | pruned | repeat | failed,
 normalized validation accuracy in %, validation accuracy per task scored, seconds, whether a merge
 ran, the parameters). ``<out>/plots/<method>-history.png``: Optuna's optimization history;
 ``<method>-importances.png``: Optuna's parameter importances (PED-ANOVA, Optuna's default) when

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from primerge.errors import InputError
+from primerge.errors import InputError, PrimergeError
 from primerge.methods.base import MethodSpec
 from primerge.purify.config import paper_rank_ratio
 from primerge.recipe import Recipe
@@ -63,7 +63,7 @@ class TrialRecord:
 
     method: str
     number: int
-    state: str  # complete | pruned | repeat
+    state: str  # complete | pruned | repeat | failed
     value: float | None  # normalized validation accuracy (fraction), None when pruned
     params: dict[str, Any]
     scores: dict[str, float]  # validation accuracy per task scored
@@ -140,6 +140,7 @@ class Objective:
         self.settings, self.fixed_purify, self.log = settings, fixed_purify, log
         self.individual = suite.individual()
         self.records: list[TrialRecord] = []
+        self.errors: list[PrimergeError] = []
         self._seen: dict[str, TrialRecord] = {}
 
     def __call__(self, trial) -> float:
@@ -148,9 +149,17 @@ class Objective:
         key = json.dumps(point, sort_keys=True)
         if key in self._seen:
             return self._repeat(trial, point, self._seen[key], start)
+        scores: dict[str, float] = {}
+        try:
+            return self._run(trial, point, key, scores, start)
+        except PrimergeError as exc:  # a setting the method refuses: the trial fails, the study goes on
+            self.errors.append(exc)
+            self._record(trial.number, "failed", None, point, scores, start, False, key, f"failed: {exc}")
+            raise
+
+    def _run(self, trial, point: dict, key: str, scores: dict, start: float) -> float:
         params, purify = split_point(point, self.suite.labels, self.settings, self.fixed_purify)
         built = self.cache.build({**self.fixed, **params}, purify)
-        scores: dict[str, float] = {}
         for step, label in enumerate(self.suite.labels):
             scores[label] = self.suite.score(built.model, label)
             value = self._normalized(scores)
@@ -166,18 +175,20 @@ class Objective:
 
     def _repeat(self, trial, point: dict, earlier: TrialRecord, start: float) -> float:
         self._record(trial.number, "repeat", earlier.value, point, earlier.scores, start, False, None)
+        if earlier.state == "failed":
+            raise self.errors[-1]
         if earlier.value is None:
             raise optuna_module().TrialPruned()
         return earlier.value
 
     def _record(self, number: int, state: str, value: float | None, point: dict, scores: dict, start: float,
-                merged: bool, key: str | None) -> None:
+                merged: bool, key: str | None, note: str | None = None) -> None:
         record = TrialRecord(self.spec.name, number, state, value, dict(point), dict(scores),
                              time.perf_counter() - start, merged)
         self.records.append(record)
         if key is not None:
             self._seen[key] = record
-        shown = f"{100 * value:.2f}" if value is not None else f"pruned after {len(scores)} task(s)"
+        shown = note or (f"{100 * value:.2f}" if value is not None else f"pruned after {len(scores)} task(s)")
         self.log(f"  {self.spec.name} trial {number}: {shown}  {_point_text(point)}  ({record.seconds:.1f} s"
                  f"{', merged' if merged else ''})")
 
@@ -213,12 +224,15 @@ def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSe
         sampler=optuna.samplers.TPESampler(seed=derive_seed(settings.seed, spec.name) % 2**32),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=1))
     study.enqueue_trial(first)
-    study.optimize(objective, n_trials=settings.trials if dims else 1, timeout=timeout)
+    study.optimize(objective, n_trials=settings.trials if dims else 1, timeout=timeout, catch=(PrimergeError,))
+    if objective.records[0].state == "failed":  # the defaults themselves fail: bad input, not a bad setting
+        raise objective.errors[0]
     best = study.best_trial
     params, purify = split_point(dict(best.params), labels, settings, recipe.purify)
     tuned = recipe_with(base, {**fixed, **params}, purify)
-    return MethodResult(spec.name, f"{describe_dimensions(dims)} ({space.source})", objective.records[0].value, dict(best.params),
-                        best.value, tuned, objective.records, time.perf_counter() - start, cache.merges, study)
+    return MethodResult(spec.name, f"{describe_dimensions(dims)} ({space.source})", objective.records[0].value,
+                        dict(best.params), best.value, tuned, objective.records, time.perf_counter() - start,
+                        cache.merges, study)
 
 
 def remaining_timeout(budget_minutes: float | None, started: float, methods_left: int) -> float | None:
