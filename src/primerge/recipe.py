@@ -180,6 +180,10 @@ class Recipe(BaseModel):
         """A re-validated copy with ``changes`` applied (e.g. ``output={...}``)."""
         return validate(Recipe, {**self.model_dump(exclude_none=True), **changes}, "recipe")
 
+    def inputs(self) -> list[Path]:
+        """The base and every model: what no output may overwrite."""
+        return [self.base, *(m.path for m in self.models)]
+
     def model_labels(self) -> list[str]:
         """Unique names of the models (``name``, else the stem; ``-2``, ``-3`` on clashes)."""
         labels: list[str] = []

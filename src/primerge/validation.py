@@ -3,6 +3,7 @@ models, with one clear :class:`~primerge.errors.RecipeError` line per problem.""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ValidationError

@@ -94,7 +94,7 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str | None = None, param
     if importlib.util.find_spec("matplotlib") is None:
         raise RecipeError("analyze draws its figures with matplotlib, which is not installed: "
                           "pip install 'primerge[eval]' (or matplotlib).")
-    target = destination(out, [recipe.base, *(m.path for m in recipe.models)], force=force, kind="analysis")
+    target = destination(out, recipe.inputs(), force=force, kind="analysis")
     if method is not None:
         recipe = recipe.replace(method=method, parameters=parameters or {})
     dev = resolve_device(device)

@@ -13,7 +13,6 @@ run never leaves a half-written folder that a later run would trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from torch import nn
 
 from primerge.errors import InputError
 from primerge.io.destination import destination
+from primerge.io.files import content_digest
 from primerge.io.hf import transformers_module
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
@@ -187,17 +187,8 @@ FINGERPRINT_SKIP = {"README.md", ".gitattributes"}
 
 
 def folder_fingerprint(folder: Path, skip: Iterable[str] = FINGERPRINT_SKIP) -> str:
-    """SHA-256 over the names and bytes of the files of a model folder (recursively, sorted),
-    skipping documentation; a changed weight, config or vocabulary gives a new fingerprint."""
+    """:func:`~primerge.io.files.content_digest` of a model folder, skipping documentation."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"base model folder {folder} does not exist.")
-    digest = hashlib.sha256()
-    skip = set(skip)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
-        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\x01")
-    return digest.hexdigest()
+    return content_digest(folder, skip)

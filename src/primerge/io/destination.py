@@ -31,7 +31,8 @@ from primerge.io.manifest import MANIFEST, manifest_files
 from primerge.io.names import user_path
 
 #: What each kind of output is called in messages.
-KINDS = {"merge": "merge", "analysis": "analysis report", "demo-report": "demo report", "zoo-model": "zoo model"}
+KINDS = {"merge": "merge", "analysis": "analysis report", "demo-report": "demo report", "zoo-model": "zoo model",
+         "tune-report": "tuning report"}
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ following links and names every entry that is not a plain file or folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,27 @@ def walk(folder: Path) -> Listing:
     listing.files.sort()
     listing.folders.sort()
     return listing
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def content_digest(path: Path, skip: Iterable[str] = ()) -> str:
+    """SHA-256 of a file, or of a folder's files (sorted relative names and bytes), leaving out
+    files named in ``skip``; a changed weight, config or vocabulary gives another digest.
+
+    Memoised per process on every file's (name, size, mtime): a tuning run or a demo hashes the
+    same models many times and reads each once."""
+    path, skip = Path(path), frozenset(skip)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip) if path.is_dir() else [path]
+    signature = (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature not in _DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\x00")
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            digest.update(b"\x01")
+        _DIGESTS[signature] = digest.hexdigest()
+    return _DIGESTS[signature]

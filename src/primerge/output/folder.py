@@ -35,7 +35,7 @@ from primerge.recipe import Recipe
 def check_output(out: object, recipe: Recipe, force: object) -> Destination:
     """The checked output location: never an input, inside one or holding one's files; an existing
     folder only when empty or, with ``force``, an earlier primerge output (:mod:`primerge.io.destination`)."""
-    return destination(out, [recipe.base, *(m.path for m in recipe.models)], force=force)
+    return destination(out, recipe.inputs(), force=force)
 
 
 class FolderSink(Sink):

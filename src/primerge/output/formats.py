@@ -7,8 +7,6 @@ decorated with :func:`~primerge.output.base.output_format` and imported here.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from primerge.errors import RecipeError, closest
 from primerge.output import folder  # noqa: F401  (registers the model and lora formats)
 from primerge.output.base import FORMATS, Sink
