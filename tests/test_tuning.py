@@ -142,7 +142,7 @@ def test_the_best_recipe_is_what_primerge_merge_writes(tuning_zoo, recipe, cli_r
         out = tmp_path / entry["method"]
         assert main(["merge", str(path), "--out", str(out), "--quiet"]) == 0
         body, _ = split_head(read_tensors(out))
-        heads = {p.stem: read_tensors_file(p) for p in (out / "task_heads").iterdir()}
+        heads = {p.stem: read_tensors_file(p) for p in (out / "task_heads").glob("*.safetensors")}
         written = MergedModel(body, None, heads)
         assert validation_value(suite, written) == entry["confirmed_value"]
         assert entry["confirmed_value"] == pytest.approx(entry["best_value"], abs=1e-12)
