@@ -21,13 +21,14 @@ from torch import Tensor
 
 from primerge.errors import OutputError, RecipeError
 from primerge.io.manifest import Ledger, tensor_record
-from primerge.io.writer import atomic_folder, copy_support_files, save_tensors, shard_name, write_index
+from primerge.io.writer import atomic_folder, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
 from primerge.output.lora import LoraExport, LoraParts
 from primerge.output.per_task import PerTaskWriter
 from primerge.plan import Plan, WorkUnit
 from primerge.recipe import Recipe
+from primerge.support import OutputFile
 
 
 def check_output(out: Path, recipe: Recipe, force: bool) -> Path:
@@ -83,10 +84,17 @@ class FolderSink(Sink):
             (self.folder / "task_heads").mkdir()
             for label, tensors in heads.items():
                 save_tensors(self.folder / "task_heads" / f"{label}.safetensors", tensors, ledger=self.ledger)
-        copied = copy_support_files(self.plan.base.support, self.folder) if self.copies_support_files else []
+        copied = write_support_files(self.plan.files, self.folder) if self.copies_support_files else []
         result.out = self.out
         write_card(self.folder, self.plan.recipe, result, files, heads, copied, sections)
         self.ledger.seal()
+
+
+def write_support_files(files: tuple[OutputFile, ...], folder: Path) -> list[str]:
+    """Write the plan's support files (config, tokenizer, ...) into ``folder``; their names."""
+    for file in files:
+        file.write(folder)
+    return [file.name for file in files]
 
 
 PART_MARK = ".part-"
@@ -113,7 +121,7 @@ class ShardFiles:
     def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> ShardReceipt:
         values, parts = {}, []
         for merged in tensors:
-            values[merged.name] = merged.value.contiguous()
+            values.update({name: tensor.contiguous() for name, tensor in merged.stored().items()})
             if self.per_task and isinstance(merged, PerTaskTensor):
                 parts.append((merged.name, merged.unified, merged.task_tensors))
         name = shard_name("model", unit.index, self.units)

@@ -18,7 +18,8 @@ class KeepValues:
     """A unit's tensors without the float32 updates, which an in-memory result does not keep."""
 
     def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> list[MergedTensor]:
-        return [MergedTensor(m.name, m.value, m.kind) if isinstance(m, MergedUpdate) else m for m in tensors]
+        return [MergedTensor(m.name, m.value, m.kind, companions=m.companions) if isinstance(m, MergedUpdate) else m
+                for m in tensors]
 
 
 class MemorySink(TensorSink):
@@ -38,7 +39,7 @@ class MemorySink(TensorSink):
         yield
 
     def add(self, merged: MergedTensor) -> None:
-        self.state[merged.name] = merged.value
+        self.state.update(merged.stored())
         if self.tasks is None:
             return
         for t, label in enumerate(self.plan.labels):
