@@ -116,6 +116,9 @@ def map_names(base: Checkpoint, model: Checkpoint, shared: list[str], heads: lis
         missing = [n for n in shared if n not in model]
         raise InputError(f"{model.path}: {len(missing)} tensors of the base {base.path} are missing "
                          f"(first: '{missing[0]}'). Is '{label}' a fine-tune of this base?")
+    renamed = [(b, m) for b, m in names.items() if m.endswith("." + b) or b.endswith("." + m)]
+    if renamed:
+        notes.append(f"names carry another prefix ('{renamed[0][1]}' for the base's '{renamed[0][0]}'): mapped")
     extra = set(model.names) - set(names.values()) - set(heads)
     duplicates = _duplicates(model, extra)
     notes += [f"'{n}' equals the input embedding (a tied duplicate): not merged" for n in sorted(duplicates)]

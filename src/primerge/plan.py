@@ -229,5 +229,10 @@ def build_plan(recipe: Recipe, *, shard_size: int = DEFAULT_SHARD_SIZE,
     files = output_files(base.support, out, _support(opened), chosen.checkpoint.support if chosen else None,
                          config_changes(recipe, base, entries, bool(schemes)))
     notes = tuple(n for s in opened for n in (f"{s.label}: {x}" for x in s.notes)) + vocabulary.notes
+    if schemes:
+        written = next(e for e in entries if e.name in schemes)
+        stored = "FP8 again (the base's blocks)" if written.storage else str(written.dtype)
+        notes += (f"base: {len(schemes)} FP8 block-scaled weights dequantized for the merge, written as "
+                  f"{stored.removeprefix('torch.')}",)
     return Plan(recipe, base, sources, tuple(entries), tuple(shard_units(entries, shard_size)), transform, scales,
                 vocabulary, files, notes)

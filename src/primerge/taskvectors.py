@@ -159,7 +159,7 @@ class FullFineTune(TaskVectorSource):
         for b, m in names.items():
             _check_tensor(base, model, b, m)
         source = cls(model, label, weight, names, heads)
-        source.notes = notes
+        source.notes = notes + _dtype_notes(base, model, names)
         return source
 
     def delta(self, entry: PlanEntry, base: Tensor, out: Tensor) -> None:
@@ -333,6 +333,13 @@ def read_sum(base: Checkpoint, sources: Sequence[TaskVectorSource], entry: PlanE
 
 
 # ------------------------------------------------------------------------------------ opening
+
+
+def _dtype_notes(base: Checkpoint, model: Checkpoint, names: dict[str, str]) -> list[str]:
+    """A note per stored dtype of the model that differs from the base's (merged in float32 anyway)."""
+    pairs = {(str(base.info(b).dtype), str(model.info(m).dtype)) for b, m in names.items()}
+    return [f"stored as {mine.removeprefix('torch.')} where the base has {theirs.removeprefix('torch.')}: "
+            f"read as float32, written as the base's" for theirs, mine in sorted(pairs) if theirs != mine]
 
 
 def _check_tensor(base: Checkpoint, model: Checkpoint, b: str, m: str) -> None:
