@@ -95,6 +95,23 @@ def test_fused_experts_merge_as_matrices(tmp_path):
     assert "expert tensors [E, m, n], merged matrix by matrix: 4 (16 matrices)" in card
 
 
+def test_a_per_task_method_on_fused_experts(tmp_path):
+    """EMR (element-wise, a model per task) through the per-matrix split: the unified update equals
+    EMR of the whole 3-D tensor, the per-task masks keep the tensor's shape."""
+    from primerge.methods import get_method
+    from primerge.methods.base import TensorContext
+
+    zoo = fused_zoo(tmp_path, "qwen3_moe")
+    result = primerge.merge(zoo["base"], zoo["models"], "emr")
+    base, models = state(zoo["base"]), [state(m) for m in zoo["models"]]
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    spec = get_method("emr")
+    taus = torch.stack([m[name] - base[name] for m in models])
+    whole = spec.apply(taus, TensorContext(name, "matrix"), spec.parameters())
+    assert torch.equal(result.state_dict[name], base[name] + whole.update)
+    assert all(s[name].shape == base[name].shape for s in result.task_states.values())
+
+
 @pytest.mark.parametrize("method", ["tsv", "ties"])
 def test_fused_and_per_expert_layouts_merge_alike(tmp_path, method):
     """Mixtral saved by transformers (one 2-D tensor per expert) and as its fused state dict merge to

@@ -85,6 +85,22 @@ def test_union_aligns_rows_by_token_string(llama, tmp_path):
     assert tok.chat_template == CHAT  # the base has none: the first model's that has one
 
 
+def test_an_aligned_plan_travels_to_a_worker(llama):
+    """The plan of an aligned merge pickles (as the Ray backend sends it) and merges the same there."""
+    import pickle
+
+    from primerge.engine import merge_tensor
+    from primerge.plan import build_plan
+
+    recipe = build_recipe({"base": llama / "base", "models": [llama / "chat", llama / "tools"], "tokenizer": "union",
+                           "method": "ties"})
+    plan = build_plan(recipe)
+    copy = pickle.loads(pickle.dumps(plan))
+    for entry in plan.entries[:1] + plan.entries[-1:]:
+        assert torch.equal(merge_tensor(plan, entry, torch.device("cpu")).value,
+                           merge_tensor(copy, entry, torch.device("cpu")).value)
+
+
 def test_a_new_row_is_the_weighted_mean_whatever_the_method(llama, tmp_path):
     """Rows the base lacks have zero task vectors, so every method leaves them at the |w|-weighted mean."""
     models, weights = ["chat", "tools"], [1.0, -0.5]

@@ -16,9 +16,9 @@ vocabularies) and three estimates:
   support files and a per-task method's extra files; a LoRA adapter's factors. Compared with the
   free space of the output folder's file system.
 - **time**, calibrated: the method's pre-pass and merge run on a few real tensors (the smallest and
-  a large one of each kind, at most ~4M elements), each kind's time fitted as a + b·cost (cost =
-  elements, × min(m, n) per matrix for SVD methods) and summed over all tensors. Reading and
-  writing the files is in the calibration's reads; writing the output is not.
+  the median one of each kind, at most ~4M elements), each kind's time fitted as a + b·cost (cost =
+  elements, × √min(m, n) per matrix for SVD methods) and summed over all tensors. Reading the
+  inputs is in the calibration; writing the output is not.
 
 :func:`check_fits` raises with the numbers when the peak memory exceeds what is available (or
 ``max_memory``) or the output exceeds the free disk; the API calls it before every merge.
@@ -180,21 +180,22 @@ def peak_memory(plan: Plan, in_memory: bool) -> tuple[int, int]:
 
 
 def cost(plan: Plan, entry: PlanEntry) -> float:
-    """The calibration's cost model: elements, times min(m, n) per matrix for an SVD method's matrices."""
+    """The calibration's cost model: elements, times √min(m, n) per matrix for an SVD method's
+    matrices (truncated and randomized SVDs grow slower than the full SVD's m·n·min(m, n))."""
     numel = math.prod(entry.shape)
     if plan.recipe.spec.family != "svd" or entry.kind == "fallback":
         return float(numel)
     m, n = entry.view[1:] if entry.view is not None else entry.shape
-    return float(numel) * min(m, n)
+    return float(numel) * math.sqrt(min(m, n))
 
 
 def calibration_entries(plan: Plan) -> list[PlanEntry]:
-    """The smallest and the largest (at most :data:`CALIBRATION_LIMIT` elements) tensor of each kind."""
+    """The smallest and the median-cost tensor of each kind (at most :data:`CALIBRATION_LIMIT` elements)."""
     chosen: list[PlanEntry] = []
     for kind in KINDS[:-1]:
         group = sorted((e for e in plan.mergeable() if e.kind == kind), key=lambda e: cost(plan, e))
-        small = [e for e in group if math.prod(e.shape) <= CALIBRATION_LIMIT]
-        chosen += list(dict.fromkeys([*small[:1], *small[-1:]] or group[:1]))
+        small = [e for e in group if math.prod(e.shape) <= CALIBRATION_LIMIT] or group[:1]
+        chosen += list(dict.fromkeys(small[:1] + small[len(small) // 2:][:1]))
     return chosen
 
 

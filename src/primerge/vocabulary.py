@@ -91,11 +91,12 @@ def vocab_axes(checkpoint: Checkpoint, rows: int) -> dict[str, int]:
     return axes
 
 
-def _checked(vocab: Vocabulary | None, rows: int | None, where: object) -> Vocabulary | None:
-    if vocab is not None and rows is not None and vocab.next_id > rows:
-        raise InputError(f"{vocab.file}: token id {vocab.next_id - 1} has no row in the embedding of {where} "
-                         f"({rows} rows); resize its embeddings to the tokenizer (resize_token_embeddings).")
-    return vocab
+def _checked(vocab: Vocabulary | None, rows: int | None) -> Vocabulary | None:
+    """``vocab`` without the tokens whose id has no row in an embedding of ``rows`` rows (a tokenizer
+    larger than its model's embedding: those tokens have no row to merge)."""
+    if vocab is None or rows is None or vocab.next_id <= rows:
+        return vocab
+    return replace(vocab, tokens={t: i for t, i in vocab.tokens.items() if i < rows})
 
 
 def union(base: Vocabulary, base_rows: int, models: list[Vocabulary | None]) -> OutputVocabulary:
@@ -219,7 +220,7 @@ def _source_vocabulary(source: TaskVectorSource, base_rows: int) -> tuple[Vocabu
     if not isinstance(source, FullFineTune):
         return None, base_rows
     rows = embedding_rows(source.checkpoint) or base_rows
-    return _checked(read_vocabulary(source.checkpoint.folder), rows, source.checkpoint.path), rows
+    return _checked(read_vocabulary(source.checkpoint.folder), rows), rows
 
 
 def _check_rows(base: Checkpoint, source: FullFineTune, axes: dict[str, int], rows: int, aligned: bool) -> None:
@@ -287,7 +288,7 @@ def align_vocabulary(choice: str, base: Checkpoint, sources: tuple[TaskVectorSou
             raise InputError(f"{base.path}: tokenizer: {choice}, but the base has no input embedding to align.")
         return base, sources, VocabularyAlignment(None, False, ())
     axes = vocab_axes(base, base_rows)
-    base_vocab = _checked(read_vocabulary(base.folder), base_rows, base.path)
+    base_vocab = _checked(read_vocabulary(base.folder), base_rows)
     vocabs, counts = zip(*[_source_vocabulary(s, base_rows) for s in sources])
     for source, vocab, count in zip(sources, vocabs, counts):
         if isinstance(source, FullFineTune):  # no tokenizer: the base's vocabulary, so the base's rows
