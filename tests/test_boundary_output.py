@@ -420,12 +420,14 @@ def test_verify_reports_a_non_finite_tensor(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_float8_inputs_are_refused_with_the_reason(tmp_path, capsys, dtype):
+def test_float8_without_block_scales_is_refused_with_the_reason(tmp_path, capsys, dtype):
+    """Raw float8 values are not the weights without their scales (FP8 with weight_scale_inv is
+    dequantized: tests/test_checkpoints_tensors.py)."""
     state = {"w": torch.randn(4, 4).to(dtype), "n": torch.ones(4)}
     base = model_copy(tmp_path / "base", state)
     model = model_copy(tmp_path / "m", {k: (v.float() + 0.1).to(v.dtype) for k, v in state.items()})
     recipe = recipe_file(tmp_path / "r", {"base": base, "models": [model, model], "method": "prime"})
-    refused(recipe, tmp_path / "out", InputError, [base / "model.safetensors", "'w'", "float8", "Dequantize"],
+    refused(recipe, tmp_path / "out", InputError, [base / "model.safetensors", "'w'", "FP8 without block scales", "Fix:"],
             capsys)
 
 

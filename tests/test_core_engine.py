@@ -199,7 +199,8 @@ def test_in_memory_api_equals_written_files(bert_zoo, tmp_path):
             assert torch.equal(tensors[k], head[k]), (label, k)
     assert in_memory.counts == on_disk.counts
     # 2 layers x 6 linear weights + pooler = 13 matrices; the 3 embeddings are not matrices
-    assert in_memory.counts == {"matrix": 13, "fallback": 26, "copy": 0, "task_specific": 6}
+    assert in_memory.counts == {"matrix": 13, "experts": 0, "reshaped": 0, "fallback": 26, "copy": 0,
+                                "task_specific": 6, "expert_matrices": 0, "vocab_aligned": 0}
     assert in_memory.parameters["rank"] == 2
 
 

@@ -1,8 +1,8 @@
 """primerge: streaming merges of fine-tuned checkpoints (PRIME, TSV, TIES, Task Arithmetic, ...).
 
-Public API: :func:`merge`, :func:`merge_recipe`, :func:`load_recipe`, :func:`list_methods`,
-:func:`get_method`, :func:`load_task_state` (per-task methods), :func:`load_task_model` (a task's
-head on the merged body), :class:`MergeResult`,
+Public API: :func:`merge`, :func:`merge_recipe`, :func:`dry_run` (``primerge plan``), :func:`load_recipe`,
+:func:`list_methods`, :func:`get_method`, :func:`load_task_state` (per-task methods),
+:func:`load_task_model` (a task's head on the merged body), :class:`MergeResult`,
 :class:`Recipe`, and the errors in :mod:`primerge.errors`. Everything but the errors is imported
 on first use, so ``import primerge`` (and ``primerge --version``) does not load torch.
 """
@@ -19,6 +19,7 @@ from primerge.version import __version__
 _LAZY = {
     "merge": "primerge.api",
     "merge_recipe": "primerge.api",
+    "dry_run": "primerge.api",
     "MergeResult": "primerge.output.base",
     "get_method": "primerge.methods",
     "list_methods": "primerge.methods",

@@ -34,6 +34,7 @@ from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTas
 from primerge.plan import Plan, WorkUnit
 from primerge.seeding import derive_seed
 from primerge.taskvectors import PlanEntry
+from primerge.treatments import matrix_inputs, merge_function
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,14 +57,16 @@ def resolve_device(device: str) -> torch.device:
 
 def context(plan: Plan, entry: PlanEntry, prepass: Any = None) -> TensorContext:
     """What the method knows of ``entry``: treatment, seed from the recipe seed and its name."""
-    kind = "matrix" if entry.kind == "matrix" else "fallback"
+    kind = "fallback" if entry.kind == "fallback" else "matrix"
     return TensorContext(entry.name, kind, derive_seed(plan.recipe.seed, entry.name), prepass)
 
 
 def prepass_statistics(plan: Plan, prepass: Prepass, pass_index: int, entries: Iterable[PlanEntry],
                        device: torch.device) -> Any:
-    """The fold (``prepass.combine``) of the statistics of ``entries`` in pass ``pass_index``."""
-    tensors = ((plan.task_vectors(e, device)[1], context(plan, e)) for e in entries if e.kind != "copy")
+    """The fold (``prepass.combine``) of the statistics of ``entries`` in pass ``pass_index``
+    (a tensor of several matrices is observed matrix by matrix, :func:`primerge.treatments.matrix_inputs`)."""
+    tensors = (pair for e in entries if e.kind != "copy"
+               for pair in matrix_inputs(e, plan.task_vectors(e, device)[1], context(plan, e)))
     return fold_statistics(prepass, pass_index, tensors)
 
 
@@ -90,11 +93,12 @@ def run_prepass(plan: Plan, device: torch.device, quiet: bool = True) -> Any:
 
 
 def merge_tensor(plan: Plan, entry: PlanEntry, device: torch.device, prepass: Any = None) -> MergedTensor:
-    """One output tensor: copied from the base, or θ₀ + update in the stored dtype."""
+    """One output tensor: copied from the base, or θ₀ + update in the stored format."""
     if entry.kind == "copy":
-        return MergedTensor(entry.name, plan.base.load(entry.name), entry.kind)
+        value, companions = plan.copied(entry)
+        return MergedTensor(entry.name, value, entry.kind, companions=companions)
     spec, params = plan.recipe.spec, plan.recipe.params
-    merge = spec.function_for(entry.kind)
+    merge = merge_function(spec, entry)
     base, taus = plan.task_vectors(entry, device, summed=is_sum_merge(merge))
     update = merge(taus, context(plan, entry, prepass), params)
     del taus
@@ -106,9 +110,9 @@ def merge_tensor(plan: Plan, entry: PlanEntry, device: torch.device, prepass: An
     if non_finite(update):
         raise InputError(f"tensor '{entry.name}': method '{spec.name}' produced NaN/Inf; check the inputs "
                          f"and parameters ({params.model_dump()}).")
-    value = (base + update).to(dtype=entry.dtype, device="cpu")
+    value, companions = entry.store(base + update)
     if per_task is None:
-        return MergedUpdate(entry.name, value, entry.kind, update)
+        return MergedUpdate(entry.name, value, entry.kind, update, companions=companions)
     unified = update.to(dtype=entry.dtype, device="cpu")
     tensors = {k: v.cpu() for k, v in per_task.task_tensors.items()}
     return PerTaskTensor(entry.name, value, entry.kind, unified, tensors)

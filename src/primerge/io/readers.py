@@ -73,10 +73,6 @@ SUPPORT_FILES = (
     "chat_template.json", "preprocessor_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
 )
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-#: Stored dtypes primerge refuses to merge. Float8 checkpoints carry their scale in other tensors
-#: (``weight_scale_inv``, per block or per tensor), so their raw numbers are not the weights: a
-#: merge of them would be silently wrong. [decision] Refused until scaled float8 is read as such.
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLE_HINT = (
     "Pickle checkpoints can run code when loaded, so primerge reads them only when asked: "
     "add allow_pickle: true to the recipe (or --allow-pickle); they are then loaded with "
@@ -117,7 +113,7 @@ class SafetensorsFile:
             code = entry["dtype"]
             if code not in SAFETENSORS_DTYPES:
                 raise InputError(f"{path}: tensor '{name}' has unsupported dtype {code}.")
-            self.infos[name] = _checked(TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[code], path), name)
+            self.infos[name] = TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[code], path)
             self.offsets[name] = tuple(entry["data_offsets"])
 
     def read(self, name: str) -> torch.Tensor:
@@ -139,15 +135,6 @@ class SafetensorsFile:
         if got != end - begin:
             raise InputError(f"{self.path}: tensor '{name}' is cut short; re-download the file.")
         return buffer.view(info.dtype).reshape(info.shape)
-
-
-def _checked(info: TensorInfo, name: str) -> TensorInfo:
-    """``info``, unless its dtype is one primerge refuses to merge (:data:`FLOAT8`)."""
-    if info.dtype in FLOAT8:
-        raise InputError(f"{info.file}: tensor '{name}' is stored as {str(info.dtype).removeprefix('torch.')}; "
-                         f"float8 checkpoints keep their scales in other tensors, so primerge does not merge "
-                         f"their raw values. Dequantize the checkpoint to bfloat16 first.")
-    return info
 
 
 def _check_with_library(path: Path) -> None:
@@ -242,7 +229,7 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
 
 def _pickle_infos(file: Path) -> dict[str, TensorInfo]:
     return {
-        name: _checked(TensorInfo(tuple(t.shape), t.dtype, file), name) for name, t in _load_pickle(file).items()
+        name: TensorInfo(tuple(t.shape), t.dtype, file) for name, t in _load_pickle(file).items()
     }
 
 

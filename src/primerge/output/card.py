@@ -81,6 +81,20 @@ def _heads_section(heads: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     ]
 
 
+def _treatment_lines(recipe, counts: dict[str, int]) -> list[str]:
+    """The tensors of each treatment (primerge.treatments) and the vocabulary rows aligned."""
+    return [
+        f"- matrix parameters (SVD treatment for SVD methods): {counts.get('matrix', 0)}",
+        f"- expert tensors [E, m, n], merged matrix by matrix: {counts.get('experts', 0)} "
+        f"({counts.get('expert_matrices', 0)} matrices)",
+        f"- tensors flattened to one matrix (matrices: flatten): {counts.get('reshaped', 0)}",
+        f"- other floating parameters (element-wise / fallback mean): {counts.get('fallback', 0)}",
+        f"- copied from the base (non-floating, or task-specific names present in the base): {counts.get('copy', 0)}",
+        f"- vocabulary tensors with rows aligned by token string (tokenizer: {recipe.tokenizer}): "
+        f"{counts.get('vocab_aligned', 0)}",
+    ]
+
+
 def write_card(folder: Path, recipe, result, weight_files: list[str],
                heads: dict[str, dict[str, torch.Tensor]], copied: list[str], sections: list[str]) -> Path:
     """Write ``folder/README.md`` for a finished merge and return its path; ``sections`` are the
@@ -111,10 +125,7 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         "",
         "## Tensors",
         "",
-        f"- matrix parameters (SVD treatment for SVD methods): {result.counts.get('matrix', 0)}",
-        f"- other floating parameters (element-wise / fallback mean): {result.counts.get('fallback', 0)}",
-        f"- copied from the base (non-floating, or task-specific names present in the base): "
-        f"{result.counts.get('copy', 0)}",
+        *_treatment_lines(recipe, result.counts),
         f"- weight files: {', '.join(md_code(f) for f in weight_files)}",
         f"- files copied from the base folder: {', '.join(md_code(c) for c in copied) or 'none'}",
         "",

@@ -22,7 +22,7 @@ from torch import Tensor
 from primerge.errors import RecipeError
 from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger, tensor_record
-from primerge.io.writer import atomic_folder, copy_support_files, save_tensors, shard_name, write_index
+from primerge.io.writer import atomic_folder, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
 from primerge.output.heads import write_heads
@@ -30,6 +30,7 @@ from primerge.output.lora import LoraExport, LoraParts, lora_task_type
 from primerge.output.per_task import PerTaskWriter
 from primerge.plan import Plan, WorkUnit
 from primerge.recipe import Recipe
+from primerge.support import OutputFile
 
 
 def check_output(out: object, recipe: Recipe, force: object) -> Destination:
@@ -72,10 +73,17 @@ class FolderSink(Sink):
         heads = task_heads(self.plan)
         if heads:
             write_heads(self.folder, heads, {s.label: s.architectures() for s in self.plan.sources}, self.ledger)
-        copied = copy_support_files(self.plan.base.support, self.folder) if self.copies_support_files else []
+        copied = write_support_files(self.plan.files, self.folder) if self.copies_support_files else []
         result.out = self.out
         write_card(self.folder, self.plan.recipe, result, files, heads, copied, sections)
         self.ledger.seal()
+
+
+def write_support_files(files: tuple[OutputFile, ...], folder: Path) -> list[str]:
+    """Write the plan's support files (config, tokenizer, ...) into ``folder``; their names."""
+    for file in files:
+        file.write(folder)
+    return [file.name for file in files]
 
 
 PART_MARK = ".part-"
@@ -102,7 +110,7 @@ class ShardFiles:
     def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> ShardReceipt:
         values, parts = {}, []
         for merged in tensors:
-            values[merged.name] = merged.value.contiguous()
+            values.update({name: tensor.contiguous() for name, tensor in merged.stored().items()})
             if self.per_task and isinstance(merged, PerTaskTensor):
                 parts.append((merged.name, merged.unified, merged.task_tensors))
         name = shard_name("model", unit.index, self.units)
