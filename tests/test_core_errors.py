@@ -157,8 +157,8 @@ def test_integer_buffers_missing_from_a_fine_tune_are_copied_from_the_base(tmp_p
 
 @pytest.mark.parametrize("name,shape,needles", [
     ("embeddings.LayerNorm.weight", (40,), ["dimension 0 is 40 in the model, 32 in the base", "not a fine-tune"]),
-    ("embeddings.word_embeddings.weight", (70, 32), ["dimension 0 is 70 in the model, 64 in the base",
-                                                     "resized vocabulary"]),
+    ("embeddings.word_embeddings.weight", (70, 32), ["shape [70, 32]", "[64, 32] in the base",
+                                                     "resized vocabulary", "tokenizer.json"]),
     ("encoder.layer.0.attention.self.query.weight", (32, 32, 1), ["3 dimensions in the model and 2"]),
 ])
 def test_shape_mismatch_says_which_dimension_and_what_it_means(zoo, tmp_path, capsys, name, shape, needles):

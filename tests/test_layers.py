@@ -22,7 +22,7 @@ FLOORS = {
     "primerge.engine": 3, "primerge.output": 3, "primerge.execution": 4,
     "primerge.purify": 4, "primerge.analysis": 4, "primerge.preflight": 4,
     "primerge": 5, "primerge.api": 5,
-    "primerge.evaluation": 6, "primerge.bench": 6,
+    "primerge.evaluation": 6, "primerge.tuning": 6, "primerge.bench": 6,
     "primerge.cli": 7, "primerge.__main__": 7,
 }
 
