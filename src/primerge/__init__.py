@@ -9,10 +9,9 @@ on first use, so ``import primerge`` (and ``primerge --version``) does not load 
 
 from __future__ import annotations
 
-import importlib
-
 from primerge.errors import InputError, OutputError, PrimergeError, RecipeError
 
+from primerge.lazy import lazy_attributes
 from primerge.version import __version__
 
 #: public name -> the module that defines it
@@ -30,10 +29,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'primerge' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["InputError", "OutputError", "PrimergeError", "RecipeError", "__version__", *_LAZY]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from primerge.datasets import DEFAULT_TASKS, PACKAGED
 from primerge.evaluation.llm import cli as llm_cli
-from primerge.evaluation.zoo import Protocol
+from primerge.evaluation.protocol import Protocol
 
 DEFAULTS = Protocol()
 

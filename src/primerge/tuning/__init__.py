@@ -8,11 +8,15 @@ fields, a generic rule for the linear scale); merges are cached per setting of t
 parameters (:mod:`primerge.tuning.cache`). This package sits above evaluation and the public API.
 """
 
-from primerge.tuning.run import TuneResult, tune
-from primerge.tuning.spaces import SPACES, Choice, MethodSpace, Range, Scale, space_for
-from primerge.tuning.study import MethodResult, TuneSettings
-from primerge.tuning.suites import SUITES, EncoderSuite, Suite
-from primerge.tuning.validation import carve
+from primerge.lazy import lazy_attributes
 
-__all__ = ["SPACES", "SUITES", "Choice", "EncoderSuite", "MethodResult", "MethodSpace", "Range", "Scale", "Suite",
-           "TuneResult", "TuneSettings", "carve", "space_for", "tune"]
+_LAZY = {
+    **dict.fromkeys(["TuneResult", "tune"], "primerge.tuning.run"),
+    **dict.fromkeys(["SPACES", "Choice", "MethodSpace", "Range", "Scale", "space_for"], "primerge.tuning.spaces"),
+    "MethodResult": "primerge.tuning.study",
+    "TuneSettings": "primerge.tuning.settings",
+    **dict.fromkeys(["SUITES", "EncoderSuite", "Suite"], "primerge.tuning.suites"),
+    "carve": "primerge.tuning.validation",
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
+__all__ = sorted(_LAZY)

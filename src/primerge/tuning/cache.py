@@ -27,10 +27,10 @@ from primerge.api import merge_recipe
 from primerge.io.readers import open_checkpoint
 from primerge.output.base import MergeResult
 from primerge.recipe import Recipe
+from primerge.tuning.settings import DEFAULT_CACHE_BYTES
 
 LINEARITY_CHECK = 0.5
 LINEARITY_TOL = 1e-4
-DEFAULT_CACHE_BYTES = 2 << 30
 
 
 @dataclass

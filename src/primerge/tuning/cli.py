@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from primerge.tuning.study import TuneSettings
-from primerge.tuning.suites import SUITES
-from primerge.tuning.validation import DEFAULT_SIZE
+from primerge.errors import RecipeError
+from primerge.tuning.settings import DEFAULT_SIZE, TuneSettings
 
 DEFAULTS = TuneSettings()
 
@@ -55,7 +54,7 @@ def register(subparsers) -> None:
                       help="also tune PAVE: ρ, target and which models are purified (the tasks are the data)")
     tune.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"], default=["weight", "delta"],
                       help="PAVE targets to search (default both)")
-    tune.add_argument("--suite", choices=sorted(SUITES), default="encoder", help="validation suite (default encoder)")
+    tune.add_argument("--suite", default="encoder", help="validation suite (default encoder, the only one so far)")
     tune.add_argument("--out", type=Path, default=Path("tune-report"),
                       help="report folder: <method>.yaml, trials.csv, plots/, summary.md (default tune-report)")
     tune.add_argument("--cache", type=Path, help="cache folder (default: $PRIMERGE_CACHE, else ~/.cache/primerge)")
@@ -75,12 +74,15 @@ def cmd_tune(args) -> int:
     from primerge.recipe import load_recipe
     from primerge.tuning.report import summary_rows, text_table
     from primerge.tuning.run import tune
+    from primerge.tuning.suites import SUITES
 
     recipe = load_recipe(args.recipe)
     tasks = task_specs(args.tasks)
     methods = _names(args.methods)
     if methods == ["all"]:
         methods = [spec.name for spec in list_methods()]
+    if args.suite not in SUITES:
+        raise RecipeError(f"unknown suite '{args.suite}'; choose one of: {', '.join(sorted(SUITES))}.")
     suite = SUITES[args.suite](recipe, tasks, args.validation_size, args.cache)
     settings = settings_from(args, args.pave, tuple(args.pave_targets), dict(zip(recipe.model_labels(), tasks)))
     result = tune(recipe, suite, methods or None, settings, args.out, log=(lambda m: None) if args.quiet else print)

@@ -29,7 +29,8 @@ from primerge.io.hf import load_tokenizer
 from primerge.recipe import build_recipe
 from primerge.tuning.report import setting_text
 from primerge.tuning.run import TuneResult, tune
-from primerge.tuning.study import MethodResult, TuneSettings
+from primerge.tuning.settings import TuneSettings
+from primerge.tuning.study import MethodResult
 from primerge.tuning.suites import EncoderSuite
 
 

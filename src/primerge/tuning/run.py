@@ -21,7 +21,8 @@ from primerge.io.writer import atomic_folder
 from primerge.methods import get_method
 from primerge.recipe import Recipe
 from primerge.tuning.cache import MergedModel
-from primerge.tuning.study import MethodResult, TuneSettings, remaining_timeout, tune_method
+from primerge.tuning.settings import TuneSettings
+from primerge.tuning.study import MethodResult, remaining_timeout, tune_method
 from primerge.tuning.suites import Suite
 
 

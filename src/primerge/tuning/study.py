@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from primerge.errors import InputError, PrimergeError
@@ -30,31 +30,16 @@ from primerge.methods.base import MethodSpec
 from primerge.purify.config import paper_rank_ratio
 from primerge.recipe import Recipe
 from primerge.seeding import derive_seed
-from primerge.tuning.cache import DEFAULT_CACHE_BYTES, UpdateCache, recipe_with
+from primerge.tuning.cache import UpdateCache, recipe_with
+from primerge.tuning.settings import TuneSettings
 from primerge.tuning.spaces import (Choice, Dimension, MethodSpace, defaults_in_space, describe_dimensions,
                                    space_for)
 from primerge.tuning.suites import Suite
-from primerge.tuning.validation import DEFAULT_SIZE
 
 PAVE_PREFIX = "purify."
 SWITCH_PREFIX = "purify.tasks."  # + model label: purify this model's task vector or not
 PAVE_RATIOS = (7 / 8, 15 / 16, 31 / 32, 63 / 64)
 PRUNER_STARTUP = 4
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """Budget and options of a tuning run."""
-
-    trials: int = 20  # per method, the defaults trial included
-    budget_minutes: float | None = None  # for all methods together
-    seed: int = 0
-    validation_size: int = DEFAULT_SIZE  # examples per task
-    pave: bool = False
-    method_params: bool = True  # False: only the PAVE settings are searched (the method at its defaults)
-    pave_targets: tuple[str, ...] = ("weight", "delta")
-    pave_data: dict[str, str] = field(default_factory=dict)  # model label -> task data (PAVE)
-    cache_bytes: int = DEFAULT_CACHE_BYTES
 
 
 @dataclass

@@ -26,7 +26,8 @@ from primerge.io.hf import load_tokenizer
 from primerge.datasets import TaskSplit, load_splits
 from primerge.recipe import Recipe
 from primerge.tuning.cache import MergedModel
-from primerge.tuning.validation import DEFAULT_SIZE, ValidationSet, carve
+from primerge.tuning.settings import DEFAULT_SIZE
+from primerge.tuning.validation import ValidationSet, carve
 
 
 class Suite(Protocol):

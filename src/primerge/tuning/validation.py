@@ -18,10 +18,10 @@ import numpy as np
 
 from primerge.errors import InputError
 from primerge.datasets import TaskSplit
+from primerge.tuning.settings import DEFAULT_SIZE
 
 VALIDATION_SEED = 1
 FRACTION = 0.2
-DEFAULT_SIZE = 150
 
 
 @dataclass(frozen=True)

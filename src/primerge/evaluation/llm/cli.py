@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from primerge.errors import RecipeError
-from primerge.evaluation.llm.zoo import KINDS, PRESETS
+from primerge.evaluation.llm.protocol import KINDS, PRESETS
 
 
 def _names(values) -> list[str]:
