@@ -69,6 +69,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     report = verify_folder(args.folder)
     for problem in report.problems:
         print(f"FAIL {problem}")
+    for rel in report.unlisted:
+        print(f"note {rel}: not listed in the manifest (hub or git metadata, not checked)")
     state = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
     print(f"{state}: {report.files} files, {report.tensors} tensors checked in {report.folder}")
     return 0 if report.ok else 1

@@ -41,6 +41,9 @@ MANIFEST = "primerge-manifest.json"
 FORMAT_VERSION = 1
 _CHUNK = 16 * 1024**2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Files a model hub or git adds to a folder after primerge wrote it (an upload's ``.gitattributes``,
+#: ``huggingface_hub``'s download metadata): reported by verify as unlisted, not as corruption.
+HUB_METADATA = re.compile(r"^(\.gitattributes|\.gitignore|\.cache/huggingface/.*)$")
 
 
 def tensor_record(tensor: torch.Tensor) -> dict:
@@ -207,6 +210,7 @@ class Verification:
     files: int = 0
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)  # hub metadata files added after the merge
 
     @property
     def ok(self) -> bool:
@@ -274,6 +278,7 @@ def verify_folder(folder: str | Path) -> Verification:
         if not problems:
             _check_file(folder, rel, entry, result)
     result.problems += _unusual(listing)
-    result.problems += [f"{rel}: not listed in the manifest" for rel in listing.files
-                        if rel not in files and rel != MANIFEST]
+    extra = [rel for rel in listing.files if rel not in files and rel != MANIFEST]
+    result.unlisted = [rel for rel in extra if HUB_METADATA.match(rel)]
+    result.problems += [f"{rel}: not listed in the manifest" for rel in extra if rel not in result.unlisted]
     return result

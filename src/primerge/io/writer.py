@@ -48,6 +48,17 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The mode of every written weight file: what ``open()`` gives any other file of the output
+#: (0666 less the umask), not the 0600 of safetensors' temporary file.
+PUBLISHED_MODE = 0o666 & ~_umask()
+
+
 def parse_size(text: str | int) -> int:
     """Bytes (at least 1) from ``2GB``, ``500MB``, ``64KiB``, ``1.5GB`` or an integer."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -250,6 +261,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     check_finite(tensors, str(path.name))
     try:
         save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, PUBLISHED_MODE)
     except (OSError, SafetensorError) as exc:
         raise OutputError(f"{path}: write failed ({exc}); check free space and permissions.") from None
     if ledger is not None:
