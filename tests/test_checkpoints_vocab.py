@@ -154,10 +154,11 @@ def test_tokenizer_base_keeps_the_base_rows(llama, tmp_path):
     ("t5", {"shared.weight": 0}, "AutoModelForSeq2SeqLM"),
     ("bert", {"bert.embeddings.word_embeddings.weight": 0, "cls.predictions.bias": 0}, "AutoModelForMaskedLM"),
     ("qwen3", {"model.embed_tokens.weight": 0, "lm_head.weight": 0}, "AutoModelForCausalLM"),
+    ("mistral", {"model.embed_tokens.weight": 0, "lm_head.weight": 0}, "AutoModelForCausalLM"),
 ])
 def test_union_on_other_architectures(arch, names, loader, tmp_path):
     """GPT-2 (tied wte, Conv1D), T5 (the PRIME paper's encoder-decoder, shared embedding), BERT (MLM
-    bias per token) and Qwen3: a fine-tune with added tokens and one without, merged with union."""
+    bias per token), Qwen3 and Mistral: a fine-tune with added tokens and one without, merged with union."""
     root = tmp_path / arch
     build_base(root / "base", arch)
     fine_tune(root / "base", root / "added", arch, 1, ["<extra_a>", "<extra_b>", "<extra_c>"])
