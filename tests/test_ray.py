@@ -215,3 +215,13 @@ def test_a_node_that_cannot_see_an_input_fails_the_run_before_merging(zoo, clust
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.primerge-*"))
     finally:
         stop_node(node)
+
+
+def test_a_node_that_cannot_start_fails_fast_not_after_the_timeout():
+    """`ray start` exits on an option it refuses; the cluster helper says so at once (it used to
+    poll a dead head for ten minutes when bench passed --num-gpus 0.0)."""
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="exited with code"):
+        with local_cluster([1], gpus=-1):
+            pass
+    assert time.perf_counter() - start < 45

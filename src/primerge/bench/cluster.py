@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,10 +27,25 @@ def free_port() -> int:
 
 
 def start_node(args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
-    """``ray start ARGS --block`` on 127.0.0.1, in a process group of its own."""
-    return subprocess.Popen([*(prefix or []), RAY, "start", *args, "--node-ip-address", "127.0.0.1", "--block",
-                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    """``ray start ARGS --block`` on 127.0.0.1, in a process group of its own; its output goes to
+    an unnamed temporary file (``proc.log``) that :func:`wait_nodes` reads."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([*(prefix or []), RAY, "start", *args, "--node-ip-address", "127.0.0.1", "--block",
+                             "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, **RAY_ENV})
+    proc.log = log
+    return proc
+
+
+def _started(node: subprocess.Popen) -> bool:
+    """Whether ``ray start`` said the node is up; raises when it exited instead."""
+    node.log.seek(0)
+    text = node.log.read().decode(errors="replace")
+    if node.poll() is not None:
+        last = next((line for line in reversed(text.splitlines()) if line.strip()), "no output")
+        options = node.args[node.args.index("start") + 1:][:2]
+        raise RuntimeError(f"`ray start {' '.join(options)} ...` exited with code {node.returncode}: {last}")
+    return "Ray runtime started" in text
 
 
 def stop_node(proc: subprocess.Popen) -> None:
@@ -42,26 +58,31 @@ def stop_node(proc: subprocess.Popen) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+    finally:
+        proc.log.close()
 
 
-def wait_nodes(address: str, count: int, timeout: float = 600) -> None:
-    """Poll the cluster from this process until ``count`` nodes are alive."""
+def wait_nodes(address: str, count: int, timeout: float = 600, nodes: list[subprocess.Popen] = ()) -> None:
+    """Poll the cluster from this process until ``count`` nodes are alive; a ``ray start`` of
+    ``nodes`` that exits (a bad option) fails at once instead of after ``timeout``."""
     import ray
 
     deadline = time.time() + timeout
     while True:
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-            alive = sum(n["Alive"] for n in ray.nodes())
-        except ConnectionError:
-            alive = 0
-        finally:
-            ray.shutdown()
+        alive = 0
+        if all([_started(node) for node in nodes]):  # ray.init on a node still starting blocks for a minute
+            try:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+                alive = sum(n["Alive"] for n in ray.nodes())
+            except ConnectionError:
+                pass
+            finally:
+                ray.shutdown()
         if alive >= count:
             return
         if time.time() > deadline:
             raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes in {timeout:.0f}s")
-        time.sleep(2)
+        time.sleep(1)
 
 
 @contextmanager
@@ -72,13 +93,13 @@ def local_cluster(cpus_per_node: list[float], gpus: float = 0) -> Iterator[str]:
     os.environ.update(RAY_ENV)
     address = f"127.0.0.1:{free_port()}"
     port = address.rsplit(":", 1)[1]
-    nodes = [start_node(["--head", "--port", port, "--num-cpus", str(cpus_per_node[0]), "--num-gpus", str(gpus),
-                         "--include-dashboard=false"])]
+    nodes = [start_node(["--head", "--port", port, "--num-cpus", f"{cpus_per_node[0]:g}", "--num-gpus", f"{gpus:g}",
+                         "--include-dashboard=false"])]  # :g, as `ray start` takes "0", not "0.0"
     try:
-        wait_nodes(address, 1)
+        wait_nodes(address, 1, nodes=nodes)
         for cpus in cpus_per_node[1:]:
-            nodes.append(start_node(["--address", address, "--num-cpus", str(cpus), "--num-gpus", "0"]))
-        wait_nodes(address, len(cpus_per_node))
+            nodes.append(start_node(["--address", address, "--num-cpus", f"{cpus:g}", "--num-gpus", "0"]))
+        wait_nodes(address, len(cpus_per_node), nodes=nodes)
         yield address
     finally:
         for node in reversed(nodes):
