@@ -73,9 +73,12 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
     runs = parse_methods(args.methods)
     if not any(r.label == BASELINE for r in runs):
         runs.insert(0, parse_method(BASELINE))
-    for run in runs:  # validate every method before the long work
+    for run in runs:  # validate every method and the shard size before the long work
         build_recipe({"base": ".", "models": ["."], "method": run.method, "parameters": run.parameters})
-    from primerge.io.writer import make_scratch, remove_scratch
+    from primerge.io.writer import make_scratch, parse_size, remove_scratch
+
+    if args.shard_size is not None:
+        parse_size(args.shard_size)
 
     inputs = _inputs(args, log)
     paths = [inputs.base, *(m["path"] if isinstance(m, dict) else m for m in inputs.models)]
@@ -85,7 +88,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
             configs = _configs(args, runs, inputs, workdir, log, address)
             log(f"running {len(configs)} configurations x {args.repeats} repeats (interleaved), "
                 f"device {args.device}, {os.cpu_count()} CPUs visible")
-            run_interleaved(configs, args.repeats, workdir, args.device, log)
+            run_interleaved(configs, args.repeats, workdir, args.device, log, shard_size=args.shard_size)
         error = None
         if args.accuracy:
             fast = next((r for r in runs if r.method == "prime" and "svd" not in r.parameters), parse_method("prime"))
@@ -155,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-workers", type=int, default=0, metavar="N",
                         help="also run every method on a local Ray cluster with N workers (pip install "
                              "'primerge[ray]'); ratios against the same method run locally")
+    parser.add_argument("--shard-size", help="output shard size of every merge (default primerge's, 2GiB); a merge "
+                        "has one work unit per shard, so Ray rows want several per worker, e.g. 50MB on the "
+                        "default zoo")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0,
                         help="GPUs per Ray worker (with --ray-workers and --device cuda)")
 

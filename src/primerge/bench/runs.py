@@ -105,21 +105,22 @@ RUNNER = [sys.executable, "-m", "primerge.bench"]
 
 
 def child_merge(argv: Sequence[str]) -> int:
-    """``RECIPE OUT DEVICE``: the whole merge as ``primerge merge --force --quiet`` does it,
-    then one line ``merged with METHOD in SECONDSs`` (the engine's time, to the microsecond)."""
+    """``RECIPE OUT DEVICE [SHARD_SIZE]``: the whole merge as ``primerge merge --force --quiet`` does
+    it, then one line ``merged with METHOD in SECONDSs`` (the engine's time, to the microsecond)."""
     from primerge.api import merge_recipe
 
-    recipe, out, device = argv
-    result = merge_recipe(recipe, out=out, device=device, force=True, quiet=True)
+    recipe, out, device, *shard = argv
+    size = {"shard_size": shard[0]} if shard else {}
+    result = merge_recipe(recipe, out=out, device=device, force=True, quiet=True, **size)
     print(f"merged with {result.method} in {result.seconds:.6f}s")
     return 0
 
 
-def measure_merge(recipe: Path, out: Path, device: str = "cpu",
-                  runner: Sequence[str] | None = None) -> Measurement:
-    """Merge in a child process (``runner``, default :data:`RUNNER`, given RECIPE OUT DEVICE);
-    measure it with the child's own rusage from ``os.wait4``."""
-    cmd = [*(runner or RUNNER), str(recipe), str(out), device]
+def measure_merge(recipe: Path, out: Path, device: str = "cpu", runner: Sequence[str] | None = None,
+                  shard_size: str | None = None) -> Measurement:
+    """Merge in a child process (``runner``, default :data:`RUNNER`, given RECIPE OUT DEVICE and
+    ``shard_size`` when set); measure it with the child's own rusage from ``os.wait4``."""
+    cmd = [*(runner or RUNNER), str(recipe), str(out), device, *([shard_size] if shard_size else [])]
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -164,12 +165,13 @@ class Row:
 
 
 def run_interleaved(configs: Sequence[tuple[Row, Path]], repeats: int, workdir: Path, device: str,
-                    log: Callable[[str], None] = print, runner: Sequence[str] | None = None) -> None:
+                    log: Callable[[str], None] = print, runner: Sequence[str] | None = None,
+                    shard_size: str | None = None) -> None:
     """``repeats`` rounds, each merging every configuration once (interleaved)."""
     out = workdir / "merged"
     for rep in range(repeats):
         for row, recipe in configs:
-            m = measure_merge(recipe, out, device, runner)
+            m = measure_merge(recipe, out, device, runner, shard_size)
             row.runs.append(m)
             log(f"  [{rep + 1}/{repeats}] {row.inputs:<14} {row.label:<24} wall {m.wall_s:7.2f}s  "
                 f"cpu {m.cpu_s:7.2f}s  merge {m.merge_s:7.2f}s  rss {m.rss_mib:7.0f} MiB")
