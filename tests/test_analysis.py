@@ -91,3 +91,68 @@ def test_cli_analyze_and_select(recipe_file, bert_zoo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "greedy picks" in out and "1. task" in out
     assert main(["select", "--base", str(bert_zoo["base"]), "--pool", m[0], "--candidates", m[1], "--k", "2"]) == 2
+
+
+def test_analyze_measures_the_recipes_own_method_and_parameters(bert_zoo, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"base": str(bert_zoo["base"]), "models": [str(p) for p in bert_zoo["models"]],
+                                    "task_specific": r"^classifier\.", "method": "tsv", "parameters": {"scale": 0.5}}))
+    report = analyze(load_recipe(path), tmp_path / "report")
+    assert report.summary["method"] == "tsv" and "`tsv`" in (tmp_path / "report" / "index.md").read_text()
+
+
+def test_analyze_without_matplotlib_or_failing_midway_leaves_nothing(recipe_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    from primerge.analysis import report as report_module
+    from primerge.errors import OutputError, RecipeError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(RecipeError, match="matplotlib"):
+        analyze(load_recipe(recipe_file), tmp_path / "report")
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_module, "_write_hogsvd", broken)
+    with pytest.raises(OutputError, match="disk full"):
+        analyze(load_recipe(recipe_file), tmp_path / "report")
+    assert list(tmp_path.iterdir()) == []  # no report folder, no temporary one
+
+
+def test_per_matrix_figures_aggregate_by_layer_for_large_models():
+    """200 matrices (a 40-layer model with 5 matrix types): one line per type over the layers,
+    instead of 200 unreadable tick labels; a small model keeps one point per matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from primerge.analysis.figures import matrix_type, per_matrix_figure
+
+    types = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]
+    rows = [{"tensor": f"model.layers.{i}.{t}.weight", "v": i + k} for i in range(40) for k, t in enumerate(types)]
+    assert matrix_type(rows[7]["tensor"]) == ("model.layers.*.self_attn.v_proj.weight", 1)
+    fig = per_matrix_figure(plt, rows, {"v": lambda r: r["v"]}, "title", "value")
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 5 and ax.get_xlabel() == "layer"
+    assert list(ax.get_lines()[0].get_xdata()) == list(range(40))
+    small = per_matrix_figure(plt, rows[:10], {"v": lambda r: r["v"]}, "title", "value")
+    assert len(small.axes[0].get_xticklabels()) == 10
+    plt.close("all")
+
+
+def test_heatmap_numbers_contrast_with_their_cell():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from primerge.analysis.figures import heatmap
+
+    fig, ax = plt.subplots()
+    heatmap(ax, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), ["a", "b"], "t", 0, 1)  # viridis: dark purple, yellow
+    assert [t.get_color() for t in ax.texts] == ["white", "black", "black", "white"]
+    plt.close(fig)

@@ -140,7 +140,7 @@ def test_every_method_end_to_end(method, bert_zoo, zoo_states, tmp_path):
 
     # task heads: each model keeps its own, under its own names
     heads = sorted(p.name for p in (out / "task_heads").iterdir())
-    assert heads == ["task0.safetensors", "task1.safetensors", "task2.safetensors"]
+    assert heads == [f"task{t}.{ext}" for t in range(3) for ext in ("json", "safetensors")]
     for t, m in enumerate(models):
         head = load_file(str(out / "task_heads" / f"task{t}.safetensors"))
         assert set(head) == {"classifier.weight", "classifier.bias"}
@@ -199,7 +199,8 @@ def test_in_memory_api_equals_written_files(bert_zoo, tmp_path):
             assert torch.equal(tensors[k], head[k]), (label, k)
     assert in_memory.counts == on_disk.counts
     # 2 layers x 6 linear weights + pooler = 13 matrices; the 3 embeddings are not matrices
-    assert in_memory.counts == {"matrix": 13, "fallback": 26, "copy": 0, "task_specific": 6}
+    assert in_memory.counts == {"matrix": 13, "experts": 0, "reshaped": 0, "fallback": 26, "copy": 0,
+                                "task_specific": 6, "expert_matrices": 0, "vocab_aligned": 0}
     assert in_memory.parameters["rank"] == 2
 
 
@@ -471,7 +472,7 @@ def test_yaml_recipe_through_cli(bert_zoo, zoo_states, tmp_path, capsys):
     expected = expected_merge(base, models, "ties", {"density": 0.3, "scale": 0.9},
                               weights=[1.0, 1.0, 0.5], seed=3)
     assert_same_tensors(_weights(out), expected)
-    assert sorted(p.name for p in (out / "task_heads").iterdir()) == [
+    assert sorted(p.name for p in (out / "task_heads").glob("*.safetensors")) == [
         "second.safetensors", "task0.safetensors", "task2.safetensors"]
     card = (out / "README.md").read_text()
     assert "| density | 0.3 |" in card and "| seed | 3 |" in card

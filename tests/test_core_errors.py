@@ -21,7 +21,9 @@ import primerge
 from primerge import cli
 from primerge.errors import InputError, OutputError, RecipeError
 from primerge.io import writer as writer_module
+from primerge.output import folder as folder_module
 from primerge.io.readers import open_checkpoint
+from primerge.io.destination import Destination
 from primerge.io.writer import TEMP_MARK, atomic_folder
 from refusals import (TASK_SPECIFIC, assert_nothing_left, leftovers, model_copy, recipe_file, refused,
                       snapshot, zoo_recipe)
@@ -124,6 +126,49 @@ def test_model_missing_a_tensor(zoo, tmp_path, capsys):
             [model / "model.safetensors", "'pooler.dense.bias'", "missing"], capsys)
 
 
+def test_prefixed_model_missing_a_tensor_is_blamed_for_that_tensor_only(zoo, tmp_path, capsys):
+    """A ``bert.``-prefixed fine-tune lacking one tensor: the message names that tensor (under its
+    prefixed name), not every base tensor the unprefixed comparison would miss."""
+    state = {f"bert.{k}" if not k.startswith("classifier.") else k: v for k, v in zoo["models"][0].items()}
+    del state["bert.encoder.layer.0.output.dense.bias"]
+    model = model_copy(tmp_path / "prefixed", state)
+    recipe = recipe_file(tmp_path, zoo_recipe(zoo, models=[model, zoo["paths"]["models"][1]]))
+    err = refused(recipe, tmp_path / "out" / "merged", InputError,
+                  ["1 tensors", "'bert.encoder.layer.0.output.dense.bias'"], capsys)
+    assert "pooler" not in err
+
+
+def test_integer_buffers_missing_from_a_fine_tune_are_copied_from_the_base(tmp_path):
+    """Older BERT checkpoints keep ``embeddings.position_ids`` (int64) in the base only: the
+    fine-tunes merge, prefixed or not, and the output carries the base's buffer."""
+    gen = torch.Generator().manual_seed(0)
+    base = {"embeddings.position_ids": torch.arange(8)[None], "encoder.dense.weight": torch.randn(4, 4, generator=gen),
+            "encoder.norm.weight": torch.ones(4)}
+    tuned = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items() if v.is_floating_point()}
+             for _ in range(2)]
+    tuned[1] = {f"bert.{k}": v for k, v in tuned[1].items()}
+    paths = [model_copy(tmp_path / f"m{i}", state) for i, state in enumerate(tuned)]
+    result = primerge.merge(model_copy(tmp_path / "base", base), paths, "task_arithmetic")
+    assert torch.equal(result.state_dict["embeddings.position_ids"], base["embeddings.position_ids"])
+    expected = base["encoder.dense.weight"] + ((tuned[0]["encoder.dense.weight"] - base["encoder.dense.weight"])
+                                               + (tuned[1]["bert.encoder.dense.weight"] - base["encoder.dense.weight"])) / 2
+    torch.testing.assert_close(result.state_dict["encoder.dense.weight"], expected)
+
+
+@pytest.mark.parametrize("name,shape,needles", [
+    ("embeddings.LayerNorm.weight", (40,), ["dimension 0 is 40 in the model, 32 in the base", "not a fine-tune"]),
+    ("embeddings.word_embeddings.weight", (70, 32), ["shape [70, 32]", "[64, 32] in the base",
+                                                     "resized vocabulary", "tokenizer.json"]),
+    ("encoder.layer.0.attention.self.query.weight", (32, 32, 1), ["3 dimensions in the model and 2"]),
+])
+def test_shape_mismatch_says_which_dimension_and_what_it_means(zoo, tmp_path, capsys, name, shape, needles):
+    state = {**zoo["models"][1], name: torch.zeros(shape)}
+    model = model_copy(tmp_path / "odd", state)
+    recipe = recipe_file(tmp_path, zoo_recipe(zoo, models=[zoo["paths"]["models"][0], model]))
+    err = refused(recipe, tmp_path / "out" / "merged", InputError, [f"'{name}'", *needles], capsys)
+    assert ("resized vocabulary" in err) == ("embeddings" in name and "word" in name)
+
+
 def test_model_with_extra_tensor_suggests_task_specific(zoo, tmp_path, capsys):
     # the zoo's classifier heads without a task_specific rule
     data = zoo_recipe(zoo)
@@ -170,7 +215,7 @@ def test_non_finite_values_abort_a_started_merge(zoo, tmp_path, capsys, monkeypa
         assert Path(path).is_file()
         written.append(Path(path))
 
-    monkeypatch.setattr(writer_module, "save_tensors", spy)
+    monkeypatch.setattr(folder_module, "save_tensors", spy)  # the model folder's shard writer
     refused(recipe, out, InputError, [f"'{name}'", model / "model.safetensors", "NaN or Inf"], capsys,
             shard_size=10_000)
     # merging had started streaming: shards were written into the temporary folder, then removed
@@ -209,28 +254,27 @@ def test_output_overlapping_an_input(zoo, own_inputs, tmp_path, capsys, where, f
 
 
 def test_existing_output_without_and_with_force(zoo, tmp_path, capsys):
+    """--force replaces an earlier primerge output, only once the new one is complete."""
     out = tmp_path / "out" / "merged"
-    out.mkdir(parents=True)
-    (out / "old.txt").write_text("previous merge")
     recipe = recipe_file(tmp_path, zoo_recipe(zoo))
+    assert cli.main(["merge", str(recipe), "--out", str(out), "--quiet"]) == 0
+    before = snapshot(out)
     refused(recipe, out, OutputError, [out, "--force"], capsys, existed=True)
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert snapshot(out) == before
 
-    # with force but a failing merge: the old content stays, nothing new appears
+    # with force but a failing merge: the old output stays, nothing new appears
     state = dict(zoo["models"][0])
     state["pooler.dense.weight"] = torch.full_like(state["pooler.dense.weight"], float("nan"))
     bad = model_copy(tmp_path / "nan_model", state)
     bad_recipe = recipe_file(tmp_path / "bad", zoo_recipe(zoo, models=[bad]))
     refused(bad_recipe, out, InputError, ["'pooler.dense.weight'"], capsys, force=True, existed=True)
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
-    assert (out / "old.txt").read_text() == "previous merge"
+    assert snapshot(out) == before
 
-    # with force and a good merge: replaced, old content gone, no aside folder left
-    assert cli.main(["merge", str(recipe), "--out", str(out), "--quiet", "--force"]) == 0
-    names = sorted(p.name for p in out.iterdir())
-    assert "old.txt" not in names and "model.safetensors" in names and "task_heads" in names
-    assert leftovers(out) == []
-    ref = primerge.merge(zoo["paths"]["base"], zoo["paths"]["models"], "task_arithmetic",
+    # with force and a good merge: replaced, no aside folder left
+    other = recipe_file(tmp_path / "other", zoo_recipe(zoo, models=zoo["paths"]["models"][:2]))
+    assert cli.main(["merge", str(other), "--out", str(out), "--quiet", "--force"]) == 0
+    assert snapshot(out) != before and leftovers(out) == []
+    ref = primerge.merge(zoo["paths"]["base"], zoo["paths"]["models"][:2], "task_arithmetic",
                          task_specific=TASK_SPECIFIC)
     merged = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(merged[k], v) for k, v in ref.state_dict.items())
@@ -248,15 +292,13 @@ def test_existing_empty_output_folder_is_used_without_force(zoo, tmp_path, capsy
     assert leftovers(out) == []
 
 
-def test_output_that_is_a_file_is_replaced_with_force_leaving_nothing(zoo, tmp_path, capsys):
+def test_output_that_is_a_file_is_never_replaced(zoo, tmp_path, capsys):
     out = tmp_path / "merged"
     out.write_text("a stray file")
     recipe = recipe_file(tmp_path / "r", zoo_recipe(zoo))
-    refused(recipe, out, OutputError, [out, "--force"], capsys, existed=True)
-    assert out.read_text() == "a stray file"
-    assert cli.main(["merge", str(recipe), "--out", str(out), "--quiet", "--force"]) == 0
-    assert (out / "model.safetensors").is_file()
-    assert leftovers(out) == [], leftovers(out)
+    for force in (False, True):
+        refused(recipe, out, OutputError, [out, "is a file", "never replaces"], capsys, existed=True, force=force)
+        assert out.read_text() == "a stray file"
 
 
 # --------------------------------------------------------------------------- unreadable inputs
@@ -367,7 +409,7 @@ def test_atomic_folder_removes_temp_on_keyboard_interrupt(tmp_path):
     dest = tmp_path / "dest"
     seen = []
     with pytest.raises(KeyboardInterrupt):
-        with atomic_folder(dest) as folder:
+        with atomic_folder(Destination(dest)) as folder:
             seen.append(folder)
             (folder / "model.safetensors").write_bytes(b"partial")
             raise KeyboardInterrupt
@@ -380,14 +422,14 @@ def test_atomic_folder_removes_temp_on_keyboard_interrupt(tmp_path):
     dest.mkdir()
     (dest / "old.txt").write_text("keep me")
     with pytest.raises(KeyboardInterrupt):
-        with atomic_folder(dest, force=True) as folder:
+        with atomic_folder(Destination(dest, force=True)) as folder:
             (folder / "new.txt").write_text("new")
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
     assert sorted(p.name for p in dest.iterdir()) == ["old.txt"]
 
     # and on success the folder is renamed into place
-    with atomic_folder(tmp_path / "ok") as folder:
+    with atomic_folder(Destination(tmp_path / "ok")) as folder:
         (folder / "a.txt").write_text("a")
     assert (tmp_path / "ok" / "a.txt").read_text() == "a"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "ok"]

@@ -181,6 +181,18 @@ def test_principal_rank_rules(rank, r_full, T, expected):
     assert principal_rank(rank, r_full, T) == expected
 
 
+@pytest.mark.parametrize("given,expected", [("5%", 0.05), (" 12.5% ", 0.125), (0.05, 0.05), (3, 3), ("auto", "auto")])
+def test_prime_rank_accepts_percentages(given, expected):
+    assert primerge.get_method("prime").parameters({"rank": given}).rank == expected
+
+
+@pytest.mark.parametrize("given,needle", [("x%", "not a percentage such as 5%"), ("100%", "between 0% and 100%"),
+                                          ("0%", "between 0% and 100%"), (1.5, "whole number")])
+def test_prime_rank_refuses_unclear_values_in_words(given, needle):
+    with pytest.raises(primerge.RecipeError, match=needle):
+        primerge.get_method("prime").parameters({"rank": given})
+
+
 @pytest.mark.parametrize("residual", ["mean", "ties", "s_sb"])
 def test_prime_matches_numpy_reference(residual):
     taus = random_taus(3, 30, 20, seed=7)

@@ -215,7 +215,8 @@ def test_cli_demo_with_a_method_subset(task_files, tiny_base, cache, tmp_path, c
     assert code == 0
     printed = capsys.readouterr().out
     assert "reusing" in printed and "Individual" in printed and "tsv" in printed and "ties" not in printed
-    assert sorted(os.listdir(report)) == ["results.csv", "results.json", "results.md", "results.png"]
+    assert sorted(os.listdir(report)) == ["primerge-manifest.json", "results.csv", "results.json", "results.md",
+                                         "results.png"]
     assert main(["demo", "--methods", "primee", "--report", str(report)]) == 2
     assert "Did you mean 'prime'" in capsys.readouterr().err
 

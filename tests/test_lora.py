@@ -7,6 +7,7 @@ itself (``merge_and_unload``) or from the same merge run on the materialised ful
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +253,78 @@ def test_low_rank_output_error_is_the_reported_one(lora_zoo, tmp_path):
     for name in report["full_tensors"]:  # carried in full, exactly
         torch.testing.assert_close(weights[name], full[name])
     assert "LoRA adapter (rank 2)" in (tmp_path / "lora" / "README.md").read_text()
+
+
+def test_lora_rank_above_a_module_size_is_capped_per_module(lora_zoo, tmp_path):
+    """--as-lora 40 on 32-wide matrices: each module gets rank min(m, n) (no zero padding), said in
+    rank_pattern / alpha_pattern, and peft loads it to the full merge."""
+    from transformers import BertModel
+
+    adapters = list(lora_zoo["adapters"].values())
+    primerge.merge(lora_zoo["base"], adapters, "tsv", out=tmp_path / "full")
+    result = primerge.merge(lora_zoo["base"], adapters, "tsv", out=tmp_path / "lora", lora_rank=40)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 40 and config["rank_pattern"] and config["rank_pattern"] == config["alpha_pattern"]
+    weights = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    ranks = {k: v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight")}
+    assert ranks and max(ranks.values()) == 32 and all(m["rank"] == 32 for m in result.lora["modules"].values())
+    peft_model = PeftModel.from_pretrained(BertModel.from_pretrained(lora_zoo["base"]), tmp_path / "lora").eval()
+    expected = forward(BertModel.from_pretrained(tmp_path / "full").eval())
+    assert float((forward(peft_model) - expected).norm() / expected.norm()) <= 1e-5
+
+
+def test_a_poorly_approximated_merge_warns_with_the_worst_modules_and_a_rank(lora_zoo, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(lora_zoo["base"]), "method": "prime", "parameters": {"rank": 8},
+                                      "models": [str(p) for p in lora_zoo["adapters"].values()]}))
+    assert cli.main(["merge", str(recipe), "--out", str(tmp_path / "a"), "--quiet", "--as-lora", "1"]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "a" / "lora_report.json").read_text())
+    worst = report["large_errors"][0]
+    assert "primerge: warning:" in err and worst["module"] in err and f"--as-lora {report['suggested_rank']}" in err
+    assert worst["relative_error"] == report["max_relative_error"] > 0.1
+    assert cli.main(["merge", str(recipe), "--out", str(tmp_path / "b"), "--quiet", "--as-lora",
+                     str(report["suggested_rank"])]) == 0
+    fixed = json.loads((tmp_path / "b" / "lora_report.json").read_text())
+    assert fixed["max_relative_error"] <= 0.1 and not fixed["large_errors"] and "warning" not in capsys.readouterr().err
+
+
+def test_as_lora_output_of_a_causal_lm_loads_with_auto_peft_from_anywhere(tmp_path, monkeypatch):
+    """The adapter names its base by absolute path and carries the task type (CAUSAL_LM, from the
+    base's architecture), so AutoPeftModelForCausalLM loads it from another working directory."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    base = state(tmp_path / "base")
+    gen = torch.Generator().manual_seed(1)
+    tuned = []
+    for t in range(2):
+        folder = tmp_path / f"ft{t}"
+        LlamaForCausalLM(config).save_pretrained(folder)
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+                  str(folder / "model.safetensors"))
+        tuned.append(folder)
+    monkeypatch.chdir(tmp_path)
+    primerge.merge("base", [Path("ft0"), Path("ft1")], "prime", out="merged", lora_rank=4)
+    adapter_config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "CAUSAL_LM"
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    merged = model.merge_and_unload().state_dict()
+    weights = load_file(str(tmp_path / "merged" / "adapter_model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"
+    A, B = weights[f"base_model.model.{name}.lora_A.weight"], weights[f"base_model.model.{name}.lora_B.weight"]
+    torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + B @ A)
 
 
 def test_cli_as_lora_and_recipe_output(lora_zoo, tmp_path, capsys):

@@ -113,3 +113,15 @@ def test_auto_rank_end_to_end_records_table_in_card(bert_zoo, tmp_path):
     assert result.report is not None and "F(r)" in result.report
     card = (tmp_path / "auto" / "README.md").read_text()
     assert "PRIME adaptive rank: r* =" in card and "| Σ J_i |" in card
+
+
+def test_f_table_shows_one_row_per_distinct_outcome_and_flags_the_grid_edge():
+    from primerge.methods.prime_rank import AutoRank
+
+    table = AutoRank([0.01, 0.02, 0.03, 0.04], J=[0.5, 0.5, 0.3, 0.2], G=[0.1, 0.1, 0.1, 0.05], layers=3,
+                     tolerance=0.025)
+    text = table.to_markdown()
+    assert "| 1%–2% | 0.5000 | 0.1000 | 0.6000 |" in text and text.count("| 1%") == 1
+    assert "| **4%** |" in text and "r* is the largest candidate (4%)" in text
+    inner = AutoRank([0.01, 0.02, 0.03], J=[0.5, 0.1, 0.3], G=[0.1, 0.1, 0.1], layers=3, tolerance=0.025)
+    assert "largest candidate" not in inner.to_markdown() and "| **2%** |" in inner.to_markdown()

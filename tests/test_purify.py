@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -177,3 +178,125 @@ def test_pave_end_to_end_merge_and_cache(pave_zoo, tmp_path, monkeypatch):
     rank = purifier.ranks[("task0", name)]
     assert rank < 32
     assert int(torch.linalg.matrix_rank(scaling.forward(W0.double() + out.double()), rtol=1e-5)) == rank
+
+
+# --- the delta target, the decomposition store, the purified subset, the authors' ρ per method ---
+
+def _purify_block(pave_zoo, **extra):
+    return {"method": "co_svd", "samples": 200, "data": {m.name: str(pave_zoo["data"]) for m in pave_zoo["models"]},
+            **extra}
+
+
+def _pave_recipe(pave_zoo, method="task_arithmetic", **extra):
+    return build_recipe({"base": str(pave_zoo["base"]), "models": [str(m) for m in pave_zoo["models"]],
+                         "method": method, "task_specific": r"^classifier\.",
+                         "purify": _purify_block(pave_zoo, **extra)})
+
+
+def _numpy_delta(tau: np.ndarray, C_reg: np.ndarray, rank: int) -> np.ndarray:
+    """SVD_r(τ C) C⁻¹ in float64 NumPy."""
+    U, S, Vt = np.linalg.svd(tau @ C_reg, full_matrices=False)
+    low = (U[:, :rank] * S[:rank]) @ Vt[:rank]
+    return np.linalg.solve(C_reg.T, low.T).T
+
+
+def test_delta_target_against_a_float64_numpy_reference(pave_zoo, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from primerge.purify import build_purifier
+    from primerge.purify.pave import shifted
+
+    monkeypatch.setenv("PRIMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = _pave_recipe(pave_zoo, target="delta", rank_ratio=0.75, allocation="uniform")
+    purifier = build_purifier(recipe)
+    name = "encoder.layer.1.intermediate.dense.weight"
+    W0 = load_file(str(pave_zoo["base"] / "model.safetensors"))[name]
+    merged = primerge.merge_recipe(recipe.replace(parameters={"scale": 1.0}))
+    expected = np.zeros(W0.shape)
+    for model in pave_zoo["models"]:
+        label = model.name
+        tau = (load_file(str(model / "model.safetensors"))[name] - W0).double()
+        module = purifier.modules[(label, name)]
+        eps = purifier._eps[(label, module)]
+        C_reg = shifted(purifier.covariances[label].cov[module], eps).numpy()
+        rank = purifier.ranks[(label, name)]
+        assert rank == round(0.75 * 32)
+        reference = _numpy_delta(tau.numpy(), C_reg, rank)
+        ours = purifier(label, name, W0, tau.float()).double().numpy()
+        assert np.abs(ours - reference).max() <= 1e-6 * np.abs(reference).max()
+        assert np.linalg.matrix_rank(ours @ C_reg, tol=1e-6 * np.abs(reference @ C_reg).max()) == rank
+        expected += reference
+    update = (merged.state_dict[name].double() - W0.double()).numpy()
+    assert np.abs(update - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("target", ["weight", "delta"])
+def test_one_decomposition_gives_every_rank_of_the_direct_purification(target):
+    from primerge.purify.store import decompose
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 9, generator=g, dtype=F64)
+    tau = 0.05 * torch.randn(12, 9, generator=g, dtype=F64)
+    scaling = make_scaling("co_svd", spd(9, 2))
+    Y = tau if target == "delta" else base + tau
+    (found,) = decompose(scaling.forward(Y)[None], [scaling.inverse], start=4)
+    assert torch.allclose(found.S, torch.linalg.svdvals(scaling.forward(Y)), atol=1e-12)
+    for rank in range(4, 10):
+        direct = purified_task_vector(base, tau, scaling, rank, target=target).double()
+        assert torch.allclose(found.purified(tau, rank), direct, atol=1e-6), rank
+    assert found.purified(tau, 3) is None  # below the stored tail: the caller purifies directly
+
+
+def test_paper_rank_ratio_per_method(bert_zoo):
+    def ratio(method, **block):
+        recipe = build_recipe({"base": bert_zoo["base"], "models": [str(p) for p in bert_zoo["models"]],
+                               "method": method, "purify": {"method": "svd", **block}})
+        return parse_purify(recipe).rank_ratio
+
+    assert (ratio("ties"), ratio("task_arithmetic"), ratio("emr"), ratio("prime")) == (63 / 64, 31 / 32, 7 / 8, 15 / 16)
+    assert ratio("ties", rank_ratio=0.5) == 0.5
+
+
+def test_purified_subset(pave_zoo, tmp_path, monkeypatch):
+    from primerge.purify import build_purifier
+
+    monkeypatch.setenv("PRIMERGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RecipeError, match="purify.tasks: 'task7' is not a model.*task1"):
+        parse_purify(_pave_recipe(pave_zoo, tasks=["task7"]))
+    recipe = _pave_recipe(pave_zoo, tasks=["task1"], rank_ratio=0.75)
+    recipe.purify["data"] = {"task1": recipe.purify["data"]["task1"]}  # data only for the purified model
+    purifier = build_purifier(recipe)
+    assert set(purifier.ratios) == {"task1"} and {label for label, _ in purifier.ranks} == {"task1"}
+    from safetensors.torch import load_file
+
+    name = "encoder.layer.0.attention.self.query.weight"
+    W0 = load_file(str(pave_zoo["base"] / "model.safetensors"))[name]
+    taus = [load_file(str(m / "model.safetensors"))[name] - W0 for m in pave_zoo["models"]]
+    assert purifier("task0", name, W0, taus[0]) is taus[0]
+    assert not torch.allclose(purifier("task1", name, W0, taus[1]), taus[1], atol=1e-4)
+
+
+def test_decompositions_are_cached_per_model_and_settings(pave_zoo, tmp_path, monkeypatch):
+    from primerge.purify import build_purifier, store
+
+    monkeypatch.setenv("PRIMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(store, "STORE", store.DecompositionStore())
+    monkeypatch.setattr("primerge.purify.pave.STORE", store.STORE)
+    recipe = _pave_recipe(pave_zoo, rank_ratio=7 / 8)
+    first = primerge.merge_recipe(recipe)
+    files = sorted((tmp_path / "cache" / "pave").glob("*.safetensors"))
+    assert len(files) == 3  # one per model
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("a cached decomposition was computed again")
+
+    monkeypatch.setattr("primerge.purify.pave.decompose", no_svd)
+    monkeypatch.setattr("primerge.purify.pave.STORE", store.DecompositionStore())  # from disk this time
+    again = primerge.merge_recipe(recipe)
+    other_rho = build_purifier(_pave_recipe(pave_zoo, rank_ratio=31 / 32))  # the same decompositions
+    assert all(torch.equal(first.state_dict[k], v) for k, v in again.state_dict.items())
+    assert set(other_rho.ratios) == {"task0", "task1", "task2"}
+    monkeypatch.undo()
+    monkeypatch.setenv("PRIMERGE_CACHE", str(tmp_path / "cache"))
+    build_purifier(_pave_recipe(pave_zoo, rank_ratio=7 / 8, target="delta"))  # other settings: new files
+    assert len(list((tmp_path / "cache" / "pave").glob("*.safetensors"))) == 6

@@ -55,7 +55,7 @@ CASES = {
     "prime": {}, "tsv": {}, "task_arithmetic": {}, "iso_cts": {}, "dare": {}, "drm": {},
     "ties": {"trim_scope": "model"}, "prime-auto": {"rank": "auto"}, "emr": {},
     "ho_subspace_boosting": {}, "della": {}, "consensus": {}, "breadcrumbs": {}, "iso_c": {},
-    "subspace_boosting": {},
+    "subspace_boosting": {}, "wudi": {"steps": 20}, "knots": {}, "core_space": {},
 }
 
 
@@ -98,9 +98,12 @@ class TestOnAJoinedCluster:
 def test_joining_by_address_leaves_ray_as_it_was_found(zoo, cluster, tmp_path):
     kw = dict(task_specific=HEAD, shard_size=3000)
     primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "local", **kw)
-    primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "ray",
-                   execution={"backend": "ray", "address": cluster}, **kw)
+    result = primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "ray",
+                            execution={"backend": "ray", "address": cluster}, **kw)
     assert folder_hashes(tmp_path / "ray", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
+    shards = len(list((tmp_path / "ray").glob("model-*.safetensors")))
+    assert sum(result.execution["units_per_worker"].values()) == shards
+    assert result.execution["worker_peak_rss_mib"] > 0
     assert not ray.is_initialized()
 
 

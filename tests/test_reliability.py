@@ -271,6 +271,27 @@ def test_fuzzed_recipes_either_merge_or_fail_cleanly(zoo, tmp_path):
     assert outcomes.count(0) >= 10 and outcomes.count(2) >= 10, outcomes  # both sides were exercised
 
 
+#: Fragments of pydantic's own error wording that must never reach a user.
+JARGON = ("Input should", "literal[", "Value error", "constrained-", "function-after", "Field required", "type=")
+
+
+@FUZZ
+@given(data=recipes({"base": "/b", "models": ["/m0", "/m1"]}),
+       values=st.dictionaries(st.sampled_from(["rank", "density", "scale", "alpha", "svd", "residual", "k", "lam",
+                                               "beta", "drop_rate", "base_merge", "trim_scope"]), JUNK, max_size=2))
+def test_recipe_errors_name_the_field_and_value_in_plain_words(data, values):
+    """A recipe (or its method's parameters) with junk values is refused with one sentence per field,
+    naming the field and the value, never pydantic's internal wording."""
+    from primerge.recipe import build_recipe
+
+    if isinstance(data.get("parameters"), dict):
+        data["parameters"] = {**data["parameters"], **values}
+    try:
+        build_recipe(data)
+    except RecipeError as exc:
+        assert not any(fragment in str(exc) for fragment in JARGON), str(exc)
+
+
 @FUZZ
 @given(text=st.text(max_size=200))
 def test_fuzzed_recipe_text_is_a_recipe_or_a_recipe_error(tmp_path_factory, text):
@@ -533,7 +554,6 @@ def test_products_with_few_rows_do_not_depend_on_the_thread_count():
     operand of a few rows (5–11 on this project's CPU torch; e.g. Ûᵀ M_r in PRIME with T·r = 6)
     gives other bits with 2 threads than with 1. Under ThreadIndependent it does not, and neither
     does a PRIME merge at a rank where that happens."""
-    from primerge.deterministic import ThreadIndependent
     from primerge.methods.stack import TaskStack
 
     gen = torch.Generator().manual_seed(0)
@@ -541,18 +561,28 @@ def test_products_with_few_rows_do_not_depend_on_the_thread_count():
     right = torch.randn(24, 64, generator=gen)
     taus = TaskStack.of(torch.randn(3, 24, 16, generator=gen))
     spec = get_method("prime")
+    results = under_one_and_two_threads(lambda: [a @ right for a in lefts] + [a.mT.mT @ right for a in lefts] + [
+        torch.addmm(torch.zeros(a.shape[0], 64), a, right) for a in lefts] + [
+        spec.apply(taus, TensorContext("w", "matrix"), spec.parameters({"rank": 0.12}))])
+    assert all(torch.equal(one, two) for one, two in zip(results[1], results[2]))
+
+
+def under_one_and_two_threads(compute) -> dict[int, list]:
+    """``compute()`` under ThreadIndependent with 1 and with 2 torch threads (restored after each
+    call, checked), keyed by the thread count."""
+    from primerge.deterministic import ThreadIndependent
+
     before = torch.get_num_threads()
     results = {}
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             with ThreadIndependent():
-                results[threads] = [a @ right for a in lefts] + [a.mT.mT @ right for a in lefts] + [
-                    torch.addmm(torch.zeros(a.shape[0], 64), a, right) for a in lefts] + [
-                    spec.apply(taus, TensorContext("w", "matrix"), spec.parameters({"rank": 0.12}))]
+                results[threads] = compute()
+            assert torch.get_num_threads() == threads  # restored after every decomposition
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(one, two) for one, two in zip(results[1], results[2]))
+    return results
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -561,26 +591,15 @@ def test_decompositions_under_thread_independent_do_not_depend_on_the_thread_cou
     batch is split over the threads or decomposed in one call; a split batch gives each matrix
     exactly what the matrix alone gives."""
     from primerge import deterministic
-    from primerge.deterministic import ThreadIndependent
 
     monkeypatch.setattr(deterministic, "SPLIT_WORK", 0 if split else 2**62)
 
     gen = torch.Generator().manual_seed(0)
     batch = torch.randn(3, 384, 200, generator=gen)
     gram = batch[0].T @ batch[0] + torch.eye(200)
-    before = torch.get_num_threads()
-    results = {}
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with ThreadIndependent():
-                results[threads] = [*torch.linalg.svd(batch, full_matrices=False), *torch.linalg.qr(batch[0]),
-                                    torch.linalg.svdvals(batch), *torch.linalg.eigh(gram),
-                                    torch.linalg.cholesky(gram),
-                                    torch.linalg.svd(batch[1], full_matrices=False).U]
-            assert torch.get_num_threads() == threads  # restored after every decomposition
-    finally:
-        torch.set_num_threads(before)
+    results = under_one_and_two_threads(lambda: [
+        *torch.linalg.svd(batch, full_matrices=False), *torch.linalg.qr(batch[0]), torch.linalg.svdvals(batch),
+        *torch.linalg.eigh(gram), torch.linalg.cholesky(gram), torch.linalg.svd(batch[1], full_matrices=False).U])
     for one, two in zip(results[1], results[2]):
         assert torch.equal(one, two)
     if split:

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import save_file
 
 from primerge.io.manifest import verify_folder
-from primerge.io.writer import TEMP_MARK
+from primerge.io.writer import LOCK_SUFFIX, TEMP_MARK
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_interrupting_a_merge_at_any_point_loses_nothing(zoo, tmp_path):
     assert digest(rerun) == reference
 
 
-def test_sigkill_leaves_only_a_marked_folder_that_a_rerun_clears(zoo, tmp_path):
+def test_sigkill_leaves_only_a_marked_folder_and_its_lock_that_a_rerun_clears(zoo, tmp_path):
     path = recipe(zoo, tmp_path, "prime")
     out = tmp_path / "merged"
     child = subprocess.Popen(primerge_cmd(*merge_args(path, out)))
@@ -128,8 +128,9 @@ def test_sigkill_leaves_only_a_marked_folder_that_a_rerun_clears(zoo, tmp_path):
         time.sleep(0.02)
     child.kill()
     child.wait()
-    marked = leftovers(out)
-    assert not out.exists() and len(marked) == 1 and TEMP_MARK in marked[0].name
+    marked = leftovers(out)  # the temporary folder, and its lock file that no process holds now
+    assert not out.exists() and len(marked) == 2 and TEMP_MARK in marked[0].name
+    assert marked[1].name == marked[0].name + LOCK_SUFFIX and marked[0].is_dir()
     subprocess.run(primerge_cmd(*merge_args(path, out)), check=True)
     assert leftovers(out) == [] and verify_folder(out).ok
 

@@ -1,36 +1,35 @@
 """primerge: streaming merges of fine-tuned checkpoints (PRIME, TSV, TIES, Task Arithmetic, ...).
 
-Public API: :func:`merge`, :func:`merge_recipe`, :func:`load_recipe`, :func:`list_methods`,
-:func:`get_method`, :func:`load_task_state` (per-task methods), :class:`MergeResult`,
+Public API: :func:`merge`, :func:`merge_recipe`, :func:`dry_run` (``primerge plan``), :func:`load_recipe`,
+:func:`list_methods`, :func:`get_method`, :func:`load_task_state` (per-task methods),
+:func:`load_task_model` (a task's head on the merged body), :class:`MergeResult`,
 :class:`Recipe`, and the errors in :mod:`primerge.errors`. Everything but the errors is imported
 on first use, so ``import primerge`` (and ``primerge --version``) does not load torch.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from primerge.errors import InputError, OutputError, PrimergeError, RecipeError
 
+from primerge.lazy import lazy_attributes
 from primerge.version import __version__
 
 #: public name -> the module that defines it
 _LAZY = {
     "merge": "primerge.api",
     "merge_recipe": "primerge.api",
+    "dry_run": "primerge.api",
     "MergeResult": "primerge.output.base",
     "get_method": "primerge.methods",
     "list_methods": "primerge.methods",
     "load_task_state": "primerge.output.per_task",
+    "load_task_model": "primerge.output.heads",
     "Recipe": "primerge.recipe",
     "load_recipe": "primerge.recipe",
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'primerge' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["InputError", "OutputError", "PrimergeError", "RecipeError", "__version__", *_LAZY]

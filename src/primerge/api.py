@@ -10,12 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import run
+from primerge.engine import resolve_device, run
+from primerge.errors import RecipeError
 from primerge.execution import make_executor
+from primerge.io.names import user_path
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from primerge.output.base import MergeResult
 from primerge.output.formats import open_sink
 from primerge.plan import build_plan
+from primerge.preflight import Preflight, check_fits, preflight
 from primerge.recipe import Recipe, build_recipe, load_recipe
 
 
@@ -34,10 +37,13 @@ def merge(
     allow_pickle: bool = False,
     lora_rank: int | None = None,
     execution: dict[str, Any] | None = None,
+    tokenizer: str = "base",
+    output: dict[str, Any] | None = None,
     device: str = "cpu",
     force: bool = False,
     quiet: bool = True,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
+    max_memory: int | str | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge ``models`` (fine-tunes of ``base``) with ``method``.
@@ -50,8 +56,14 @@ def merge(
     ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
     model (:mod:`primerge.output.lora`); ``models`` may be LoRA adapter folders too.
     ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.execution.ray`).
-    Raises a :class:`primerge.errors.PrimergeError` on any bad input.
+    ``tokenizer`` (base | union | a model's name) chooses the output vocabulary
+    (:mod:`primerge.vocabulary`); ``output`` is the recipe's output block (e.g. ``{"dtype": "bfloat16"}``).
+    A merge that would not fit in memory (or ``max_memory``, e.g. ``"8GB"``) or on disk is refused
+    before it starts (:mod:`primerge.preflight`). Raises a :class:`primerge.errors.PrimergeError`
+    on any bad input.
     """
+    if not isinstance(parameters, (dict, type(None))):
+        raise RecipeError(f"parameters must be a mapping of method parameters, not {type(parameters).__name__}.")
     recipe = build_recipe({
         "base": base,
         "models": models,
@@ -63,10 +75,31 @@ def merge(
         "lines": lines,
         "purify": purify,
         "allow_pickle": allow_pickle,
-        "output": {"lora_rank": lora_rank} if lora_rank is not None else None,
+        "output": {**(output or {}), **({"lora_rank": lora_rank} if lora_rank is not None else {})} or None,
         "execution": execution,
+        "tokenizer": tokenizer,
     })
-    return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size)
+    return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size,
+                        max_memory=max_memory)
+
+
+def _resolve(recipe: Recipe | str | Path, allow_pickle: bool, lora_rank: int | None,
+             execution: dict[str, Any] | None) -> tuple[Recipe, Path | None]:
+    """The recipe (read from YAML if a path) with the call's overrides, and its folder."""
+    if not isinstance(allow_pickle, bool):
+        raise RecipeError(f"allow_pickle must be true or false, not {allow_pickle!r:.40}.")
+    folder = None
+    if not isinstance(recipe, Recipe):
+        path = user_path(recipe, "recipe")
+        folder = path.parent
+        recipe = load_recipe(path)
+    if allow_pickle:
+        recipe = recipe.replace(allow_pickle=True)
+    if lora_rank is not None:
+        recipe = recipe.replace(output={"lora_rank": lora_rank})
+    if execution:
+        recipe = recipe.replace(execution={**recipe.execution.model_dump(exclude_defaults=True), **execution})
+    return recipe, folder
 
 
 def merge_recipe(
@@ -80,28 +113,24 @@ def merge_recipe(
     allow_pickle: bool = False,
     lora_rank: int | None = None,
     execution: dict[str, Any] | None = None,
+    max_memory: int | str | None = None,
 ) -> MergeResult:
     """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
 
     ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank; ``execution``
     overrides fields of the recipe's ``execution`` block (e.g. ``{"backend": "ray", "workers": 4}``);
-    ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not.
+    ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not; ``max_memory``
+    replaces the machine's available memory in the pre-flight check.
     """
-    folder = None
-    if not isinstance(recipe, Recipe):
-        folder = Path(recipe).parent
-        recipe = load_recipe(recipe)
-    if allow_pickle:
-        recipe = recipe.replace(allow_pickle=True)
-    if lora_rank is not None:
-        recipe = recipe.replace(output={"lora_rank": lora_rank})
-    if execution:
-        recipe = recipe.replace(execution={**recipe.execution.model_dump(exclude_defaults=True), **execution})
+    resolve_device(device)  # the call's own arguments first: a wrong type is one clear error
     size = parse_size(shard_size)
+    limit = parse_size(max_memory) if max_memory is not None else None
+    recipe, folder = _resolve(recipe, allow_pickle, lora_rank, execution)
     executor = make_executor(recipe.execution, device)
-    sink = open_sink(recipe, Path(out) if out is not None else None, force=force, shard_size=size)
+    sink = open_sink(recipe, out, force=force, shard_size=size)
     plan = build_plan(recipe, shard_size=size)
     try:
+        check_fits(plan, Path(out) if out is not None else None, resolve_device(device), limit)  # out: checked by open_sink
         if recipe.purify is not None:
             from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
@@ -110,3 +139,28 @@ def merge_recipe(
     finally:
         plan.close()
         executor.close()
+
+
+def dry_run(
+    recipe: Recipe | str | Path,
+    *,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    allow_pickle: bool = False,
+    lora_rank: int | None = None,
+    max_memory: int | str | None = None,
+    calibrate: bool = True,
+) -> Preflight:
+    """What merging ``recipe`` into ``out`` would do, from the headers and a short calibration
+    (``primerge plan``; :mod:`primerge.preflight`); nothing is written. ``report.problems`` lists
+    what would refuse the merge."""
+    device = resolve_device(device)
+    recipe, _ = _resolve(recipe, allow_pickle, lora_rank, None)
+    plan = build_plan(recipe, shard_size=parse_size(shard_size))
+    try:
+        limit = parse_size(max_memory) if max_memory is not None else None
+        return preflight(plan, user_path(out, "output") if out is not None else None, device,
+                                max_memory=limit, calibrate_time=calibrate)
+    finally:
+        plan.close()

@@ -17,23 +17,49 @@ from primerge.version import __version__
 from primerge.errors import PrimergeError
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from primerge.api import dry_run
+
+    size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
+    report = dry_run(args.recipe, out=args.out, device=args.device, allow_pickle=args.allow_pickle,
+                       lora_rank=args.as_lora, max_memory=args.max_memory,
+                       calibrate=not getattr(args, "no_calibration", False), **size)
+    print(report.to_text())
+    if report.problems:
+        print(f"primerge: error: {' '.join(report.problems)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from primerge.api import merge_recipe
+    from primerge.output.lora import LARGE_ERROR
 
+    if args.dry_run:
+        return _cmd_plan(args)
     size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
     execution = {key: value for key in ("backend", "address", "workers", "cpus_per_worker", "gpus_per_worker")
                  if (value := getattr(args, key)) is not None}
     result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force, quiet=args.quiet,
-                          allow_pickle=args.allow_pickle, lora_rank=args.as_lora, execution=execution, **size)
+                          allow_pickle=args.allow_pickle, lora_rank=args.as_lora, execution=execution,
+                          max_memory=args.max_memory, **size)
     c = result.counts
     if result.report:
         print(result.report)
     if result.lora is not None:
-        print(f"LoRA adapter, rank {result.lora['rank']}: {len(result.lora['modules'])} modules, largest "
-              f"relative error {result.lora['max_relative_error']:.2e} (per module in lora_report.json)")
+        lora = result.lora
+        print(f"LoRA adapter, rank {lora['rank']}: {len(lora['modules'])} modules, largest "
+              f"relative error {lora['max_relative_error']:.2e} (per module in lora_report.json)")
+        if lora["large_errors"]:
+            worst = ", ".join(f"{w['module']} ({w['relative_error']:.2f})" for w in lora["large_errors"][:3])
+            print(f"primerge: warning: {len(lora['large_errors'])} modules are approximated worse than "
+                  f"{LARGE_ERROR:g} relative error at rank {lora['rank']} (worst: {worst}); --as-lora "
+                  f"{lora['suggested_rank']} keeps every module within {LARGE_ERROR:g}.", file=sys.stderr)
+    experts = f"{c['experts']} expert tensors ({c['expert_matrices']} matrices), " if c["experts"] else ""
+    vocab = f", {c['vocab_aligned']} vocabulary-aligned" if c["vocab_aligned"] else ""
     print(f"merged with {result.method} in {result.seconds:.1f}s -> {result.out} "
-          f"({c['matrix']} matrices, {c['fallback']} other merged tensors, {c['copy']} copied, "
-          f"{c['task_specific']} task-specific)")
+          f"({c['matrix'] + c['reshaped']} matrices, {experts}{c['fallback']} other merged tensors, {c['copy']} copied, "
+          f"{c['task_specific']} task-specific{vocab})")
     return 0
 
 
@@ -43,6 +69,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     report = verify_folder(args.folder)
     for problem in report.problems:
         print(f"FAIL {problem}")
+    for rel in report.unlisted:
+        print(f"note {rel}: not listed in the manifest (hub or git metadata, not checked)")
     state = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
     print(f"{state}: {report.files} files, {report.tensors} tensors checked in {report.folder}")
     return 0 if report.ok else 1
@@ -76,6 +104,20 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_options(parser: argparse.ArgumentParser, *, out_required: bool) -> None:
+    """The options ``merge`` and ``plan`` share."""
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--out", required=out_required, help="output folder (written atomically)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (default) or 500MB")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
+    parser.add_argument("--as-lora", type=int, metavar="RANK", default=None,
+                        help="write a PEFT LoRA adapter of this rank instead of a full model")
+    parser.add_argument("--max-memory", metavar="SIZE", help="memory the merge may use, e.g. 16GB (default: "
+                        "what the machine has available); a merge that needs more is refused before it starts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="primerge", description="Merge fine-tuned checkpoints of one base model (PRIME, TSV, TIES, ...).")
@@ -83,16 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="merge the models of a YAML recipe into one model folder")
-    merge.add_argument("recipe", help="recipe YAML file")
-    merge.add_argument("--out", required=True, help="output folder (written atomically)")
-    merge.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    _merge_options(merge, out_required=True)
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
-    merge.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (default) or 500MB")
-    merge.add_argument("--allow-pickle", action="store_true",
-                       help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True))")
-    merge.add_argument("--as-lora", type=int, metavar="RANK", default=None,
-                       help="write a PEFT LoRA adapter of this rank instead of a full model")
+    merge.add_argument("--dry-run", action="store_true", help="print the pre-flight plan (as `primerge plan`) "
+                       "and stop")
     ray = merge.add_argument_group("distributed execution (pip install 'primerge[ray]')")
     ray.add_argument("--backend", choices=["local", "ray"], help="where the units run (default: the recipe's, "
                      "else local)")
@@ -101,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per unit (default 1)")
     ray.add_argument("--gpus-per-worker", type=float, help="GPUs reserved per unit; units then merge on CUDA")
     merge.set_defaults(func=_cmd_merge)
+
+    plan = sub.add_parser("plan", help="pre-flight: treatments, differences, memory, disk and time of a recipe's "
+                          "merge, from the headers and a short calibration; nothing is written")
+    _merge_options(plan, out_required=False)
+    plan.add_argument("--no-calibration", action="store_true", help="skip the timed calibration")
+    plan.set_defaults(func=_cmd_plan)
 
     verify = sub.add_parser("verify", help="check an output folder against its primerge-manifest.json")
     verify.add_argument("folder", help="a folder written by primerge merge")

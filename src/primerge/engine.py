@@ -18,6 +18,7 @@ the merge, and a folder output removes its temporary folder, so nothing partial 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -27,35 +28,45 @@ from tqdm.auto import tqdm
 
 from primerge.deterministic import ThreadIndependent
 from primerge.errors import InputError, RecipeError
+from primerge.io.manifest import non_finite
 from primerge.methods.base import PerTaskUpdate, Prepass, TensorContext, fold_statistics, is_sum_merge
 from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, Sink, UnitWriter
 from primerge.plan import Plan, WorkUnit
 from primerge.seeding import derive_seed
 from primerge.taskvectors import PlanEntry
+from primerge.treatments import matrix_inputs, merge_function
 
 
 def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when available)."""
+    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when available); anything else,
+    or a CUDA device that is not there, is a :class:`RecipeError`."""
+    if not isinstance(device, str):
+        raise RecipeError(f"device must be text (cpu, cuda, cuda:N or auto), not {type(device).__name__}.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError("--device cuda was requested but no CUDA device is available; use cpu.")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise RecipeError(f"unknown device '{device}'; use cpu, cuda or auto.") from None
+    match = re.fullmatch(r"cpu|cuda(?::(\d{1,4}))?", device)
+    if match is None:
+        raise RecipeError(f"unsupported device '{device[:40]}'; use cpu, cuda, cuda:N or auto.")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RecipeError("--device cuda was requested but no CUDA device is available; use cpu.")
+        if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+            raise RecipeError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices.")
+    return torch.device(device)
 
 
 def context(plan: Plan, entry: PlanEntry, prepass: Any = None) -> TensorContext:
     """What the method knows of ``entry``: treatment, seed from the recipe seed and its name."""
-    kind = "matrix" if entry.kind == "matrix" else "fallback"
+    kind = "fallback" if entry.kind == "fallback" else "matrix"
     return TensorContext(entry.name, kind, derive_seed(plan.recipe.seed, entry.name), prepass)
 
 
 def prepass_statistics(plan: Plan, prepass: Prepass, pass_index: int, entries: Iterable[PlanEntry],
                        device: torch.device) -> Any:
-    """The fold (``prepass.combine``) of the statistics of ``entries`` in pass ``pass_index``."""
-    tensors = ((plan.task_vectors(e, device)[1], context(plan, e)) for e in entries if e.kind != "copy")
+    """The fold (``prepass.combine``) of the statistics of ``entries`` in pass ``pass_index``
+    (a tensor of several matrices is observed matrix by matrix, :func:`primerge.treatments.matrix_inputs`)."""
+    tensors = (pair for e in entries if e.kind != "copy"
+               for pair in matrix_inputs(e, plan.task_vectors(e, device)[1], context(plan, e)))
     return fold_statistics(prepass, pass_index, tensors)
 
 
@@ -82,11 +93,12 @@ def run_prepass(plan: Plan, device: torch.device, quiet: bool = True) -> Any:
 
 
 def merge_tensor(plan: Plan, entry: PlanEntry, device: torch.device, prepass: Any = None) -> MergedTensor:
-    """One output tensor: copied from the base, or θ₀ + update in the stored dtype."""
+    """One output tensor: copied from the base, or θ₀ + update in the stored format."""
     if entry.kind == "copy":
-        return MergedTensor(entry.name, plan.base.load(entry.name), entry.kind)
+        value, companions = plan.copied(entry)
+        return MergedTensor(entry.name, value, entry.kind, companions=companions)
     spec, params = plan.recipe.spec, plan.recipe.params
-    merge = spec.function_for(entry.kind)
+    merge = merge_function(spec, entry)
     base, taus = plan.task_vectors(entry, device, summed=is_sum_merge(merge))
     update = merge(taus, context(plan, entry, prepass), params)
     del taus
@@ -95,12 +107,12 @@ def merge_tensor(plan: Plan, entry: PlanEntry, device: torch.device, prepass: An
         update = per_task.update
     if plan.scales is not None:
         update = update * plan.scales[entry.name]
-    if not bool(torch.isfinite(update).all()):
+    if non_finite(update):
         raise InputError(f"tensor '{entry.name}': method '{spec.name}' produced NaN/Inf; check the inputs "
                          f"and parameters ({params.model_dump()}).")
-    value = (base + update).to(dtype=entry.dtype, device="cpu")
+    value, companions = entry.store(base + update)
     if per_task is None:
-        return MergedUpdate(entry.name, value, entry.kind, update)
+        return MergedUpdate(entry.name, value, entry.kind, update, companions=companions)
     unified = update.to(dtype=entry.dtype, device="cpu")
     tensors = {k: v.cpu() for k, v in per_task.task_tensors.items()}
     return PerTaskTensor(entry.name, value, entry.kind, unified, tensors)

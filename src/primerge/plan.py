@@ -1,10 +1,13 @@
 """recipe -> :class:`Plan`: everything a merge needs to know before reading a single tensor.
 
-The plan is checked once, from the headers: the base and every model opened lazily and aligned
-(:mod:`primerge.taskvectors`), one :class:`~primerge.taskvectors.PlanEntry` per output tensor
-with its treatment (``matrix``: the method's matrix merge; ``fallback``: every other floating
-tensor; ``copy``: taken from the base), LiNeS scales, and a deterministic partition of the entries
-into :class:`WorkUnit` s — the tensors of one output shard each, in base order. Executing a unit
+The plan is checked once, from the headers: the base and every model opened lazily (quantized
+formats dequantized or refused, :mod:`primerge.io.quantized`) and aligned with the base
+(:mod:`primerge.taskvectors`: names, tied embeddings; :mod:`primerge.vocabulary`: token rows),
+one :class:`~primerge.taskvectors.PlanEntry` per output tensor with its treatment
+(:mod:`primerge.treatments`: ``matrix``, ``experts``, ``reshaped``, ``fallback``, ``copy``) and
+stored format, LiNeS scales, the output's support files (:mod:`primerge.support`), and a
+deterministic partition of the entries into :class:`WorkUnit` s — the tensors of one output shard
+each, in base order. Executing a unit
 is a pure function of (plan, unit, pre-pass result), which is what lets units run on any worker.
 A plan holds only checkpoint metadata (readers open files per read), so it can be pickled and
 sent to a remote worker.
@@ -14,18 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from primerge.errors import InputError
+from primerge.errors import InputError, RecipeError
 from primerge.io.adapters import is_adapter
-from primerge.io.readers import Checkpoint, open_checkpoint
+from primerge.io.quantized import Fp8Blocks, Fp8Checkpoint, open_weights, read_config
+from primerge.io.readers import Checkpoint
 from primerge.io.writer import DEFAULT_SHARD_SIZE
 from primerge.methods.lines import layer_scales
 from primerge.methods.stack import TaskStack
 from primerge.recipe import Recipe
+from primerge.support import OutputFile, output_files
 from primerge.taskvectors import (
-    EntryKind,
+    FullFineTune,
     PlanEntry,
     TaskVectorSource,
     TaskVectorTransform,
@@ -33,6 +40,11 @@ from primerge.taskvectors import (
     read_stack,
     read_sum,
 )
+from primerge.treatments import classify
+from primerge.vocabulary import VocabularyAlignment, align_vocabulary
+
+#: the plan's treatments, in the order reports list them
+KINDS = ("matrix", "experts", "reshaped", "fallback", "copy")
 
 @dataclass(frozen=True)
 class WorkUnit:
@@ -63,7 +75,8 @@ def shard_units(entries: list[PlanEntry], shard_size: int) -> list[WorkUnit]:
 @dataclass(frozen=True)
 class Plan:
     """The checked merge: recipe (method spec and parameters resolved), base, sources, entries,
-    units, the optional task-vector ``transform`` and LiNeS ``scales``."""
+    units, the optional task-vector ``transform`` and LiNeS ``scales``; the ``vocabulary``
+    alignment, the output's support ``files`` and ``notes`` on what was reconciled."""
 
     recipe: Recipe
     base: Checkpoint
@@ -72,6 +85,9 @@ class Plan:
     units: tuple[WorkUnit, ...]
     transform: TaskVectorTransform | None = None
     scales: dict[str, float] | None = None  # LiNeS λ(ℓ) per mergeable tensor, when asked for
+    vocabulary: VocabularyAlignment | None = None
+    files: tuple[OutputFile, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def labels(self) -> list[str]:
@@ -87,12 +103,28 @@ class Plan:
         return [e for e in self.entries if e.kind != "copy"]
 
     def counts(self) -> dict[str, int]:
-        """Entries per treatment, and the task-specific tensors of all models."""
-        counts = {"matrix": 0, "fallback": 0, "copy": 0}
+        """Entries per treatment, the task-specific tensors of all models, the matrices inside
+        ``experts`` tensors and the vocabulary tensors whose rows are aligned by token string."""
+        counts = dict.fromkeys(KINDS, 0)
         for e in self.entries:
             counts[e.kind] += 1
         counts["task_specific"] = sum(len(s.task_specific) for s in self.sources)
+        counts["expert_matrices"] = sum(e.view[0] for e in self.entries if e.kind == "experts")
+        aligned = self.vocabulary is not None and self.vocabulary.aligned
+        counts["vocab_aligned"] = len(self.vocabulary.tensors) if aligned else 0
         return counts
+
+    def copied(self, entry: PlanEntry) -> tuple[Tensor, dict[str, Tensor]]:
+        """A ``copy`` entry's stored value and companions: as the base stores it when the output keeps
+        its format, else the base's value in the output's format."""
+        stored = getattr(self.base, "stored", None)
+        if entry.storage is not None and stored is not None:
+            tensors = stored(entry.name)
+            return tensors.pop(entry.name), tensors
+        value = self.base.load(entry.name)
+        if value.dtype == entry.dtype:
+            return value, {}
+        return entry.store(value.float())
 
     def subset(self, tasks: int) -> Plan:
         """The same plan restricted to the first ``tasks`` models."""
@@ -109,35 +141,98 @@ class Plan:
         return read(self.base, self.sources, entry, device, self.transform)
 
 
-def classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> EntryKind:
-    """matrix / fallback / copy for one base tensor (ALGORITHMS.md Conventions).
+def open_sources(recipe: Recipe, base: Checkpoint, labels: list[str]) -> tuple[TaskVectorSource, ...]:
+    """Every model opened and checked against the base; the problems of all models in one error."""
+    sources, problems = [], []
+    for entry, label in zip(recipe.models, labels):
+        try:
+            sources.append(open_source(base, entry.path, label, entry.weight, allow_pickle=recipe.allow_pickle,
+                                       is_task_specific=recipe.is_task_specific))
+        except InputError as exc:
+            problems.append(str(exc))
+    if len(problems) > 1:
+        raise InputError(f"{len(problems)} models cannot be merged with this base:\n" +
+                         "\n".join(f"  - {p}" for p in problems))
+    if problems:
+        raise InputError(problems[0])
+    return tuple(sources)
 
-    Empty tensors (a zero-sized dimension) have nothing to merge and are copied.
-    """
-    if recipe.is_task_specific(name) or not dtype.is_floating_point or 0 in shape:
-        return "copy"
-    if len(shape) == 2 and recipe.is_matrix_name(name):
-        return "matrix"
-    return "fallback"
+
+def stored_as(recipe: Recipe, dtype: torch.dtype, scheme: Fp8Blocks | None) -> tuple[torch.dtype, Fp8Blocks | None]:
+    """The output dtype and quantized format of a base tensor stored as ``dtype`` (``scheme``: FP8
+    blocks): ``output.dtype`` for floating tensors, else as stored (FP8 quantized again in a
+    model folder; bfloat16 values in a LoRA adapter)."""
+    if not dtype.is_floating_point:
+        return dtype, None
+    if recipe.output.dtype != "auto":
+        return getattr(torch, recipe.output.dtype), None
+    if scheme is not None:
+        return (scheme.dtype, scheme) if recipe.output.format == "model" else (torch.bfloat16, None)
+    return dtype, None
+
+
+def config_changes(recipe: Recipe, base: Checkpoint, entries: list[PlanEntry], quantized: bool
+                   ) -> dict[tuple[str, ...], Any]:
+    """config.json changes the stored formats ask for: the dtype of ``output.dtype``, and no
+    ``quantization_config`` once FP8 weights are written as floats."""
+    config = read_config(base.folder)
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    changes: dict[tuple[str, ...], Any] = {}
+    dequantized = quantized and not any(e.storage for e in entries)
+    if dequantized:
+        changes[("quantization_config",)] = None
+    if recipe.output.dtype != "auto" or dequantized:
+        dtype = recipe.output.dtype if recipe.output.dtype != "auto" else "bfloat16"
+        changes.update({(k,): dtype for k in keys})
+    return changes
+
+
+def plan_entries(recipe: Recipe, base: Checkpoint, schemes: dict[str, Fp8Blocks]) -> list[PlanEntry]:
+    """One entry per base tensor: treatment, view and stored format."""
+    entries = []
+    for name in base.names:
+        info = base.info(name)
+        kind, view = classify(recipe, name, info.shape, info.dtype)
+        dtype, storage = stored_as(recipe, info.dtype, schemes.get(name))
+        entries.append(PlanEntry(name, kind, info.shape, dtype, view, storage))
+    if recipe.spec.per_task and any(e.storage for e in entries):
+        raise RecipeError(f"method '{recipe.method}' rebuilds every task's weights from the unified model, "
+                          f"which FP8 storage would round twice; add output: {{dtype: bfloat16}}.")
+    return entries
+
+
+def _support(sources: tuple[TaskVectorSource, ...]) -> list[list]:
+    return [s.checkpoint.support if isinstance(s, FullFineTune) else [] for s in sources]
 
 
 def build_plan(recipe: Recipe, *, shard_size: int = DEFAULT_SHARD_SIZE,
                transform: TaskVectorTransform | None = None) -> Plan:
-    """Open every checkpoint lazily and check it against the base; no tensor is read."""
+    """Open every checkpoint lazily and check it against the base; no tensor is read (except the
+    heads a model may store as tied duplicates, compared with its embedding)."""
     if is_adapter(recipe.base):
         raise InputError(f"{recipe.base}: the base is a LoRA adapter; give the full base model it "
                          f"was trained on (its base_model_name_or_path).")
-    base = open_checkpoint(recipe.base, allow_pickle=recipe.allow_pickle)
-    sources = tuple(
-        open_source(base, entry.path, label, entry.weight, allow_pickle=recipe.allow_pickle,
-                    is_task_specific=recipe.is_task_specific)
-        for entry, label in zip(recipe.models, recipe.model_labels())
-    )
-    entries = []
-    for name in base.names:
-        info = base.info(name)
-        entries.append(PlanEntry(name, classify(recipe, name, info.shape, info.dtype), info.shape, info.dtype))
+    base = open_weights(recipe.base, allow_pickle=recipe.allow_pickle)
+    schemes = base.schemes if isinstance(base, Fp8Checkpoint) else {}
+    labels = recipe.model_labels()
+    opened = open_sources(recipe, base, labels)
+    base, sources, vocabulary = align_vocabulary(recipe.tokenizer, base, opened, labels)
+    if vocabulary.changed and recipe.output.format != "model":
+        raise RecipeError(f"tokenizer: {recipe.tokenizer} changes the vocabulary rows, which a "
+                          f"{recipe.output.format} output of the base cannot carry; write a model folder.")
+    entries = plan_entries(recipe, base, schemes)
     scales = None
     if recipe.lines is not None:
         scales = layer_scales([e.name for e in entries if e.kind != "copy"], recipe.lines)
-    return Plan(recipe, base, sources, tuple(entries), tuple(shard_units(entries, shard_size)), transform, scales)
+    out = vocabulary.out if vocabulary.changed else None
+    chosen = opened[labels.index(recipe.tokenizer)] if recipe.tokenizer in labels and out is not None else None
+    files = output_files(base.support, out, _support(opened), chosen.checkpoint.support if chosen else None,
+                         config_changes(recipe, base, entries, bool(schemes)))
+    notes = tuple(n for s in opened for n in (f"{s.label}: {x}" for x in s.notes)) + vocabulary.notes
+    if schemes:
+        written = next(e for e in entries if e.name in schemes)
+        stored = "FP8 again (the base's blocks)" if written.storage else str(written.dtype)
+        notes += (f"base: {len(schemes)} FP8 block-scaled weights dequantized for the merge, written as "
+                  f"{stored.removeprefix('torch.')}",)
+    return Plan(recipe, base, sources, tuple(entries), tuple(shard_units(entries, shard_size)), transform, scales,
+                vocabulary, files, notes)

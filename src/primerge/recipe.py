@@ -8,12 +8,15 @@ A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
       - {path: PATH, weight: 1.0, name: my-task}
     method: prime
     parameters: {rank: 0.01, residual: mean, alpha: 1.0}
-    matrices: REGEX            # optional: 2-D parameters that get the SVD treatment
+    matrices: REGEX            # optional: 2-D parameters that get the SVD treatment, or
+                               # {REGEX: matrix | experts | flatten | mean, ...} (see Recipe.layout)
+    tokenizer: base            # base | union | MODEL NAME: the output vocabulary (primerge.vocabulary)
     task_specific: REGEX       # optional: per-task tensors kept, not merged (e.g. heads)
     seed: 42
     lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
     purify: {...}              # optional PAVE purification of the task vectors (primerge.purify)
     output: {lora_rank: 16}    # optional: write a PEFT LoRA adapter instead of a full model
+    output: {dtype: bfloat16}  # optional: store every floating tensor in this dtype (default auto)
     execution: {backend: ray, address: auto, workers: 8}   # optional: run the units on Ray
     allow_pickle: false        # true: also read .bin/.pt pickles, with torch.load(weights_only=True)
 
@@ -30,7 +33,6 @@ parameters (:attr:`Recipe.params`).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,13 +40,25 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from primerge.errors import RecipeError
+from primerge.io.names import user_path
 from primerge.methods import get_method
 from primerge.methods.base import MethodParams, MethodSpec
 from primerge.methods.lines import LinesConfig
+from primerge.patterns import compiled
 from primerge.validation import Regex, validate
 
 #: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
 DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
+#: 3-D tensors whose names match this are fused experts [E, m, n]: E matrices (Granite/JetMoE
+#: name theirs input_linear / output_linear).
+DEFAULT_EXPERTS = r"expert|input_linear|output_linear"
+
+#: How a tensor is viewed by the merge: ``matrix`` (a 2-D matrix parameter), ``experts`` (every
+#: leading index of an N-D tensor (N >= 3) is one matrix of its last two axes), ``flatten`` (an N-D
+#: tensor (N >= 2) as one matrix: first axis x the product of the others, e.g. a convolution
+#: [out, in, kh, kw] as out x in·kh·kw) or ``mean`` (the fallback: not a matrix).
+Layout = Literal["matrix", "experts", "flatten", "mean"]
+OutputDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class ModelEntry(BaseModel):
@@ -56,6 +70,11 @@ class ModelEntry(BaseModel):
     weight: float = Field(1.0, allow_inf_nan=False)
     name: str | None = None
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _usable_path(cls, value: Any) -> Path:
+        return user_path(value, "models: path")
+
     @property
     def label(self) -> str:
         return self.name or (self.path.stem if self.path.suffix else self.path.name)
@@ -64,12 +83,16 @@ class ModelEntry(BaseModel):
 class OutputConfig(BaseModel):
     """How the merge is written: ``format`` names a registered output (:mod:`primerge.output`):
     ``model`` (default) a full model folder, ``lora`` a PEFT LoRA adapter holding the best
-    rank-``lora_rank`` approximation of every merged matrix update (``lora_rank`` alone implies it)."""
+    rank-``lora_rank`` approximation of every merged matrix update (``lora_rank`` alone implies it).
+    ``dtype`` stores every floating tensor of a model output in that dtype; ``auto`` keeps each
+    tensor's stored dtype (FP8 block-scaled weights are quantized again, :mod:`primerge.io.quantized`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: str = "model"
-    lora_rank: int | None = Field(None, ge=1)
+    lora_rank: int | None = Field(None, ge=1, le=2**16)
+    lora_task_type: str | None = None  # peft task type of a LoRA output; default: the inputs' or the base's
+    dtype: OutputDtype = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +105,8 @@ class OutputConfig(BaseModel):
     def _lora_has_rank(self) -> OutputConfig:
         if self.format == "lora" and self.lora_rank is None:
             raise ValueError("format lora needs lora_rank (the adapter's rank)")
+        if self.format == "lora" and self.dtype != "auto":
+            raise ValueError("dtype applies to a model output; a LoRA adapter is stored as the base's floats")
         return self
 
 
@@ -121,14 +146,15 @@ class Recipe(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     method: str = "prime"
     parameters: dict[str, Any] = Field(default_factory=dict)
-    matrices: Regex | None = None
+    matrices: Regex | dict[Regex, Layout] | None = None
     task_specific: Regex | None = None
-    seed: int = 42
+    tokenizer: str = Field("base", min_length=1)
+    seed: int = Field(42, ge=0, lt=2**63)
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
-    allow_pickle: bool = False  # opt in to .bin/.pt pickle checkpoints (read weights-only)
+    allow_pickle: bool = Field(False, strict=True)  # opt in to .bin/.pt pickles (read weights-only): true or false
 
     _spec: MethodSpec = PrivateAttr()
     _params: MethodParams = PrivateAttr()
@@ -140,10 +166,22 @@ class Recipe(BaseModel):
             return [{"path": v} if isinstance(v, (str, Path)) else v for v in value]
         return value
 
+    @field_validator("base", mode="before")
+    @classmethod
+    def _usable_base(cls, value: Any) -> Path:
+        return user_path(value, "base")
+
     @field_validator("output", "execution", mode="before")
     @classmethod
     def _default_section(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _tokenizer_names_a_source(self) -> Recipe:
+        if self.tokenizer not in ("base", "union") and self.tokenizer not in self.model_labels():
+            raise ValueError(f"tokenizer '{self.tokenizer}' is not base, union or a model's name "
+                             f"({', '.join(self.model_labels())})")
+        return self
 
     def model_post_init(self, context: Any) -> None:
         self._spec = get_method(self.method)
@@ -168,6 +206,10 @@ class Recipe(BaseModel):
         """A re-validated copy with ``changes`` applied (e.g. ``output={...}``)."""
         return validate(Recipe, {**self.model_dump(exclude_none=True), **changes}, "recipe")
 
+    def inputs(self) -> list[Path]:
+        """The base and every model: what no output may overwrite."""
+        return [self.base, *(m.path for m in self.models)]
+
     def model_labels(self) -> list[str]:
         """Unique names of the models (``name``, else the stem; ``-2``, ``-3`` on clashes)."""
         labels: list[str] = []
@@ -178,14 +220,29 @@ class Recipe(BaseModel):
             labels.append(label)
         return labels
 
-    def is_matrix_name(self, name: str) -> bool:
-        """Whether a floating 2-D tensor called ``name`` is a matrix parameter (re.search)."""
-        if self.matrices is not None:
-            return re.search(self.matrices, name) is not None
-        return re.search(DEFAULT_NON_MATRIX, name) is None
+    def layout(self, name: str, shape: tuple[int, ...]) -> Layout:
+        """How the floating tensor ``name`` of ``shape`` is merged (patterns searched in bounded time,
+        :mod:`primerge.patterns`).
+
+        By default a 2-D tensor is a ``matrix`` unless its name matches :data:`DEFAULT_NON_MATRIX`,
+        a 3-D tensor named like :data:`DEFAULT_EXPERTS` is ``experts``, everything else ``mean``.
+        ``matrices: REGEX`` replaces the 2-D rule (2-D tensors matching it are the matrices);
+        ``matrices: {REGEX: LAYOUT}`` gives the first matching pattern's layout to a tensor whose
+        shape fits it (``matrix``: 2-D, ``experts``: 3-D or more, ``flatten``: 2-D or more, ``mean``:
+        any) and the default rule to every other tensor.
+        """
+        if isinstance(self.matrices, dict):
+            for pattern, layout in self.matrices.items():
+                if _found(pattern, name) and _fits(layout, len(shape)):
+                    return layout
+        elif self.matrices is not None and len(shape) == 2:
+            return "matrix" if _found(self.matrices, name) else "mean"
+        if len(shape) == 2:
+            return "mean" if _found(DEFAULT_NON_MATRIX, name) else "matrix"
+        return "experts" if len(shape) == 3 and _found(DEFAULT_EXPERTS, name) else "mean"
 
     def is_task_specific(self, name: str) -> bool:
-        return self.task_specific is not None and re.search(self.task_specific, name) is not None
+        return self.task_specific is not None and compiled(self.task_specific, "task_specific").search(name) is not None
 
     def to_yaml(self) -> str:
         """The recipe as YAML, effective method parameters included."""
@@ -195,6 +252,15 @@ class Recipe(BaseModel):
                 del data[key]
         data["parameters"] = self.params.model_dump(mode="json")
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def _found(pattern: str, name: str) -> bool:
+    return compiled(pattern, "matrices").search(name) is not None
+
+
+def _fits(layout: Layout, ndim: int) -> bool:
+    """Whether a tensor of ``ndim`` axes can be merged with ``layout``."""
+    return {"matrix": ndim == 2, "experts": ndim >= 3, "flatten": ndim >= 2, "mean": True}[layout]
 
 
 def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None) -> Recipe:
@@ -216,13 +282,13 @@ def _resolve(path: Path, folder: Path) -> Path:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
-    path = Path(path)
+    path = user_path(path, "recipe")
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({exc}).") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: e.g. an integer of 5000 digits
+        raise RecipeError(f"{path}: not valid YAML ({str(exc)[:200]}).") from None
     try:
         return build_recipe(data, relative_to=path.parent)
     except RecipeError as exc:

@@ -9,8 +9,10 @@ come before.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MASK_63 = 2**63 - 1
 
@@ -23,4 +25,6 @@ def derive_seed(*keys: object) -> int:
 
 def generator(*keys: object) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of the keys."""
+    import torch  # here, so that derive_seed costs no torch import (the CLI's defaults use it)
+
     return torch.Generator().manual_seed(derive_seed(*keys))

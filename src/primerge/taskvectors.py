@@ -22,7 +22,7 @@ purification), then multiplied by the model's weight w_t; :func:`read_sum` accum
 
 from __future__ import annotations
 
-import re
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,10 +35,15 @@ from torch import Tensor
 
 from primerge.errors import InputError
 from primerge.io.adapters import Adapter, is_adapter, open_adapter
+from primerge.io.files import load_json
+from primerge.io.manifest import non_finite
+from primerge.io.quantized import Fp8Blocks, open_weights
 from primerge.io.readers import Checkpoint, open_checkpoint
 from primerge.methods.stack import LowRank, TaskStack
+from primerge.names import map_names, prefix_map, rows_differ
 
-EntryKind = Literal["matrix", "fallback", "copy"]
+#: A tensor's treatment (:mod:`primerge.treatments`).
+EntryKind = Literal["matrix", "experts", "reshaped", "fallback", "copy"]
 
 #: (model label, tensor name, θ₀ in float32, τ_t in float32) -> replacement τ_t, applied to every
 #: mergeable tensor before model weights (e.g. PAVE purification, :mod:`primerge.purify`).
@@ -47,25 +52,34 @@ TaskVectorTransform = Callable[[str, str, Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """One output tensor: its base name, treatment, shape and storage dtype."""
+    """One output tensor: its base name, treatment, shape and storage dtype; ``view`` (B, m, n) for
+    a tensor merged as B matrices (:mod:`primerge.treatments`); ``storage`` a quantized format the
+    merged value is encoded in (:class:`~primerge.io.quantized.Fp8Blocks`), else a cast to ``dtype``."""
 
     name: str
     kind: EntryKind
     shape: tuple[int, ...]
     dtype: torch.dtype
+    view: tuple[int, int, int] | None = None
+    storage: Fp8Blocks | None = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored tensor."""
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
+        """Bytes of the stored tensor (with its scales when quantized)."""
+        if self.storage is not None:
+            return self.storage.stored_bytes(self.shape)
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def store(self, value: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """A merged float32 value in the stored format, on the CPU, with its companion tensors."""
+        if self.storage is None:
+            return value.to(dtype=self.dtype, device="cpu"), {}
+        return self.storage.encode(self.name, value)
 
 
 def finite(tensor: Tensor, where: object, name: str) -> Tensor:
     """``tensor``, refused with the file and tensor named when it holds NaN or Inf."""
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+    if non_finite(tensor):
         raise InputError(f"{where}: tensor '{name}' contains NaN or Inf values; fix or re-export it.")
     return tensor
 
@@ -74,7 +88,8 @@ class TaskVectorSource(ABC):
     """One fine-tuned model as a source of task vectors.
 
     ``names`` maps the base names it provides τ for to its own tensor names; ``task_specific``
-    lists its own names of the tensors kept per task (heads); ``weight`` w multiplies τ.
+    lists its own names of the tensors kept per task (heads); ``weight`` w multiplies τ; ``notes``
+    say what opening reconciled with the base (shown by ``primerge plan``).
     """
 
     def __init__(self, label: str, weight: float, names: dict[str, str], task_specific: list[str]):
@@ -82,6 +97,7 @@ class TaskVectorSource(ABC):
         self.weight = weight
         self.names = names
         self.task_specific = task_specific
+        self.notes: list[str] = []  # what opening reconciled (tied names, ...), for the pre-flight report
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -110,6 +126,10 @@ class TaskVectorSource(ABC):
     def files(self) -> list[Path]:
         """Every file this model is read from (a distributed merge checks each node sees them)."""
 
+    def architectures(self) -> list[str] | None:
+        """The transformers classes the model was saved as (its ``config.json``), when known."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release file handles and cached tensors."""
@@ -136,23 +156,18 @@ class FullFineTune(TaskVectorSource):
     @classmethod
     def open(cls, base: Checkpoint, path: Path, label: str, weight: float, *, allow_pickle: bool,
              is_task_specific: Callable[[str], bool]) -> FullFineTune:
-        """Check the checkpoint against the base (key set, shapes, dtype class) and map its names."""
-        model = open_checkpoint(path, allow_pickle=allow_pickle)
+        """Check the checkpoint against the base (key set, shapes, dtype class) and map its names
+        (one prefix, tied embeddings: :func:`primerge.names.map_names`). The base's integer buffers
+        (e.g. BERT's ``position_ids``) are copied from the base, so a fine-tune saved without them is fine."""
+        model = open_weights(path, allow_pickle=allow_pickle)
         shared = [n for n in base.names if not is_task_specific(n)]
-        names = prefix_map(shared, set(model.names))
-        if names is None:
-            missing = [n for n in shared if n not in model]
-            raise InputError(f"{model.path}: {len(missing)} tensors of the base {base.path} are missing "
-                             f"(first: '{missing[0]}'). Is '{label}' a fine-tune of this base?")
         heads = [n for n in model.names if is_task_specific(n)]
-        extra = sorted(set(model.names) - set(names.values()) - set(heads))
-        if extra:
-            raise InputError(f"{model.path}: {len(extra)} tensors are not in the base {base.path} "
-                             f"(first: '{extra[0]}'). If they are per-task heads, name them with "
-                             f"task_specific: REGEX in the recipe.")
+        names, notes = map_names(base, model, shared, heads, label)
         for b, m in names.items():
             _check_tensor(base, model, b, m)
-        return cls(model, label, weight, names, heads)
+        source = cls(model, label, weight, names, heads)
+        source.notes = notes + _dtype_notes(base, model, names)
+        return source
 
     def delta(self, entry: PlanEntry, base: Tensor, out: Tensor) -> None:
         name = self.names[entry.name]
@@ -164,6 +179,14 @@ class FullFineTune(TaskVectorSource):
 
     def files(self) -> list[Path]:
         return sorted({self.checkpoint.info(n).file for n in self.checkpoint.names})
+
+    def architectures(self) -> list[str] | None:
+        config = next((f for f in self.checkpoint.support if f.name == "config.json"), None)
+        if config is None:
+            return None
+        data = load_json(config, "config.json")  # vetted when opened; read again defensively
+        architectures = data.get("architectures") if isinstance(data, dict) else None
+        return [str(a) for a in architectures] if isinstance(architectures, list) else None
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -234,6 +257,46 @@ class LoraAdapter(TaskVectorSource):
         self.adapter.close()
 
 
+class VocabAligned(TaskVectorSource):
+    """A full fine-tune whose vocabulary differs from the output's (:mod:`primerge.vocabulary`):
+    vocabulary tensors are matched row by row by token string, every other tensor is ``inner``'s.
+
+    ``rows[name] = (axis, r)``: r[i] is the model's row of output row i along ``axis``, −1 where the
+    base or the model lacks the token or the row is padding; τ[i] = θ_t[r[i]] − θ₀[i] where
+    r[i] ≥ 0, else 0 (θ₀ is the base aligned to the output rows).
+    """
+
+    def __init__(self, inner: TaskVectorSource, rows: dict[str, tuple[int, Tensor]]):
+        super().__init__(inner.label, inner.weight, inner.names, inner.task_specific)
+        self.inner, self.rows, self.notes = inner, rows, inner.notes
+
+    @classmethod
+    def open(cls, base, path, label, weight, *, allow_pickle, is_task_specific) -> TaskVectorSource:
+        raise TypeError("VocabAligned wraps an opened source: see primerge.vocabulary.align_vocabulary")
+
+    def delta(self, entry: PlanEntry, base: Tensor, out: Tensor) -> None:
+        if entry.name not in self.rows:
+            return self.inner.delta(entry, base, out)
+        axis, rows = self.rows[entry.name]
+        name = self.names[entry.name]
+        theta = finite(self.inner.head(name), f"model '{self.label}'", name).to(out.device, torch.float32)
+        keep = (rows >= 0).nonzero().squeeze(1).to(out.device)
+        out.zero_()
+        out.index_copy_(axis, keep, theta.index_select(axis, rows.to(out.device)[keep]) - base.index_select(axis, keep))
+
+    def factors(self, entry: PlanEntry, device: torch.device) -> LowRank | None:
+        return None if entry.name in self.rows else self.inner.factors(entry, device)
+
+    def head(self, name: str) -> Tensor:
+        return self.inner.head(name)
+
+    def files(self) -> list[Path]:
+        return self.inner.files()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 # ------------------------------------------------------------------------------------ reading
 
 
@@ -287,32 +350,30 @@ def read_sum(base: Checkpoint, sources: Sequence[TaskVectorSource], entry: PlanE
 # ------------------------------------------------------------------------------------ opening
 
 
-def prefix_map(base_names: list[str], model_names: set[str]) -> dict[str, str] | None:
-    """Map base names to model names, allowing one added or removed leading prefix.
+def _shape_hint(model_shape: tuple[int, ...], base_shape: tuple[int, ...]) -> str:
+    """Which dimension differs, and what that means."""
+    if len(model_shape) != len(base_shape):
+        return (f"It has {len(model_shape)} dimensions in the model and {len(base_shape)} in the base: the "
+                f"architectures differ.")
+    dims = [d for d, (a, b) in enumerate(zip(model_shape, base_shape)) if a != b]
+    what = "; ".join(f"dimension {d} is {model_shape[d]} in the model, {base_shape[d]} in the base" for d in dims)
+    return (f"{what}: the model's architecture (hidden size, heads or MLP width) differs from the base's, "
+            f"so it is not a fine-tune of this base.")
 
-    A model saved with a task wrapper (``bert.encoder...`` for a base ``encoder...``) or the
-    reverse is recognised; returns ``None`` when no single prefix fits.
-    """
-    if all(n in model_names for n in base_names):
-        return {n: n for n in base_names}
-    for p in sorted({m.split(".", 1)[0] + "." for m in model_names if "." in m}):
-        if all(p + n in model_names for n in base_names):
-            return {n: p + n for n in base_names}
-    for p in sorted({b.split(".", 1)[0] + "." for b in base_names if "." in b}):
-        if all(n.startswith(p) and n[len(p):] in model_names for n in base_names):
-            return {n: n[len(p):] for n in base_names}
-    return None
+
+def _dtype_notes(base: Checkpoint, model: Checkpoint, names: dict[str, str]) -> list[str]:
+    """A note per stored dtype of the model that differs from the base's (merged in float32 anyway)."""
+    pairs = {(str(base.info(b).dtype), str(model.info(m).dtype)) for b, m in names.items()}
+    return [f"stored as {mine.removeprefix('torch.')} where the base has {theirs.removeprefix('torch.')}: "
+            f"read as float32, written as the base's" for theirs, mine in sorted(pairs) if theirs != mine]
 
 
 def _check_tensor(base: Checkpoint, model: Checkpoint, b: str, m: str) -> None:
     """Same shape and dtype class for base tensor ``b`` and model tensor ``m``."""
     bi, mi = base.info(b), model.info(m)
-    if bi.shape != mi.shape:
-        vocab = re.search(r"embed|wte|lm_head|shared", b) and bi.shape[1:] == mi.shape[1:]
-        hint = (" A resized vocabulary? Resize the base's embeddings to the model's (or the model's "
-                "to the base's) before merging." if vocab else " Models must share the base's architecture.")
+    if bi.shape != mi.shape and not rows_differ(b, bi.shape, mi.shape):  # vocabulary rows: primerge.vocabulary
         raise InputError(f"tensor '{b}': shape {list(mi.shape)} in {mi.file} but {list(bi.shape)} "
-                         f"in the base {bi.file}.{hint}")
+                         f"in the base {bi.file}. {_shape_hint(tuple(mi.shape), tuple(bi.shape))}")
     if bi.dtype.is_floating_point != mi.dtype.is_floating_point:
         raise InputError(f"tensor '{b}': dtype {mi.dtype} in {mi.file} but {bi.dtype} in the base {bi.file}.")
 

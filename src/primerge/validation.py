@@ -9,19 +9,17 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, AliasChoices, BaseModel, ValidationError
 
 from primerge.errors import RecipeError, closest
+from primerge.patterns import checked
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def _compiles(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"not a valid regular expression: {exc}") from None
-    return value
+    return checked(value, "pattern")
 
 
-#: A string field holding a regular expression (matched with ``re.search``); checked to compile.
+#: A string field holding a regular expression, matched in bounded time (:mod:`primerge.patterns`);
+#: checked to compile, to be at most 2,000 characters and not to unroll into huge automata.
 Regex = Annotated[str, AfterValidator(_compiles)]
 
 
@@ -56,7 +54,47 @@ def validate(model: type[M], data: dict[str, Any], what: str, prefix: str = "") 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{prefix}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise RecipeError(f"invalid {what}: {problems}") from None
+        raise RecipeError(f"invalid {what}: {'; '.join(_problems(exc, prefix))}") from None
+
+
+def _field_path(loc: tuple) -> str:
+    """``models[0].weight`` from pydantic's location, without the union-member tags it inserts
+    (``literal['auto']``, ``constrained-float``, ``function-after[...]``)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_]\w*", part) and part not in _TYPE_TAGS:
+            path += f".{part}" if path else part
+    return path
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "is-instance", "lax-or-strict"}
+
+
+def _phrase(err: dict) -> str:
+    """What a field needs, from one pydantic error: "it must be greater than 0" for a type or
+    range error, the validator's own sentence for a value error."""
+    message = err["msg"]
+    if err["type"] == "value_error":
+        return message.removeprefix("Value error, ")
+    return "it must be " + re.sub(r", unable to parse .*$", "", message.removeprefix("Input should be "))
+
+
+def _problems(exc: ValidationError, prefix: str) -> list[str]:
+    """One sentence per field: its name, the value given, and what it accepts (every alternative of
+    a union field joined with "or")."""
+    by_field: dict[str, list[dict]] = {}
+    for err in exc.errors():
+        by_field.setdefault(_field_path(err["loc"]), []).append(err)
+    problems = []
+    for path, errors in by_field.items():
+        given = errors[0].get("input")
+        if errors[0]["type"] == "missing":
+            problems.append(f"'{prefix}{path}' is required")
+            continue
+        phrases = list(dict.fromkeys(_phrase(e) for e in errors))
+        wanted = "it must be " + " or ".join(p.removeprefix("it must be ") for p in phrases) if all(
+            p.startswith("it must be ") for p in phrases) else "; or ".join(phrases)
+        problems.append(f"'{prefix}{path}' = {given!r} is not accepted: {wanted}")
+    return problems

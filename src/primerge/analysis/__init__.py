@@ -6,7 +6,14 @@ streams task vectors through the merge's plan. Floors: above the plan and the en
 purify), below the API; it never imports evaluation, and methods never import it.
 """
 
-from primerge.analysis.alignment import greedy_select, pool_alignment
-from primerge.analysis.report import Report, analyze
+from primerge.lazy import lazy_attributes
 
-__all__ = ["Report", "analyze", "greedy_select", "pool_alignment"]
+#: Public names -> their modules, imported on first use (``primerge --help`` loads no torch).
+_LAZY = {"Report": "primerge.analysis.report", "analyze": "primerge.analysis.report",
+         "greedy_select": "primerge.analysis.alignment", "pool_alignment": "primerge.analysis.alignment"}
+
+
+__getattr__ = lazy_attributes(__name__, _LAZY)
+
+
+__all__ = list(_LAZY)

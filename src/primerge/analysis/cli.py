@@ -14,9 +14,8 @@ def register(subparsers) -> None:
         "analyze", help="report on a recipe's task vectors: interference, PRIME F(r), rank collapse, signs, HO-GSVD")
     analyze.add_argument("recipe", help="recipe YAML file (no merge is run)")
     analyze.add_argument("--out", required=True, type=Path, help="report folder (index.md, PNG, CSV, JSON)")
-    analyze.add_argument("--method", default="task_arithmetic",
-                         help="method whose merged task vector the rank-collapse section measures "
-                              "(default task_arithmetic, at its defaults)")
+    analyze.add_argument("--method", help="method whose merged task vector the rank-collapse section "
+                                          "measures, at its defaults (default: the recipe's, with its parameters)")
     analyze.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     analyze.add_argument("--force", action="store_true", help="write into a non-empty report folder")
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -12,6 +12,7 @@ on the purified task vectors, as the merge would see them.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from primerge.analysis.alignment import Alignment
+from primerge.analysis.figures import heatmap, per_matrix_figure
 from primerge.analysis.interference import Interference, cosine
 from primerge.analysis.signs import EDGES, SignAgreement
 from primerge.analysis.spectra import PrimeDiagnostics, RankCollapse
 from primerge.engine import context, resolve_device, run_prepass
-from primerge.errors import OutputError, RecipeError
+from primerge.errors import RecipeError
+from primerge.io.destination import destination
+from primerge.io.manifest import Ledger
+from primerge.io.writer import atomic_folder
+from primerge.output.card import md_code
 from primerge.plan import Plan, build_plan
 from primerge.recipe import Recipe
 
@@ -49,16 +55,48 @@ def _subset_prepasses(plan: Plan, device, quiet: bool) -> list:
     return [run_prepass(plan.subset(t), device, quiet) for t in range(1, len(plan.sources) + 1)]
 
 
-def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic", parameters: dict | None = None,
+def _collect(plan: Plan, dev, quiet: bool) -> tuple:
+    """Stream every mergeable tensor through the collectors (pass 1), then the matrices through
+    PRIME's cosines at r* (pass 2); returns (interference, prime, collapse, signs, alignment)."""
+    spec, params, T = plan.recipe.spec, plan.recipe.params, len(plan.sources)
+    prepasses = _subset_prepasses(plan, dev, quiet)
+    interference, prime, collapse = Interference(T), PrimeDiagnostics(T), RankCollapse(T)
+    signs, alignment = SignAgreement(), Alignment()
+    mergeable = plan.mergeable()
+    for entry in tqdm(mergeable, desc="analyze", unit="tensor", disable=quiet):
+        stack = plan.task_vectors(entry, dev)[1]
+        taus = stack.dense()
+        interference.observe(entry.name, taus, entry.kind == "matrix")
+        if entry.kind != "matrix":
+            continue
+        prime.observe(taus, context(plan, entry))
+        collapse.observe(entry.name, [_update(spec.apply(stack.subset(t), context(plan, entry, prepasses[t - 1]),
+                                                         params)) for t in range(1, T + 1)])
+        signs.observe(taus)
+        alignment.observe(entry.name, taus)
+    matrices = [e for e in mergeable if e.kind == "matrix"]
+    if not matrices:
+        raise RecipeError("the recipe has no matrix parameters to analyse; check its 'matrices' regex.")
+    for entry in tqdm(matrices, desc="analyze (PRIME r*)", unit="tensor", disable=quiet):
+        prime.observe_cosines(plan.task_vectors(entry, dev)[1].dense(), context(plan, entry))
+    return interference, prime, collapse, signs, alignment
+
+
+def analyze(recipe: Recipe, out: str | Path, *, method: str | None = None, parameters: dict | None = None,
             device: str = "cpu", quiet: bool = True, relative_to: Path | None = None, force: bool = False) -> Report:
-    """Analyse the task vectors of ``recipe`` and write the report to ``out`` (see module docstring)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"report folder {out} is a file; choose a folder.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"report folder {out} exists and is not empty; use --force to overwrite.")
-    recipe = recipe.replace(method=method, parameters=parameters or {})
-    spec, params = recipe.spec, recipe.params
+    """Analyse the task vectors of ``recipe`` and write the report to ``out`` (see module docstring).
+
+    The rank-collapse section measures the recipe's method with its parameters, or ``method`` with
+    ``parameters`` when given. The report folder follows the merge's output rules
+    (:mod:`primerge.io.destination`): never an input or inside one, written atomically with a
+    manifest, ``force`` replaces only an earlier analysis report.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RecipeError("analyze draws its figures with matplotlib, which is not installed: "
+                          "pip install 'primerge[eval]' (or matplotlib).")
+    target = destination(out, recipe.inputs(), force=force, kind="analysis")
+    if method is not None:
+        recipe = recipe.replace(method=method, parameters=parameters or {})
     dev = resolve_device(device)
     plan = build_plan(recipe)
     if recipe.purify is not None:
@@ -66,42 +104,18 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str = "task_arithmetic",
 
         plan = plan.with_transform(build_purifier(recipe, relative_to=relative_to, quiet=quiet))
     labels = plan.labels
-    T = len(labels)
-    if T < 2:
+    if len(labels) < 2:
         raise RecipeError("analyze needs at least two models to compare.")
     try:
-        prepasses = _subset_prepasses(plan, dev, quiet)
-        interference = Interference(T)
-        prime = PrimeDiagnostics(T)
-        collapse = RankCollapse(T)
-        signs = SignAgreement()
-        alignment = Alignment()
-        mergeable = plan.mergeable()
-        for entry in tqdm(mergeable, desc="analyze", unit="tensor", disable=quiet):
-            stack = plan.task_vectors(entry, dev)[1]
-            taus = stack.dense()
-            is_matrix = entry.kind == "matrix"
-            interference.observe(entry.name, taus, is_matrix)
-            if not is_matrix:
-                continue
-            ctx = context(plan, entry)
-            prime.observe(taus, ctx)
-            merged = [_update(spec.apply(stack.subset(t), context(plan, entry, prepasses[t - 1]), params))
-                      for t in range(1, T + 1)]
-            collapse.observe(entry.name, merged)
-            signs.observe(taus)
-            alignment.observe(entry.name, taus)
-        matrices = [e for e in mergeable if e.kind == "matrix"]
-        if not matrices:
-            raise RecipeError("the recipe has no matrix parameters to analyse; check its 'matrices' regex.")
-        for entry in tqdm(matrices, desc="analyze (PRIME r*)", unit="tensor", disable=quiet):
-            prime.observe_cosines(plan.task_vectors(entry, dev)[1].dense(), context(plan, entry))
+        collectors = _collect(plan, dev, quiet)
     finally:
         plan.close()
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report(out)
-    _write(report, labels, method, interference, prime, collapse, signs, alignment)
-    return report
+    with atomic_folder(target) as folder:
+        report = Report(folder)
+        _write(report, labels, recipe.method, *collectors)
+        Ledger(folder, kind="analysis").seal()
+    moved = [target.path / p.relative_to(folder) for p in report.figures + report.tables]
+    return Report(target.path, moved[:len(report.figures)], moved[len(report.figures):], report.summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,17 +135,6 @@ def _csv(report: Report, name: str, header: list[str], rows: list[list]) -> Path
 
 def _matrix_csv(report: Report, name: str, labels: list[str], m: torch.Tensor) -> Path:
     return _csv(report, name, ["", *labels], [[labels[i], *map(float, m[i].tolist())] for i in range(len(labels))])
-
-
-def _heatmap(ax, m: torch.Tensor, labels: list[str], title: str, vmin=None, vmax=None, cmap="viridis") -> None:
-    image = ax.imshow(m.numpy(), vmin=vmin, vmax=vmax, cmap=cmap)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_title(title, fontsize=10)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            ax.text(j, i, f"{float(m[i, j]):.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
 
 
 def _save(report: Report, fig, name: str) -> Path:
@@ -156,14 +159,11 @@ def _write_interference(report: Report, labels: list[str], method: str, interfer
     _csv(report, "interference_per_layer.csv", ["tensor", "mean_abs_cosine", "mean_abs_inner"],
          [[r["tensor"], r["mean_abs_cosine"], r["mean_abs_inner"]] for r in layer_rows])
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * T, 2 + 0.8 * T))
-    _heatmap(axes[0], g.abs(), labels, "|⟨τ_i, τ_j⟩_F| (whole model)")
-    _heatmap(axes[1], cos, labels, "cos(τ_i, τ_j) (whole model)", -1, 1, "coolwarm")
+    heatmap(axes[0], g.abs(), labels, "|⟨τ_i, τ_j⟩_F| (whole model)")
+    heatmap(axes[1], cos, labels, "cos(τ_i, τ_j) (whole model)", -1, 1, "coolwarm")
     _save(report, fig, "interference_matrices.png")
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layer_rows)), 3.6))
-    ax.plot(range(len(layer_rows)), [r["mean_abs_cosine"] for r in layer_rows], marker="o", ms=3)
-    ax.set_xticks(range(len(layer_rows)), [r["tensor"] for r in layer_rows], rotation=90, fontsize=6)
-    ax.set_ylabel("mean off-diagonal |cos|")
-    ax.set_title("Task-vector interference per matrix")
+    fig = per_matrix_figure(plt, layer_rows, {"|cos|": lambda r: r["mean_abs_cosine"]},
+                            "Task-vector interference per matrix", "mean off-diagonal |cos|")
     _save(report, fig, "interference_per_layer.png")
     return {"inner": g.tolist(), "cosine": cos.tolist(), "per_layer": layer_rows}
 
@@ -200,8 +200,8 @@ def _write_prime(report: Report, labels: list[str], method: str, prime, plt) -> 
     _matrix_csv(report, "prime_cosine_before.csv", names, before)
     _matrix_csv(report, "prime_cosine_after.csv", names, after)
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.8 * (T + 1), 2 + 0.85 * (T + 1)))
-    _heatmap(axes[0], before, names, "before PRIME: τ_t^[r*] and mean residual", -1, 1, "coolwarm")
-    _heatmap(axes[1], after, names, "after PRIME: whitened blocks and P⊥ residual", -1, 1, "coolwarm")
+    heatmap(axes[0], before, names, "before PRIME: τ_t^[r*] and mean residual", -1, 1, "coolwarm")
+    heatmap(axes[1], after, names, "after PRIME: whitened blocks and P⊥ residual", -1, 1, "coolwarm")
     _save(report, fig, "prime_cosine.png")
     return {"candidates": labels_r, "J": auto.J, "G": auto.G, "F": auto.F,
                         "selected": labels_r[auto.index], "retention": dict(zip(labels, retention)),
@@ -216,14 +216,10 @@ def _write_rank_collapse(report: Report, labels: list[str], method: str, collaps
     growth = collapse.growth_rows()
     _csv(report, "rank_collapse_growth.csv", ["models", "stable_rank_fraction", "energy_rank_fraction"],
          [[r["models"], r["stable_rank_fraction"], r["energy_rank_fraction"]] for r in growth])
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(collapse.layers)), 3.6))
-    xs = range(len(collapse.layers))
-    ax.plot(xs, [r["stable_rank"] / r["r_full"] for r in collapse.layers], marker="o", ms=3, label="stable rank / r_full")
-    ax.plot(xs, [r["energy_rank"] / r["r_full"] for r in collapse.layers], marker="s", ms=3,
-            label="50%-energy rank / r_full")
-    ax.set_xticks(list(xs), [r["tensor"] for r in collapse.layers], rotation=90, fontsize=6)
-    ax.set_title(f"Rank of the merged task vector ({method}, {T} models)")
-    ax.legend(fontsize=8)
+    fig = per_matrix_figure(plt, collapse.layers, {
+        "stable rank / r_full": lambda r: r["stable_rank"] / r["r_full"],
+        "50%-energy rank / r_full": lambda r: r["energy_rank"] / r["r_full"],
+    }, f"Rank of the merged task vector ({method}, {T} models)", "rank / r_full")
     _save(report, fig, "rank_collapse_layers.png")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot([r["models"] for r in growth], [r["stable_rank_fraction"] for r in growth], marker="o", label="stable rank")
@@ -281,7 +277,7 @@ def _write_hogsvd(report: Report, labels: list[str], method: str, alignment, plt
     axes[1].legend(fontsize=7)
     _save(report, fig, "hogsvd_values.png")
     fig, ax = plt.subplots(figsize=(2 + 1.4 * T, 1.5 + 1.2 * T))
-    _heatmap(ax, A, labels, "HO-GSVD alignment (higher = better aligned)")
+    heatmap(ax, A, labels, "HO-GSVD alignment (higher = better aligned)")
     _save(report, fig, "hogsvd_alignment.png")
     return {"alignment": A.tolist(), "layers": len(alignment.values)}
 
@@ -310,7 +306,7 @@ def _index(report: Report, labels, method, summary) -> None:
     lines = [
         "# primerge analysis",
         "",
-        f"Models: {', '.join(labels)}. Rank-collapse method: `{method}`.",
+        f"Models: {', '.join(md_code(label) for label in labels)}. Rank-collapse method: `{method}`.",
         "",
         "## Task-vector interference",
         "![interference](interference_matrices.png)",
@@ -320,7 +316,7 @@ def _index(report: Report, labels, method, summary) -> None:
         f"Selected r* = **{prime['selected']}** (F(r) = Σ_i J_i + G_i averaged over matrices).",
         "",
         "| model | retention at r* |", "|---|---|",
-        *(f"| {k} | {v:.4f} |" for k, v in prime["retention"].items()),
+        *(f"| {md_code(k, table=True)} | {v:.4f} |" for k, v in prime["retention"].items()),
         "",
         "![objective](prime_objective.png)", "![retention](prime_retention.png)", "![cosine](prime_cosine.png)",
         "",

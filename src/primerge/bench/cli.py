@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,8 +75,11 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
         runs.insert(0, parse_method(BASELINE))
     for run in runs:  # validate every method before the long work
         build_recipe({"base": ".", "models": ["."], "method": run.method, "parameters": run.parameters})
+    from primerge.io.writer import make_scratch, remove_scratch
+
     inputs = _inputs(args, log)
-    workdir = Path(tempfile.mkdtemp(prefix="primerge-bench-", dir=args.workdir))
+    paths = [inputs.base, *(m["path"] if isinstance(m, dict) else m for m in inputs.models)]
+    workdir, created = make_scratch(args.workdir, "primerge-bench-", paths)  # never inside an input
     try:
         with _ray_cluster(args, log) as address:
             configs = _configs(args, runs, inputs, workdir, log, address)
@@ -94,7 +95,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
             log(f"accuracy: {fast.label} vs {exact.label}: relative error {error[0]:.2e} over all matrices, "
                 f"worst matrix {error[1]:.2e} ({time.perf_counter() - start:.1f}s)")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_scratch(workdir, created)
     return summarize([row for row, _ in configs], error, inputs)
 
 

@@ -6,23 +6,13 @@ Floors: above the API (it uses only primerge's public API, ``primerge.merge``,
 :mod:`primerge.evaluation.cli`.
 """
 
-from primerge.evaluation.demo import DemoResult, Row, run_demo
-from primerge.datasets import DEFAULT_TASKS, TaskData, TaskSplit, load_splits, load_table, load_task
-from primerge.evaluation.zoo import Protocol, Zoo, ZooEntry, build_zoo, evaluate_model
+from primerge.lazy import lazy_attributes
 
-__all__ = [
-    "DEFAULT_TASKS",
-    "DemoResult",
-    "Row",
-    "Protocol",
-    "TaskData",
-    "TaskSplit",
-    "Zoo",
-    "ZooEntry",
-    "build_zoo",
-    "evaluate_model",
-    "load_splits",
-    "load_table",
-    "load_task",
-    "run_demo",
-]
+_LAZY = {
+    **dict.fromkeys(["DemoResult", "Row", "run_demo"], "primerge.evaluation.demo"),
+    **dict.fromkeys(["DEFAULT_TASKS", "TaskData", "TaskSplit", "load_splits", "load_table", "load_task"],
+                    "primerge.datasets"),
+    **dict.fromkeys(["Protocol", "Zoo", "ZooEntry", "build_zoo", "evaluate_model"], "primerge.evaluation.zoo"),
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
+__all__ = sorted(_LAZY)

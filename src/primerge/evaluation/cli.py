@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from primerge.datasets import DEFAULT_TASKS, PACKAGED
-from primerge.evaluation.zoo import Protocol
+from primerge.evaluation.llm import cli as llm_cli
+from primerge.evaluation.protocol import Protocol
 
 DEFAULTS = Protocol()
 
@@ -48,7 +49,9 @@ def _protocol(args) -> Protocol:
 
 
 def register(subparsers) -> None:
-    """Add ``zoo`` (with ``build``), ``eval`` and ``demo`` to an argparse subparsers object."""
+    """Add ``zoo`` (with ``build``), ``eval``, ``demo`` and ``tune`` to an argparse subparsers object."""
+    from primerge.tuning import cli as tuning_cli
+
     zoo = subparsers.add_parser("zoo", help="the fine-tuned model zoo of the offline benchmark")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="{build}", required=True)
     build = zoo_sub.add_parser("build", help="fine-tune the base on each task (cached; reused when unchanged)")
@@ -62,6 +65,7 @@ def register(subparsers) -> None:
     _add_common(evaluate, tasks_default=False)
     evaluate.add_argument("--batch-size", type=int, default=128, help="inference batch size (default 128)")
     evaluate.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    llm_cli.add_eval_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     demo = subparsers.add_parser(
@@ -73,9 +77,16 @@ def register(subparsers) -> None:
                       help="report folder: results.md, results.csv, results.png (default demo-report)")
     demo.add_argument("--pave", nargs="+", metavar="METHOD", default=[],
                       help="also merge these methods on PAVE-purified task vectors (e.g. prime ties)")
+    demo.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"], default=["weight"],
+                      help="PAVE rows per target: weight (the paper's Eq. 6, default) and/or delta")
+    demo.add_argument("--tuned", action="store_true",
+                      help="also tune every method on validation data (primerge tune) and add the tuned table")
+    tuning_cli.add_budget_options(demo)
     demo.add_argument("--seed", type=int, default=42, help="merge seed (default 42)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    llm_cli.add_demo_options(demo)
     demo.set_defaults(func=cmd_demo)
+    tuning_cli.register(subparsers)
 
 
 def cmd_zoo_build(args) -> int:
@@ -92,6 +103,8 @@ def cmd_zoo_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.harness:
+        return llm_cli.cmd_eval(args)
     from primerge.datasets import load_splits
     from primerge.evaluation.zoo import evaluate_model
 
@@ -112,9 +125,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.suite == "llm":
+        return llm_cli.cmd_demo(args)
     from primerge.evaluation.demo import run_demo, text_table
 
-    result = run_demo(
+    options = dict(
         tasks=_names(args.tasks) or list(DEFAULT_TASKS),
         methods=_names(args.methods) or None,
         base=args.base,
@@ -124,9 +139,21 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         progress=not args.quiet,
         pave=_names(args.pave),
+        pave_targets=tuple(args.pave_targets),
     )
+    if args.tuned:
+        from primerge.tuning.cli import settings_from
+        from primerge.tuning.demo import run_tuned_demo
+
+        result = run_tuned_demo(settings_from(args), **options)
+    else:
+        result = run_demo(**options)
+    plain = [r for r in result.rows if not r.tuned]
     print()
-    print(text_table(result.rows, result.tasks))
+    print(text_table(plain, result.tasks))
+    if len(plain) < len(result.rows):
+        print(f"\ntuned on validation data ({result.timings['tuning_seconds'] / 60:.1f} min), scored on test once:\n")
+        print(text_table(plain[:2] + [r for r in result.rows if r.tuned], result.tasks))
     print(f"\nreport: {result.report}/results.md, results.csv, results.png "
           f"({result.timings['total_seconds']:.0f} s in all)")
     return 0

@@ -23,13 +23,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import primerge
 from primerge.errors import RecipeError
@@ -39,6 +42,14 @@ from primerge.io.hf import load_tokenizer
 from primerge.evaluation.probe import base_probe
 from primerge.datasets import DEFAULT_TASKS, TaskSplit, load_splits
 from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
+from primerge.io.destination import Destination, destination
+from primerge.io.manifest import Ledger
+from primerge.io.writer import atomic_folder
+from primerge.paths import cache_root
+from primerge.purify.config import paper_rank_ratio
+
+#: The report files as the demo wrote them before it wrote a manifest (such a folder is replaced).
+REPORT_FILES = ("results.md", "results.csv", "results.png", "results.json")
 
 MERGE_SEED = 42
 
@@ -53,6 +64,8 @@ class Row:
     parameters: dict | None = None
     merge_seconds: float | None = None
     eval_seconds: float | None = None
+    setting: str | None = None  # PAVE or tuned setting, in words
+    tuned: bool = False  # a setting chosen on validation data (the tuned table)
 
     @property
     def average(self) -> float:
@@ -71,6 +84,8 @@ class Row:
             "parameters": self.parameters,
             "merge_seconds": self.merge_seconds,
             "eval_seconds": self.eval_seconds,
+            "setting": self.setting,
+            "tuned": self.tuned,
         }
 
 
@@ -80,6 +95,13 @@ class DemoResult:
     tasks: list[str]
     report: Path | None
     timings: dict[str, float] = field(default_factory=dict)
+    zoo: Zoo | None = None
+    splits: list[TaskSplit] = field(default_factory=list)
+    protocol: Protocol | None = None
+    seed: int = MERGE_SEED
+    task_specs: list[str] = field(default_factory=list)  # the tasks as named (packaged names or files)
+    pave: list[str] = field(default_factory=list)  # methods with PAVE rows
+    pave_targets: list[str] = field(default_factory=list)
 
 
 def select_methods(names: Sequence[str] | None) -> list:
@@ -94,22 +116,32 @@ def select_methods(names: Sequence[str] | None) -> list:
 
 def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict, seed: int,
                max_length: int, quiet: bool, purify: dict | None = None) -> Row:
-    """Merge the zoo with ``spec`` at its defaults, in memory, and score the result with each
-    task's head as the merge returned it (the zoo's head when it returned none).
+    """Merge the zoo with ``spec`` at its defaults, in memory, and score it (:func:`scored_row`).
 
-    One merged body serves every task; a per-task method (``result.per_task``, e.g. EMR) gives
-    each task its own rebuilt state, and task t is scored with task t's state. With ``purify``
-    the task vectors are PAVE-purified first (recipe field ``purify``) and the row is labelled so."""
+    With ``purify`` the task vectors are PAVE-purified first (recipe field ``purify``) and the row
+    is labelled so (``+ PAVE``, ``+ PAVE delta`` for ``target: delta``)."""
     start = time.perf_counter()
     result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
                             task_specific=HEAD_REGEX, seed=seed, quiet=quiet, purify=purify)
-    merge_seconds = time.perf_counter() - start
+    label = f"{spec.name} (per-task)" if result.per_task else spec.name
+    if purify is not None:
+        label += " + PAVE" + (" delta" if purify.get("target") == "delta" else "")
+    return scored_row(result, label, zoo, splits, tokenizer, zoo_heads, max_length,
+                      time.perf_counter() - start)
+
+
+def scored_row(result, label: str, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict,
+               max_length: int, merge_seconds: float) -> Row:
+    """Score a merge's result on every test split with each task's head as the merge returned it
+    (the zoo's head when it returned none).
+
+    One merged body serves every task; a per-task method (``result.per_task``, e.g. EMR) gives
+    each task its own rebuilt state, and task t is scored with task t's state."""
     start = time.perf_counter()
     heads = dict(zoo_heads)
     for name, tensors in (result.task_tensors or {}).items():
         if name in heads:
-            stripped = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
-            heads[name] = head_from_tensors(stripped, f"the {spec.name} merge's head of {name}")
+            heads[name] = head_of(tensors, f"the {result.method} merge's head of {name}")
     per_task = result.per_task and result.task_states is not None
     states = {s.name: result.task_states[s.name] if per_task else result.state_dict for s in splits}
     accuracy: dict[str, float] = {}
@@ -118,29 +150,39 @@ def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads
         state = states[group[0].name]
 
         def score(state=state, group=group) -> dict[str, float]:
-            body = body_from_state(zoo.base, state, f"the {spec.name} merge")
+            body = body_from_state(zoo.base, state, f"the {result.method} merge")
             return evaluate_heads(body, tokenizer, group, heads, max_length=max_length)
 
         accuracy.update(cached_scores(zoo.root, state, heads, group, max_length, score))
-    label = f"{spec.name} (per-task)" if per_task else spec.name
-    if purify is not None:
-        label += " + PAVE"
     return Row(label, accuracy, zoo.individual, result.parameters, merge_seconds, time.perf_counter() - start)
+
+
+def head_of(tensors: dict[str, torch.Tensor], origin: str) -> nn.Linear:
+    """A task's head from its tensors, named ``classifier.weight``/``classifier.bias`` or
+    ``weight``/``bias``."""
+    stripped = {k[len(HEAD_PREFIX):] if k.startswith(HEAD_PREFIX) else k: v for k, v in tensors.items()}
+    return head_from_tensors(stripped, origin)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence[TaskSplit],
-                   max_length: int) -> str:
-    """SHA-256 of every tensor (name, dtype, shape, bytes), of each task's head and split, and of
-    the evaluation settings: equal digests mean equal scores."""
-    digest = hashlib.sha256(f"eval-v1:{max_length}".encode())
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor of a state dict (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence[TaskSplit],
+                   max_length: int, state_hex: str | None = None) -> str:
+    """SHA-256 of the weights (:func:`state_digest`, or ``state_hex`` when already computed), of
+    each task's head and split, and of the evaluation settings: equal digests mean equal scores."""
+    digest = hashlib.sha256(f"eval-v2:{max_length}:{state_hex or state_digest(state)}".encode())
     for split in splits:
         head = heads[split.name]
         digest.update(split.fingerprint().encode())
@@ -149,14 +191,14 @@ def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence
 
 
 def cached_scores(root: Path, state: dict, heads: dict, splits: Sequence[TaskSplit], max_length: int,
-                  compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+                  compute: Callable[[], dict[str, float]], state_hex: str | None = None) -> dict[str, float]:
     """Scores of a merged body from ``root/scores/<digest>.json``, computed and stored if absent."""
-    path = root / "scores" / f"{tensors_digest(state, heads, splits, max_length)}.json"
+    path = root / "scores" / f"{tensors_digest(state, heads, splits, max_length, state_hex)}.json"
     if path.is_file():
         return {k: float(v) for k, v in json.loads(path.read_text()).items()}
     scores = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(scores, indent=2) + "\n")
     tmp.replace(path)
     return scores
@@ -173,14 +215,17 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
     pave: Sequence[str] = (),
+    pave_targets: Sequence[str] = ("weight",),
 ) -> DemoResult:
     """Build/reuse the zoo, fill the table (Base, Individual, one row per method), write the report.
 
-    Each method named in ``pave`` gets a second row whose task vectors are purified by PAVE
-    (default settings; each task's own training split as calibration data)."""
+    Each method named in ``pave`` gets one more row per target in ``pave_targets`` whose task
+    vectors are purified by PAVE (the authors' ρ for the method, every task purified, each
+    task's own training split as calibration data)."""
     timings: dict[str, float] = {}
     protocol = protocol or Protocol()
     specs = select_methods(methods)
+    target = report_destination(report, tasks, base, cache)  # checked before the long work
     clock = started = time.perf_counter()
     splits = load_splits(tasks)
     zoo = build_zoo(splits, base=base, protocol=protocol, cache=cache, progress=progress, log=log)
@@ -197,19 +242,56 @@ def run_demo(
         log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
             f"evaluation {row.eval_seconds:.0f}s")
         rows.append(row)
-    purify = {"data": {s.name: str(task) for s, task in zip(splits, tasks)}}
+    data = {s.name: str(task) for s, task in zip(splits, tasks)}
     for spec in select_methods(pave) if pave else []:
-        log(f"merging with {spec.name} on PAVE-purified task vectors and evaluating ...")
-        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length,
-                         quiet=not progress, purify=purify)
-        log(f"{row.label}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s")
-        rows.append(row)
+        for pave_target in pave_targets:
+            log(f"merging with {spec.name} on PAVE-purified task vectors ({pave_target}) and evaluating ...")
+            row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length,
+                             quiet=not progress, purify={"data": data, "target": pave_target})
+            row.setting = f"PAVE {pave_target}, ρ = {paper_rank_ratio(spec.name):g} (the authors'), every task purified"
+            log(f"{row.label}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s")
+            rows.append(row)
     timings["total_seconds"] = time.perf_counter() - started
     names = [s.name for s in splits]
-    result = DemoResult(rows, names, Path(report) if report is not None else None, timings)
-    if report is not None:
-        write_report(result, zoo, protocol, seed)
+    result = DemoResult(rows, names, None, timings, zoo, splits, protocol, seed, [str(t) for t in tasks],
+                        list(pave), list(pave_targets))
+    if target is not None:
+        publish_report(result, target)
     return result
+
+
+def report_destination(report: str | Path | None, tasks: Sequence[str], base: str | Path | None,
+                       cache: str | Path | None) -> Destination | None:
+    """The checked report folder (never over the cache, the base or a task file; replaces only an
+    earlier demo report), or ``None`` without a report."""
+    if report is None:
+        return None
+    inputs = [cache_root(cache), *([base] if base is not None else []), *(t for t in tasks if Path(t).suffix)]
+    return destination(report, inputs, force=True, kind="demo-report", legacy=REPORT_FILES)
+
+
+@contextmanager
+def report_folder(target: Destination) -> Iterator[Path]:
+    """A temporary folder that becomes the report, with a manifest, when the block succeeds."""
+    with atomic_folder(target) as folder:
+        yield folder
+        Ledger(folder, kind="demo-report").seal()
+
+
+def publish_report(result: DemoResult, target: Destination) -> None:
+    """Write ``result``'s report atomically at ``target`` (replacing only an earlier demo report)."""
+    with report_folder(target) as folder:
+        write_report(replace(result, report=folder), result.zoo, result.protocol, result.seed)
+    result.report = target.path
+
+
+def tuned_section(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    """The tuned table (each method at the setting chosen on validation data, scored on test
+    once) and the settings, for results.md."""
+    settings = "\n".join(f"- **{r.label}**: {r.setting}" for r in rows if r.tuned)
+    return ("## Tuned on validation data (primerge tune), scored on test once\n\n"
+            f"{markdown_table(rows, tasks)}\n\n### Tuned settings\n{settings}\n\n"
+            "Trials, plots and recipes: `tuning/`.\n\n")
 
 
 def percent(value: float | None) -> str:
@@ -247,7 +329,8 @@ def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
 def write_csv(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", *tasks, "avg", "normalized", "merge_seconds", "eval_seconds", "parameters"])
+        writer.writerow(["row", *tasks, "avg", "normalized", "merge_seconds", "eval_seconds", "parameters",
+                         "setting"])
         for r in rows:
             writer.writerow([
                 r.label,
@@ -257,6 +340,7 @@ def write_csv(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
                 "" if r.merge_seconds is None else f"{r.merge_seconds:.1f}",
                 "" if r.eval_seconds is None else f"{r.eval_seconds:.1f}",
                 "" if r.parameters is None else json.dumps(r.parameters, sort_keys=True),
+                r.setting or "",
             ])
 
 
@@ -308,23 +392,29 @@ def write_report(result: DemoResult, zoo: Zoo, protocol: Protocol, seed: int) ->
     folder = result.report
     folder.mkdir(parents=True, exist_ok=True)
     rows, tasks = result.rows, result.tasks
-    params = "\n".join(f"- **{r.label}**: `{json.dumps(r.parameters, sort_keys=True)}` "
-                       f"(merge {r.merge_seconds:.0f} s, evaluation {r.eval_seconds:.0f} s)"
-                       for r in rows if r.parameters is not None)
+    plain = [r for r in rows if not r.tuned]
+    tuned = [r for r in rows if r.tuned]
+    params = "\n".join(f"- **{r.label}**: `{json.dumps(r.parameters, sort_keys=True)}`"
+                       + (f" — {r.setting}" if r.setting else "")
+                       + f" (merge {r.merge_seconds:.0f} s, evaluation {r.eval_seconds:.0f} s)"
+                       for r in plain if r.parameters is not None)
     sizes = "\n".join(f"- {e.name}: {e.train_size} train / {e.test_size} test, {e.epochs} epochs, "
                       f"classes {', '.join(e.classes)}" for e in zoo.entries)
     (folder / "results.md").write_text(
         "# primerge demo: merged models vs. individual fine-tunes\n\n"
         "Test accuracy (%) per task; Avg = mean over tasks; Normalized = mean over tasks of "
         "accuracy / Individual.\n\n"
-        f"{markdown_table(rows, tasks)}\n\n"
+        f"{markdown_table(plain, tasks)}\n\n"
         f"Base model: `{zoo.base}`; merge seed {seed}; split seed 0; fine-tuning "
         f"`{json.dumps(protocol.as_dict(), sort_keys=True)}`.\n\n"
         f"## Tasks\n{sizes}\n\n## Method parameters (registered defaults)\n{params}\n\n"
-        f"## Timings\n" + "\n".join(f"- {k}: {v:.0f} s" for k, v in result.timings.items()) + "\n"
+        + (tuned_section(plain[:2] + tuned, tasks) if tuned else "")
+        + "## Timings\n" + "\n".join(f"- {k}: {v:.0f} s" for k, v in result.timings.items()) + "\n"
     )
     write_csv(rows, tasks, folder / "results.csv")
-    bar_chart(rows, tasks, folder / "results.png")
+    bar_chart(plain, tasks, folder / "results.png")
+    if tuned:
+        bar_chart(plain[:2] + tuned, tasks, folder / "results-tuned.png")
     record = {
         "tasks": tasks,
         "rows": [r.as_dict() for r in rows],

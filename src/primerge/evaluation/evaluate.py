@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from primerge.errors import InputError
+from primerge.io.names import component
 from primerge.evaluation.model import (
     HEAD_PREFIX,
     body_from_state,
@@ -178,7 +179,7 @@ def folder_heads(folder: Path, names: Sequence[str]) -> dict[str, nn.Linear]:
 
     heads: dict[str, nn.Linear] = {}
     for name in names:
-        path = folder / "task_heads" / f"{name}.safetensors"
+        path = folder / "task_heads" / f"{component(name)}.safetensors"
         if path.is_file():
             tensors = load_file(path)
             head = {k[len(HEAD_PREFIX) :] if k.startswith(HEAD_PREFIX) else k: v for k, v in tensors.items()}

@@ -13,11 +13,9 @@ run never leaves a half-written folder that a later run would trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,8 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from primerge.errors import InputError, OutputError
+from primerge.errors import InputError
+from primerge.io.destination import destination
+from primerge.io.files import content_digest
 from primerge.io.hf import transformers_module
+from primerge.io.manifest import Ledger
+from primerge.io.writer import atomic_folder
 
 HEAD_PREFIX = "classifier."
 HEAD_REGEX = r"^classifier\."
@@ -145,6 +147,18 @@ def head_from_tensors(head: Mapping[str, torch.Tensor], origin: str) -> nn.Linea
     return linear
 
 
+@contextmanager
+def writing_folder(folder: Path, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling of ``folder`` to write into; on success it gets a manifest and
+    replaces ``folder``, on any error it is removed. The output rules of :mod:`primerge.io.destination`
+    apply: never over ``inputs``, and an existing folder is replaced only when it is an earlier zoo
+    model (its manifest says so) or empty."""
+    target = destination(folder, inputs, force=True, kind="zoo-model")
+    with atomic_folder(target) as tmp:
+        yield tmp
+        Ledger(tmp, kind="zoo-model").seal()
+
+
 def save_folder(
     folder: Path,
     body: nn.Module,
@@ -152,13 +166,11 @@ def save_folder(
     head: nn.Linear | None = None,
     metadata: Mapping[str, object] | None = None,
     metadata_name: str = "task.json",
+    inputs: Iterable[Path] = (),
 ) -> Path:
     """Write body (+ head as ``classifier.*``) safetensors, config, tokenizer and a metadata JSON,
-    atomically: into a temporary sibling that is renamed to ``folder`` at the end."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    atomically (:func:`writing_folder`, never over ``inputs``)."""
+    with writing_folder(folder, inputs) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
         if head is not None:
             tensors[HEAD_PREFIX + "weight"] = head.weight.detach().contiguous().cpu()
@@ -168,33 +180,15 @@ def save_folder(
         tokenizer.save_pretrained(str(tmp))
         if metadata is not None:
             (tmp / metadata_name).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write {folder}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 FINGERPRINT_SKIP = {"README.md", ".gitattributes"}
 
 
 def folder_fingerprint(folder: Path, skip: Iterable[str] = FINGERPRINT_SKIP) -> str:
-    """SHA-256 over the names and bytes of the files of a model folder (recursively, sorted),
-    skipping documentation; a changed weight, config or vocabulary gives a new fingerprint."""
+    """:func:`~primerge.io.files.content_digest` of a model folder, skipping documentation."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"base model folder {folder} does not exist.")
-    digest = hashlib.sha256()
-    skip = set(skip)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
-        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\x01")
-    return digest.hexdigest()
+    return content_digest(folder, skip)

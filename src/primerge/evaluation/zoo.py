@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,44 +45,12 @@ from primerge.evaluation.model import (
 )
 from primerge.io.hf import load_pretrained_body, load_tokenizer
 from primerge.datasets import TaskSplit
+from primerge.evaluation.protocol import Protocol  # noqa: F401  (re-exported)
 from primerge.paths import cache_root
-from primerge.seeding import derive_seed
 
 ZOO_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """Every setting that changes a fine-tune; its hash keys the cache."""
-
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    epochs: int = 2
-    small_task_epochs: int = 6
-    small_task_threshold: int = 1000
-    batch_size: int = 32
-    max_length: int = 64
-    warmup_fraction: float = 0.1
-    bucket_pool: int = 50
-    seed: int = 0
-
-    def epochs_for(self, train_size: int) -> int:
-        return self.small_task_epochs if train_size < self.small_task_threshold else self.epochs
-
-    def task_seed(self, task: str) -> int:
-        """A seed per task derived from the protocol seed and the task name (order-independent)."""
-        return derive_seed(f"{self.seed}:{task}") & 0xFFFFFFFF
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def effective(self, train_size: int) -> dict:
-        """The settings one task actually trains with (the epoch rule resolved): what its key hashes,
-        so changing the small-task rule retrains only the tasks it touches."""
-        settings = self.as_dict()
-        del settings["small_task_epochs"], settings["small_task_threshold"]
-        settings["epochs"] = self.epochs_for(train_size)
-        return settings
 
 
 def task_key(protocol: Protocol, base_fingerprint: str, split: TaskSplit) -> str:
@@ -147,7 +115,8 @@ def prepare_base(base: str | Path, root: Path, log: Callable[[str], None] = prin
     log(f"Preparing the base {base} -> {target}")
     body = load_pretrained_body(base)
     tokenizer = load_tokenizer(base)
-    save_folder(target, body, tokenizer, metadata={"source": str(base), "fingerprint": fingerprint}, metadata_name="base.json")
+    save_folder(target, body, tokenizer, metadata={"source": str(base), "fingerprint": fingerprint},
+                metadata_name="base.json", inputs=[base])
     return target, fingerprint
 
 
@@ -286,7 +255,8 @@ def build_entry(
         "individual_accuracy": individual,
         **stats,
     }
-    path = save_folder(entry_path(root, key, split.name), model.body, tokenizer, model.classifier, metadata)
+    path = save_folder(entry_path(root, key, split.name), model.body, tokenizer, model.classifier, metadata,
+                       inputs=[base])
     return ZooEntry(split.name, path, list(split.classes), individual, len(split.train_texts),
                     len(split.test_texts), stats["epochs"], stats["train_seconds"], reused=False)
 

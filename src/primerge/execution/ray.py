@@ -25,6 +25,7 @@ runs: the same pure function of (plan, unit, pre-pass result) as a local merge.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 from collections import deque
@@ -58,19 +59,25 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _unit_statistics(plan: Plan, prepass: Any, pass_index: int, index: int, device: str) -> Any:
     """Task: one unit's pre-pass statistics (:func:`primerge.engine.prepass_statistics`)."""
     with ThreadIndependent():
         return prepass_statistics(plan, prepass, pass_index, plan.units[index].entries, torch.device(device))
 
 
-def _unit(plan: Plan, index: int, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float]:
-    """Task: merge unit ``index`` and hand its tensors to the output's unit writer, here."""
+def _unit(plan: Plan, index: int, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float, float]:
+    """Task: merge unit ``index`` and hand its tensors to the output's unit writer, here; returns the
+    receipt, the worker, the seconds it took and the worker's peak RSS (MiB)."""
     start = time.perf_counter()
     unit = plan.units[index]
     with ThreadIndependent():
         receipt = writer.write(unit, execute_unit(plan, unit, torch.device(device), prepass))
-    return receipt, _worker(), time.perf_counter() - start
+    return receipt, _worker(), time.perf_counter() - start, _peak_rss_mib()
 
 
 def _missing(paths: list[str]) -> tuple[str, list[str]]:
@@ -97,7 +104,8 @@ class RayExecutor:
         self.device = "cuda" if config.gpus_per_worker > 0 else device
         self.ray = _ray()
         self.started = False
-        self.stats: dict[str, list[float]] = {}
+        self.stats: dict[str, list[float]] = {}  # worker -> seconds of each unit it merged
+        self.peak_rss = 0.0  # the largest peak RSS (MiB) a worker reported
 
     # ------------------------------------------------------------------ cluster
 
@@ -180,8 +188,9 @@ class RayExecutor:
                 for unit in plan.units:
                     while len(pending) < window and (nxt := next(todo, None)) is not None:
                         pending.append(task.remote(plan_ref, nxt.index, prepass_ref, writer, self.device))
-                    receipt, worker, seconds = self._result(pending.popleft())
+                    receipt, worker, seconds, rss = self._result(pending.popleft())
                     self.stats.setdefault(worker, []).append(seconds)
+                    self.peak_rss = max(self.peak_rss, rss)
                     bar.update(unit.nbytes)
                     bar.set_postfix_str(self._throughput(), refresh=False)
                     yield unit, receipt
@@ -213,4 +222,6 @@ class RayExecutor:
         nodes = sum(1 for node in self.ray.nodes() if node["Alive"]) if self.ray.is_initialized() else 0
         return {"backend": "ray", "address": self.config.address or "local runtime", "nodes": nodes,
                 "workers": self.workers() if self.ray.is_initialized() else self.config.workers,
-                "gpus_per_worker": self.config.gpus_per_worker, "device": self.device}
+                "gpus_per_worker": self.config.gpus_per_worker, "device": self.device,
+                "units_per_worker": {w: len(s) for w, s in sorted(self.stats.items())},
+                "worker_peak_rss_mib": round(self.peak_rss)}

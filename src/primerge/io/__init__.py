@@ -1,6 +1,9 @@
 """Checkpoint input and output: lazy readers (safetensors, guarded pickles), PEFT LoRA adapters,
-the atomic sharded writer, the output manifest, and Hugging Face loading from local folders.
+the atomic sharded writer, the output manifest, the output-location policy (``destination``),
+file-name encoding of user text (``names``), defensive file checks (``files``), and Hugging Face
+loading from local folders.
 
 Floors: the bottom one, with errors, linalg and seeding: it imports nothing of primerge but
-:mod:`primerge.errors`, and knows nothing of methods, plans or outputs.
+:mod:`primerge.errors` and :mod:`primerge.patterns` (bounded-time regular expressions), and knows
+nothing of methods, plans or outputs.
 """

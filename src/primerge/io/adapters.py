@@ -20,6 +20,11 @@ base tensor (peft's ``get_delta_weight`` and ``merge``):
 - Any other tensor (``modules_to_save``, ``bias: all | lora_only``; ``.base_layer`` dropped from
   the name) is a full trained value θ_saved: τ = θ_saved − θ₀.
 
+The config is untrusted input: ``r`` must be a positive integer, ``lora_alpha`` a finite number,
+``rank_pattern`` / ``alpha_pattern`` objects mapping regular expressions to such values, and the
+switches booleans (:class:`LoraSettings`); the patterns are matched in bounded time
+(:class:`primerge.patterns.Pattern`), so a catastrophic pattern is an error, not a hang.
+
 Base tensors the adapter does not mention have τ = 0. Refused, with the file and the fix named,
 rather than mis-merged: non-LoRA ``peft_type``; DoRA (``use_dora``, ``lora_magnitude_vector``);
 every other variant switch found set in the config (aLoRA, VeRA-style, MiCA, ...); adapters
@@ -29,18 +34,20 @@ back to plain LoRA; convolution LoRA (A or B not 2-D); key shapes that contradic
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from primerge.errors import InputError
-from primerge.io.readers import Checkpoint, inside, open_checkpoint
+from primerge.io.files import kind, load_json
+from primerge.io.names import user_path
+from primerge.io.readers import Checkpoint, member, open_checkpoint
+from primerge.patterns import Pattern
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -90,18 +97,73 @@ AdapterTensor = LoraWeight | LoraBias | str  # str: the key of a full trained va
 
 
 def is_adapter(path: str | Path) -> bool:
-    """Whether ``path`` is a PEFT adapter folder (it holds ``adapter_config.json``)."""
-    path = Path(path).expanduser()
-    return path.is_dir() and (path / CONFIG_NAME).is_file()
+    """Whether ``path`` is a PEFT adapter folder (it holds something named ``adapter_config.json``;
+    :func:`open_adapter` refuses it unless that is a regular JSON file)."""
+    path = user_path(path, "model path", InputError)
+    return kind(path) == "folder" and kind(path / CONFIG_NAME, follow=False) is not None
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key K (a regex) with
-    ``re.match(rf"(.*\\.)?({K})$", module)``, else ``default``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def _number(value: Any, what: str, file: Path, *, integer: bool = False) -> float | int:
+    """``value`` as a positive integer (``integer``) or a finite number, else an InputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ok = False
+    elif integer:
+        ok = isinstance(value, int) and 1 <= value < 2**31
+    else:
+        ok = abs(value) < 2**53 if isinstance(value, int) else math.isfinite(value)
+    if not ok:
+        need = "a positive integer" if integer else "a finite number"
+        raise InputError(f"{file}: {what} is {value!r:.60}; it must be {need}. Re-save the adapter with peft.")
+    return value
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The validated fields of a LoRA config that give each module its rank k and scaling s."""
+
+    r: int | None
+    lora_alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: list[tuple[Pattern, int]] = field(default_factory=list)
+    alpha_pattern: list[tuple[Pattern, float]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, config: dict[str, Any], file: Path) -> "LoraSettings":
+        r = config.get("r")
+        flags = {}
+        for key in ("use_rslora", "fan_in_fan_out"):
+            if config.get(key) not in (None, True, False):
+                raise InputError(f"{file}: {key} is {config[key]!r:.60}; it must be true or false.")
+            flags[key] = bool(config.get(key))
+        return cls(
+            None if r is None else _number(r, "r", file, integer=True),
+            _number(config.get("lora_alpha", 8), "lora_alpha", file),
+            rank_pattern=_patterns(config, "rank_pattern", file, integer=True),
+            alpha_pattern=_patterns(config, "alpha_pattern", file, integer=False), **flags,
+        )
+
+    def rank(self, module: str) -> int | None:
+        return _lookup(self.rank_pattern, module, self.r)
+
+    def alpha(self, module: str) -> float:
+        return _lookup(self.alpha_pattern, module, self.lora_alpha)
+
+
+def _patterns(config: dict[str, Any], key: str, file: Path, integer: bool) -> list[tuple[Pattern, Any]]:
+    """peft's ``rank_pattern`` / ``alpha_pattern``: key K matches a module name when
+    ``re.match(rf"(.*\\.)?({K})$", module)``; compiled once, matched in bounded time."""
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise InputError(f"{file}: {key} must map module-name patterns to values, not "
+                         f"{type(patterns).__name__}.")
+    return [(Pattern(rf"(.*\.)?({k})$", f"{file}: {key} key '{k[:80]}'", InputError),
+             _number(v, f"{key}['{k[:80]}']", file, integer=integer)) for k, v in patterns.items()]
+
+
+def _lookup(patterns: list[tuple[Pattern, Any]], module: str, default: Any) -> Any:
+    """The value of the first pattern matching ``module``, else ``default``."""
+    return next((value for pattern, value in patterns if pattern.match(module)), default)
 
 
 class Adapter:
@@ -112,6 +174,7 @@ class Adapter:
         self.path = path
         self.config_file = path / CONFIG_NAME
         self.config = config
+        self.settings = LoraSettings.read(config, self.config_file)
         self.weights = weights
         self.base_model = config.get("base_model_name_or_path")
         self.tensors: dict[str, AdapterTensor] = _parse_keys(self, weights)
@@ -125,15 +188,16 @@ class Adapter:
 
     def scaling(self, module: str, rank: int) -> float:
         """s = α/k (rsLoRA: α/√k) for ``module``, checking k against ``r`` / ``rank_pattern``."""
-        cfg = self.config
-        expected = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r"))
-        if expected is not None and int(expected) != rank:
+        expected = self.settings.rank(module)
+        if rank < 1:
+            raise self.fail(f"module '{module}' has LoRA factors of rank 0; the adapter file is damaged.")
+        if expected is not None and expected != rank:
             raise self.fail(
                 f"module '{module}' has LoRA rank {rank} in the weights but {expected} in "
                 f"{CONFIG_NAME} (r / rank_pattern); the config does not belong to these weights."
             )
-        alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
-        return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        alpha = float(self.settings.alpha(module))
+        return alpha / math.sqrt(rank) if self.settings.use_rslora else alpha / rank
 
     def is_lowrank(self, target: str) -> bool:
         """Whether ``target``'s task vector is a LoRA product s·B A."""
@@ -198,12 +262,7 @@ class Adapter:
 
 
 def _read_config(file: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(file.read_text())
-    except OSError as exc:
-        raise InputError(f"{file}: cannot read the adapter config ({exc.strerror}).") from None
-    except ValueError as exc:
-        raise InputError(f"{file}: not valid JSON ({exc}); re-save the adapter with peft.") from None
+    config = load_json(file, "adapter config")
     if not isinstance(config, dict):
         raise InputError(f"{file}: expected a JSON object (peft's LoraConfig).")
     return config
@@ -287,7 +346,7 @@ def _lora_weight(adapter: Adapter, weights: Checkpoint, module: str, parts: dict
     return LoraWeight(
         module, parts[a_name], parts[b_name], rank, adapter.scaling(module, rank),
         (b_shape[0], a_shape[1]), transposed=embedding, embedding=embedding,
-        fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")),
+        fan_in_fan_out=adapter.settings.fan_in_fan_out,
     )
 
 
@@ -295,13 +354,14 @@ def open_adapter(path: str | Path, open_weights: Callable[[Path], Checkpoint] = 
     """Open a PEFT LoRA adapter folder lazily; raises :class:`InputError` when it cannot be merged.
 
     ``open_weights`` opens the weight file (the readers' policy for ``.bin`` files applies); the
-    config and weights must lie in the folder (the readers' symlink policy, :func:`inside`).
+    config and weights must lie in the folder (the readers' symlink and regular-file policy, :func:`member`).
     """
-    path = Path(path).expanduser()
-    config_file = inside(path, CONFIG_NAME)
+    path = user_path(path, "adapter folder", InputError)
+    config_file = member(path, CONFIG_NAME, "adapter config")
     config = _read_config(config_file)
     check_config(config, config_file)
-    files = [inside(path, name) for name in WEIGHT_NAMES if (path / name).is_file()]
+    files = [member(path, name, "adapter weight file") for name in WEIGHT_NAMES
+             if kind(path / name, follow=False) is not None]
     if not files:
         raise InputError(f"{path}: {CONFIG_NAME} is there but no adapter weights "
                          f"({' or '.join(WEIGHT_NAMES)}); copy the whole adapter folder.")

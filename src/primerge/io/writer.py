@@ -3,18 +3,30 @@
 :func:`atomic_folder` yields a temporary folder beside the destination and
 renames it into place only when the body of the ``with`` finished without an
 error; on any error or interrupt the temporary folder is removed and the
-destination is left as it was. :class:`ShardedWriter` streams tensors into
+destination is left as it was, and parent folders the write created are removed
+again. What may be written where, and what ``--force`` may replace, is the
+:class:`~primerge.io.destination.Destination` policy, checked before the work and
+again just before the rename. :class:`ShardedWriter` streams tensors into
 safetensors shards (``model.safetensors``, or ``model-0000i-of-0000N.safetensors``
 plus ``model.safetensors.index.json`` above the shard size), holding at most one
 shard in memory.
+
+Every tensor primerge writes goes through :func:`save_tensors`, which refuses a
+floating tensor holding NaN or Inf *as it will be stored*: after the cast to its
+storage dtype, so an fp16/bf16 overflow of a merged, copied or per-task tensor, a
+task head or a LoRA factor is an error, never a file.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import json
+import math
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,102 +36,232 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from primerge.errors import OutputError
-from primerge.io.manifest import Ledger
+from primerge.errors import OutputError, RecipeError
+from primerge.io.destination import Destination, check_overlap
+from primerge.io.names import user_path
+from primerge.io.manifest import Ledger, non_finite
 
 DEFAULT_SHARD_SIZE = 2 * 1024**3
 TEMP_MARK = ".primerge-incomplete-"
+LOCK_SUFFIX = ".lock"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The mode of every written weight file: what ``open()`` gives any other file of the output
+#: (0666 less the umask), not the 0600 of safetensors' temporary file.
+PUBLISHED_MODE = 0o666 & ~_umask()
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from ``2GB``, ``500MB``, ``64KiB`` or an integer."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    try:
-        return int(float(number) * units[s[len(number):]])
-    except (ValueError, KeyError):
-        raise OutputError(f"cannot read the size '{text}'; write e.g. 2GB or 500MB.") from None
+    """Bytes (at least 1) from ``2GB``, ``500MB``, ``64KiB``, ``1.5GB`` or an integer."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    elif isinstance(text, str):
+        s = text.strip().upper().replace(" ", "")
+        number = s.rstrip("KMGTIB")
+        try:
+            value = float(number) * _UNITS[s[len(number):]]
+        except (ValueError, KeyError):
+            raise RecipeError(f"cannot read the size '{text[:40]}'; write e.g. 2GB or 500MB.") from None
+        if not math.isfinite(value):
+            raise RecipeError(f"the size '{text[:40]}' is not a finite number of bytes; write e.g. 2GB.")
+        size = int(value)
+    else:
+        raise RecipeError(f"a size must be a whole number of bytes or text such as '2GB', not "
+                          f"{type(text).__name__} ({text!r:.40}).")
+    if size < 1:
+        raise RecipeError(f"the size '{text}' is less than one byte; write e.g. 2GB or 500MB.")
+    return size
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, deepest first."""
+    missing = []
+    for parent in [folder, *folder.parents]:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders :func:`make_parents` created, where they are (still) empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (someone else wrote there) or already gone: stop climbing
 
 
 @contextmanager
-def atomic_folder(destination: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder that becomes ``destination`` on success.
+def _locked_temp(destination: Path) -> Iterator[Path]:
+    """A new temporary folder beside ``destination``, held by an exclusive lock on its lock file.
 
-    An existing ``destination`` is replaced only with ``force`` and only after the
-    new output is complete (it is moved aside, the new folder renamed in, then
-    the old one deleted). The temporary folder's name carries the writing process's
-    id; temporary folders of the same destination left by a process that no longer
-    runs (killed with SIGKILL, power loss) are removed first.
+    The lock (``flock``) lasts as long as this process holds the file open, so other processes
+    (:func:`_remove_stale`), in any PID namespace, can tell a live write from a dead one.
     """
-    destination = Path(destination)
     temp = destination.parent / f".{destination.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lock_path = temp.with_name(temp.name + LOCK_SUFFIX)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            temp.mkdir()
+            yield temp
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+
+
+def _publish(temp: Path, target: Destination) -> None:
+    """Rename ``temp`` to the destination, replacing what the policy allows (checked again now)."""
+    destination = target.path
+    state = target.check()
+    if state == "empty":
+        destination.rmdir()  # an empty folder holds nothing to protect
+    if state != "previous":
+        os.replace(temp, destination)
+        return
+    aside = destination.parent / f".{destination.name}.primerge-old-{uuid.uuid4().hex[:8]}"
+    os.replace(destination, aside)
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(destination)
-        temp.mkdir()
+        os.replace(temp, destination)
+    except BaseException:
+        os.replace(aside, destination)  # put the previous output back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(target: Destination) -> Iterator[Path]:
+    """Yield a fresh temporary folder that becomes ``target.path`` on success.
+
+    An existing output is replaced only as :class:`Destination` allows (``--force`` over an
+    earlier primerge output of the same kind, or an empty folder) and only after the new
+    output is complete (moved aside, the new folder renamed in, then the old one deleted).
+    Temporary folders of the same destination whose writer no longer holds its lock (killed
+    with SIGKILL, power loss) are removed first. On failure the parent folders this call
+    created are removed again.
+    """
+    destination = target.path
+    try:
+        created = make_parents(destination.parent)
     except OSError as exc:
-        raise OutputError(f"{destination}: cannot create the output folder ({exc}); "
+        raise OutputError(f"{destination}: cannot create the output folder ({exc.strerror or exc}); "
                           f"check the path and permissions.") from None
     try:
-        yield temp
-        if destination.is_dir() and not any(destination.iterdir()):
-            destination.rmdir()  # an empty folder holds nothing to protect
-        if destination.exists() or destination.is_symlink():
-            if not force:
-                raise OutputError(f"{destination}: exists; use --force to replace it.")
-            aside = destination.parent / f".{destination.name}.primerge-old-{uuid.uuid4().hex[:8]}"
-            os.replace(destination, aside)
-            try:
-                os.replace(temp, destination)
-            except BaseException:
-                os.replace(aside, destination)  # put the previous output back
-                raise
-            if aside.is_dir() and not aside.is_symlink():
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                aside.unlink()
-        else:
-            os.replace(temp, destination)
+        _remove_stale(destination)
+        with _locked_temp(destination) as temp:
+            yield temp
+            _publish(temp, target)
     except OSError as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise OutputError(f"{destination}: the merge failed with an I/O error ({exc}); nothing was "
+        remove_created(created)
+        raise OutputError(f"{destination}: writing the output failed ({exc.strerror or exc}); nothing was "
                           f"left in place. Check free space and permissions.") from None
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        remove_created(created)
         raise
 
 
+def make_scratch(parent: object | None, prefix: str, inputs: list[Path]) -> tuple[Path, list[Path]]:
+    """A fresh work folder ``<parent>/<prefix>XXXX`` (``parent`` defaults to the system's temporary
+    folder), never an input, inside one or holding one's files; returns it and the parent folders
+    created for it, for :func:`remove_scratch`."""
+    root = Path(tempfile.gettempdir()) if parent is None else user_path(parent, "work folder")
+    check_overlap(root / prefix, [user_path(p, "input") for p in inputs])
+    try:
+        created = make_parents(root)
+    except OSError as exc:
+        raise OutputError(f"{root}: cannot create the work folder ({exc.strerror or exc}).") from None
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root)), created
+    except OSError as exc:
+        remove_created(created)
+        raise OutputError(f"{root}: cannot create a work folder in it ({exc.strerror or exc}).") from None
+
+
+def remove_scratch(folder: Path, created: list[Path]) -> None:
+    """Delete a :func:`make_scratch` folder and the parents made for it (where empty)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    remove_created(created)
+
+
 def _remove_stale(destination: Path) -> None:
-    """Delete ``destination``'s temporary folders whose writing process has exited."""
-    for stale in destination.parent.glob(f".{glob.escape(destination.name)}{TEMP_MARK}*"):
-        pid = stale.name[len(destination.name) + 1 + len(TEMP_MARK):].split("-")[0]
-        if pid.isdigit() and not _running(int(pid)):
+    """Delete ``destination``'s temporary folders whose writer has died.
+
+    A writer holds ``flock`` on ``<temp>.lock`` while it runs; a lock that can be taken
+    means the writer is gone. Folders without a lock file (written by primerge before
+    lock files) are removed only when the process id in their name runs no process.
+    """
+    pattern = f".{glob.escape(destination.name)}{TEMP_MARK}*"
+    for stale in destination.parent.glob(pattern):
+        if stale.name.endswith(LOCK_SUFFIX):
+            _remove_if_unlocked(stale)
+        elif not stale.with_name(stale.name + LOCK_SUFFIX).exists() and _dead_pid(stale, destination):
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _running(pid: int) -> bool:
+def _remove_if_unlocked(lock_path: Path) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        handle = open(lock_path, "r+")
+    except OSError:
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return  # a live writer holds it
+            raise
+        shutil.rmtree(lock_path.with_name(lock_path.name.removesuffix(LOCK_SUFFIX)), ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+
+
+def _dead_pid(stale: Path, destination: Path) -> bool:
+    pid = stale.name[len(destination.name) + 1 + len(TEMP_MARK):].split("-")[0]
+    if not pid.isdigit():
         return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a floating tensor holding NaN or Inf in its stored dtype (``where``: the file or result)."""
+    for name, tensor in tensors.items():
+        if non_finite(tensor):
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            limit = f" (the largest finite {dtype} is {torch.finfo(tensor.dtype).max:.4g})"
+            raise OutputError(
+                f"{where}: tensor '{name}' holds NaN or Inf values as {dtype}"
+                f"{limit if tensor.element_size() <= 2 else ''}, so no output was written. Check the "
+                f"inputs, their weights and the method parameters."
+            )
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                  ledger: Ledger | None = None) -> None:
     """``safetensors.torch.save_file`` with write failures reported as :class:`OutputError`.
 
-    With a ``ledger`` the tensors' names, shapes, dtypes and hashes are recorded for
-    the output's manifest (:mod:`primerge.io.manifest`).
+    Every floating tensor must be finite as stored (:func:`check_finite`). With a ``ledger``
+    the tensors' names, shapes, dtypes and hashes are recorded for the output's manifest
+    (:mod:`primerge.io.manifest`).
     """
+    check_finite(tensors, str(path.name))
     try:
         save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, PUBLISHED_MODE)
     except (OSError, SafetensorError) as exc:
         raise OutputError(f"{path}: write failed ({exc}); check free space and permissions.") from None
     if ledger is not None:

@@ -3,7 +3,6 @@ that treat each third separately (Subspace Boosting, DRM)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
@@ -11,6 +10,7 @@ from pydantic import Field
 from torch import Tensor
 
 from primerge.methods.base import MethodParams
+from primerge.patterns import compiled
 from primerge.validation import Regex
 
 #: Names of fused attention input projections: ViT/BLIP ``qkv``, PyTorch MultiheadAttention
@@ -27,10 +27,10 @@ class FusedQKVParams(MethodParams):
 def fused_qkv_axis(name: str, shape: tuple[int, ...], pattern: str) -> int | None:
     """Axis along which a fused Q/K/V weight splits into thirds, or ``None`` if it is not one.
 
-    A 2-D weight named by ``pattern`` (``re.search``) with shape (3n, n) splits along axis 0,
+    A 2-D weight named by ``pattern`` (a bounded-time search) with shape (3n, n) splits along axis 0,
     with shape (n, 3n) along axis 1.
     """
-    if len(shape) != 2 or not re.search(pattern, name):
+    if len(shape) != 2 or not compiled(pattern, "qkv_pattern").search(name):
         return None
     m, n = shape
     if m == 3 * n:

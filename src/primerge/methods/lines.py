@@ -15,9 +15,10 @@ block (L = 1) every parameter is scaled by α.
 
 from __future__ import annotations
 
-import re
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from primerge.errors import RecipeError
+from primerge.patterns import Pattern, checked
 
 BLOCK_PATTERN = r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\."
 EARLY_PATTERN = r"embed|wte|wpe|position|token_type|shared"
@@ -36,29 +37,35 @@ class LinesConfig(BaseModel):
     @field_validator("block_pattern", "early_pattern")
     @classmethod
     def _compiles(cls, value: str, info) -> str:
-        try:
-            compiled = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
-        if info.field_name == "block_pattern" and compiled.groups < 1:
+        checked(value, f"lines.{info.field_name}")
+        if info.field_name == "block_pattern" and Pattern(value, "lines.block_pattern").groups < 1:
             raise ValueError("needs a capture group for the block index, e.g. layers\\.(\\d+)\\.")
         return value
 
 
+def _block_index(text: str | None, name: str, config: LinesConfig) -> int:
+    """The block index ℓ a ``block_pattern`` captured in ``name``: a decimal number below 10⁶."""
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 6:
+        raise RecipeError(f"lines.block_pattern '{config.block_pattern}' captures {text!r:.40} in tensor "
+                          f"'{name}', which is not a block number; its first group must capture digits, "
+                          f"e.g. layers\\.(\\d+)\\.")
+    return int(text)
+
+
 def layer_scales(names: list[str], config: LinesConfig) -> dict[str, float]:
     """λ(ℓ) for every parameter name (LiNeS Eq. 1 with ℓ counted from 0)."""
-    block = re.compile(config.block_pattern)
+    block = Pattern(config.block_pattern, "lines.block_pattern")
     index: dict[str, int | None] = {}
     for name in names:
         match = block.search(name)
-        index[name] = int(match.group(1)) if match else None
+        index[name] = _block_index(match.group(1), name, config) if match else None
     found = [i for i in index.values() if i is not None]
     depth = max(found) + 1 if found else 1
 
     def scale(layer: int) -> float:
         return config.alpha + (config.beta * layer / (depth - 1) if depth > 1 else 0.0)
 
-    early = re.compile(config.early_pattern)
+    early = Pattern(config.early_pattern, "lines.early_pattern")
     return {
         name: scale(i if i is not None else (0 if early.search(name) else depth - 1))
         for name, i in index.items()

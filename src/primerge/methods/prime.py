@@ -41,7 +41,8 @@ from primerge.methods.tsv import concat_factors, whiten
 
 class PrimeParams(SVDParams):
     rank: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
-        0.01, description="fraction ρ of min(m, n) if < 1, an integer rank, or auto (F(r))"
+        0.01, description="fraction ρ of min(m, n) if < 1 (or 'N%'), a whole rank if >= 1 (1.0 is rank 1, "
+        "not 100%), or auto (F(r)); capped at min(m, n), then lowered to ⌊min(m, n)/T⌋ when T·r exceeds it"
     )
     residual: Literal["mean", "ties", "s_sb"] = Field("mean", description="residual merge")
     s_sb_scale: float = Field(1.7, gt=0, description="a in S-SB: singular values set to a·σ₁")
@@ -49,6 +50,20 @@ class PrimeParams(SVDParams):
     auto_step: float = Field(0.01, gt=0, lt=1, description="β: spacing of auto-rank candidates")
     auto_max_fraction: float = Field(0.125, gt=0, lt=1, description="largest auto-rank candidate")
     auto_tolerance: float = Field(0.025, ge=0, description="κ of the auto-rank tolerance rule")
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _percent(cls, value: object) -> object:
+        """``"5%"`` is the fraction 0.05 (a percentage must lie strictly between 0% and 100%)."""
+        if not (isinstance(value, str) and value.strip().endswith("%")):
+            return value
+        try:
+            fraction = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"'{value}' is not a percentage such as 5%") from None
+        if not 0 < fraction < 1:
+            raise ValueError(f"a percentage rank must lie between 0% and 100% (exclusive), not {value.strip()}")
+        return fraction
 
     @field_validator("rank")
     @classmethod

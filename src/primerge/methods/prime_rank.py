@@ -109,19 +109,35 @@ class AutoRank:
     def label(candidate: float) -> str:
         return "1" if candidate >= 1 else f"{candidate * 100:g}%"
 
+    def _rows(self) -> list[tuple[list[int], float, float]]:
+        """Candidates grouped where they give the same (J, G): on small matrices several fractions
+        round to the same ranks, and one row per distinct outcome is shown."""
+        rows: list[tuple[list[int], float, float]] = []
+        for i, (j, g) in enumerate(zip(self.J, self.G)):
+            if rows and (rows[-1][1], rows[-1][2]) == (j, g):
+                rows[-1][0].append(i)
+            else:
+                rows.append(([i], j, g))
+        return rows
+
     def to_markdown(self) -> str:
-        rows = [
-            f"| {'**' + self.label(c) + '**' if i == self.index else self.label(c)} "
-            f"| {j:.4f} | {g:.4f} | {j + g:.4f} |"
-            for i, (c, j, g) in enumerate(zip(self.candidates, self.J, self.G))
-        ]
+        lines = []
+        for members, j, g in self._rows():
+            label = "–".join(dict.fromkeys(self.label(self.candidates[i]) for i in (members[0], members[-1])))
+            lines.append(f"| {'**' + label + '**' if self.index in members else label} "
+                         f"| {j:.4f} | {g:.4f} | {j + g:.4f} |")
+        note = []
+        if self.layers and self.index == len(self.candidates) - 1:
+            note = ["", f"r* is the largest candidate ({self.label(self.rank)}): F(r) may fall further beyond "
+                        f"the grid; raise auto_max_fraction to search there."]
         return "\n".join([
             f"PRIME adaptive rank: r* = {self.label(self.rank)} "
             f"(F(r) averaged over {self.layers} matrices, κ = {self.tolerance})",
             "",
             "| r | Σ J_i | Σ G_i | F(r) |",
             "|---|---|---|---|",
-            *rows,
+            *lines,
+            *note,
         ])
 
 

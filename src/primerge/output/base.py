@@ -31,11 +31,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MergedTensor:
-    """One output tensor in its stored dtype on the CPU; ``kind`` is its plan treatment."""
+    """One output tensor in its stored dtype on the CPU; ``kind`` is its plan treatment;
+    ``companions`` are tensors stored beside it (an FP8 weight's block scales)."""
 
     name: str
     value: Tensor
     kind: str
+    companions: dict[str, Tensor] = field(default_factory=dict, kw_only=True)
+
+    def stored(self) -> dict[str, Tensor]:
+        """Every tensor this output tensor is stored as, by name."""
+        return {self.name: self.value, **self.companions}
 
 
 @dataclass(frozen=True)

@@ -5,23 +5,48 @@ the method and every effective parameter, the models with their weights, the
 full recipe, how tensors were classified, the files written, and where each
 task's own (unmerged) tensors are. Each output adds its own sections (the per-task layout
 and the method's rebuild formula, a LoRA adapter's errors).
+
+Names and paths come from users and checkpoints, so every one is written as a Markdown code span
+(:func:`md_code`) and the recipe as a fence longer than any backtick run in it (:func:`md_fence`):
+a tensor or model name holding backticks, ``|``, newlines or HTML cannot change the card's structure.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
+from primerge.io.names import components
 from primerge.version import __version__
+
+
+def md_code(text: object, table: bool = False) -> str:
+    """``text`` as one Markdown code span: control characters shown as ``\\xNN``, a fence longer
+    than any backtick run inside, and (in a table cell) ``|`` escaped, as GFM requires."""
+    text = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    if table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    # CommonMark strips one space from each end of a span's content that begins and ends with one
+    # (unless it is all spaces); a pad keeps such content, and separates backticks from the fence
+    pad = " " if text[:1] == "`" or text[-1:] == "`" or (text[:1] == text[-1:] == " " and text.strip()) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_fence(text: str, info: str = "") -> list[str]:
+    """A fenced code block for ``text``, its fence longer than any backtick run inside."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return [f"{fence}{info}", text, fence]
 
 
 def _front_matter(recipe, result) -> str:
     meta = {
         "library_name": "primerge",
         "tags": ["merge", "primerge", result.method],
-        "base_model": str(recipe.base),
+        "base_model": str(Path(recipe.base).resolve()),
         "primerge": {"version": __version__, "method": result.method,
                      "parameters": result.parameters, "seed": recipe.seed},
     }
@@ -40,16 +65,33 @@ INTEGRITY = [
 
 
 def _heads_section(heads: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    files = components(heads)
     return [
         "## Task-specific tensors",
         "",
         "These tensors were not merged: each task keeps its own copy, stored under its own "
-        "names in `task_heads/<model>.safetensors`. Load the merged body, then the head of the "
-        "task you want to run.",
+        "names in `task_heads/<model>.safetensors` (its model class in `task_heads/<model>.json`; a "
+        "model name outside `A-Z a-z 0-9 - _ . + = @ ,` is percent-encoded in these file names). "
+        "`primerge.load_task_model(folder, task)` returns the merged body with that task's head as "
+        "the transformers model the fine-tune was.",
         "",
-        *[f"- `task_heads/{label}.safetensors`: {', '.join(f'`{n}`' for n in tensors)}"
-          for label, tensors in heads.items()],
+        *[f"- {md_code(label)}: {md_code(f'task_heads/{files[label]}.safetensors')}: "
+          f"{', '.join(md_code(n) for n in tensors)}" for label, tensors in heads.items()],
         "",
+    ]
+
+
+def _treatment_lines(recipe, counts: dict[str, int]) -> list[str]:
+    """The tensors of each treatment (primerge.treatments) and the vocabulary rows aligned."""
+    return [
+        f"- matrix parameters (SVD treatment for SVD methods): {counts.get('matrix', 0)}",
+        f"- expert tensors [E, m, n], merged matrix by matrix: {counts.get('experts', 0)} "
+        f"({counts.get('expert_matrices', 0)} matrices)",
+        f"- tensors flattened to one matrix (matrices: flatten): {counts.get('reshaped', 0)}",
+        f"- other floating parameters (element-wise / fallback mean): {counts.get('fallback', 0)}",
+        f"- copied from the base (non-floating, or task-specific names present in the base): {counts.get('copy', 0)}",
+        f"- vocabulary tensors with rows aligned by token string (tokenizer: {recipe.tokenizer}): "
+        f"{counts.get('vocab_aligned', 0)}",
     ]
 
 
@@ -63,7 +105,7 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         f"# Merged model ({result.method})",
         "",
         f"Merged by primerge {__version__} with method `{result.method}` from the base "
-        f"`{recipe.base}` and {len(recipe.models)} fine-tuned models.",
+        f"{md_code(recipe.base)} and {len(recipe.models)} fine-tuned models.",
         "",
         "Executed on: " + ", ".join(f"{k} {v}" for k, v in result.execution.items()) + ".",
         "",
@@ -71,23 +113,21 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         "",
         "| parameter | value |",
         "|---|---|",
-        *[f"| {k} | {v} |" for k, v in result.parameters.items()],
+        *[f"| {k} | {v} |" for k, v in result.parameters.items()],  # validated values, no user text
         f"| seed | {recipe.seed} |",
         "",
         "## Models",
         "",
         "| name | path | weight |",
         "|---|---|---|",
-        *[f"| {label} | `{m.path}` | {m.weight} |" for label, m in zip(labels, recipe.models)],
+        *[f"| {md_code(label, table=True)} | {md_code(m.path, table=True)} | {m.weight} |"
+          for label, m in zip(labels, recipe.models)],
         "",
         "## Tensors",
         "",
-        f"- matrix parameters (SVD treatment for SVD methods): {result.counts.get('matrix', 0)}",
-        f"- other floating parameters (element-wise / fallback mean): {result.counts.get('fallback', 0)}",
-        f"- copied from the base (non-floating, or task-specific names present in the base): "
-        f"{result.counts.get('copy', 0)}",
-        f"- weight files: {', '.join(f'`{f}`' for f in weight_files)}",
-        f"- files copied from the base folder: {', '.join(f'`{c}`' for c in copied) or 'none'}",
+        *_treatment_lines(recipe, result.counts),
+        f"- weight files: {', '.join(md_code(f) for f in weight_files)}",
+        f"- files copied from the base folder: {', '.join(md_code(c) for c in copied) or 'none'}",
         "",
     ]
     if result.report:
@@ -97,7 +137,7 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
     if heads:
         lines += _heads_section(heads)
     lines += INTEGRITY
-    lines += ["## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    lines += ["## Recipe", "", *md_fence(recipe.to_yaml().rstrip(), "yaml"), ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -19,33 +19,24 @@ from typing import Any
 
 from torch import Tensor
 
-from primerge.errors import OutputError, RecipeError
+from primerge.errors import RecipeError
+from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger, tensor_record
-from primerge.io.writer import atomic_folder, copy_support_files, save_tensors, shard_name, write_index
+from primerge.io.writer import atomic_folder, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
 from primerge.output.card import write_card
-from primerge.output.lora import LoraExport, LoraParts
+from primerge.output.heads import write_heads
+from primerge.output.lora import LoraExport, LoraParts, lora_task_type
 from primerge.output.per_task import PerTaskWriter
 from primerge.plan import Plan, WorkUnit
 from primerge.recipe import Recipe
+from primerge.support import OutputFile
 
 
-def check_output(out: Path, recipe: Recipe, force: bool) -> Path:
-    """Refuse an output that is, or contains, or lies inside an input, or exists (without force)."""
-    out = Path(out).expanduser()
-    target = out.resolve()
-    for path in [recipe.base, *(m.path for m in recipe.models)]:
-        src = Path(path).expanduser().resolve()
-        if target == src or (src.is_dir() and src in target.parents):
-            raise OutputError(f"output {out} is, or is inside, the input {path}; choose another folder.")
-        if target in src.parents:
-            raise OutputError(
-                f"output {out} contains the input {path}; replacing it would delete the input. "
-                f"Choose another folder."
-            )
-    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
-        raise OutputError(f"output {out} exists and is not empty; use --force to replace it.")
-    return out
+def check_output(out: object, recipe: Recipe, force: object) -> Destination:
+    """The checked output location: never an input, inside one or holding one's files; an existing
+    folder only when empty or, with ``force``, an earlier primerge output (:mod:`primerge.io.destination`)."""
+    return destination(out, recipe.inputs(), force=force)
 
 
 class FolderSink(Sink):
@@ -56,14 +47,15 @@ class FolderSink(Sink):
     copies_support_files = True
 
     def __init__(self, out: Path, recipe: Recipe, *, force: bool = False, shard_size: int) -> None:
-        self.out = Path(out)
+        self.target = check_output(out, recipe, force)  # checked again just before the rename
+        self.out = self.target.path
         self.force = force
         self.shard_size = shard_size
 
     @contextmanager
     def session(self, plan: Plan, prepass: Any) -> Iterator[None]:
         self.plan = plan
-        with atomic_folder(self.out, force=self.force) as folder:
+        with atomic_folder(self.target) as folder:
             self.folder, self.ledger = folder, Ledger(folder)
             self.open(plan, prepass)
             yield
@@ -80,13 +72,18 @@ class FolderSink(Sink):
         files, sections = self.write(result)
         heads = task_heads(self.plan)
         if heads:
-            (self.folder / "task_heads").mkdir()
-            for label, tensors in heads.items():
-                save_tensors(self.folder / "task_heads" / f"{label}.safetensors", tensors, ledger=self.ledger)
-        copied = copy_support_files(self.plan.base.support, self.folder) if self.copies_support_files else []
+            write_heads(self.folder, heads, {s.label: s.architectures() for s in self.plan.sources}, self.ledger)
+        copied = write_support_files(self.plan.files, self.folder) if self.copies_support_files else []
         result.out = self.out
         write_card(self.folder, self.plan.recipe, result, files, heads, copied, sections)
         self.ledger.seal()
+
+
+def write_support_files(files: tuple[OutputFile, ...], folder: Path) -> list[str]:
+    """Write the plan's support files (config, tokenizer, ...) into ``folder``; their names."""
+    for file in files:
+        file.write(folder)
+    return [file.name for file in files]
 
 
 PART_MARK = ".part-"
@@ -113,7 +110,7 @@ class ShardFiles:
     def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> ShardReceipt:
         values, parts = {}, []
         for merged in tensors:
-            values[merged.name] = merged.value.contiguous()
+            values.update({name: tensor.contiguous() for name, tensor in merged.stored().items()})
             if self.per_task and isinstance(merged, PerTaskTensor):
                 parts.append((merged.name, merged.unified, merged.task_tensors))
         name = shard_name("model", unit.index, self.units)
@@ -173,7 +170,7 @@ class LoraFolder(FolderSink):
         self.rank = recipe.output.lora_rank
 
     def open(self, plan: Plan, prepass: Any) -> None:
-        self.export = LoraExport(self.rank)
+        self.export = LoraExport(self.rank, lora_task_type(plan, plan.recipe.output.lora_task_type))
 
     def unit_writer(self) -> LoraParts:
         return LoraParts(self.rank, self.plan.recipe.seed)

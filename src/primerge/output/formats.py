@@ -7,8 +7,6 @@ decorated with :func:`~primerge.output.base.output_format` and imported here.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from primerge.errors import RecipeError, closest
 from primerge.output import folder  # noqa: F401  (registers the model and lora formats)
 from primerge.output.base import FORMATS, Sink
@@ -17,7 +15,7 @@ from primerge.output.memory import MemorySink
 from primerge.recipe import Recipe
 
 
-def open_sink(recipe: Recipe, out: Path | None, *, force: bool, shard_size: int) -> Sink:
+def open_sink(recipe: Recipe, out: object, *, force: bool, shard_size: int) -> Sink:
     """The sink of ``recipe.output.format`` writing to ``out``; in memory when ``out`` is None."""
     name = recipe.output.format
     if name not in FORMATS:
@@ -27,4 +25,4 @@ def open_sink(recipe: Recipe, out: Path | None, *, force: bool, shard_size: int)
         if name != "model":
             raise RecipeError(f"the {name} output (--as-lora / output.format) needs an output folder (--out).")
         return MemorySink()
-    return FORMATS[name](check_output(out, recipe, force), recipe, force=force, shard_size=shard_size)
+    return FORMATS[name](check_output(out, recipe, force).path, recipe, force=force, shard_size=shard_size)

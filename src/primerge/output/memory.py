@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
+from primerge.io.writer import check_finite
 from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, TensorSink, task_heads
 from primerge.output.per_task import rebuild_task
 from primerge.plan import Plan, WorkUnit
@@ -18,7 +19,8 @@ class KeepValues:
     """A unit's tensors without the float32 updates, which an in-memory result does not keep."""
 
     def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> list[MergedTensor]:
-        return [MergedTensor(m.name, m.value, m.kind) if isinstance(m, MergedUpdate) else m for m in tensors]
+        return [MergedTensor(m.name, m.value, m.kind, companions=m.companions) if isinstance(m, MergedUpdate) else m
+                for m in tensors]
 
 
 class MemorySink(TensorSink):
@@ -38,7 +40,9 @@ class MemorySink(TensorSink):
         yield
 
     def add(self, merged: MergedTensor) -> None:
-        self.state[merged.name] = merged.value
+        stored = merged.stored()
+        check_finite(stored, "merge result")  # as the writers check every written tensor
+        self.state.update(stored)
         if self.tasks is None:
             return
         for t, label in enumerate(self.plan.labels):

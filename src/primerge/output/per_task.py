@@ -9,7 +9,9 @@ Layout inside a merged folder (documented in its model card)::
                                            bit-packed with numpy.packbits (big bit order)
                                            over the flattened tensor, one uint8 vector each
 
-Task t's weights are θ₀ + rebuild(τ_uni, {key: tensor_t}, scalars_t), with ``rebuild``
+``<task>`` is the task's name encoded as a safe file name (:func:`primerge.io.names.component`:
+``org/model`` is stored as ``org%2Fmodel``). Task t's weights are θ₀ + rebuild(τ_uni, {key: tensor_t},
+scalars_t), with ``rebuild``
 the method's own formula (for EMR λ_t · m_t ⊙ τ_uni); tensors the method did not merge
 (non-floating buffers) are the unified model's. :func:`load_task_state` does this.
 """
@@ -23,7 +25,9 @@ import numpy as np
 import torch
 
 from primerge.errors import InputError
+from primerge.io.files import load_json
 from primerge.io.manifest import Ledger
+from primerge.io.names import component, components, user_path
 from primerge.io.readers import open_checkpoint
 from primerge.io.writer import ShardedWriter
 from primerge.methods import get_method
@@ -58,6 +62,7 @@ class PerTaskWriter:
         self.root = Path(folder) / FOLDER
         self.spec = spec
         self.labels = labels
+        self.folders = components(labels)  # user text: encoded into safe folder names
         self.scalars = scalars
         self.shard_size = shard_size
         self.ledger = ledger
@@ -74,8 +79,9 @@ class PerTaskWriter:
             for t, label in enumerate(self.labels):
                 writer = self.tasks.get((label, key))
                 if writer is None:
-                    (self.root / label).mkdir(exist_ok=True)
-                    writer = self.tasks[(label, key)] = ShardedWriter(self.root / label, self.shard_size, stem=key,
+                    folder = self.root / self.folders[label]
+                    folder.mkdir(exist_ok=True)
+                    writer = self.tasks[(label, key)] = ShardedWriter(folder, self.shard_size, stem=key,
                                                                       ledger=self.ledger)
                 writer.add(name, _encode(key, stacked[t]))
 
@@ -101,7 +107,8 @@ class PerTaskWriter:
             "",
             f"`{self.spec.name}` gives every task its own model. `model.safetensors` holds the unified "
             "model θ₀ + τ_uni; `per_task/task_vector*.safetensors` holds τ_uni, "
-            "`per_task/<task>/<key>*.safetensors` each task's tensors (boolean masks bit-packed with "
+            "`per_task/<task>/<key>*.safetensors` each task's tensors (`<task>` percent-encoded as a file "
+            "name where needed; boolean masks bit-packed with "
             "numpy.packbits, big bit order, over the flattened tensor) and `per_task/per_task.json` the "
             "task names, per-task scalars and the base path. Rebuild task t's weights with "
             f"`primerge.load_task_state(folder, task)`.{formula}",
@@ -123,24 +130,34 @@ def _stream_source(folder: Path, stem: str):
     raise InputError(f"{folder}: missing {stem}.safetensors; the per-task output is incomplete.")
 
 
+def _read_meta(folder: Path) -> dict:
+    """``per_task/per_task.json``, checked to have the fields :func:`load_task_state` reads."""
+    path = folder / FOLDER / META
+    try:
+        meta = load_json(path, "per-task description")
+    except InputError as exc:
+        raise InputError(f"{folder}: not a per-task merge output ({exc}).") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("tasks"), list) and isinstance(meta.get("tensors"), dict)
+            and isinstance(meta.get("scalars"), dict) and isinstance(meta.get("method"), str)):
+        raise InputError(f"{path}: not a per-task merge output (tasks, tensors, scalars, method).")
+    return meta
+
+
 def load_task_state(folder: str | Path, task: str, base: str | Path | None = None) -> dict[str, torch.Tensor]:
     """Rebuild task ``task``'s full state dict from a per-task merge output folder.
 
     ``base`` defaults to the base path recorded at merge time.
     """
-    folder = Path(folder)
-    meta_path = folder / FOLDER / META
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{meta_path}: not a per-task merge output ({exc}).") from None
+    folder = user_path(folder, "per-task output folder", InputError)
+    meta = _read_meta(folder)
     if task not in meta["tasks"]:
-        raise InputError(f"{folder}: no task '{task}'; tasks: {', '.join(meta['tasks'])}.")
+        raise InputError(f"{folder}: no task '{task}'; tasks: {', '.join(map(str, meta['tasks']))}.")
     spec = get_method(meta["method"])
     unified_model = open_checkpoint(folder)
-    base_ckpt = open_checkpoint(base if base is not None else meta["base"])
+    base_ckpt = open_checkpoint(base if base is not None else user_path(meta.get("base"), "base", InputError))
     vectors = _stream_source(folder / FOLDER, "task_vector")
-    task_sources = {key: _stream_source(folder / FOLDER / task, key) for key in meta["tensors"]}
+    task_sources = {key: _stream_source(folder / FOLDER / component(task), component(key))
+                    for key in meta["tensors"]}
     scalars = meta["scalars"][task]
     state = {}
     for name in unified_model.names:

@@ -4,13 +4,16 @@
 
     purify:
       method: co_svd            # co_svd | asvd | svd_llm | svd
-      rank_ratio: 0.9375        # ρ: preserved fraction of the rank (PAVE uses 7/8 .. 63/64)
+      rank_ratio: 0.9375        # ρ: preserved fraction of the rank (PAVE uses 7/8 .. 63/64);
+                                #   unset: the authors' value for the merge method (PAPER_RANK_RATIO)
+      target: weight            # weight: SVD_r(W_ft C) C⁻¹ − W₀ (the paper's Eq. 6) | delta: SVD_r(τ C) C⁻¹
       allocation: spectral      # spectral (PAVE Algorithm 1) | uniform (round(ρR) everywhere)
+      tasks: [task-a]           # the models whose task vectors are purified (default: all)
       samples: 4096             # token rows of each task's data run through its model
       data: {task-a: a.csv, task-b: rt_sentiment}   # model label -> CSV/JSONL file or packaged task
 
-Every model of the recipe needs an entry in ``data`` unless ``method`` is ``svd`` (plain SVD
-uses no activations). Problems raise :class:`primerge.errors.RecipeError` naming the field.
+Every purified model needs an entry in ``data`` unless ``method`` is ``svd`` (plain SVD uses no
+activations). Problems raise :class:`primerge.errors.RecipeError` naming the field.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ from primerge.recipe import Recipe
 from primerge.validation import validate
 
 Decomposition = Literal["co_svd", "asvd", "svd_llm", "svd"]
+Target = Literal["weight", "delta"]
+
+#: ρ per merge method in the PAVE authors' README (GitHub ABgit111/purified_task_vector,
+#: GLUE/README.md: ``--rank_scale`` 0.984375 for TIES, 0.96875 for Task Arithmetic, 0.875 for
+#: EMR, with the first task(s) left at 1.0, i.e. not purified).
+PAPER_RANK_RATIO = {"ties": 63 / 64, "task_arithmetic": 31 / 32, "emr": 7 / 8}
+#: ρ for every other method: the middle of the paper's grid {7/8, 15/16, 31/32, 63/64}.
+DEFAULT_RANK_RATIO = 15 / 16
+
+
+def paper_rank_ratio(method: str) -> float:
+    """The authors' ρ for ``method`` (:data:`PAPER_RANK_RATIO`), else 15/16."""
+    return PAPER_RANK_RATIO.get(method, DEFAULT_RANK_RATIO)
 
 
 class PurifyConfig(BaseModel):
@@ -33,11 +49,15 @@ class PurifyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Decomposition = Field("co_svd", description="decomposition: co_svd | asvd | svd_llm | svd")
-    rank_ratio: float = Field(15 / 16, gt=0.0, le=1.0, description="ρ: preserved rank ratio")
+    rank_ratio: float | None = Field(None, gt=0.0, le=1.0,
+                                     description="ρ: preserved rank ratio; unset: the authors' ρ for the method")
+    target: Target = Field(
+        "weight", description="what is truncated: weight W_ft (paper, Eq. 6) | delta τ = W_ft − W₀")
     allocation: Literal["spectral", "uniform"] = Field("spectral", description="rank allocation")
     samples: int = Field(4096, ge=1, description="token rows per task for the covariances")
     max_length: int = Field(64, ge=2, description="tokens per text (truncation)")
     batch_size: int = Field(32, ge=1, description="texts per forward pass")
+    tasks: list[str] | None = Field(None, description="models whose task vectors are purified (default: all)")
     data: dict[str, str] = Field(default_factory=dict, description="model label -> task data")
 
     @property
@@ -50,23 +70,35 @@ class PurifyConfig(BaseModel):
         return self.method != "svd"
 
 
-def parse_purify(recipe: Recipe) -> PurifyConfig:
-    """Validate ``recipe.purify``; the data keys must be the recipe's model labels.
+def _check_labels(field: str, keys, labels: list[str]) -> None:
+    for key in keys:
+        if key not in labels:
+            raise RecipeError(
+                f"purify.{field}: '{key}' is not a model of the recipe.{closest(key, labels)} "
+                f"Models: {', '.join(labels)}."
+            )
 
-    Relative data paths are kept as given (the CLI resolves them against the recipe's folder via
-    :func:`resolve_data`).
+
+def parse_purify(recipe: Recipe) -> PurifyConfig:
+    """Validate ``recipe.purify``; data keys and ``tasks`` must be the recipe's model labels.
+
+    An unset ``rank_ratio`` becomes :func:`paper_rank_ratio` of the recipe's method and unset
+    ``tasks`` every model. Relative data paths are kept as given (the CLI resolves them against
+    the recipe's folder via :func:`resolve_data`).
     """
     raw: dict[str, Any] = dict(recipe.purify or {})
     config = validate(PurifyConfig, raw, "purify block", prefix="purify.")
     labels = recipe.model_labels()
-    for key in config.data:
-        if key not in labels:
-            raise RecipeError(
-                f"purify.data: '{key}' is not a model of the recipe.{closest(key, labels)} "
-                f"Models: {', '.join(labels)}."
-            )
+    _check_labels("data", config.data, labels)
+    _check_labels("tasks", config.tasks or [], labels)
+    if config.tasks is not None and len(set(config.tasks)) != len(config.tasks):
+        raise RecipeError("purify.tasks: a model is named twice.")
+    config = config.model_copy(update={
+        "rank_ratio": config.rank_ratio if config.rank_ratio is not None else paper_rank_ratio(recipe.method),
+        "tasks": [label for label in labels if config.tasks is None or label in config.tasks],
+    })
     if config.needs_data:
-        missing = [label for label in labels if label not in config.data]
+        missing = [label for label in config.tasks if label not in config.data]
         if missing:
             raise RecipeError(
                 f"purify.data: no data for model '{missing[0]}'; method {config.method} needs each "

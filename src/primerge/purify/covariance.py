@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from primerge.errors import InputError
+from primerge.io.files import content_digest
 from primerge.paths import cache_root
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -38,28 +39,17 @@ class Covariances:
     cov: dict[str, torch.Tensor]
     abs_mean: dict[str, torch.Tensor]
     rows: int
+    key: str = ""  # the cache key: model, tokenizer, texts and settings (purified results reuse it)
 
     def modules(self) -> list[str]:
         return sorted(self.cov)
-
-
-def _files_digest(folder: Path, digest) -> None:
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\x01")
 
 
 def cache_key(model: Path, tokenizer: Path, texts: Sequence[str], samples: int, max_length: int,
               batch_size: int) -> str:
     """SHA-256 of the model files, tokenizer files, texts and settings."""
     digest = hashlib.sha256(f"pave-cov/{FORMAT}/{samples}/{max_length}/{batch_size}".encode())
-    _files_digest(model, digest)
-    digest.update(b"\x02")
-    _files_digest(tokenizer, digest)
-    digest.update(b"\x03")
+    digest.update(content_digest(model).encode() + b"\x02" + content_digest(tokenizer).encode() + b"\x03")
     for text in texts:
         digest.update(text.encode() + b"\x00")
     return digest.hexdigest()[:32]
@@ -181,10 +171,12 @@ def model_covariances(model: Path, texts: Sequence[str], *, base: Path | None = 
     if path.is_file():
         cached = _load(path)
         if cached is not None:
+            cached.key = key
             return cached
     from primerge.io.hf import load_tokenizer
 
     tokenizer = load_tokenizer(tok_folder)
     result = collect(_load_model(model), tokenizer, texts, samples, max_length, batch_size)
     _save(path, result)
+    result.key = key
     return result

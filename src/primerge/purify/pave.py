@@ -7,6 +7,18 @@ For a linear weight W_ft = W₀ + τ (PyTorch layout (out, in)) with input covar
 - **ASVD**: D = diag(mean |x| per input feature); W† = SVD_r(W_ft D) D⁻¹.
 - **SVD**: W† = SVD_r(W_ft), no data.
 
+``target: delta`` (not in the paper) truncates the task vector instead of the fine-tuned weight:
+τ′ = SVD_r(τ S) S⁻¹. Why it exists: Eq. 6 truncates W_ft = W₀ + τ, so τ′ − τ = −tail_r(W_ft S) S⁻¹
+carries the pretrained weight's own pruned tail, nearly the same for every task and several times
+‖τ‖ in the FFN matrices (README, "PAVE purification"); truncating τ S removes only what the task
+vector itself has outside its top-r activated directions.
+
+``tasks`` purifies a subset of the models (the authors choose it per benchmark); the others keep
+their plain task vectors and stay out of the allocation. Every matrix costs one exact SVD per
+purified model, shared by the allocation and the purification and cached per model and settings
+(:mod:`primerge.purify.store`); a uniform allocation at a rank small enough for the randomized SVD
+skips it.
+
 C is regularised as C + ε·mean(diag C)·I with ε doubling from 0.01 until ‖C_reg C_reg⁻¹ − I‖_F
 < 0.05 (the check uses a Cholesky solve; the hot path never forms C⁻¹: Y C⁻¹ is the Cholesky
 solve of C Xᵀ = Yᵀ). [decision] ASVD's diagonal gets the same floor, mean|x| + 0.01·mean(mean|x|),
@@ -35,10 +47,14 @@ from tqdm.auto import tqdm
 
 from primerge.plan import Plan, build_plan
 from primerge.errors import InputError
-from primerge.linalg import truncated_svd
-from primerge.purify.config import PurifyConfig, parse_purify, resolve_data
+from primerge.linalg import SVDMode, truncated_svd, use_randomized
+from primerge.purify.config import PurifyConfig, Target, parse_purify, resolve_data
+from primerge.paths import cache_root
+from primerge.io.files import content_digest
 from primerge.purify.covariance import Covariances, model_covariances
+from primerge.purify.store import STORE, TAIL_FLOOR, Decomposition, decompose, store_key, tail_start
 from primerge.recipe import Recipe
+from primerge.seeding import derive_seed
 
 EPS_START = 0.01
 INVERSE_TOL = 0.05
@@ -121,18 +137,26 @@ def make_scaling(kind: str, cov: Tensor | None = None, abs_mean: Tensor | None =
     return Scaling(kind, C=C, L=L)
 
 
-def purify_matrix(W: Tensor, scaling: Scaling, rank: int, seed: int = 0) -> Tensor:
-    """W† = SVD_r(W S) S⁻¹ (PAVE Eq. 5) in float64; ``rank`` ≥ min(m, n) keeps every component."""
+def purify_matrix(W: Tensor, scaling: Scaling, rank: int, seed: int = 0, mode: SVDMode = "exact") -> Tensor:
+    """W† = SVD_r(W S) S⁻¹ (PAVE Eq. 5) in float64; ``rank`` ≥ min(m, n) keeps every component.
+    ``mode`` as in :func:`primerge.linalg.truncated_svd` (``auto``: randomized for a small rank)."""
     target = scaling.forward(W.double())
     rank = min(rank, min(target.shape))
-    low = truncated_svd(target, rank, mode="exact", seed=seed).reconstruct()
+    low = truncated_svd(target, rank, mode=mode, seed=seed).reconstruct()
     return scaling.inverse(low)
 
 
-def purified_task_vector(base: Tensor, tau: Tensor, scaling: Scaling, rank: int) -> Tensor:
-    """ΔW_PAVE = SVD_r((W₀ + τ) S) S⁻¹ − W₀ (PAVE Eq. 6), returned in float32."""
+def purified_task_vector(base: Tensor, tau: Tensor, scaling: Scaling, rank: int, target: Target = "weight",
+                         mode: SVDMode = "exact", seed: int = 0) -> Tensor:
+    """The purified task vector in float32:
+
+    - ``weight`` (PAVE Eq. 6): ΔW_PAVE = SVD_r((W₀ + τ) S) S⁻¹ − W₀;
+    - ``delta``: SVD_r(τ S) S⁻¹, the same covariance-weighted truncation of the task vector itself.
+    """
+    if target == "delta":
+        return purify_matrix(tau, scaling, rank, seed, mode).to(torch.float32)
     W0 = base.double()
-    return (purify_matrix(W0 + tau.double(), scaling, rank) - W0).to(torch.float32)
+    return (purify_matrix(W0 + tau.double(), scaling, rank, seed, mode) - W0).to(torch.float32)
 
 
 def spectral_allocation(spectra: Sequence[Tensor], rho: float, floor: float) -> list[list[int]]:
@@ -181,7 +205,9 @@ def match_modules(tensor_names: Sequence[str], modules: Sequence[str]) -> dict[s
 class Purifier:
     """The engine's task-vector transform: (label, tensor name, θ₀, τ) -> purified τ.
 
-    ``ranks[(label, name)]`` is the preserved rank; tensors without one pass unchanged.
+    ``ranks[(label, name)]`` is the preserved rank; tensors without one pass unchanged. A tensor
+    with a :class:`primerge.purify.store.Decomposition` is purified from it (one low-rank
+    product); the others (uniform allocation at a small rank) by a randomized truncated SVD.
     """
 
     config: PurifyConfig
@@ -189,6 +215,8 @@ class Purifier:
     covariances: dict[str, Covariances] = field(default_factory=dict)
     modules: dict[tuple[str, str], str] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    decompositions: dict[str, dict[str, Decomposition]] = field(default_factory=dict)
+    seed: int = 0
     _eps: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def scaling(self, label: str, name: str) -> Scaling:
@@ -208,12 +236,17 @@ class Purifier:
         rank = self.ranks.get((label, name))
         if rank is None:
             return tau
-        return purified_task_vector(base, tau, self.scaling(label, name), rank).to(tau.device)
+        found = self.decompositions.get(label, {}).get(name)
+        out = found.purified(tau, rank) if found is not None else None
+        if out is None:
+            out = purified_task_vector(base, tau, self.scaling(label, name), rank, self.config.target,
+                                       mode="auto", seed=derive_seed(self.seed, f"{label}/{name}"))
+        return out.to(dtype=torch.float32, device=tau.device)
 
     def summary(self) -> str:
         ratios = ", ".join(f"{k} {v:.4f}" for k, v in self.ratios.items())
-        return (f"PAVE ({self.config.method}, ρ = {self.config.rank_ratio:g}, {self.config.allocation}): "
-                f"{len(self.ranks)} task matrices purified; rank ratios: {ratios}")
+        return (f"PAVE ({self.config.method}, {self.config.target}, ρ = {self.config.rank_ratio:g}, "
+                f"{self.config.allocation}): {len(self.ranks)} task matrices purified; rank ratios: {ratios}")
 
 
 def _task_texts(spec: str, folder: Path | None) -> list[str]:
@@ -225,68 +258,129 @@ def _task_texts(spec: str, folder: Path | None) -> list[str]:
 
 def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Path | None = None,
                    quiet: bool = True) -> Purifier:
-    """Validate ``recipe.purify``, collect covariances (cached), allocate ranks; return the transform."""
+    """Validate ``recipe.purify``, collect covariances (cached), decompose (cached) and allocate
+    ranks for the models it purifies; return the transform."""
     config = parse_purify(recipe)
-    labels = recipe.model_labels()
     base_folder = Path(recipe.base) if Path(recipe.base).is_dir() else None
+    paths = dict(zip(recipe.model_labels(), (Path(m.path) for m in recipe.models)))
     covariances: dict[str, Covariances] = {}
     if config.needs_data:
-        for entry, label in zip(recipe.models, labels):
+        for label in config.tasks:
             try:
                 texts = _task_texts(config.data[label], relative_to)
             except InputError as exc:
                 raise InputError(f"purify.data.{label}: {exc}") from None
             covariances[label] = model_covariances(
-                Path(entry.path), texts, base=base_folder, samples=config.samples,
+                paths[label], texts, base=base_folder, samples=config.samples,
                 max_length=config.max_length, batch_size=config.batch_size, cache=cache)
-    plan = build_plan(recipe)
+    unweighted = recipe.replace(models=[{**m.model_dump(exclude_none=True), "weight": 1.0} for m in recipe.models])
+    plan = build_plan(unweighted)
     try:
-        return _allocate(plan, config, labels, covariances, quiet)
+        purifier = _prepare(plan, config, recipe, covariances)
+        purifier.seed = recipe.seed
+        _decompose_missing(plan, purifier, recipe, paths, cache or cache_root(), quiet)
+        _allocate(plan, purifier)
+        return purifier
     finally:
         plan.close()
 
 
-def _allocate(plan: Plan, config: PurifyConfig, labels: list[str], covariances: dict[str, Covariances],
-              quiet: bool) -> Purifier:
-    matrices = [e for e in plan.entries if e.kind == "matrix"]
-    names = [e.name for e in matrices]
+def _prepare(plan: Plan, config: PurifyConfig, recipe: Recipe, covariances: dict[str, Covariances]) -> Purifier:
+    """The purifier with each purified model's matched modules (every matrix for plain SVD)."""
+    names = [e.name for e in plan.entries if e.kind == "matrix"]
     modules: dict[tuple[str, str], str] = {}
-    for label in labels:
+    for label in config.tasks:
         if config.needs_data:
             for name, module in match_modules(names, covariances[label].modules()).items():
                 modules[(label, name)] = module
         else:
             modules.update({(label, name): "" for name in names})
-    purifier = Purifier(config, {}, covariances, modules)
-    layer_full: dict[int, list[int]] = {t: [] for t in range(len(labels))}
-    layer_ranks: dict[int, list[int]] = {t: [] for t in range(len(labels))}
-    for entry in tqdm(matrices, desc="PAVE spectra", unit="tensor", disable=quiet, leave=False):
-        tasks = [t for t, label in enumerate(labels) if (label, entry.name) in modules]
+    return Purifier(config, {}, covariances, modules)
+
+
+def _uniform_rank(config: PurifyConfig, shape: tuple[int, ...]) -> int:
+    return max(1, round(config.rank_ratio * min(shape)))
+
+
+def _needs_decomposition(config: PurifyConfig, shape: tuple[int, ...]) -> bool:
+    """Spectral allocation needs every spectrum; a uniform rank small enough for the randomized
+    SVD (:func:`primerge.linalg.use_randomized`) needs none."""
+    return config.allocation == "spectral" or not use_randomized(_uniform_rank(config, shape), shape)
+
+
+def _store_key(purifier: Purifier, label: str, path: Path, recipe: Recipe) -> str:
+    config = purifier.config
+    model = purifier.covariances[label].key if config.needs_data else content_digest(path)
+    base = content_digest(Path(recipe.base)) if config.target == "delta" else ""
+    return store_key(model, base, config.method, config.target, f"{min(config.floor, TAIL_FLOOR)}",
+                     f"{EPS_START}/{INVERSE_TOL}", f"{config.max_length}")
+
+
+def _decompose_missing(plan: Plan, purifier: Purifier, recipe: Recipe, paths: dict[str, Path], cache: Path,
+                       quiet: bool) -> None:
+    """Each purified model's decompositions from the store, or computed (one batched exact SVD per
+    matrix over the models that miss it) and stored."""
+    config = purifier.config
+    folder = Path(cache) / "pave"
+    matrices = [e for e in plan.entries if e.kind == "matrix" and _needs_decomposition(config, e.shape)]
+    keys = {label: _store_key(purifier, label, paths[label], recipe) for label in config.tasks}
+    missing = []
+    for label in config.tasks:
+        wanted = {e.name for e in matrices if (label, e.name) in purifier.modules}
+        found = STORE.get(folder, keys[label])
+        if found is not None and wanted <= set(found):
+            purifier.decompositions[label] = found
+        else:
+            purifier.decompositions[label] = {}
+            missing.append(label)
+    if not missing:
+        return
+    labels = plan.labels
+    for entry in tqdm(matrices, desc="PAVE decompositions", unit="tensor", disable=quiet, leave=False):
+        todo = [label for label in missing if (label, entry.name) in purifier.modules]
+        if not todo:
+            continue
+        base, stack = plan.task_vectors(entry, torch.device("cpu"))
+        taus = stack.dense()
+        targets, inverses = [], []
+        for label in todo:
+            tau = taus[labels.index(label)].double()
+            scaling = purifier.scaling(label, entry.name)
+            targets.append(scaling.forward(tau if config.target == "delta" else base.double() + tau))
+            inverses.append(scaling.inverse)
+        start = tail_start(min(entry.shape), config.floor)
+        for label, found in zip(todo, decompose(torch.stack(targets), inverses, start)):
+            purifier.decompositions[label][entry.name] = found
+    for label in missing:
+        STORE.put(folder, keys[label], purifier.decompositions[label])
+
+
+def _allocate(plan: Plan, purifier: Purifier) -> None:
+    """Every purified model's rank ratio ρ_t (spectral: PAVE Algorithm 1 over the purified models;
+    uniform: ρ) and its ranks r = round(ρ_t R) on every matched matrix."""
+    config = purifier.config
+    matrices = [e for e in plan.entries if e.kind == "matrix"]
+    kept = {t: 0 for t in config.tasks}
+    full = {t: 0 for t in config.tasks}
+    for entry in matrices:
+        tasks = [t for t in config.tasks if (t, entry.name) in purifier.modules]
         if not tasks:
             continue
         R = min(entry.shape)
         if config.allocation == "uniform":
-            for t in tasks:
-                layer_full[t].append(R)
-                layer_ranks[t].append(max(1, round(config.rank_ratio * R)))
-            continue
-        base, stack = plan.task_vectors(entry, torch.device("cpu"))
-        taus = stack.dense()
-        spectra = torch.stack([
-            torch.linalg.svdvals(purifier.scaling(labels[t], entry.name).forward((base + taus[t]).double()))
-            for t in tasks
-        ])
-        (ranks,) = spectral_allocation([spectra], config.rank_ratio, config.floor)
+            ranks = [_uniform_rank(config, entry.shape)] * len(tasks)
+        else:
+            spectra = torch.stack([purifier.decompositions[t][entry.name].S for t in tasks])
+            (ranks,) = spectral_allocation([spectra], config.rank_ratio, config.floor)
         for t, r in zip(tasks, ranks):
-            layer_full[t].append(R)
-            layer_ranks[t].append(r)
-    for t, label in enumerate(labels):
-        if not layer_full[t]:
+            kept[t] += r
+            full[t] += R
+    for label in config.tasks:
+        if not full[label]:
             continue
-        ratio = sum(layer_ranks[t]) / sum(layer_full[t])
+        ratio = kept[label] / full[label]
         purifier.ratios[label] = ratio
         for entry in matrices:
-            if (label, entry.name) in modules:
+            if (label, entry.name) in purifier.modules:
                 R = min(entry.shape)
                 purifier.ranks[(label, entry.name)] = max(1, min(R, round(ratio * R)))
-    return purifier

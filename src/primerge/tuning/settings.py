@@ -1,0 +1,25 @@
+"""The options of a tuning run (kept free of heavy imports: the CLI reads its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Validation examples carved per task from its training split (:mod:`primerge.tuning.validation`).
+DEFAULT_SIZE = 150
+#: Memory the merged-update cache of one study may hold (:mod:`primerge.tuning.cache`).
+DEFAULT_CACHE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Budget and options of a tuning run."""
+
+    trials: int = 20  # per method, the defaults trial included
+    budget_minutes: float | None = None  # for all methods together
+    seed: int = 0
+    validation_size: int = DEFAULT_SIZE  # examples per task
+    pave: bool = False
+    method_params: bool = True  # False: only the PAVE settings are searched (the method at its defaults)
+    pave_targets: tuple[str, ...] = ("weight", "delta")
+    pave_data: dict[str, str] = field(default_factory=dict)  # model label -> task data (PAVE)
+    cache_bytes: int = DEFAULT_CACHE_BYTES

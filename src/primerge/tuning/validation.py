@@ -1,0 +1,52 @@
+"""Validation splits carved from a task's training data — the tuner's only data.
+
+Rule (deterministic, independent of every other seed): shuffle the indices of the task's
+training split with ``numpy.random.default_rng(VALIDATION_SEED)`` and take the first
+k = min(size, max(1, ⌊FRACTION · n_train⌋)) as the validation set, in that order. The test split
+is never read: :func:`carve` touches only ``train_texts`` and ``train_labels``.
+
+The fine-tunes of the offline benchmark were trained on the whole training split, so the
+validation examples are ones they have seen: validation accuracies run higher than test
+accuracies. They rank settings; the test split scores the chosen one once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from primerge.errors import InputError
+from primerge.datasets import TaskSplit
+from primerge.tuning.settings import DEFAULT_SIZE
+
+VALIDATION_SEED = 1
+FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """The held-out examples of one task, labels as class indices."""
+
+    name: str
+    classes: tuple[str, ...]
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def as_split(self) -> TaskSplit:
+        """A :class:`TaskSplit` whose *test* slot holds the validation examples (its train slot is
+        empty), so the evaluation code scores validation without knowing it."""
+        return TaskSplit(self.name, self.classes, (), (), self.texts, self.labels)
+
+
+def carve(split: TaskSplit, size: int = DEFAULT_SIZE, seed: int = VALIDATION_SEED) -> ValidationSet:
+    """The validation set of ``split`` (module docstring), from its training examples only."""
+    if size < 1:
+        raise InputError(f"the validation size must be at least 1, got {size}.")
+    n = len(split.train_texts)
+    if n < 2:
+        raise InputError(f"task '{split.name}' has {n} training example(s): too few to carve a validation set.")
+    k = min(size, max(1, int(FRACTION * n)))
+    order = np.random.default_rng(seed).permutation(n)[:k]
+    return ValidationSet(split.name, split.classes, tuple(split.train_texts[i] for i in order),
+                         tuple(split.train_labels[i] for i in order))
