@@ -32,14 +32,6 @@ def svd(x: Tensor) -> SVD:
     return SVD(U, S, Vh.mT)
 
 
-#: Whitening goes through the small Gram matrix when X has at most 1/GRAM_POLAR_RATIO as many
-#: columns as rows (PRIME's m × T·r bases) ...
-GRAM_POLAR_RATIO = 4
-#: ... and σ_min(X) ≥ GRAM_POLAR_CONDITION · σ_max(X): in float64 the Gram route's error is then
-#: about 1e-16 · κ² ≤ 1e-8, far below float32 rounding. Otherwise LAPACK's SVD of X is used.
-GRAM_POLAR_CONDITION = 1e-4
-
-
 def polar(x: Tensor) -> Tensor:
     """Orthonormal polar factor: for ``X = P S Q^T`` return ``P Q^T``.
 
@@ -47,27 +39,9 @@ def polar(x: Tensor) -> Tensor:
     closest matrix with orthonormal columns to ``X`` in Frobenius norm. Zero
     singular values (rank-deficient ``X``) are kept as they are by LAPACK's
     completion, so the result always has orthonormal columns when m >= k.
-
-    [decision] A tall float32 (or narrower) X with well-conditioned columns is whitened from its
-    k × k Gram matrix in float64: XᵀX = W Λ Wᵀ, P Qᵀ = X W Λ^(-1/2) Wᵀ (the same matrix; O(m k²)
-    products and a k × k eigendecomposition instead of an SVD of the m × k matrix, measured 3-5×
-    faster on PRIME's bases in benchmarks/prime_stages.py). Other inputs take the SVD.
     """
-    if x.dtype.itemsize <= 4 and 0 < x.shape[-1] * GRAM_POLAR_RATIO <= x.shape[-2]:
-        whitened = _gram_polar(x)
-        if whitened is not None:
-            return whitened
     P, _, Qh = torch.linalg.svd(x, full_matrices=False)
     return P @ Qh
-
-
-def _gram_polar(x: Tensor) -> Tensor | None:
-    """X W Λ^(-1/2) Wᵀ from XᵀX = W Λ Wᵀ in float64, or None when X is ill-conditioned."""
-    wide = x.double()
-    lam, W = torch.linalg.eigh(wide.mT @ wide)
-    if not bool((lam[..., :1] >= GRAM_POLAR_CONDITION**2 * lam[..., -1:]).all()) or not bool((lam > 0).all()):
-        return None
-    return (((wide @ W) * lam.rsqrt().unsqueeze(-2)) @ W.mT).to(x.dtype)
 
 
 def live_polar(X: Tensor, S: Tensor) -> Tensor:

@@ -17,9 +17,9 @@ small gap at the cut cannot hide a mixed direction). Triplets whose σ is numeri
 (:func:`primerge.linalg.core.null_mask`) need no check.
 
 The iteration stops when every member has converged, when the basis would outgrow p, after
-``max_steps`` steps, or early when the residuals shrink too slowly to reach ``tol`` by then (the
-geometric rate of the last step, extrapolated). Each step costs two passes over A, so the whole
-call makes 2·steps + 3 passes.
+``max_steps`` steps, or early when no unconverged member's residual shrinks fast enough to reach
+``tol`` by then (each one's geometric rate of the last step, extrapolated). Each step costs two
+passes over A, so the whole call makes 2·steps + 3 passes.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def relative_residual(step: _Ritz, shape: tuple[int, ...]) -> Tensor:
 
 
 def hopeless(history: list[Tensor], tol: float, steps_left: int) -> bool:
-    """Whether the slowest unconverged member cannot reach ``tol`` in ``steps_left`` more steps
-    at the residual's last geometric rate of decrease."""
+    """Whether no unconverged member can reach ``tol`` in ``steps_left`` more steps at its
+    residual's last geometric rate of decrease (members that can keep the iteration going)."""
     if len(history) < 2:
         return False
     now, before = history[-1].double(), history[-2].double()
@@ -120,7 +120,7 @@ def hopeless(history: list[Tensor], tol: float, steps_left: int) -> bool:
         return False
     rate = (now[pending] / before[pending].clamp_min(1e-300)).clamp(max=1.0)
     needed = torch.log(tol / now[pending]) / torch.log(rate.clamp(min=1e-300, max=1 - 1e-12))
-    return bool((needed > steps_left).any())
+    return bool((needed > steps_left).all())
 
 
 def block_krylov_svd(x: Tensor, rank: int, *, seed: int = 0, tol: float = TOLERANCE,
