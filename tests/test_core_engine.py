@@ -442,6 +442,34 @@ def test_ties_model_scope_trims_over_the_whole_model(bert_zoo, zoo_states):
 # --------------------------------------------------------------------------- CLI
 
 
+def test_svd_auto_choices_are_said_once_per_distinct_shape_at_the_start(bert_zoo, tmp_path, capsys):
+    """The merge states ``svd: auto``'s choice and its reason once per distinct (batch shape, rank),
+    on stderr before merging and in the card; an explicit ``svd`` states nothing."""
+    from primerge.engine import svd_choices
+    from primerge.linalg import choose_svd
+    from primerge.plan import build_plan
+    from primerge.recipe import build_recipe
+
+    spec = {"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "tsv", "task_specific": TASK_SPECIFIC}
+    plan = build_plan(build_recipe(spec))
+    shapes = {e.shape for e in plan.mergeable() if e.kind == "matrix"}
+    requests = {((3, *shape), min(shape) // 3) for shape in shapes}
+    lines = svd_choices(plan)
+    assert len(lines) == len(requests) > 1
+    for batch, rank in requests:
+        choice = choose_svd(batch, rank)
+        assert sum(f"{'×'.join(map(str, batch))} at rank {rank} " in line and choice.reason in line
+                   and line.startswith(f"svd: auto: {choice.mode} SVD") for line in lines) == 1
+    assert svd_choices(build_plan(build_recipe({**spec, "parameters": {"svd": "exact"}}))) == []
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**spec, "base": str(spec["base"]),
+                                                          "models": [str(m) for m in spec["models"]]}))
+    assert cli.main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert all(err.count(line) == 1 for line in lines) and err.index(lines[0]) < err.index("merge")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## SVD choices" in card and all(line in card for line in lines)
+
+
 def test_yaml_recipe_through_cli(bert_zoo, zoo_states, tmp_path, capsys):
     base, models = zoo_states
     work = tmp_path / "project"

@@ -17,8 +17,9 @@ from primerge.linalg import (
     project_out,
     stable_rank,
     svd,
+    block_krylov_svd,
+    choose_svd,
     truncated_svd,
-    use_randomized,
 )
 
 
@@ -52,7 +53,7 @@ def test_exact_svd_reconstructs_and_is_orthonormal():
 def test_randomized_truncated_svd_matches_exact_on_task_vector_spectra(shape):
     x = task_vector_like(*shape, seed=1)
     r = 4  # PRIME's 1% of 384
-    assert use_randomized(r, shape)
+    assert choose_svd(shape, r).mode == "randomized"
     approx = truncated_svd(x, r, mode="randomized", seed=7)
     exact = truncated_svd(x, r, mode="exact")
     assert approx.U.shape == (shape[0], r) and approx.V.shape == (shape[1], r)
@@ -90,11 +91,27 @@ def test_truncated_svd_rejects_bad_rank_and_mode():
         truncated_svd(x, 2, mode="lanczos")
 
 
-def test_auto_mode_chooses_by_sketch_width():
-    assert not use_randomized(4, (40, 40))  # sketch 14 > 40 // 4
-    assert use_randomized(4, (384, 1536))
+def test_auto_mode_chooses_from_the_cost_model_of_the_shapes():
+    assert choose_svd((40, 40), 4).mode == "exact"  # ℓ = 14: no room for 2 Krylov steps in 40
+    assert choose_svd((384, 1536), 4).mode == "randomized"
+    assert choose_svd((8, 768, 768), 96).mode == "exact"  # wide block: Krylov could cost more than LAPACK
+    assert choose_svd((384, 1536), 4) == choose_svd((384, 1536), 4)  # a function of the shape alone
     small = torch.randn(12, 9, dtype=torch.float64)
     assert torch.allclose(truncated_svd(small, 3).S, torch.linalg.svdvals(small)[:3])
+
+
+def test_auto_keeps_converged_members_and_redoes_the_others_exactly():
+    """A batch of one decaying spectrum (Krylov converges) and one Gaussian matrix (flat
+    Marchenko–Pastur top, no gap: the residual check fails): ``auto`` keeps the first's Ritz
+    triplets and gives the second the exact SVD's bits."""
+    x = torch.stack([task_vector_like(384, 768, 3), torch.randn(384, 768, generator=torch.Generator().manual_seed(4))])
+    found = block_krylov_svd(x, 4, seed=1)
+    assert found.converged.tolist() == [True, False]
+    auto = truncated_svd(x, 4, mode="auto", seed=1)
+    exact = truncated_svd(x, 4, mode="exact")
+    for part, ritz, full in zip(auto, found.factors, exact):
+        assert torch.equal(part[0], ritz[0]) and torch.equal(part[1], full[1])
+    assert ((auto.reconstruct()[0] - exact.reconstruct()[0]).norm() / exact.reconstruct()[0].norm()) < 1e-5
 
 
 @settings(max_examples=30, deadline=None)

@@ -19,7 +19,9 @@ the merge, and a folder output removes its temporary folder, so nothing partial 
 from __future__ import annotations
 
 import re
+import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from primerge.deterministic import ThreadIndependent
 from primerge.errors import InputError, RecipeError
 from primerge.io.manifest import non_finite
+from primerge.linalg import choose_svd
 from primerge.methods.base import PerTaskUpdate, Prepass, TensorContext, fold_statistics, is_sum_merge
 from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, Sink, UnitWriter
 from primerge.plan import Plan, WorkUnit
@@ -173,12 +176,42 @@ class LocalExecutor:
         """Nothing to release."""
 
 
+def svd_choices(plan: Plan) -> list[str]:
+    """What ``svd: auto`` does for every distinct truncated SVD the merge asks for, one line each.
+
+    The method's ``svd_requests`` give (batch shape, rank) per matrix of every matrix entry (dense
+    task vectors: LoRA rows take the factored SVD instead); :func:`primerge.linalg.choose_svd`
+    decides from those shapes alone, so the lines are known before any tensor is read.
+    """
+    spec, params = plan.recipe.spec, plan.recipe.params
+    if spec.svd_requests is None or getattr(params, "svd", None) != "auto":
+        return []
+    matrices: Counter[tuple[tuple[int, ...], int]] = Counter()
+    for entry in plan.mergeable():
+        shape = tuple(entry.view[1:]) if entry.view is not None else entry.shape
+        if entry.kind == "fallback" or len(shape) != 2:
+            continue
+        for request in spec.svd_requests(shape, len(plan.sources), params):
+            matrices[request] += entry.view[0] if entry.view is not None else 1
+    lines = []
+    for (batch, rank), count in matrices.items():
+        choice = choose_svd(batch, rank)
+        lines.append(f"svd: auto: {choice.mode} SVD of {'×'.join(map(str, batch))} at rank {rank} "
+                     f"({count} matri{'ces' if count != 1 else 'x'}): {choice.reason}")
+    return lines
+
+
 def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> MergeResult:
-    """Pre-passes, then every unit through ``executor`` into ``sink``; returns what the merge produced."""
+    """Pre-passes, then every unit through ``executor`` into ``sink``; returns what the merge produced.
+    ``svd: auto``'s choices (:func:`svd_choices`) are kept in the result and, unless ``quiet``,
+    written to stderr before anything is merged."""
     start = time.perf_counter()
     spec = plan.recipe.spec
     result = MergeResult(spec.name, plan.recipe.params.model_dump(mode="json"), counts=plan.counts(),
-                         per_task=spec.per_task)
+                         per_task=spec.per_task, svd_choices=svd_choices(plan))
+    if not quiet:
+        for line in result.svd_choices:
+            tqdm.write(line, file=sys.stderr)
     with ThreadIndependent():  # byte-identical outputs whatever the thread count
         prepass = executor.prepass(plan, quiet)
         if hasattr(prepass, "to_markdown"):

@@ -27,6 +27,9 @@ What a registration declares, once:
 - ``rebuild`` (+ ``card``): a per-task method (EMR) returns :class:`PerTaskUpdate`;
   ``rebuild(update, task tensors of t, scalars of t)`` gives task t's own update and ``card`` is
   the formula the model card states.
+- ``svd_requests``: the truncated SVDs the matrix function asks for, as (batch shape, rank) pairs
+  of a function of (matrix shape, T, parameters); the merge reports ``svd: auto``'s choice for
+  each distinct one at its start (:func:`primerge.engine.svd_choices`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from primerge.methods.stack import TaskStack
 from primerge.validation import validate
 
 Kind = Literal["matrix", "fallback"]
+#: (matrix shape, T, parameters) -> the (batch shape, rank) of every truncated SVD the merge asks for.
+SVDRequests = Callable[[tuple[int, int], int, Any], list[tuple[tuple[int, ...], int]]]
 Family = Literal["elementwise", "svd"]
 
 
@@ -170,6 +175,7 @@ class MethodSpec:
     prepass: Callable[[Any], Prepass | None] | None = None
     rebuild: RebuildFn | None = None
     card: str | None = None
+    svd_requests: SVDRequests | None = None
 
     @property
     def per_task(self) -> bool:
@@ -198,12 +204,14 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def merge_method(name: str, params: type[MethodParams], description: str, *, family: Family = "svd",
                  other: MergeFn = scaled_mean, prepass: Callable[[Any], Prepass | None] | None = None,
-                 rebuild: RebuildFn | None = None, card: str | None = None) -> Callable[[MergeFn], MergeFn]:
+                 rebuild: RebuildFn | None = None, card: str | None = None,
+                 svd_requests: SVDRequests | None = None) -> Callable[[MergeFn], MergeFn]:
     """Register the decorated function as method ``name`` (see the module docstring)."""
     def register(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, description, params, fn, family, other, prepass, rebuild, card)
+        _REGISTRY[name] = MethodSpec(name, description, params, fn, family, other, prepass, rebuild, card,
+                                     svd_requests)
         return fn
     return register
 

@@ -134,8 +134,15 @@ def make_prepass(params: PrimeParams) -> AutoRankPrepass | None:
     return AutoRankPrepass(candidates, params.auto_tolerance, params.svd, principal_rank)
 
 
+def prime_svds(shape: tuple[int, int], tasks: int, params: PrimeParams) -> list[tuple[tuple[int, ...], int]]:
+    """PRIME's one truncated SVD: the T task vectors at principal rank r. With ``rank: auto`` r
+    is chosen by the F(r) pass, so nothing is known before it runs."""
+    r = 0 if params.rank == "auto" else principal_rank(params.rank, min(shape), tasks)
+    return [((tasks, *shape), r)] if r > 0 else []
+
+
 @merge_method("prime", PrimeParams, "PRIME: ~1% principal directions merged by TSV + residuals projected off them",
-              prepass=make_prepass)
+              prepass=make_prepass, svd_requests=prime_svds)
 def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:
     """α (Û Σ_s V̂ᵀ + P⊥ Merge({R_t})) for one matrix parameter (PRIME Algorithm 1)."""
     rank = ctx.prepass.rank if params.rank == "auto" else params.rank

@@ -54,7 +54,14 @@ def whitened_merge(stacked: SVD) -> Tensor:
     return (U_hat * stacked.S) @ V_hat.mT
 
 
-@merge_method("tsv", TSVParams, "TSV-M: ⌊r/T⌋ singular directions per task, whitened and summed")
+def tsv_svds(shape: tuple[int, int], tasks: int, params: TSVParams) -> list[tuple[tuple[int, ...], int]]:
+    """TSV's one truncated SVD: the T task vectors at rank ⌊r_full/T⌋ (none when that is 0)."""
+    k = min(shape) // tasks
+    return [((tasks, *shape), k)] if k > 0 else []
+
+
+@merge_method("tsv", TSVParams, "TSV-M: ⌊r/T⌋ singular directions per task, whitened and summed",
+              svd_requests=tsv_svds)
 def merge(taus: TaskStack, ctx: TensorContext, params: TSVParams) -> Tensor:
     """α Û Σ_s V̂ᵀ with ⌊r_full/T⌋ directions per task.
 

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from primerge.plan import Plan, build_plan
 from primerge.errors import InputError
-from primerge.linalg import SVDMode, truncated_svd, use_randomized
+from primerge.linalg import SVDMode, choose_svd, truncated_svd
 from primerge.purify.config import PurifyConfig, Target, parse_purify, resolve_data
 from primerge.paths import cache_root
 from primerge.io.files import content_digest
@@ -304,8 +304,8 @@ def _uniform_rank(config: PurifyConfig, shape: tuple[int, ...]) -> int:
 
 def _needs_decomposition(config: PurifyConfig, shape: tuple[int, ...]) -> bool:
     """Spectral allocation needs every spectrum; a uniform rank small enough for the randomized
-    SVD (:func:`primerge.linalg.use_randomized`) needs none."""
-    return config.allocation == "spectral" or not use_randomized(_uniform_rank(config, shape), shape)
+    SVD (:func:`primerge.linalg.choose_svd`) needs none."""
+    return config.allocation == "spectral" or choose_svd(shape, _uniform_rank(config, shape)).mode == "exact"
 
 
 def _store_key(purifier: Purifier, label: str, path: Path, recipe: Recipe) -> str:

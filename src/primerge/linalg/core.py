@@ -1,28 +1,15 @@
-"""Shared linear algebra for every SVD-based method and for analysis.
-
-Written once, reused everywhere: exact and truncated SVD (batched over a leading
-task axis), polar-factor whitening, projection onto the orthogonal complement of
-an orthonormal basis, spectrum flattening (Subspace Boosting) and spectral
-metrics. All functions accept float32/float64 tensors on any device and never
-form an m x m projector.
+"""Dense building blocks: exact SVD, polar-factor whitening, projection onto the orthogonal
+complement of an orthonormal basis, spectrum flattening (Subspace Boosting), spectral metrics,
+the factored SVD of a product and the handling of null singular triplets. All functions accept
+float32/float64 tensors on any device and never form an m x m projector.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-SVDMode = Literal["auto", "exact", "randomized"]
-
-#: Oversampling columns and power iterations of the randomized SVD. ALGORITHMS.md
-#: (Conventions) requires at least 10 and 2: torch's defaults are not accurate enough. Four
-#: iterations, measured on the benchmark zoo (no spectral gap at r = 1%), cut PRIME's relative
-#: error against the exact path from 7.6e-3 (2 iterations) to 7.5e-5 at the same cost.
-OVERSAMPLE = 10
-POWER_ITERATIONS = 4
-
 
 class SVD(NamedTuple):
     """Thin singular triplets ``X = U diag(S) V^T`` (batched over leading axes).
@@ -45,45 +32,6 @@ def svd(x: Tensor) -> SVD:
     return SVD(U, S, Vh.mT)
 
 
-def use_randomized(rank: int, shape: tuple[int, ...]) -> bool:
-    """Whether ``auto`` picks the randomized SVD for a top-``rank`` request.
-
-    [decision] Randomized when the sketch width ``rank + OVERSAMPLE`` is at most a
-    quarter of ``min(m, n)``: there it is both cheaper and, with four power
-    iterations, accurate to ~1e-4 on task-vector spectra (tests/test_core_linalg.py).
-    """
-    return rank + OVERSAMPLE <= min(shape[-2:]) // 4
-
-
-def truncated_svd(
-    x: Tensor, rank: int, *, mode: SVDMode = "auto", seed: int = 0
-) -> SVD:
-    """Top-``rank`` singular triplets ``SVD_r(X)`` of a matrix or a batch of matrices.
-
-    ``exact`` slices the full thin SVD. ``randomized`` is Halko et al. (2011),
-    Algorithm 5.1 (``torch.svd_lowrank``) with ``OVERSAMPLE`` extra columns and
-    ``POWER_ITERATIONS`` power iterations; its Gaussian sketch is drawn from
-    ``seed`` so the result is bit-for-bit reproducible on CPU. ``auto`` chooses with
-    :func:`use_randomized`.
-    """
-    r_full = min(x.shape[-2:])
-    if not 1 <= rank <= r_full:
-        raise ValueError(f"rank must be in [1, {r_full}] for shape {tuple(x.shape)}, got {rank}")
-    if mode == "auto":
-        mode = "randomized" if use_randomized(rank, tuple(x.shape)) else "exact"
-    if mode == "exact":
-        full = svd(x)
-        return SVD(full.U[..., :rank], full.S[..., :rank], full.V[..., :rank])
-    if mode != "randomized":
-        raise ValueError(f"unknown SVD mode {mode!r}; use auto, exact or randomized")
-    q = min(rank + OVERSAMPLE, r_full)
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(x, q=q, niter=POWER_ITERATIONS)
-    return SVD(U[..., :rank], S[..., :rank], V[..., :rank])
-
-
 def polar(x: Tensor) -> Tensor:
     """Orthonormal polar factor: for ``X = P S Q^T`` return ``P Q^T``.
 
@@ -91,6 +39,12 @@ def polar(x: Tensor) -> Tensor:
     closest matrix with orthonormal columns to ``X`` in Frobenius norm. Zero
     singular values (rank-deficient ``X``) are kept as they are by LAPACK's
     completion, so the result always has orthonormal columns when m >= k.
+
+    [decision] LAPACK's SVD of X, not X (W Λ^(-1/2) Wᵀ) from the k × k Gram matrix XᵀX = W Λ Wᵀ:
+    on PRIME's m × T·r bases (bench zoo, T = 8, r = 8, under ThreadIndependent) the Gram route
+    was measured no faster (0.29-0.60 s vs 0.22-0.26 s of polar time per 7-matrix layer,
+    interleaved, shared 2-core machine) and the polar step is ~3% of PRIME's time there; the
+    truncated SVD dominates.
     """
     P, _, Qh = torch.linalg.svd(x, full_matrices=False)
     return P @ Qh
