@@ -37,7 +37,6 @@ def test_load_task_model_puts_a_task_head_on_the_merged_body(bert_zoo, tmp_path)
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_every_output_file_gets_the_same_mode_under_the_umask(bert_zoo, tmp_path, umask):
     """Weight files used to be 0600 (safetensors' temporary file) beside 0644 configs."""
-    import os
     import subprocess
     import sys
 
