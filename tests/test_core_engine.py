@@ -467,7 +467,7 @@ def test_svd_auto_choices_are_said_once_per_distinct_shape_at_the_start(bert_zoo
     err = capsys.readouterr().err
     assert all(err.count(line) == 1 for line in lines) and err.index(lines[0]) < err.index("merge")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "## SVD choices" in card and all(line in card for line in lines)
+    assert "## Decided from the shapes" in card and all(line in card for line in lines)
 
 
 def test_yaml_recipe_through_cli(bert_zoo, zoo_states, tmp_path, capsys):
@@ -533,3 +533,26 @@ def test_methods_command_lists_every_method_with_parameters():
     assert "0.01" in prime_rank
     trim = next(ln for ln in lines if ln.strip().startswith("trim_scope"))
     assert "tensor|model" in trim
+
+
+def test_a_prime_rank_a_matrix_cannot_take_is_said_with_what_it_became(bert_zoo, tmp_path, capsys):
+    """rank: 200 on the zoo's 32-wide matrices is capped at 32, then lowered to ⌊32/3⌋ = 10 for
+    T = 3; rank 0.01 (1 everywhere) changes nothing and says nothing."""
+    from primerge.engine import shape_notes
+    from primerge.plan import build_plan
+    from primerge.recipe import build_recipe
+
+    spec = {"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "prime", "task_specific": TASK_SPECIFIC}
+    plan = build_plan(build_recipe({**spec, "parameters": {"rank": 200}}))
+    shapes = {e.shape for e in plan.mergeable() if e.kind == "matrix"}
+    notes = shape_notes(plan)
+    assert len(notes) == len(shapes)
+    for m, n in shapes:
+        r_full = min(m, n)
+        assert sum(f"prime: rank 200 on {m}×{n} matrices is 200, capped at min(m, n) = {r_full}, then lowered "
+                   f"to ⌊{r_full}/T⌋ = {r_full // 3}" in note for note in notes) == 1, notes
+    assert shape_notes(build_plan(build_recipe(spec))) == []
+    result = primerge.merge_recipe(build_recipe({**spec, "parameters": {"rank": 200}}), out=tmp_path / "out", quiet=False)
+    assert result.decisions[-len(notes):] == notes
+    err = capsys.readouterr().err
+    assert all(note in err for note in notes), err[:2000]

@@ -176,41 +176,64 @@ class LocalExecutor:
         """Nothing to release."""
 
 
+def matrix_shapes(plan: Plan) -> Counter[tuple[int, int]]:
+    """How many matrices of each shape the method's matrix function will see (an expert tensor
+    [E, m, n] counts E of m × n)."""
+    shapes: Counter[tuple[int, int]] = Counter()
+    for entry in plan.mergeable():
+        shape = tuple(entry.view[1:]) if entry.view is not None else entry.shape
+        if entry.kind != "fallback" and len(shape) == 2:
+            shapes[shape] += entry.view[0] if entry.view is not None else 1
+    return shapes
+
+
 def svd_choices(plan: Plan) -> list[str]:
     """What ``svd: auto`` does for every distinct truncated SVD the merge asks for, one line each.
 
-    The method's ``svd_requests`` give (batch shape, rank) per matrix of every matrix entry (dense
-    task vectors: LoRA rows take the factored SVD instead); :func:`primerge.linalg.choose_svd`
-    decides from those shapes alone, so the lines are known before any tensor is read.
+    The method's ``svd_requests`` give (batch shape, rank) per matrix shape (dense task vectors:
+    LoRA rows take the factored SVD instead); :func:`primerge.linalg.choose_svd` decides from
+    those shapes alone, so the lines are known before any tensor is read.
     """
     spec, params = plan.recipe.spec, plan.recipe.params
     if spec.svd_requests is None or getattr(params, "svd", None) != "auto":
         return []
     matrices: Counter[tuple[tuple[int, ...], int]] = Counter()
-    for entry in plan.mergeable():
-        shape = tuple(entry.view[1:]) if entry.view is not None else entry.shape
-        if entry.kind == "fallback" or len(shape) != 2:
-            continue
+    for shape, count in matrix_shapes(plan).items():
         for request in spec.svd_requests(shape, len(plan.sources), params):
-            matrices[request] += entry.view[0] if entry.view is not None else 1
+            matrices[request] += count
     lines = []
     for (batch, rank), count in matrices.items():
         choice = choose_svd(batch, rank)
         lines.append(f"svd: auto: {choice.mode} SVD of {'×'.join(map(str, batch))} at rank {rank} "
-                     f"({count} matri{'ces' if count != 1 else 'x'}): {choice.reason}")
+                     f"({_matrices(count)}): {choice.reason}")
     return lines
+
+
+def shape_notes(plan: Plan) -> list[str]:
+    """The method's ``shape_note`` for every distinct matrix shape that has one (e.g. PRIME's rank
+    capped on narrow matrices), with the number of matrices."""
+    spec = plan.recipe.spec
+    if spec.shape_note is None:
+        return []
+    notes = ((spec.shape_note(shape, len(plan.sources), plan.recipe.params), count)
+             for shape, count in matrix_shapes(plan).items())
+    return [f"{note} ({_matrices(count)})" for note, count in notes if note]
+
+
+def _matrices(count: int) -> str:
+    return f"{count} matri{'ces' if count != 1 else 'x'}"
 
 
 def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> MergeResult:
     """Pre-passes, then every unit through ``executor`` into ``sink``; returns what the merge produced.
-    ``svd: auto``'s choices (:func:`svd_choices`) are kept in the result and, unless ``quiet``,
-    written to stderr before anything is merged."""
+    What the merge decides from the shapes alone (:func:`svd_choices`, :func:`shape_notes`) is kept
+    in the result and, unless ``quiet``, written to stderr before anything is merged."""
     start = time.perf_counter()
     spec = plan.recipe.spec
     result = MergeResult(spec.name, plan.recipe.params.model_dump(mode="json"), counts=plan.counts(),
-                         per_task=spec.per_task, svd_choices=svd_choices(plan))
+                         per_task=spec.per_task, decisions=svd_choices(plan) + shape_notes(plan))
     if not quiet:
-        for line in result.svd_choices:
+        for line in result.decisions:
             tqdm.write(line, file=sys.stderr)
     with ThreadIndependent():  # byte-identical outputs whatever the thread count
         prepass = executor.prepass(plan, quiet)

@@ -30,6 +30,9 @@ What a registration declares, once:
 - ``svd_requests``: the truncated SVDs the matrix function asks for, as (batch shape, rank) pairs
   of a function of (matrix shape, T, parameters); the merge reports ``svd: auto``'s choice for
   each distinct one at its start (:func:`primerge.engine.svd_choices`).
+- ``shape_note``: a sentence for a matrix shape on which the parameters do not mean what they
+  say (PRIME's rank capped); the merge reports each distinct one at its start
+  (:func:`primerge.engine.shape_notes`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from primerge.validation import validate
 Kind = Literal["matrix", "fallback"]
 #: (matrix shape, T, parameters) -> the (batch shape, rank) of every truncated SVD the merge asks for.
 SVDRequests = Callable[[tuple[int, int], int, Any], list[tuple[tuple[int, ...], int]]]
+ShapeNote = Callable[[tuple[int, int], int, Any], str | None]
 Family = Literal["elementwise", "svd"]
 
 
@@ -176,6 +180,7 @@ class MethodSpec:
     rebuild: RebuildFn | None = None
     card: str | None = None
     svd_requests: SVDRequests | None = None
+    shape_note: ShapeNote | None = None
 
     @property
     def per_task(self) -> bool:
@@ -205,13 +210,14 @@ _REGISTRY: dict[str, MethodSpec] = {}
 def merge_method(name: str, params: type[MethodParams], description: str, *, family: Family = "svd",
                  other: MergeFn = scaled_mean, prepass: Callable[[Any], Prepass | None] | None = None,
                  rebuild: RebuildFn | None = None, card: str | None = None,
-                 svd_requests: SVDRequests | None = None) -> Callable[[MergeFn], MergeFn]:
+                 svd_requests: SVDRequests | None = None,
+                 shape_note: ShapeNote | None = None) -> Callable[[MergeFn], MergeFn]:
     """Register the decorated function as method ``name`` (see the module docstring)."""
     def register(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
         _REGISTRY[name] = MethodSpec(name, description, params, fn, family, other, prepass, rebuild, card,
-                                     svd_requests)
+                                     svd_requests, shape_note)
         return fn
     return register
 

@@ -141,8 +141,23 @@ def prime_svds(shape: tuple[int, int], tasks: int, params: PrimeParams) -> list[
     return [((tasks, *shape), r)] if r > 0 else []
 
 
+def rank_note(shape: tuple[int, int], tasks: int, params: PrimeParams) -> str | None:
+    """What ``rank`` becomes on an m × n matrix when that is not what it asks for (step 1's caps)."""
+    if params.rank == "auto":
+        return None
+    r_full, asked = min(shape), params.rank
+    wanted = max(1, int(asked * r_full + 0.5)) if asked < 1 else int(asked)
+    r = principal_rank(asked, r_full, tasks)
+    if r == wanted:
+        return None
+    steps = [f"capped at min(m, n) = {r_full}"] if wanted > r_full else []
+    if r < min(wanted, r_full):
+        steps.append(f"lowered to ⌊{r_full}/T⌋ = {r} so that T·r ≤ min(m, n) (T = {tasks})")
+    return f"prime: rank {asked:g} on {shape[0]}×{shape[1]} matrices is {wanted}, {', then '.join(steps)}"
+
+
 @merge_method("prime", PrimeParams, "PRIME: ~1% principal directions merged by TSV + residuals projected off them",
-              prepass=make_prepass, svd_requests=prime_svds)
+              prepass=make_prepass, svd_requests=prime_svds, shape_note=rank_note)
 def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:
     """α (Û Σ_s V̂ᵀ + P⊥ Merge({R_t})) for one matrix parameter (PRIME Algorithm 1)."""
     rank = ctx.prepass.rank if params.rank == "auto" else params.rank

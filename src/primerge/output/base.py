@@ -76,7 +76,7 @@ class MergeResult:
     per_task: bool = False  # the method gives every task its own model (see primerge.output.per_task)
     lora: dict | None = None  # LoRA output: rank and per-module errors (primerge.output.lora)
     execution: dict = field(default_factory=dict)  # where it ran: backend, device, workers
-    svd_choices: list[str] = field(default_factory=list)  # svd: auto's choices (engine.svd_choices)
+    decisions: list[str] = field(default_factory=list)  # from the shapes alone: svd: auto, rank caps (engine)
 
 
 class UnitWriter(Protocol):

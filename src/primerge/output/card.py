@@ -132,8 +132,8 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
     ]
     if result.report:
         lines += ["## Whole-model pre-pass", "", result.report, ""]
-    if result.svd_choices:
-        lines += ["## SVD choices", "", *[f"- {line}" for line in result.svd_choices], ""]
+    if result.decisions:
+        lines += ["## Decided from the shapes", "", *[f"- {line}" for line in result.decisions], ""]
     for section in sections:
         lines += [section.rstrip("\n"), ""]
     if heads:
