@@ -152,7 +152,7 @@ def rank_note(shape: tuple[int, int], tasks: int, params: PrimeParams) -> str | 
         return None
     steps = [f"capped at min(m, n) = {r_full}"] if wanted > r_full else []
     if r < min(wanted, r_full):
-        steps.append(f"lowered to ⌊{r_full}/T⌋ = {r} so that T·r ≤ min(m, n) (T = {tasks})")
+        steps.append(f"lowered to ⌊{r_full}/T⌋ = {r} so that T·r ≤ min(m, n) for T = {tasks}")
     return f"prime: rank {asked:g} on {shape[0]}×{shape[1]} matrices is {wanted}, {', then '.join(steps)}"
 
 
