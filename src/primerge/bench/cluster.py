@@ -56,7 +56,7 @@ def stop_node(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    except ProcessLookupError:
+    except ProcessLookupError:  # the group is already gone: nothing left to stop
         pass
     finally:
         proc.log.close()
@@ -74,7 +74,7 @@ def wait_nodes(address: str, count: int, timeout: float = 600, nodes: list[subpr
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
                 alive = sum(n["Alive"] for n in ray.nodes())
-            except ConnectionError:
+            except ConnectionError:  # not up yet: alive stays 0 and the loop polls again
                 pass
             finally:
                 ray.shutdown()
