@@ -6,6 +6,7 @@ and that its numbers are sane, not how fast anything is.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 
@@ -152,3 +153,43 @@ def test_cli_bench_end_to_end(tiny_zoo, cache, tmp_path, capsys):
     assert [r["method"] for r in rows] == ["task_arithmetic", "prime", "prime vs prime:svd=exact"]
     assert float(rows[0]["wall_x"]) == 1.0 and math.isfinite(float(rows[1]["rss_x"]))
     assert float(rows[1]["rss_mib"]) > 50
+
+
+def test_fitted_exponent_recovers_a_power_law():
+    from primerge.bench.sweep import fitted_exponent
+
+    xs = [512, 1024, 2048, 4096]
+    assert fitted_exponent(xs, [3.0 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert fitted_exponent(xs, [7.0] * 4) == pytest.approx(0.0)
+    assert fitted_exponent([2, 4, 8, 16], [1.5 * t**0.5 for t in (2, 4, 8, 16)]) == pytest.approx(0.5)
+
+
+def test_sweep_parsing_and_zoo_specs():
+    from primerge.bench.sweep import SWEEP_VOCAB, parse_sweep, sweep_spec
+
+    sweep = parse_sweep("hidden=1024, 512,1024")
+    assert sweep.axis == "hidden" and sweep.points == (512, 1024) and sweep.group == "sweep-hidden"
+    for bad in ("width=1,2", "hidden=512", "tasks=0,2", "tasks=a,b", "hidden"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_sweep(bad)
+    wide = sweep_spec(ZooSpec(layers=1), "hidden", 2048)
+    assert abs(wide.hidden - 2048) < 12 and wide.vocab == SWEEP_VOCAB  # 12 heads: a multiple of 12
+    assert wide.key != ZooSpec(layers=1, scale=wide.scale).key  # the fixed vocabulary is in the key
+    assert ZooSpec().key == "llama-L8-s1-T8-seed0-v1"  # the default zoo's cache key is unchanged
+    assert sweep_spec(ZooSpec(layers=1), "tasks", 16).tasks == 16
+
+
+def test_cli_bench_sweep_over_tasks(cache, tmp_path, capsys):
+    out_csv = tmp_path / "sweep.csv"
+    code = main(["bench", "--methods", "task_arithmetic,prime", "--repeats", "1", "--sweep", "tasks=2,3",
+                 "--cache", str(cache), "--csv", str(out_csv), "--layers", "1", "--scale", "0.0625", "--seed", "7"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out_csv)))
+    assert [r["method"] for r in rows] == ["task_arithmetic tasks=2", "prime tasks=2", "task_arithmetic tasks=3",
+                                           "prime tasks=3", "task_arithmetic", "prime"]
+    assert [r["T"] for r in rows[:4]] == ["2", "2", "3", "3"]
+    assert float(rows[0]["wall_x"]) == 1.0 and float(rows[2]["wall_x"]) > 0  # against T = 2, same method
+    fits = rows[4:]
+    assert all(r["group"] == "fit-tasks" and "engine s ∝ tasks^" in r["note"] and "peak RSS" in r["note"]
+               for r in fits)
+    assert "| fit-tasks" in capsys.readouterr().out

@@ -65,9 +65,9 @@ def _inputs(args: argparse.Namespace, log: Callable[[str], None]):
 
 def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict]:
     """Run the benchmark described by parsed ``args``; returns the result rows."""
-    from primerge.bench.accuracy import truncation_error
     from primerge.bench.report import summarize
-    from primerge.bench.runs import MethodRun, parse_method, parse_methods, run_interleaved
+    from primerge.bench.runs import parse_method, parse_methods
+    from primerge.io.writer import parse_size
     from primerge.recipe import build_recipe
 
     runs = parse_methods(args.methods)
@@ -75,31 +75,72 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
         runs.insert(0, parse_method(BASELINE))
     for run in runs:  # validate every method and the shard size before the long work
         build_recipe({"base": ".", "models": ["."], "method": run.method, "parameters": run.parameters})
-    from primerge.io.writer import make_scratch, parse_size, remove_scratch
-
     if args.shard_size is not None:
         parse_size(args.shard_size)
-
+    if args.sweep:
+        return _run_sweeps(args, runs, log)
     inputs = _inputs(args, log)
-    paths = [inputs.base, *(m["path"] if isinstance(m, dict) else m for m in inputs.models)]
+    with _ray_cluster(args, log) as address:
+        rows = _measure(args, _paths(inputs), lambda workdir: _configs(args, runs, inputs, workdir, log, address), log)
+    error = _accuracy(inputs, runs, log) if args.accuracy else None
+    return summarize(rows, error, inputs)
+
+
+def _run_sweeps(args: argparse.Namespace, runs: list, log: Callable[[str], None]) -> list[dict]:
+    """Every ``--sweep`` axis over every method (module :mod:`primerge.bench.sweep`): the rows, each
+    against the same method at the axis' first point, then the fitted exponents."""
+    from primerge.bench.report import summarize
+    from primerge.bench.runs import Row, write_recipe
+    from primerge.bench.sweep import exponents, point_label, sweep_inputs
+    from primerge.bench.zoo import ZooSpec
+
+    base = ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed)
+    points = [(sweep, point, inputs) for sweep in args.sweep for point, inputs in sweep_inputs(sweep, base, args.cache, log)]
+
+    def configs(workdir: Path) -> list:
+        return [(Row(sweep.group, inputs.name, point_label(run, sweep.axis, point), len(inputs.models)),
+                 write_recipe(workdir / f"recipe-{i}-{j}.yaml", inputs.base, inputs.models, run))
+                for i, (sweep, point, inputs) in enumerate(points) for j, run in enumerate(runs)]
+
+    paths = [p for _, _, inputs in points for p in _paths(inputs)]
+    rows = _measure(args, paths, configs, log)
+    return summarize(rows, None) + [fit for sweep in args.sweep for fit in exponents(rows, sweep, runs)]
+
+
+def _paths(inputs) -> list[Path]:
+    return [inputs.base, *(m["path"] if isinstance(m, dict) else m for m in inputs.models)]
+
+
+def _measure(args: argparse.Namespace, paths: list[Path], make_configs: Callable[[Path], list],
+             log: Callable[[str], None]) -> list:
+    """Write the configurations' recipes into a scratch folder outside every input, run them
+    interleaved ``--repeats`` times, remove the folder; returns the measured rows."""
+    from primerge.bench.runs import run_interleaved
+    from primerge.io.writer import make_scratch, remove_scratch
+
     workdir, created = make_scratch(args.workdir, "primerge-bench-", paths)  # never inside an input
     try:
-        with _ray_cluster(args, log) as address:
-            configs = _configs(args, runs, inputs, workdir, log, address)
-            log(f"running {len(configs)} configurations x {args.repeats} repeats (interleaved), "
-                f"device {args.device}, {os.cpu_count()} CPUs visible")
-            run_interleaved(configs, args.repeats, workdir, args.device, log, shard_size=args.shard_size)
-        error = None
-        if args.accuracy:
-            fast = next((r for r in runs if r.method == "prime" and "svd" not in r.parameters), parse_method("prime"))
-            exact = MethodRun("prime:svd=exact", "prime", {**fast.parameters, "svd": "exact"})
-            start = time.perf_counter()
-            error = truncation_error(inputs, fast, exact)
-            log(f"accuracy: {fast.label} vs {exact.label}: relative error {error[0]:.2e} over all matrices, "
-                f"worst matrix {error[1]:.2e} ({time.perf_counter() - start:.1f}s)")
+        configs = make_configs(workdir)
+        log(f"running {len(configs)} configurations x {args.repeats} repeats (interleaved), "
+            f"device {args.device}, {os.cpu_count()} CPUs visible")
+        run_interleaved(configs, args.repeats, workdir, args.device, log, shard_size=args.shard_size)
     finally:
         remove_scratch(workdir, created)
-    return summarize([row for row, _ in configs], error, inputs)
+    return [row for row, _ in configs]
+
+
+def _accuracy(inputs, runs: list, log: Callable[[str], None]) -> tuple[float, float]:
+    """PRIME's ``svd: auto`` (or the first PRIME run's own setting) against its exact path."""
+    from primerge.bench.accuracy import truncation_error
+    from primerge.bench.runs import MethodRun, parse_method
+
+    fast = next((r for r in runs if r.method == "prime" and "svd" not in r.parameters), parse_method("prime"))
+    exact = MethodRun("prime:svd=exact", "prime", {**fast.parameters, "svd": "exact"})
+    start = time.perf_counter()
+    error = truncation_error(inputs, fast, exact)
+    log(f"accuracy: {fast.label} vs {exact.label}: relative error {error[0]:.2e} over all matrices, "
+        f"worst matrix {error[1]:.2e} ({time.perf_counter() - start:.1f}s)")
+    return error
 
 
 @contextmanager
@@ -161,8 +202,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", help="output shard size of every merge (default primerge's, 2GiB); a merge "
                         "has one work unit per shard, so Ray rows want several per worker, e.g. 50MB on the "
                         "default zoo")
+    parser.add_argument("--sweep", action="append", type=_sweep, metavar="AXIS=V1,V2,...",
+                        help="instead of the methods table: every method at each point of a zoo axis, hidden "
+                             "(e.g. hidden=512,1024,2048,4096) or tasks (e.g. tasks=2,4,8,16), with the fitted "
+                             "exponent of engine time, wall time and peak RSS; repeatable; the zoo's other "
+                             "settings come from --layers/--scale/--tasks, its vocabulary is 32000 rows")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0,
                         help="GPUs per Ray worker (with --ray-workers and --device cuda)")
+
+
+def _sweep(text: str):
+    from primerge.bench.sweep import parse_sweep
+
+    return parse_sweep(text)
 
 
 def register(subparsers) -> None:

@@ -43,13 +43,15 @@ class ZooSpec:
     """A LLaMA-style decoder zoo: base + ``tasks`` fine-tunes, bf16.
 
     ``scale`` 1.0 gives hidden 768, intermediate 2048, 12 query / 4 KV heads and a
-    32,000-token vocabulary: about 100M parameters with 8 layers.
+    32,000-token vocabulary: about 100M parameters with 8 layers. The vocabulary scales with the
+    width unless ``vocab_rows`` fixes it.
     """
 
     layers: int = 8
     scale: float = 1.0
     tasks: int = 8
     seed: int = 0
+    vocab_rows: int | None = None
 
     heads = 12
     kv_heads = 4
@@ -68,11 +70,12 @@ class ZooSpec:
 
     @property
     def vocab(self) -> int:
-        return max(64, round(32000 * self.scale))
+        return self.vocab_rows or max(64, round(32000 * self.scale))
 
     @property
     def key(self) -> str:
-        return f"llama-L{self.layers}-s{self.scale:g}-T{self.tasks}-seed{self.seed}-v{GENERATOR_VERSION}"
+        vocab = f"-V{self.vocab_rows}" if self.vocab_rows else ""
+        return f"llama-L{self.layers}-s{self.scale:g}{vocab}-T{self.tasks}-seed{self.seed}-v{GENERATOR_VERSION}"
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every tensor, in the order of a Hugging Face LlamaForCausalLM."""
