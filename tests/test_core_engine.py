@@ -470,6 +470,30 @@ def test_svd_auto_choices_are_said_once_per_distinct_shape_at_the_start(bert_zoo
     assert "## Decided from the shapes" in card and all(line in card for line in lines)
 
 
+def test_prime_rank_auto_says_its_svd_choices_once_the_pre_pass_chose_the_rank(bert_zoo, tmp_path, capsys):
+    """With ``rank: auto`` nothing is known at the start; after the F(r) pass the merge states
+    ``svd: auto``'s choice at the chosen rank, once per distinct shape, as with a fixed rank."""
+    from primerge.engine import run_prepass, svd_choices
+    from primerge.methods.prime import principal_rank
+    from primerge.plan import build_plan
+    from primerge.recipe import build_recipe
+
+    spec = {"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "prime", "task_specific": TASK_SPECIFIC,
+            "parameters": {"rank": "auto"}}
+    plan = build_plan(build_recipe(spec))
+    assert svd_choices(plan) == []
+    shapes_of = lambda p: {e.shape for e in p.mergeable() if e.kind == "matrix"}  # noqa: E731
+    chosen = run_prepass(plan, torch.device("cpu")).rank
+    result = primerge.merge_recipe(build_recipe(spec), out=tmp_path / "out", quiet=False)
+    requests = {((3, *shape), principal_rank(chosen, min(shape), 3)) for shape in shapes_of(plan)}
+    lines = [line for line in result.decisions if line.startswith("svd: auto")]
+    assert len(lines) == len(requests) > 1
+    for batch, rank in requests:
+        assert sum(f"{'×'.join(map(str, batch))} at rank {rank} " in line for line in lines) == 1, lines
+    err = capsys.readouterr().err
+    assert all(err.count(line) == 1 for line in lines)
+
+
 def test_yaml_recipe_through_cli(bert_zoo, zoo_states, tmp_path, capsys):
     base, models = zoo_states
     work = tmp_path / "project"

@@ -187,19 +187,20 @@ def matrix_shapes(plan: Plan) -> Counter[tuple[int, int]]:
     return shapes
 
 
-def svd_choices(plan: Plan) -> list[str]:
+def svd_choices(plan: Plan, prepass: Any = None) -> list[str]:
     """What ``svd: auto`` does for every distinct truncated SVD the merge asks for, one line each.
 
     The method's ``svd_requests`` give (batch shape, rank) per matrix shape (dense task vectors:
     LoRA rows take the factored SVD instead); :func:`primerge.linalg.choose_svd` decides from
-    those shapes alone, so the lines are known before any tensor is read.
+    those shapes alone, so the lines are known before any tensor is read, except for ranks that
+    the pre-pass chooses (given its result as ``prepass``).
     """
     spec, params = plan.recipe.spec, plan.recipe.params
     if spec.svd_requests is None or getattr(params, "svd", None) != "auto":
         return []
     matrices: Counter[tuple[tuple[int, ...], int]] = Counter()
     for shape, count in matrix_shapes(plan).items():
-        for request in spec.svd_requests(shape, len(plan.sources), params):
+        for request in spec.svd_requests(shape, len(plan.sources), params, prepass):
             matrices[request] += count
     lines = []
     for (batch, rank), count in matrices.items():
@@ -220,6 +221,12 @@ def shape_notes(plan: Plan) -> list[str]:
     return [f"{note} ({_matrices(count)})" for note, count in notes if note]
 
 
+def _announce(lines: list[str], quiet: bool) -> None:
+    if not quiet:
+        for line in lines:
+            tqdm.write(line, file=sys.stderr)
+
+
 def _matrices(count: int) -> str:
     return f"{count} matri{'ces' if count != 1 else 'x'}"
 
@@ -232,13 +239,15 @@ def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> Merge
     spec = plan.recipe.spec
     result = MergeResult(spec.name, plan.recipe.params.model_dump(mode="json"), counts=plan.counts(),
                          per_task=spec.per_task, decisions=svd_choices(plan) + shape_notes(plan))
-    if not quiet:
-        for line in result.decisions:
-            tqdm.write(line, file=sys.stderr)
+    _announce(result.decisions, quiet)
     with ThreadIndependent():  # byte-identical outputs whatever the thread count
         prepass = executor.prepass(plan, quiet)
         if hasattr(prepass, "to_markdown"):
             result.report = prepass.to_markdown()
+        if prepass is not None:  # SVDs whose rank the pre-pass chose
+            later = [line for line in svd_choices(plan, prepass) if line not in result.decisions]
+            result.decisions += later
+            _announce(later, quiet)
         with sink.session(plan, prepass):
             for unit, receipt in executor.units(plan, prepass, sink.unit_writer(), quiet):
                 sink.receive(unit, receipt)

@@ -80,6 +80,11 @@ def _unit(plan: Plan, index: int, prepass: Any, writer: UnitWriter, device: str)
     return receipt, _worker(), time.perf_counter() - start, _peak_rss_mib()
 
 
+def _ready() -> str:
+    """Task: nothing but starting a worker and importing this module (torch and the engine)."""
+    return _worker()
+
+
 def _missing(paths: list[str]) -> tuple[str, list[str]]:
     """Task pinned to one node: the node's name and the paths it cannot see."""
     ray = _ray()
@@ -125,6 +130,15 @@ class RayExecutor:
             raise ExecutionError(f"cannot reach the Ray cluster at {self.config.address or 'a new local runtime'} "
                                  f"({exc}); start it with `ray start --head` or check --address.") from None
         self.started = True
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Start every worker now, side by side: a new Ray job starts its worker processes on demand,
+        and each spends seconds importing torch; without this the storage check's worker and then
+        each unit worker would start one after the other. Nothing waits for these tasks."""
+        ready = self.ray.remote(_ready).options(**self._options())
+        for _ in range(self.workers()):
+            ready.remote()
 
     def close(self) -> None:
         """Leave Ray as it was found: disconnect from a joined cluster, stop a runtime started here."""

@@ -28,8 +28,9 @@ What a registration declares, once:
   ``rebuild(update, task tensors of t, scalars of t)`` gives task t's own update and ``card`` is
   the formula the model card states.
 - ``svd_requests``: the truncated SVDs the matrix function asks for, as (batch shape, rank) pairs
-  of a function of (matrix shape, T, parameters); the merge reports ``svd: auto``'s choice for
-  each distinct one at its start (:func:`primerge.engine.svd_choices`).
+  of a function of (matrix shape, T, parameters, pre-pass result); the merge reports ``svd:
+  auto``'s choice for each distinct one at its start (:func:`primerge.engine.svd_choices`, with
+  no pre-pass result), and after the pre-pass those that only it could tell (PRIME ``rank: auto``).
 - ``shape_note``: a sentence for a matrix shape on which the parameters do not mean what they
   say (PRIME's rank capped); the merge reports each distinct one at its start
   (:func:`primerge.engine.shape_notes`).
@@ -51,7 +52,7 @@ from primerge.validation import validate
 
 Kind = Literal["matrix", "fallback"]
 #: (matrix shape, T, parameters) -> the (batch shape, rank) of every truncated SVD the merge asks for.
-SVDRequests = Callable[[tuple[int, int], int, Any], list[tuple[tuple[int, ...], int]]]
+SVDRequests = Callable[[tuple[int, int], int, Any, Any], list[tuple[tuple[int, ...], int]]]
 ShapeNote = Callable[[tuple[int, int], int, Any], str | None]
 Family = Literal["elementwise", "svd"]
 

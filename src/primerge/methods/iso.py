@@ -65,7 +65,8 @@ def iso_cts_ranks(r_full: int, tasks: int, common_ratio: float) -> tuple[int, in
     return r_full - t_tot, t_tot // tasks
 
 
-def iso_cts_svds(shape: tuple[int, int], tasks: int, params: IsoCTSParams) -> list[tuple[tuple[int, ...], int]]:
+def iso_cts_svds(shape: tuple[int, int], tasks: int, params: IsoCTSParams,
+                 prepass: None = None) -> list[tuple[tuple[int, ...], int]]:
     """Iso-CTS's truncated SVDs: Σ_t τ_t at rank k_c and the T projected task vectors at rank n."""
     k_c, n = iso_cts_ranks(min(shape), tasks, params.common_ratio)
     return [(batch, rank) for batch, rank in ((shape, k_c), ((tasks, *shape), n)) if rank > 0]

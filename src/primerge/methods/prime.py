@@ -33,7 +33,7 @@ from torch import Tensor
 
 from primerge.linalg import SVD, drop_null, flatten_spectrum, project_out, svd
 from primerge.methods.base import SVDParams, TensorContext, merge_method
-from primerge.methods.prime_rank import AutoRankPrepass, candidate_ranks
+from primerge.methods.prime_rank import AutoRank, AutoRankPrepass, candidate_ranks
 from primerge.methods.stack import TaskStack
 from primerge.methods.ties import tensor_thresholds, ties_merge
 from primerge.methods.tsv import concat_factors, whiten
@@ -134,10 +134,12 @@ def make_prepass(params: PrimeParams) -> AutoRankPrepass | None:
     return AutoRankPrepass(candidates, params.auto_tolerance, params.svd, principal_rank)
 
 
-def prime_svds(shape: tuple[int, int], tasks: int, params: PrimeParams) -> list[tuple[tuple[int, ...], int]]:
+def prime_svds(shape: tuple[int, int], tasks: int, params: PrimeParams,
+               prepass: AutoRank | None = None) -> list[tuple[tuple[int, ...], int]]:
     """PRIME's one truncated SVD: the T task vectors at principal rank r. With ``rank: auto`` r
-    is chosen by the F(r) pass, so nothing is known before it runs."""
-    r = 0 if params.rank == "auto" else principal_rank(params.rank, min(shape), tasks)
+    is the F(r) pass' choice, so nothing is known before it has run."""
+    rank = params.rank if params.rank != "auto" else prepass.rank if prepass is not None else None
+    r = 0 if rank is None else principal_rank(rank, min(shape), tasks)
     return [((tasks, *shape), r)] if r > 0 else []
 
 

@@ -54,7 +54,7 @@ def whitened_merge(stacked: SVD) -> Tensor:
     return (U_hat * stacked.S) @ V_hat.mT
 
 
-def tsv_svds(shape: tuple[int, int], tasks: int, params: TSVParams) -> list[tuple[tuple[int, ...], int]]:
+def tsv_svds(shape: tuple[int, int], tasks: int, params: TSVParams, prepass: None = None) -> list[tuple[tuple[int, ...], int]]:
     """TSV's one truncated SVD: the T task vectors at rank ⌊r_full/T⌋ (none when that is 0)."""
     k = min(shape) // tasks
     return [((tasks, *shape), k)] if k > 0 else []
