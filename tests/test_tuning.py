@@ -182,6 +182,18 @@ def test_scale_only_trials_reuse_one_merge(recipe):
     assert cache.linear
 
 
+def test_knots_inner_scale_trials_reuse_one_merge(recipe):
+    """KnOTS's output U·M is linear in its inner TIES's λ: trials at another λ derive from the
+    cached merge and equal a real merge with that inner scale."""
+    knots = recipe.replace(method="knots")
+    cache = UpdateCache(recipe_with(knots, {}, None), "inner_params.scale", log=lambda m: None)
+    for lam in (0.6, 1.4):
+        built = cache.build({"inner_params.density": 0.3, "inner_params.scale": lam})
+        real = primerge.merge_recipe(recipe_with(knots, {"inner_params": {"density": 0.3, "scale": lam}}, None))
+        assert update_error(cache.base_state(), built.model.state, real.state_dict) < 1e-6
+    assert cache.linear and cache.merges == 2
+
+
 def test_a_scale_that_is_not_linear_merges_every_trial(recipe):
     sb = recipe.replace(method="subspace_boosting")
     cache = UpdateCache(recipe_with(sb, {}, None), "beta", log=lambda m: None)
@@ -244,7 +256,7 @@ def test_demo_tuned_adds_the_tuned_table(tuning_zoo, tmp_path):
 
 @pytest.mark.parametrize("spec", primerge.list_methods(), ids=lambda s: s.name)
 def test_every_point_of_a_registered_space_is_valid(spec):
-    from primerge.tuning.spaces import Choice, defaults_in_space, space_for
+    from primerge.tuning.spaces import INNER_PREFIX, Choice, defaults_in_space, nested, space_for
 
     space = space_for(spec)
     first = defaults_in_space(spec, space, 3)
@@ -252,12 +264,38 @@ def test_every_point_of_a_registered_space_is_valid(spec):
     for name, dim in dims.items():
         values = dim.values if isinstance(dim, Choice) else (dim.low, dim.high)
         for value in values:
-            spec.parameters({**first, name: value})  # raises on an invalid value
-    defaults = spec.parameters({}).model_dump()
+            spec.parameters(nested({**first, name: value})).model_dump()  # raises on an invalid value
+    params = spec.parameters({})
+    defaults, fields = params.model_dump(), set(spec.params_model.model_fields)
+    if hasattr(params, "inner_parameters"):  # KnOTS, Core Space: the inner merge's space and defaults
+        inner = params.inner_parameters()
+        defaults.update({INNER_PREFIX + k: v for k, v in inner.model_dump().items()})
+        fields |= {INNER_PREFIX + k for k in type(inner).model_fields}
+        assert space.source == f"inner merge {params.inner}" and set(dims) <= fields
     for name, value in first.items():  # the first trial is the defaults (an unset scale: 1/T)
         assert value == defaults[name] or (defaults[name] is None and value == pytest.approx(1 / 3))
     if space.scale is not None:
-        assert space.scale.name in spec.params_model.model_fields
+        assert space.scale.name in fields
+
+
+def test_an_aligned_method_tunes_its_inner_merge():
+    """KnOTS (inner TIES by default) searches TIES's density and scale inside the aligned space;
+    a recipe that fixes another inner merge gets that one's space; points nest into inner_params."""
+    from primerge.methods.base import get_method
+    from primerge.tuning.spaces import SPACES, Choice, defaults_in_space, nested, space_for
+
+    knots = get_method("knots")
+    space = space_for(knots)
+    assert space.params == {"inner_params.density": SPACES["ties"].params["density"]}
+    assert space.scale.name == "inner_params.scale" and space.scale.reference == 1.0
+    assert defaults_in_space(knots, space, 4) == {"inner_params.density": 0.2, "inner_params.scale": 1.0}
+    tsv_inside = space_for(get_method("core_space"), {"inner": "tsv"})
+    assert tsv_inside.params == {} and tsv_inside.scale.name == "inner_params.scale"
+    prime_inside = space_for(knots, {"inner": "prime"})
+    assert prime_inside.params["inner_params.rank"] == Choice((0.005, 0.01, 0.02, 0.04, 0.08))
+    point = {"inner": "ties", "inner_params": {"k": 1}, "inner_params.density": 0.1, "inner_params.scale": 1.5}
+    assert nested(point) == {"inner": "ties", "inner_params": {"k": 1, "density": 0.1, "scale": 1.5}}
+    assert knots.parameters(nested({"inner_params.density": 0.3})).inner_parameters().density == 0.3
 
 
 def test_a_new_method_declares_its_space_on_its_fields():

@@ -28,6 +28,7 @@ from primerge.io.readers import open_checkpoint
 from primerge.output.base import MergeResult
 from primerge.recipe import Recipe
 from primerge.tuning.settings import DEFAULT_CACHE_BYTES
+from primerge.tuning.spaces import nested
 
 LINEARITY_CHECK = 0.5
 LINEARITY_TOL = 1e-4
@@ -62,8 +63,9 @@ class Built:
 
 
 def recipe_with(recipe: Recipe, parameters: dict[str, Any], purify: dict | None) -> Recipe:
-    """``recipe`` with these method parameters and purify block (the model output, in memory)."""
-    return recipe.replace(parameters=dict(parameters), purify=purify, output=None)
+    """``recipe`` with these method parameters (a point's ``inner_params.x`` nested) and purify
+    block (the model output, in memory)."""
+    return recipe.replace(parameters=nested(parameters), purify=purify, output=None)
 
 
 def scaled_state(base: dict[str, Tensor], merged: dict[str, Tensor], lam: float) -> dict[str, Tensor]:

@@ -14,13 +14,16 @@ A method's space has two kinds of dimensions:
 Where the space comes from, first match wins:
 
 1. :data:`SPACES`, this module's registry keyed by method name (every built-in method);
-2. hints on the method's own parameter fields, so a new method declares its space next to its
+2. for a merge inside an aligned space (KnOTS, Core Space: ``inner`` and ``inner_params``), its
+   inner merge's space with every name under ``inner_params.`` (``inner_params.density``): what
+   tuning the inner merge means there, as the KnOTS paper tunes its inner TIES;
+3. hints on the method's own parameter fields, so a new method declares its space next to its
    parameters without touching this package or ``methods/base.py``::
 
        density: float = Field(0.2, json_schema_extra={"tune": [0.1, 0.2, 0.3]})
 
    (a list is a set of choices; ``{"low": a, "high": b, "log": true}`` a float range);
-3. the generic rule: the linear scale only — ``scale`` (or a field named ``alpha``) — over
+4. the generic rule: the linear scale only — ``scale`` (or a field named ``alpha``) — over
    factors [1/4, 4] of its reference.
 
 A method without any of these (EMR) has nothing to tune: its study is its default setting.
@@ -29,13 +32,16 @@ A method without any of these (EMR) has nothing to tune: its study is its defaul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from primerge.errors import RecipeError
-from primerge.methods.base import MethodSpec
+from primerge.methods.base import MethodSpec, get_method
+from primerge.methods.knots import AlignedParams
 
 LINEAR_NAMES = ("scale", "alpha")
+#: Where an aligned method's point names its inner merge's parameters.
+INNER_PREFIX = "inner_params."
 #: Factor range of a scale whose reference is a sum-like merge (λ = 1/T, Iso α = 1): wide.
 SUM_FACTORS = (0.25, 4.0)
 #: Factor range of a scale whose merge is already normalised (disjoint mean, whitened SVD): narrow.
@@ -177,10 +183,13 @@ def generic_scale(spec: MethodSpec) -> Scale | None:
     return None
 
 
-def space_for(spec: MethodSpec) -> MethodSpace:
-    """The registry's space for ``spec``, else its fields' hints plus the generic scale."""
+def space_for(spec: MethodSpec, fixed: dict[str, Any] | None = None) -> MethodSpace:
+    """The registry's space for ``spec``, else its inner merge's (an aligned method, whose
+    ``inner`` may be fixed), else its fields' hints plus the generic scale."""
     if spec.name in SPACES:
         return SPACES[spec.name]
+    if issubclass(spec.params_model, AlignedParams):
+        return aligned_space(spec.parameters(fixed or {}).inner)
     scale = generic_scale(spec)
     params = {}
     for name, info in spec.params_model.model_fields.items():
@@ -190,11 +199,31 @@ def space_for(spec: MethodSpec) -> MethodSpace:
     return MethodSpace(scale, params, source="field hints" if params else "generic rule")
 
 
+def aligned_space(inner: str) -> MethodSpace:
+    """The inner merge's space with its names under :data:`INNER_PREFIX`."""
+    space = space_for(get_method(inner))
+    scale = replace(space.scale, name=INNER_PREFIX + space.scale.name) if space.scale else None
+    return MethodSpace(scale, {INNER_PREFIX + k: v for k, v in space.params.items()}, source=f"inner merge {inner}")
+
+
+def nested(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A point's parameters as a recipe takes them: ``inner_params.x`` entries moved into the
+    ``inner_params`` mapping (over any fixed ones)."""
+    out = {k: v for k, v in parameters.items() if not k.startswith(INNER_PREFIX)}
+    inner = {k[len(INNER_PREFIX):]: v for k, v in parameters.items() if k.startswith(INNER_PREFIX)}
+    if inner:
+        out["inner_params"] = {**out.get("inner_params", {}), **inner}
+    return out
+
+
 def defaults_in_space(spec: MethodSpec, space: MethodSpace, tasks: int,
                       fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The method's parameters (``fixed`` over its defaults) as a point of the space: the first
     trial. An unset scale is 1/T (its meaning in every method with one, except DARE-TIES)."""
-    params = spec.parameters(fixed or {}).model_dump()
+    model = spec.parameters(fixed or {})
+    params = model.model_dump()
+    if isinstance(model, AlignedParams):
+        params.update({INNER_PREFIX + k: v for k, v in model.inner_parameters().model_dump().items()})
     point: dict[str, Any] = {}
     for name, dim in space.dimensions(tasks).items():
         value = params.get(name)

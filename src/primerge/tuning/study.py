@@ -196,7 +196,7 @@ def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSe
     start = time.perf_counter()
     labels = suite.labels
     base, fixed = method_recipe(recipe, spec)
-    space: MethodSpace = space_for(spec)
+    space: MethodSpace = space_for(spec, fixed)
     first = defaults_in_space(spec, space, len(labels), fixed) if settings.method_params else {}
     dims = space.dimensions(len(labels), first) if settings.method_params else {}
     if settings.pave:
