@@ -105,6 +105,19 @@ def test_measured_merge_numbers_are_sane(tiny_zoo, tmp_path):
     assert 50 < m.rss_mib < 4096  # the child's own peak, in MiB
 
 
+def test_a_ray_merge_reports_its_workers_unit_rates(tmp_path):
+    """The child's ``units/s per worker`` line (a Ray merge) becomes the mean rate, and the row's note."""
+    import sys
+
+    lines = "print('units/s per worker: 0.5 1.5'); print('merged with prime in 2.5s')"
+    m = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines])
+    assert m.merge_s == 2.5 and m.unit_rate == 1.0
+    plain = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines.split("; ")[1]])
+    assert math.isnan(plain.unit_rate)
+    row = Row("ray", "z", "prime", 8, [m, m, plain])
+    assert row.as_dict(None)["note"] == "units/s per worker 1"
+
+
 def test_truncation_error_is_zero_for_the_same_path_and_small_otherwise(tiny_zoo):
     inputs = Inputs.from_zoo("tiny", tiny_zoo, 3)
     exact = parse_method("prime:svd=exact")

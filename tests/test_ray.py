@@ -103,6 +103,8 @@ def test_joining_by_address_leaves_ray_as_it_was_found(zoo, cluster, tmp_path):
     assert folder_hashes(tmp_path / "ray", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
     shards = len(list((tmp_path / "ray").glob("model-*.safetensors")))
     assert sum(result.execution["units_per_worker"].values()) == shards
+    assert set(result.execution["units_per_second"]) <= set(result.execution["units_per_worker"])
+    assert all(rate > 0 for rate in result.execution["units_per_second"].values())
     assert result.execution["worker_peak_rss_mib"] > 0
     assert not ray.is_initialized()
 

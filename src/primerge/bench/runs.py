@@ -89,15 +89,18 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One merge in a child process: seconds, CPU seconds, peak RSS (MiB), engine seconds."""
+    """One merge in a child process: seconds, CPU seconds, peak RSS (MiB), engine seconds and, on
+    Ray, the mean over workers of each worker's units per second of its own merging time."""
 
     wall_s: float
     cpu_s: float
     rss_mib: float
     merge_s: float
+    unit_rate: float = float("nan")
 
 
 MERGED_LINE = re.compile(r"merged with \S+ in ([0-9.]+)s")
+UNITS_LINE = re.compile(r"units/s per worker: ([0-9.e+ -]+)")
 
 
 #: The child command: this module's runner (``primerge merge`` with a precise time line).
@@ -112,6 +115,9 @@ def child_merge(argv: Sequence[str]) -> int:
     recipe, out, device, *shard = argv
     size = {"shard_size": shard[0]} if shard else {}
     result = merge_recipe(recipe, out=out, device=device, force=True, quiet=True, **size)
+    rates = (result.execution or {}).get("units_per_second", {})
+    if rates:
+        print(f"units/s per worker: {' '.join(f'{rate:g}' for rate in rates.values())}")
     print(f"merged with {result.method} in {result.seconds:.6f}s")
     return 0
 
@@ -133,9 +139,11 @@ def measure_merge(recipe: Path, out: Path, device: str = "cpu", runner: Sequence
         raise RuntimeError(f"merge of {recipe} failed (exit {proc.returncode}):\n{text[-2000:]}")
     found = MERGED_LINE.findall(text)
     merge_s = float(found[-1]) if found else float("nan")
+    rates = [float(r) for line in UNITS_LINE.findall(text)[-1:] for r in line.split()]
     # Linux reports ru_maxrss in KiB, macOS in bytes.
     rss = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-    return Measurement(wall, usage.ru_utime + usage.ru_stime, rss, merge_s)
+    return Measurement(wall, usage.ru_utime + usage.ru_stime, rss, merge_s,
+                       statistics.fmean(rates) if rates else float("nan"))
 
 
 @dataclass
@@ -160,7 +168,9 @@ class Row:
         for attr, key in (("wall_s", "wall_x"), ("merge_s", "merge_x"), ("rss_mib", "rss_x")):
             ref = baseline.median(attr) if baseline and baseline.runs else 0.0
             d[key] = round(self.median(attr) / ref, 3) if ref > 0 else ""
-        d["note"] = self.note
+        rates = [m.unit_rate for m in self.runs if m.unit_rate == m.unit_rate]
+        rate = f"units/s per worker {statistics.median(rates):.3g}" if rates else ""
+        d["note"] = "; ".join(filter(None, (self.note, rate)))
         return d
 
 

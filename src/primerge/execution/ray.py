@@ -238,4 +238,5 @@ class RayExecutor:
                 "workers": self.workers() if self.ray.is_initialized() else self.config.workers,
                 "gpus_per_worker": self.config.gpus_per_worker, "device": self.device,
                 "units_per_worker": {w: len(s) for w, s in sorted(self.stats.items())},
+                "units_per_second": {w: round(len(s) / sum(s), 3) for w, s in sorted(self.stats.items()) if sum(s) > 0},
                 "worker_peak_rss_mib": round(self.peak_rss)}
