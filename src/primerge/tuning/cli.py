@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     """Add ``tune`` to an argparse subparsers object."""
     tune = subparsers.add_parser(
         "tune", help="search each method's settings on validation data carved from the training data (Optuna)")
-    tune.add_argument("recipe", type=Path, help="recipe YAML: base, models, task_specific (the heads), seed")
+    tune.add_argument("recipe", type=Path, help="recipe YAML: base, models, seed (and task_specific: the heads, for the encoder suite)")
     tune.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
                       help="one task per model, in the recipe's order: packaged names or .csv/.jsonl files")
     tune.add_argument("--methods", nargs="+", metavar="METHOD",
@@ -54,7 +54,9 @@ def register(subparsers) -> None:
                       help="also tune PAVE: ρ, target and which models are purified (the tasks are the data)")
     tune.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"], default=["weight", "delta"],
                       help="PAVE targets to search (default both)")
-    tune.add_argument("--suite", default="encoder", help="validation suite (default encoder, the only one so far)")
+    tune.add_argument("--suite", default="encoder",
+                      help="validation suite: encoder (default; classification heads marked task_specific) or llm "
+                           "(causal LMs or LoRA adapters of the base, scored by lm-evaluation-harness)")
     tune.add_argument("--out", type=Path, default=Path("tune-report"),
                       help="report folder: <method>.yaml, trials.csv, plots/, summary.md (default tune-report)")
     tune.add_argument("--cache", type=Path, help="cache folder (default: $PRIMERGE_CACHE, else ~/.cache/primerge)")

@@ -4,8 +4,9 @@ A suite is anything with this shape (:class:`Suite`): the model labels it scores
 each fine-tune's own validation score (the normalisation of "normalized accuracy"); and the
 validation score of a merged model on one task. The tuner reports the running mean after each
 task, which is what lets Optuna prune a bad trial before every task is scored. The encoder
-suite below is the offline benchmark's; an lm-eval suite (an LLM's tasks) plugs in by
-implementing the same three members and registering a factory in :data:`SUITES`.
+suite below is the offline benchmark's; the LLM suite (:mod:`primerge.tuning.llm_suite`) scores
+causal LMs with lm-evaluation-harness; another plugs in by implementing the same members and
+registering a factory in :data:`SUITES`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class EncoderSuite:
             self.tokenizer = load_tokenizer(Path(recipe.models[0].path))
         self.max_length = max_length
         self.root = cache_root(cache)
-        self._current: _Current | None = None
+        self._current: LastModel | None = None
         self._individual: dict[str, float] | None = None
 
     def describe(self) -> str:
@@ -102,24 +103,27 @@ class EncoderSuite:
         current = self._current_for(state)
 
         def compute() -> dict[str, float]:
-            if current.body is None:
-                current.body = body_from_state(self.config_folder, state, "the merged model")
-            return evaluate_heads(current.body, self.tokenizer, [split], heads, max_length=self.max_length)
+            if current.model is None:
+                current.model = body_from_state(self.config_folder, state, "the merged model")
+            return evaluate_heads(current.model, self.tokenizer, [split], heads, max_length=self.max_length)
 
         return cached_scores(self.root, state, heads, [split], self.max_length, compute, current.digest)[split.name]
 
-    def _current_for(self, state: dict) -> _Current:
+    def _current_for(self, state: dict) -> LastModel:
         """Digest and (lazily) encoder of ``state``, kept while consecutive tasks share it."""
         if self._current is None or self._current.state is not state:
-            self._current = _Current(state, state_digest(state))
+            self._current = LastModel(state, state_digest(state))
         return self._current
 
 
 @dataclass
-class _Current:
+class LastModel:
+    """The merged state a suite scored last, its content digest and the model built from it
+    (lazily): kept while consecutive tasks of one trial share the state."""
+
     state: dict
     digest: str
-    body: nn.Module | None = None
+    model: nn.Module | None = None
 
 
 SuiteFactory = Callable[[Recipe, Sequence[str], int, "str | Path | None"], Suite]
@@ -130,5 +134,11 @@ def encoder_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | 
     return EncoderSuite(recipe, load_splits(tasks), size, cache)
 
 
+def _llm_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | Path | None) -> Suite:
+    from primerge.tuning.llm_suite import llm_suite  # lm-eval and peft: imported when asked for
+
+    return llm_suite(recipe, tasks, size, cache)
+
+
 #: Suites ``primerge tune --suite`` can use, by name.
-SUITES: dict[str, SuiteFactory] = {"encoder": encoder_suite}
+SUITES: dict[str, SuiteFactory] = {"encoder": encoder_suite, "llm": _llm_suite}

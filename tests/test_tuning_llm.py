@@ -1,0 +1,103 @@
+"""``primerge tune --suite llm``: validation prompts carved from the training data only, lm-eval
+scores that equal a direct evaluation of the same model, cached by content, and the CLI end to end,
+on a tiny random LlamaForCausalLM and two fine-tunes of it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm_fixtures import save_tiny_llama
+from primerge.cli import main
+from primerge.datasets import load_splits
+from primerge.recipe import build_recipe
+
+pytest.importorskip("lm_eval")
+
+WORDS = ("posit", "the")
+
+
+def task_file(path, shift: int):
+    """40 labelled texts; the label is a (shifted) parity of the row."""
+    rows = [{"text": f"the pot {i} is on a nose", "label": WORDS[(i + shift) % 2]} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm_zoo(tmp_path_factory):
+    """A tiny base, two full fine-tunes of it (perturbed copies) and one task file per fine-tune."""
+    root = tmp_path_factory.mktemp("llm-tune")
+    base = save_tiny_llama(root / "base", seed=5)
+    state = load_file(str(base / "model.safetensors"))
+    models = []
+    for seed in (1, 2):
+        folder = root / f"ft{seed}"
+        save_tiny_llama(folder, seed=5)
+        g = torch.Generator().manual_seed(seed)
+        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in state.items()},
+                  str(folder / "model.safetensors"))
+        models.append(str(folder))
+    tasks = [task_file(root / "a.jsonl", 0), task_file(root / "b.jsonl", 1)]
+    recipe = build_recipe({"base": str(base), "models": models, "method": "task_arithmetic"})
+    return {"root": root, "recipe": recipe, "tasks": tasks}
+
+
+def test_validation_prompts_come_from_training_texts_only(llm_zoo, tmp_path):
+    from primerge.tuning.llm_suite import LLMSuite
+
+    splits = load_splits(llm_zoo["tasks"])
+    suite = LLMSuite(llm_zoo["recipe"], splits, size=10, cache=tmp_path / "c")
+    for label, split in zip(suite.labels, splits):
+        prompts = suite.tasks[label].test_prompts
+        assert 1 <= len(prompts) <= 10
+        train = {suite.tasks[label].verbaliser.prompt(t) for t in split.train_texts}
+        test = {suite.tasks[label].verbaliser.prompt(t) for t in split.test_texts}
+        assert set(prompts) <= train and not set(prompts) & test
+
+
+def test_scores_equal_lm_eval_on_the_same_model_and_are_cached(llm_zoo, tmp_path, monkeypatch):
+    import primerge
+    from primerge.evaluation.llm import harness
+    from primerge.evaluation.llm.models import load_model, model_from_state
+    from primerge.tuning.cache import MergedModel
+    from primerge.tuning.llm_suite import LLMSuite
+
+    suite = LLMSuite(llm_zoo["recipe"], load_splits(llm_zoo["tasks"]), size=10, cache=tmp_path / "c")
+    merged = primerge.merge_recipe(llm_zoo["recipe"])
+    model = MergedModel.of(merged)
+    direct = model_from_state(suite.base, merged.state_dict, "test")
+    for label in suite.labels:
+        expected = harness.evaluate_prompt_tasks(direct, suite.tokenizer, [suite.tasks[label]], tmp_path / "d")
+        assert suite.score(model, label) == pytest.approx(expected[suite.tasks[label].name])
+    individual = suite.individual()
+    for entry, label in zip(llm_zoo["recipe"].models, suite.labels):
+        own = load_model(entry.path, suite.base)[0]
+        expected = harness.evaluate_prompt_tasks(own, suite.tokenizer, [suite.tasks[label]], tmp_path / "d")
+        assert individual[label] == pytest.approx(expected[suite.tasks[label].name])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached score was evaluated again")
+
+    monkeypatch.setattr(harness, "evaluate_prompt_tasks", refuse)
+    again = LLMSuite(llm_zoo["recipe"], load_splits(llm_zoo["tasks"]), size=10, cache=tmp_path / "c")
+    assert [again.score(MergedModel.of(primerge.merge_recipe(llm_zoo["recipe"])), lab) for lab in again.labels] == \
+        [suite.score(model, lab) for lab in suite.labels]
+    assert again.individual() == individual
+
+
+def test_cli_tune_with_the_llm_suite(llm_zoo, tmp_path, capsys):
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps({"base": str(llm_zoo["recipe"].base),
+                                       "models": [str(m.path) for m in llm_zoo["recipe"].models],
+                                       "method": "task_arithmetic"}))
+    out = tmp_path / "out"
+    code = main(["tune", str(recipe_file), "--suite", "llm", "--tasks", *llm_zoo["tasks"], "--trials", "3",
+                 "--validation-size", "8", "--out", str(out), "--cache", str(tmp_path / "c"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "task_arithmetic.yaml").is_file() and (out / "trials.csv").is_file()
+    assert "task_arithmetic" in capsys.readouterr().out
+    assert main(["tune", str(recipe_file), "--suite", "nope", "--tasks", *llm_zoo["tasks"]]) == 2
