@@ -94,6 +94,15 @@ def test_parse_methods():
         parse_method("prime:exact")
 
 
+def test_a_child_reports_its_own_peak_not_its_parents(tiny_zoo, tmp_path):
+    """A parent holding 1 GiB forks the merge child: the child's peak RSS is its own."""
+    inputs = Inputs.from_zoo("tiny", tiny_zoo, 3)
+    recipe = write_recipe(tmp_path / "r.yaml", inputs.base, inputs.models, parse_method("task_arithmetic"))
+    ballast = torch.ones(256, 1024, 1024)  # 1 GiB resident in this (the parent) process
+    m = measure_merge(recipe, tmp_path / "out")
+    assert ballast.sum() > 0 and 50 < m.rss_mib < 900
+
+
 def test_measured_merge_numbers_are_sane(tiny_zoo, tmp_path):
     inputs = Inputs.from_zoo("tiny", tiny_zoo, 3)
     recipe = write_recipe(tmp_path / "r.yaml", inputs.base, inputs.models, parse_method("prime"))
@@ -109,11 +118,11 @@ def test_a_ray_merge_reports_its_workers_unit_rates(tmp_path):
     """The child's ``units/s per worker`` line (a Ray merge) becomes the mean rate, and the row's note."""
     import sys
 
-    lines = "print('units/s per worker: 0.5 1.5'); print('merged with prime in 2.5s')"
+    lines = "print('units/s per worker: 0.5 1.5'); print('peak rss: 2048 kB'); print('merged with prime in 2.5s')"
     m = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines])
-    assert m.merge_s == 2.5 and m.unit_rate == 1.0
-    plain = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines.split("; ")[1]])
-    assert math.isnan(plain.unit_rate)
+    assert m.merge_s == 2.5 and m.unit_rate == 1.0 and m.rss_mib == 2.0
+    plain = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines.split("; ")[2]])
+    assert math.isnan(plain.unit_rate) and plain.rss_mib > 2.0  # no peak line: the rusage figure
     row = Row("ray", "z", "prime", 8, [m, m, plain])
     assert row.as_dict(None)["note"] == "units/s per worker 1"
 

@@ -1,8 +1,9 @@
 """Benchmark runs: methods and their recipes, each merge measured in its own child process.
 
 Every merge runs as ``python -m primerge.bench RECIPE OUT DEVICE`` (the same merge as ``primerge merge
---force --quiet``); its wall time, CPU time (user + system) and peak RSS come from ``os.wait4`` (the
-child's own ``rusage``), and the engine's own merge time from its last output line.
+--force --quiet``); its wall time and CPU time (user + system) come from ``os.wait4`` (the child's
+own ``rusage``), its peak RSS and the engine's own merge time from its last output lines (the
+child's ``VmHWM``: ``ru_maxrss`` would include the parent's size at fork).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Measurement:
 
 MERGED_LINE = re.compile(r"merged with \S+ in ([0-9.]+)s")
 UNITS_LINE = re.compile(r"units/s per worker: ([0-9.e+ -]+)")
+PEAK_LINE = re.compile(r"peak rss: (\d+) kB")
 
 
 #: The child command: this module's runner (``primerge merge`` with a precise time line).
@@ -118,7 +120,23 @@ def child_merge(argv: Sequence[str]) -> int:
     rates = (result.execution or {}).get("units_per_second", {})
     if rates:
         print(f"units/s per worker: {' '.join(f'{rate:g}' for rate in rates.values())}")
+    peak = own_peak_kib()
+    if peak is not None:
+        print(f"peak rss: {peak} kB")
     print(f"merged with {result.method} in {result.seconds:.6f}s")
+
+
+def own_peak_kib() -> int | None:
+    """This process's own peak resident memory (Linux ``VmHWM``), or None where /proc has none.
+
+    Not ``ru_maxrss``: Linux carries into it the RSS the process had between fork and exec, i.e. the
+    parent's, so a child of a large benchmark process would report at least the parent's size."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, flags=re.M)
+    return int(found.group(1)) if found else None
     return 0
 
 
@@ -140,8 +158,9 @@ def measure_merge(recipe: Path, out: Path, device: str = "cpu", runner: Sequence
     found = MERGED_LINE.findall(text)
     merge_s = float(found[-1]) if found else float("nan")
     rates = [float(r) for line in UNITS_LINE.findall(text)[-1:] for r in line.split()]
-    # Linux reports ru_maxrss in KiB, macOS in bytes.
-    rss = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    peak = PEAK_LINE.findall(text)
+    # the child's own VmHWM (child_merge); else rusage (Linux reports ru_maxrss in KiB, macOS in bytes)
+    rss = int(peak[-1]) / 1024 if peak else usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     return Measurement(wall, usage.ru_utime + usage.ru_stime, rss, merge_s,
                        statistics.fmean(rates) if rates else float("nan"))
 
