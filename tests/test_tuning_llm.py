@@ -22,7 +22,7 @@ WORDS = ("posit", "the")
 
 def task_file(path, shift: int):
     """40 labelled texts; the label is a (shifted) parity of the row."""
-    rows = [{"text": f"the pot {i} is on a nose", "label": WORDS[(i + shift) % 2]} for i in range(40)]
+    rows = [{"text": f"{i} on", "label": WORDS[(i + shift) % 2]} for i in range(40)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -47,6 +47,7 @@ def llm_zoo(tmp_path_factory):
 
 
 def test_validation_prompts_come_from_training_texts_only(llm_zoo, tmp_path):
+    from primerge.evaluation.llm.prompts import cast_task
     from primerge.tuning.llm_suite import LLMSuite
 
     splits = load_splits(llm_zoo["tasks"])
@@ -54,9 +55,9 @@ def test_validation_prompts_come_from_training_texts_only(llm_zoo, tmp_path):
     for label, split in zip(suite.labels, splits):
         prompts = suite.tasks[label].test_prompts
         assert 1 <= len(prompts) <= 10
-        train = {suite.tasks[label].verbaliser.prompt(t) for t in split.train_texts}
-        test = {suite.tasks[label].verbaliser.prompt(t) for t in split.test_texts}
-        assert set(prompts) <= train and not set(prompts) & test
+        whole = cast_task(split, suite.tokenizer, 32, len(split.train_texts), len(split.test_texts))
+        assert len(set(whole.train_prompts) | set(whole.test_prompts)) == 40  # every text its own prompt
+        assert set(prompts) <= set(whole.train_prompts) and not set(prompts) & set(whole.test_prompts)
 
 
 def test_scores_equal_lm_eval_on_the_same_model_and_are_cached(llm_zoo, tmp_path, monkeypatch):
