@@ -17,13 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from primerge.datasets import load_splits
-from primerge.errors import InputError
 from primerge.evaluation.llm.protocol import CPU_PROTOCOL
 from primerge.paths import cache_root
 from primerge.recipe import Recipe
 from primerge.tuning.cache import MergedModel
 from primerge.tuning.settings import DEFAULT_SIZE
-from primerge.tuning.suites import LastModel
+from primerge.tuning.suites import LastModel, one_task_per_model
 from primerge.tuning.validation import carve
 
 
@@ -39,10 +38,7 @@ class LLMSuite:
         from primerge.evaluation.llm.prompts import cast_task
         from primerge.io.hf import load_tokenizer
 
-        self.labels = recipe.model_labels()
-        if len(splits) != len(self.labels):
-            raise InputError(f"{len(splits)} task(s) for {len(self.labels)} model(s): give one task per "
-                             f"model, in the recipe's order ({', '.join(self.labels)}).")
+        self.labels = one_task_per_model(recipe, splits)
         self.recipe, self.base = recipe, Path(recipe.base)
         self.device = checked_device(device)
         self.tokenizer = load_tokenizer(self.base)

@@ -46,6 +46,15 @@ class Suite(Protocol):
         """One line: tasks and validation sizes."""
 
 
+def one_task_per_model(recipe: Recipe, splits: Sequence) -> list[str]:
+    """The recipe's model labels, after checking that ``splits`` has one task per model."""
+    labels = recipe.model_labels()
+    if len(splits) != len(labels):
+        raise InputError(f"{len(splits)} task(s) for {len(labels)} model(s): give one task per "
+                         f"model, in the recipe's order ({', '.join(labels)}).")
+    return labels
+
+
 class EncoderSuite:
     """Classification tasks scored with each fine-tune's own head (``classifier.*``, which the
     recipe must mark task-specific) on validation sets carved from the training data.
@@ -55,10 +64,7 @@ class EncoderSuite:
 
     def __init__(self, recipe: Recipe, splits: Sequence[TaskSplit], size: int = DEFAULT_SIZE,
                  cache: str | Path | None = None, max_length: int = MAX_LENGTH):
-        self.labels = recipe.model_labels()
-        if len(splits) != len(self.labels):
-            raise InputError(f"{len(splits)} task(s) for {len(self.labels)} model(s): give one task per "
-                             f"model, in the recipe's order ({', '.join(self.labels)}).")
+        self.labels = one_task_per_model(recipe, splits)
         if recipe.task_specific is None:
             raise InputError("the recipe marks no task-specific tensors; the encoder suite scores each task "
                              r"with its own head: add task_specific: ^classifier\. to the recipe.")
