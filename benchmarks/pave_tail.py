@@ -13,12 +13,12 @@ import statistics
 
 import torch
 
-from primerge.datasets import DEFAULT_TASKS
+from primerge.data.tasks import DEFAULT_TASKS
 from primerge.evaluation.demo import build_zoo, load_splits
 from primerge.evaluation.model import HEAD_REGEX
 from primerge.io.readers import open_checkpoint
 from primerge.purify.pave import build_purifier
-from primerge.recipe import build_recipe
+from primerge.core.recipe import build_recipe
 
 
 def kind(name: str) -> str:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 import primerge.methods.stack as stack
 from primerge.bench.zoo import ZooSpec, build_zoo
-from primerge.deterministic import ThreadIndependent
+from primerge.util.deterministic import ThreadIndependent
 from primerge.linalg import SVD
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext

@@ -29,7 +29,7 @@ def started():
 
 @ray.remote(num_cpus=1)
 def imported():
-    import primerge.execution.ray  # noqa: F401  torch, the engine, the methods
+    import primerge.engine.ray  # noqa: F401  torch, the engine, the methods
     return os.getpid()
 
 ray.get([started.remote() for _ in range(workers)])

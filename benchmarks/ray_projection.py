@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import save_file
 
 from primerge.bench.zoo import ZooSpec, build_zoo
-from primerge.deterministic import ThreadIndependent
-from primerge.engine import context
+from primerge.util.deterministic import ThreadIndependent
+from primerge.engine.stream import context
 from primerge.linalg import OVERSAMPLE, POWER_ITERATIONS
-from primerge.plan import build_plan
-from primerge.recipe import build_recipe
+from primerge.core.plan import build_plan
+from primerge.core.recipe import build_recipe
 
 #: Assumptions of the projection (not measured here).
 NODE_BANDWIDTH = 2.0e9  # bytes/s each node reads or writes from the shared filesystem

@@ -1,6 +1,6 @@
 """Experiment: the constants of `svd: auto`'s cost model (primerge.linalg.choice), measured here.
 
-Times (CPU seconds, under primerge.deterministic.ThreadIndependent as in a merge) of
+Times (CPU seconds, under primerge.util.deterministic.ThreadIndependent as in a merge) of
 - exact thin SVDs of one matrix on one LAPACK thread, fitted as a·q·p² + b·p³ (p = min(m, n),
   q = max(m, n));
 - one pass of the block Krylov SVD over a batch of T matrices (A Z with Z of ℓ columns), fitted as
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from primerge.deterministic import ThreadIndependent
+from primerge.util.deterministic import ThreadIndependent
 
 EXACT_SHAPES = [(256, 768), (768, 768), (2048, 768), (1024, 1024), (2736, 1024), (2048, 2048)]
 PASS_SHAPES = [(8, 2048, 768), (4, 5472, 2048), (8, 768, 768)]

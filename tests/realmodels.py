@@ -108,7 +108,7 @@ def aligned_reference(base: dict, models: list[dict], weights: list[float], scal
                       out_vocab: dict[str, int], out_rows: int, base_vocab: dict[str, int],
                       model_vocabs: list[dict[str, int]], pad_source: dict | None = None) -> dict[str, torch.Tensor]:
     """Float64 Task Arithmetic θ₀ + λ Σ_t w_t τ_t with vocabulary rows aligned by token string
-    (primerge.vocabulary's rule): a base token's row gets τ_t from the models that have it; a token
+    (primerge.core.vocabulary's rule): a base token's row gets τ_t from the models that have it; a token
     the base lacks the |w|-weighted mean of the models that have it; a padding row the tokenizer
     source's row (``pad_source``, default the base) at that index. ``vocab_names`` maps each
     vocabulary tensor to its token axis."""

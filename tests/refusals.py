@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import save_file
 
 import primerge
-from primerge import cli
-from primerge.errors import PrimergeError
+from primerge.cli import main as cli
+from primerge.util.errors import PrimergeError
 
 TASK_SPECIFIC = r"^classifier\."
 

@@ -12,8 +12,8 @@ import yaml
 from primerge.analysis import analyze, greedy_select
 from primerge.analysis.interference import cosine, gram
 from primerge.analysis.signs import agreement, histogram
-from primerge.cli import main
-from primerge.recipe import load_recipe
+from primerge.cli.main import main
+from primerge.core.recipe import load_recipe
 
 FIGURES = ["interference_matrices.png", "interference_per_layer.png", "prime_objective.png", "prime_retention.png",
            "prime_cosine.png", "rank_collapse_layers.png", "rank_collapse_growth.png", "sign_agreement.png",
@@ -105,7 +105,7 @@ def test_analyze_without_matplotlib_or_failing_midway_leaves_nothing(recipe_file
     import importlib.util
 
     from primerge.analysis import report as report_module
-    from primerge.errors import OutputError, RecipeError
+    from primerge.util.errors import OutputError, RecipeError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))

@@ -19,9 +19,9 @@ from primerge.bench.accuracy import truncation_error
 from primerge.bench.report import format_table, summarize
 from primerge.bench.runs import Inputs, Measurement, Row, measure_merge, parse_method, parse_methods, write_recipe
 from primerge.bench.zoo import StreamingSafetensors, ZooSpec, build_zoo, task_vector, zoo_folder
-from primerge.cli import build_parser, main
+from primerge.cli.main import build_parser, main
 from primerge.io.readers import open_checkpoint
-from primerge.recipe import load_recipe
+from primerge.core.recipe import load_recipe
 
 TINY = dict(scale=0.0625, layers=1, tasks=3, seed=7)
 

@@ -23,12 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import primerge
-from primerge import cli
-from primerge.errors import InputError, PrimergeError, RecipeError
+from primerge.cli import main as cli
+from primerge.util.errors import InputError, PrimergeError, RecipeError
 from primerge.io import readers
 from primerge.io.manifest import MANIFEST, verify_folder
 from primerge.io.readers import open_checkpoint
-from primerge.patterns import Pattern
+from primerge.util.patterns import Pattern
 from refusals import TASK_SPECIFIC, model_copy, recipe_file, refused, zoo_recipe
 
 PROPERTY = settings(max_examples=100, deadline=None, derandomize=True,

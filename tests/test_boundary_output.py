@@ -25,17 +25,17 @@ from markdown_it import MarkdownIt
 from safetensors.torch import load_file, save_file
 
 import primerge
-from primerge import cli
-from primerge.errors import InputError, OutputError, RecipeError
+from primerge.cli import main as cli
+from primerge.util.errors import InputError, OutputError, RecipeError
 from primerge.output.base import MergeResult
 from primerge.output.card import write_card
 from primerge.io.destination import destination
 from primerge.io.manifest import MANIFEST, Ledger, tensor_record, verify_folder
-from primerge.io.names import MAX_COMPONENT, SAFE, component
+from primerge.io.user_paths import MAX_COMPONENT, SAFE, component
 from primerge.io.readers import SUPPORT_FILES
 from primerge.io.writer import LOCK_SUFFIX, TEMP_MARK, save_tensors
 from primerge.output.per_task import load_task_state
-from primerge.recipe import build_recipe
+from primerge.core.recipe import build_recipe
 from refusals import TASK_SPECIFIC, leftovers, model_copy, recipe_file, refused, snapshot, zoo_recipe
 
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True,

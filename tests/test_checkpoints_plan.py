@@ -1,4 +1,4 @@
-"""Pre-flight (primerge.preflight): `primerge plan` and `merge --dry-run` on a tiny Qwen3-MoE with
+"""Pre-flight (primerge.engine.preflight): `primerge plan` and `merge --dry-run` on a tiny Qwen3-MoE with
 fused experts and a fine-tune that added tokens; merges that cannot fit are refused before they
 start, with the numbers; every model's problem is reported at once."""
 
@@ -11,8 +11,8 @@ import torch
 import yaml
 
 import primerge
-from primerge import cli
-from primerge.errors import InputError, OutputError
+from primerge.cli import main as cli
+from primerge.util.errors import InputError, OutputError
 
 from realmodels import build_base, fine_tune, save_state, state, tiny_config
 
@@ -86,7 +86,7 @@ def test_a_merge_that_does_not_fit_in_memory_is_refused_with_the_numbers(moe, tm
 
 
 def test_an_output_larger_than_the_free_disk_is_refused(moe, tmp_path, monkeypatch):
-    from primerge import preflight as module
+    from primerge.engine import preflight as module
 
     monkeypatch.setattr(module, "free_disk", lambda out: (1000, tmp_path))  # a nearly full disk
     with pytest.raises(OutputError, match=r"the output needs ~.* on disk, 1000 B free at"):

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import primerge
-from primerge import cli
-from primerge.errors import InputError, RecipeError
+from primerge.cli import main as cli
+from primerge.util.errors import InputError, RecipeError
 from primerge.io.quantized import Fp8Blocks
-from primerge.recipe import build_recipe
+from primerge.core.recipe import build_recipe
 
 from realmodels import assert_close, build_base, save_state, state, tiny_config
 

@@ -1,5 +1,5 @@
-"""Vocabulary alignment and tied embeddings on tiny real transformers models (primerge.vocabulary,
-primerge.names): fine-tunes that added tokens (special and not, embeddings padded to a multiple of
+"""Vocabulary alignment and tied embeddings on tiny real transformers models (primerge.core.vocabulary,
+primerge.core.tensor_names): fine-tunes that added tokens (special and not, embeddings padded to a multiple of
 8), merged with tokenizer: base | union | MODEL, every output reloaded with transformers and
 checked row by row against a float64 reference of the same rule (tests/realmodels.py)."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import primerge
-from primerge.errors import InputError, RecipeError
-from primerge.recipe import build_recipe
+from primerge.util.errors import InputError, RecipeError
+from primerge.core.recipe import build_recipe
 
 from realmodels import aligned_reference, assert_close, build_base, fine_tune, save_state, state, vocab
 
@@ -89,8 +89,8 @@ def test_an_aligned_plan_travels_to_a_worker(llama):
     """The plan of an aligned merge pickles (as the Ray backend sends it) and merges the same there."""
     import pickle
 
-    from primerge.engine import merge_tensor
-    from primerge.plan import build_plan
+    from primerge.engine.stream import merge_tensor
+    from primerge.core.plan import build_plan
 
     recipe = build_recipe({"base": llama / "base", "models": [llama / "chat", llama / "tools"], "tokenizer": "union",
                            "method": "ties"})

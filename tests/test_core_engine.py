@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import primerge
 from primerge.io.manifest import verify_folder
-from primerge import cli
+from primerge.cli import main as cli
 from primerge.methods.base import TensorContext, PerTaskUpdate
-from primerge.seeding import derive_seed
+from primerge.util.seeding import derive_seed
 from helpers import run_passes
 
 TASK_SPECIFIC = r"^classifier\."
@@ -405,9 +405,9 @@ def test_repeated_merges_are_byte_stable(bert_zoo, tmp_path):
 
 
 def test_ties_model_scope_trims_over_the_whole_model(bert_zoo, zoo_states):
-    from primerge.engine import resolve_device, run_prepass
-    from primerge.plan import build_plan
-    from primerge.recipe import build_recipe
+    from primerge.engine.stream import resolve_device, run_prepass
+    from primerge.core.plan import build_plan
+    from primerge.core.recipe import build_recipe
 
     base, models = zoo_states
     recipe = build_recipe({"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "ties",
@@ -445,10 +445,10 @@ def test_ties_model_scope_trims_over_the_whole_model(bert_zoo, zoo_states):
 def test_svd_auto_choices_are_said_once_per_distinct_shape_at_the_start(bert_zoo, tmp_path, capsys):
     """The merge states ``svd: auto``'s choice and its reason once per distinct (batch shape, rank),
     on stderr before merging and in the card; an explicit ``svd`` states nothing."""
-    from primerge.engine import svd_choices
+    from primerge.engine.stream import svd_choices
     from primerge.linalg import choose_svd
-    from primerge.plan import build_plan
-    from primerge.recipe import build_recipe
+    from primerge.core.plan import build_plan
+    from primerge.core.recipe import build_recipe
 
     spec = {"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "tsv", "task_specific": TASK_SPECIFIC}
     plan = build_plan(build_recipe(spec))
@@ -473,10 +473,10 @@ def test_svd_auto_choices_are_said_once_per_distinct_shape_at_the_start(bert_zoo
 def test_prime_rank_auto_says_its_svd_choices_once_the_pre_pass_chose_the_rank(bert_zoo, tmp_path, capsys):
     """With ``rank: auto`` nothing is known at the start; after the F(r) pass the merge states
     ``svd: auto``'s choice at the chosen rank, once per distinct shape, as with a fixed rank."""
-    from primerge.engine import run_prepass, svd_choices
+    from primerge.engine.stream import run_prepass, svd_choices
     from primerge.methods.prime import principal_rank
-    from primerge.plan import build_plan
-    from primerge.recipe import build_recipe
+    from primerge.core.plan import build_plan
+    from primerge.core.recipe import build_recipe
 
     spec = {"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "prime", "task_specific": TASK_SPECIFIC,
             "parameters": {"rank": "auto"}}
@@ -562,9 +562,9 @@ def test_methods_command_lists_every_method_with_parameters():
 def test_a_prime_rank_a_matrix_cannot_take_is_said_with_what_it_became(bert_zoo, tmp_path, capsys):
     """rank: 200 on the zoo's 32-wide matrices is capped at 32, then lowered to ⌊32/3⌋ = 10 for
     T = 3; rank 0.01 (1 everywhere) changes nothing and says nothing."""
-    from primerge.engine import shape_notes
-    from primerge.plan import build_plan
-    from primerge.recipe import build_recipe
+    from primerge.engine.stream import shape_notes
+    from primerge.core.plan import build_plan
+    from primerge.core.recipe import build_recipe
 
     spec = {"base": bert_zoo["base"], "models": bert_zoo["models"], "method": "prime", "task_specific": TASK_SPECIFIC}
     plan = build_plan(build_recipe({**spec, "parameters": {"rank": 200}}))

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import primerge
-from primerge import cli
-from primerge.errors import InputError, OutputError, RecipeError
+from primerge.cli import main as cli
+from primerge.util.errors import InputError, OutputError, RecipeError
 from primerge.io import writer as writer_module
 from primerge.output import folder as folder_module
 from primerge.io.readers import open_checkpoint
@@ -436,7 +436,7 @@ def test_atomic_folder_removes_temp_on_keyboard_interrupt(tmp_path):
 
 
 def test_cli_interrupt_mid_merge_exits_130_and_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
-    import primerge.taskvectors as taskvectors
+    import primerge.core.sources as taskvectors
 
     calls = []
     real = taskvectors.weighted_delta

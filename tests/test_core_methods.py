@@ -12,7 +12,7 @@ import pytest
 import primerge
 import torch
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.linalg import polar
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext

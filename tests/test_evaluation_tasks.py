@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.evaluation.evaluate import Scores, accuracy, average, normalized_accuracy, pad_batch
-from primerge.datasets import TaskData, TaskSplit, deduplicate, load_splits, load_table, load_task
+from primerge.data.tasks import TaskData, TaskSplit, deduplicate, load_splits, load_table, load_task
 from primerge.evaluation.zoo import Protocol, batches_per_epoch, bucketed_batches, task_key, warmup_linear
-from primerge.paths import cache_root
+from primerge.util.cache_dirs import cache_root
 
 
 def make_task(n: int, classes=("a", "b"), name="t") -> TaskData:

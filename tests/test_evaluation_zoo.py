@@ -14,11 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import primerge  # noqa: E402
-from primerge.cli import main  # noqa: E402
-from primerge.errors import InputError  # noqa: E402
+from primerge.cli.main import main  # noqa: E402
+from primerge.util.errors import InputError  # noqa: E402
 from primerge.evaluation.demo import run_demo  # noqa: E402
 from primerge.evaluation.model import HEAD_REGEX, read_tensors  # noqa: E402
-from primerge.datasets import load_splits  # noqa: E402
+from primerge.data.tasks import load_splits  # noqa: E402
 from primerge.evaluation.zoo import Protocol, build_zoo, evaluate_model, fine_tune  # noqa: E402
 
 PROTOCOL = Protocol(epochs=1, small_task_epochs=1)

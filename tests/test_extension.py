@@ -13,8 +13,8 @@ import primerge
 from primerge.io.readers import open_checkpoint
 from primerge.output import base as output_base
 from primerge.output.base import MergedTensor, MergeResult, TensorSink
-from primerge import taskvectors
-from primerge.taskvectors import FullFineTune
+from primerge.core import sources as taskvectors
+from primerge.core.sources import FullFineTune
 
 from golden.cases import build_zoo
 
@@ -50,7 +50,7 @@ def test_a_new_output_format_is_one_class_and_one_registration(small_zoo, tmp_pa
     models = [small_zoo["t0"], small_zoo["t1"]]
     reference = primerge.merge(small_zoo["base"], models, "ties", task_specific=r"^score\.").state_dict
     from primerge.api import merge_recipe
-    from primerge.recipe import build_recipe
+    from primerge.core.recipe import build_recipe
 
     recipe = build_recipe({"base": small_zoo["base"], "models": models, "method": "ties",
                            "task_specific": r"^score\.", "output": {"format": "weights"}})

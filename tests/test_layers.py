@@ -1,6 +1,7 @@
-"""The floors of the package run one way (ARCHITECTURE.md, "Rules of the house"): a module may import
+"""The floors of the package run one way (docs/architecture.md, "The layers"): a module may import
 modules of its own floor or lower ones, never higher. Lazy imports inside functions count too.
-Each package's docstring names its floor."""
+Each package's docstring names its floor, and every module lives in a package of the layout: only
+the public API (``__init__``, ``api``), ``__main__`` and ``version`` stay at the root."""
 
 from __future__ import annotations
 
@@ -11,17 +12,14 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "primerge"
 
-#: module prefix -> floor (the longest matching prefix wins)
+#: package (or module) -> floor (the longest matching prefix wins): docs/architecture.md, "The layers"
 FLOORS = {
-    "primerge.errors": 0, "primerge.validation": 0, "primerge.seeding": 0, "primerge.paths": 0,
-    "primerge.version": 0, "primerge.lazy": 0, "primerge.patterns": 0, "primerge.deterministic": 0, "primerge.linalg": 0, "primerge.io": 0,
-    "primerge.datasets": 0,
+    "primerge.util": 0, "primerge.version": 0, "primerge.data": 0, "primerge.linalg": 0, "primerge.io": 0,
     "primerge.methods": 1,
-    "primerge.recipe": 2, "primerge.taskvectors": 2, "primerge.plan": 2, "primerge.names": 2,
-    "primerge.treatments": 2, "primerge.vocabulary": 2, "primerge.support": 2,
-    "primerge.engine": 3, "primerge.output": 3, "primerge.execution": 4,
-    "primerge.purify": 4, "primerge.analysis": 4, "primerge.preflight": 4,
-    "primerge": 5, "primerge.api": 5,
+    "primerge.core": 2,
+    "primerge.output": 3,
+    "primerge.engine": 4, "primerge.purify": 4, "primerge.analysis": 4,
+    "primerge": 5, "primerge.api": 5, "primerge.testing": 5,
     "primerge.evaluation": 6, "primerge.tuning": 6, "primerge.bench": 6,
     "primerge.cli": 7, "primerge.__main__": 7,
 }
@@ -65,9 +63,60 @@ def test_no_import_runs_up(path):
         f"{m} ({floor(m)})" for m in upward)
 
 
+ROOT_MODULES = {"primerge", "primerge.api", "primerge.version", "primerge.__main__"}
+
+
+def test_every_module_lives_in_a_package_of_the_layout():
+    strays = [module_name(p) for p in MODULES if module_name(p).count(".") < 2 and module_name(p) not in ROOT_MODULES
+              and not (p.name == "__init__.py")]
+    assert not strays, f"modules at the package root: {strays}; move each into its layer's package"
+
+
+def package(module: str) -> str:
+    """``primerge.core.plan`` -> ``primerge.core``; root modules are their own package."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        here = package(module_name(path))
+        graph.setdefault(here, set()).update(package(m) for m in imports(path) if package(m) != here)
+    return graph
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle between packages, or None (depth-first search with a path stack)."""
+    state: dict[str, int] = {}
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return None
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_packages_import_each_other_without_cycles():
+    graph = package_graph()
+    graph.get("primerge", set()).clear()  # the root package's lazy table names the API of every floor
+    assert cycle(graph) is None, " -> ".join(cycle(graph))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+
+
 def test_the_rule_catches_an_upward_import(tmp_path):
     """The checker itself: an engine-floor module importing evaluation is reported."""
-    fake = SRC / "engine.py"
+    fake = SRC / "engine" / "stream.py"
     assert floor("primerge.evaluation.demo") > floor(module_name(fake))
     assert "primerge.evaluation.demo" in imports(_write(tmp_path, "from primerge.evaluation.demo import x\n"))
 
@@ -84,7 +133,7 @@ def test_version_and_help_load_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom primerge.cli import build_parser\nbuild_parser().format_help()\n"
+    code = ("import sys\nfrom primerge.cli.main import build_parser\nbuild_parser().format_help()\n"
             "print(sorted(m for m in ('torch', 'transformers', 'optuna', 'ray', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import primerge
-from primerge.errors import RecipeError
-from primerge.methods.lines import LinesConfig, layer_scales
+from primerge.util.errors import RecipeError
+from primerge.methods.lines_scaling import LinesConfig, layer_scales
 
 
 def test_layer_scales_hand_case():
@@ -46,7 +46,7 @@ def test_lines_in_a_merge_scales_each_update(bert_zoo):
 
 def test_lines_config_errors():
     with pytest.raises(RecipeError, match="lines"):
-        primerge.recipe.build_recipe({"base": "b", "models": ["m"], "lines": {"alpha": 1.0}})
+        primerge.core.recipe.build_recipe({"base": "b", "models": ["m"], "lines": {"alpha": 1.0}})
     with pytest.raises(RecipeError, match="capture group"):
-        primerge.recipe.build_recipe({"base": "b", "models": ["m"],
+        primerge.core.recipe.build_recipe({"base": "b", "models": ["m"],
                                       "lines": {"alpha": 1, "beta": 1, "block_pattern": "layers"}})

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llm_fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama, vocabulary, write_llama_gguf
-from primerge.cli import main
-from primerge.errors import InputError
+from primerge.cli.main import main
+from primerge.util.errors import InputError
 from primerge.evaluation.llm.convert import check_causal_lm, convert_gguf, resolve_base
 
 gguf = pytest.importorskip("gguf")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llm_fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama
-from primerge.cli import main
-from primerge.errors import InputError
+from primerge.cli.main import main
+from primerge.util.errors import InputError
 from primerge.evaluation.llm.harness import (check_task_names, evaluate_prompt_tasks, harness_name, run_harness, task_manager,
                                              write_task)
 from primerge.evaluation.llm.prompts import PromptTask, Verbaliser, label_tokens, split_answer
@@ -107,7 +107,7 @@ def test_cli_eval_folder_and_adapter_agree_with_direct_scores(tmp_path, capsys, 
     adapter_acc = json.loads((tmp_path / "adapter.json").read_text())["accuracy"]["toy"]
     tokenizer = byte_level_tokenizer()
     from primerge.evaluation.llm.prompts import cast_task
-    from primerge.datasets import load_splits
+    from primerge.data.tasks import load_splits
 
     task = cast_task(load_splits([str(data)])[0], tokenizer, 32, 0, 100)
     for model, accuracy in ((tiny_llama(seed=5), base_acc), (merged, adapter_acc)):

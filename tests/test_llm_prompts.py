@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from llm_fixtures import byte_level_tokenizer, tiny_llama
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.evaluation.llm.prompts import (PACKAGED_PROMPTS, Verbaliser, cast_task, fit_text, label_tokens,
                                              options, split_answer, verbaliser_for)
-from primerge.datasets import PACKAGED, TaskData
+from primerge.data.tasks import PACKAGED, TaskData
 
 TEXTS = tuple(f"the pot {i} is on a nose at it and the other one is here too" for i in range(20))
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from llm_fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama
-from primerge.cli import main
+from primerge.cli.main import main
 from primerge.evaluation.llm.prompts import Verbaliser, cast_task, split_answer
 from primerge.evaluation.llm.training import TrainSettings, class_scores, encode_examples, fine_tune, ranking_loss
 from primerge.evaluation.llm.zoo import LLMProtocol
-from primerge.datasets import TaskData
+from primerge.data.tasks import TaskData
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("peft")
@@ -92,7 +92,7 @@ def write_jsonl(path, task: TaskData):
 def test_llm_demo_end_to_end_and_cached_rerun(tmp_path, capsys, monkeypatch):
     import primerge.evaluation.llm.demo as demo_module
     import primerge.evaluation.llm.zoo as zoo_module
-    from primerge.evaluation.llm import cli as llm_cli
+    from primerge.cli import llm as llm_cli
 
     tiny = LLMProtocol(max_prompt_tokens=48, test_size=8, steps=3, batch_size=4, lora_rank=2,
                        lora_learning_rate=3e-3, full_learning_rate=1e-3, eval_batch_size=8)

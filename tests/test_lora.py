@@ -15,13 +15,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import primerge
-from primerge import cli
-from primerge.plan import build_plan
-from primerge.errors import InputError, RecipeError
+from primerge.cli import main as cli
+from primerge.core.plan import build_plan
+from primerge.util.errors import InputError, RecipeError
 from primerge.linalg import drop_null, factored_svd, fit_rank, svd
 from primerge.methods.base import TensorContext
 from primerge.methods.stack import LowRank, TaskStack
-from primerge.recipe import build_recipe
+from primerge.core.recipe import build_recipe
 
 from lora_zoo import ADAPTERS, bert_base, edit_adapter, lora_zoo, state  # noqa: F401  (fixture)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.methods import get_method
 from primerge.methods.base import TensorContext
 

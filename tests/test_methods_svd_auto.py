@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from primerge.deterministic import ThreadIndependent
+from primerge.util.deterministic import ThreadIndependent
 from primerge.linalg import SVDChoice
 from primerge.linalg import truncated as truncated_module
 

@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 import primerge
-from primerge import cli
-from primerge.errors import RecipeError
+from primerge.cli import main as cli
+from primerge.util.errors import RecipeError
 from primerge.methods.base import TensorContext
 from primerge.methods.core_space import core_space
 from primerge.methods.knots import knots_space

@@ -50,7 +50,7 @@ def test_every_output_file_gets_the_same_mode_under_the_umask(bert_zoo, tmp_path
 
 
 def test_verify_reports_hub_metadata_as_unlisted_not_as_corruption(bert_zoo, tmp_path, capsys):
-    from primerge import cli
+    from primerge.cli import main as cli
 
     out = tmp_path / "merged"
     primerge.merge(bert_zoo["base"], bert_zoo["models"], "task_arithmetic", task_specific=HEAD, out=out)

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 import primerge
-from primerge.errors import InputError, RecipeError
+from primerge.util.errors import InputError, RecipeError
 from primerge.purify import parse_purify, spectral_allocation
 from primerge.purify.pave import make_scaling, match_modules, purified_task_vector, purify_matrix, regularize
-from primerge.recipe import build_recipe
+from primerge.core.recipe import build_recipe
 
 F64 = torch.float64
 

@@ -155,13 +155,13 @@ THREAD_METHODS = {"prime": {"svd": "randomized"}, "tsv": {}, "ties": {}, "dare":
 
 
 def test_byte_identical_across_thread_counts(zoo, tmp_path):
-    """Every method's files are the same bytes with 1 and with 2 threads (primerge.deterministic);
+    """Every method's files are the same bytes with 1 and with 2 threads (primerge.util.deterministic);
     without the one-thread decompositions the SVD methods' outputs differ."""
     recipes = [recipe(zoo, tmp_path, m, **p) for m, p in THREAD_METHODS.items()]
     outputs = {}
     for threads in (1, 2):
         loop = "; ".join(f"assert main({merge_args(r, tmp_path / f'{r.stem}-{threads}')!r}) == 0" for r in recipes)
-        code = (f"import torch; torch.set_num_threads({threads}); from primerge.cli import main; {loop}; "
+        code = (f"import torch; torch.set_num_threads({threads}); from primerge.cli.main import main; {loop}; "
                 f"assert torch.get_num_threads() == {threads}")
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
         outputs[threads] = {m: digest(tmp_path / f"{m}-{threads}") for m in THREAD_METHODS}

@@ -14,11 +14,11 @@ import yaml
 from tuning_zoo import tuning_zoo  # noqa: F401  (fixture)
 
 import primerge
-from primerge.cli import main
-from primerge.errors import InputError
+from primerge.cli.main import main
+from primerge.util.errors import InputError
 from primerge.evaluation.model import read_tensors, split_head
-from primerge.datasets import load_task
-from primerge.recipe import build_recipe, load_recipe
+from primerge.data.tasks import load_task
+from primerge.core.recipe import build_recipe, load_recipe
 from primerge.tuning import EncoderSuite, TuneSettings, carve, tune
 from primerge.tuning.cache import MergedModel, UpdateCache, recipe_with, update_error
 from primerge.tuning.run import validation_value
@@ -245,8 +245,8 @@ def test_demo_tuned_adds_the_tuned_table(tuning_zoo, tmp_path):
     assert markdown.index("| task_arithmetic |") < markdown.index("## Tuned on validation data")
     assert (report / "results-tuned.png").read_bytes()[:4] == b"\x89PNG"
     assert {"trials.csv", "summary.md", "plots"} <= {p.name for p in (report / "tuning").iterdir()}
-    from primerge.cli import build_parser
-    from primerge.tuning.cli import settings_from
+    from primerge.cli.main import build_parser
+    from primerge.cli.tune import settings_from
 
     args = build_parser().parse_args(["demo", "--tuned", "--trials", "7", "--budget", "3", "--validation-size", "40",
                                       "--pave", "ties", "--pave-targets", "weight", "delta"])
@@ -323,7 +323,7 @@ def test_a_new_method_declares_its_space_on_its_fields():
 
 
 def test_a_failing_setting_fails_its_trial_only(tuning_zoo, recipe, tmp_path, monkeypatch):
-    from primerge.errors import RecipeError
+    from primerge.util.errors import RecipeError
 
     build = UpdateCache.build
 

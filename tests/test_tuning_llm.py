@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_fixtures import save_tiny_llama
-from primerge.cli import main
-from primerge.datasets import load_splits
-from primerge.recipe import build_recipe
+from primerge.cli.main import main
+from primerge.data.tasks import load_splits
+from primerge.core.recipe import build_recipe
 
 pytest.importorskip("lm_eval")
 

@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from primerge.evaluation.model import HEAD_REGEX  # noqa: E402
-from primerge.datasets import load_splits  # noqa: E402
+from primerge.data.tasks import load_splits  # noqa: E402
 from primerge.evaluation.zoo import Protocol, build_zoo  # noqa: E402
 from test_evaluation_zoo import FILLER, SPECIAL, sentences  # noqa: E402  (the same text generator)
 

@@ -3,15 +3,15 @@
 Public API: :func:`merge`, :func:`merge_recipe`, :func:`dry_run` (``primerge plan``), :func:`load_recipe`,
 :func:`list_methods`, :func:`get_method`, :func:`load_task_state` (per-task methods),
 :func:`load_task_model` (a task's head on the merged body), :class:`MergeResult`,
-:class:`Recipe`, and the errors in :mod:`primerge.errors`. Everything but the errors is imported
+:class:`Recipe`, and the errors in :mod:`primerge.util.errors`. Everything but the errors is imported
 on first use, so ``import primerge`` (and ``primerge --version``) does not load torch.
 """
 
 from __future__ import annotations
 
-from primerge.errors import InputError, OutputError, PrimergeError, RecipeError
+from primerge.util.errors import InputError, OutputError, PrimergeError, RecipeError
 
-from primerge.lazy import lazy_attributes
+from primerge.util.lazy import lazy_attributes
 from primerge.version import __version__
 
 #: public name -> the module that defines it
@@ -24,8 +24,8 @@ _LAZY = {
     "list_methods": "primerge.methods",
     "load_task_state": "primerge.output.per_task",
     "load_task_model": "primerge.output.heads",
-    "Recipe": "primerge.recipe",
-    "load_recipe": "primerge.recipe",
+    "Recipe": "primerge.core.recipe",
+    "load_recipe": "primerge.core.recipe",
 }
 
 

@@ -1,5 +1,5 @@
 """``python -m primerge`` runs the command-line interface."""
 
-from primerge.cli import main
+from primerge.cli.main import main
 
 raise SystemExit(main())

@@ -10,16 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from primerge.engine import resolve_device, run
-from primerge.errors import RecipeError
-from primerge.execution import make_executor
-from primerge.io.names import user_path
+from primerge.engine.stream import resolve_device, run
+from primerge.util.errors import RecipeError
+from primerge.engine.executors import make_executor
+from primerge.io.user_paths import user_path
 from primerge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from primerge.output.base import MergeResult
 from primerge.output.formats import open_sink
-from primerge.plan import build_plan
-from primerge.preflight import Preflight, check_fits, preflight
-from primerge.recipe import Recipe, build_recipe, load_recipe
+from primerge.core.plan import build_plan
+from primerge.engine.preflight import Preflight, check_fits, preflight
+from primerge.core.recipe import Recipe, build_recipe, load_recipe
 
 
 def merge(
@@ -55,11 +55,11 @@ def merge(
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
     ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
     model (:mod:`primerge.output.lora`); ``models`` may be LoRA adapter folders too.
-    ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.execution.ray`).
+    ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.engine.ray`).
     ``tokenizer`` (base | union | a model's name) chooses the output vocabulary
-    (:mod:`primerge.vocabulary`); ``output`` is the recipe's output block (e.g. ``{"dtype": "bfloat16"}``).
+    (:mod:`primerge.core.vocabulary`); ``output`` is the recipe's output block (e.g. ``{"dtype": "bfloat16"}``).
     A merge that would not fit in memory (or ``max_memory``, e.g. ``"8GB"``) or on disk is refused
-    before it starts (:mod:`primerge.preflight`). Raises a :class:`primerge.errors.PrimergeError`
+    before it starts (:mod:`primerge.engine.preflight`). Raises a :class:`primerge.util.errors.PrimergeError`
     on any bad input.
     """
     if not isinstance(parameters, (dict, type(None))):
@@ -153,7 +153,7 @@ def dry_run(
     calibrate: bool = True,
 ) -> Preflight:
     """What merging ``recipe`` into ``out`` would do, from the headers and a short calibration
-    (``primerge plan``; :mod:`primerge.preflight`); nothing is written. ``report.problems`` lists
+    (``primerge plan``; :mod:`primerge.engine.preflight`); nothing is written. ``report.problems`` lists
     what would refuse the merge."""
     device = resolve_device(device)
     recipe, _ = _resolve(recipe, allow_pickle, lora_rank, None)

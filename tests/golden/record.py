@@ -1,4 +1,9 @@
-"""Record the golden hashes: ``python -m tests.golden.record`` (from the repository root)."""
+"""Record the golden references: ``python -m tests.golden.record`` (from the repository root).
+
+Writes ``hashes.json`` (the recording platform and the SHA-256 of every file and tensor of every
+case) and ``reference.safetensors`` (every tensor of every case, keyed ``case|key``), the values that
+other platforms compare with under each case's tolerance.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,28 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from tests.golden.cases import CASES, build_zoo
+from tests.golden.cases import CASES, build_zoo, digest
+from primerge.util.platform import machine_kind
 
-HASHES = Path(__file__).with_name("hashes.json")
+HERE = Path(__file__).parent
+HASHES, REFERENCE = HERE / "hashes.json", HERE / "reference.safetensors"
 
 
 def main() -> None:
+    hashes, tensors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         zoo = build_zoo(root / "zoo")
-        hashes = {name: case(zoo, root / "out" / name.replace("/", "_")) for name, case in CASES.items()}
-    record = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-              "cases": hashes}
-    HASHES.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    print(f"{len(hashes)} cases recorded in {HASHES}")
+        for name, case in CASES.items():
+            output = case.run(zoo, root / "out" / name.replace("/", "_"))
+            hashes[name] = {key: digest(value) for key, value in output.items()}
+            tensors.update({f"{name}|{key}": value.clone() for key, value in output.items()
+                            if isinstance(value, torch.Tensor)})
+    HASHES.write_text(json.dumps({"platform": machine_kind(), "cases": hashes}, indent=1, sort_keys=True) + "\n")
+    save_file(tensors, str(REFERENCE))
+    print(f"{len(hashes)} cases, {len(tensors)} tensors recorded in {HASHES.name} and {REFERENCE.name}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ streams task vectors through the merge's plan. Floors: above the plan and the en
 purify), below the API; it never imports evaluation, and methods never import it.
 """
 
-from primerge.lazy import lazy_attributes
+from primerge.util.lazy import lazy_attributes
 
 #: Public names -> their modules, imported on first use (``primerge --help`` loads no torch).
 _LAZY = {"Report": "primerge.analysis.report", "analyze": "primerge.analysis.report",

@@ -63,9 +63,9 @@ def pool_alignment(base, models: Sequence, *, task_specific: str | None = None, 
     """Alignment matrix of ``models`` (fine-tunes of ``base``), streamed through the engine's plan."""
     from tqdm.auto import tqdm
 
-    from primerge.engine import resolve_device
-    from primerge.plan import build_plan
-    from primerge.recipe import build_recipe
+    from primerge.engine.stream import resolve_device
+    from primerge.core.plan import build_plan
+    from primerge.core.recipe import build_recipe
 
     recipe = build_recipe({"base": base, "models": [str(m) for m in models], "method": "task_arithmetic",
                            "task_specific": task_specific, "matrices": matrices})
@@ -79,7 +79,7 @@ def pool_alignment(base, models: Sequence, *, task_specific: str | None = None, 
     finally:
         plan.close()
     if not collector.values:
-        from primerge.errors import RecipeError
+        from primerge.util.errors import RecipeError
 
         raise RecipeError("no matrix parameters to compare; check --matrices.")
     return recipe.model_labels(), collector.matrix()

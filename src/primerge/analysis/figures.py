@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from primerge.methods.lines import BLOCK_PATTERN
+from primerge.methods.lines_scaling import BLOCK_PATTERN
 
 PER_MATRIX_LIMIT = 40
 

@@ -1,7 +1,7 @@
 """``primerge analyze``: a report on a recipe's task vectors, without merging.
 
-Tensors are streamed through the merge's plan (:func:`primerge.plan.build_plan`,
-:meth:`primerge.plan.Plan.task_vectors`), one parameter at a time, in two passes: pass 1 feeds every
+Tensors are streamed through the merge's plan (:func:`primerge.core.plan.build_plan`,
+:meth:`primerge.core.plan.Plan.task_vectors`), one parameter at a time, in two passes: pass 1 feeds every
 collector (interference, PRIME's F(r) and spectra, rank collapse of ``method``'s merge for
 1..T models, sign agreement, HO-GSVD); pass 2 computes PRIME's before/after cosines at the r*
 that pass 1 selected. The report folder gets ``index.md``, PNG figures (matplotlib, Agg), the
@@ -25,14 +25,14 @@ from primerge.analysis.figures import heatmap, per_matrix_figure
 from primerge.analysis.interference import Interference, cosine
 from primerge.analysis.signs import EDGES, SignAgreement
 from primerge.analysis.spectra import PrimeDiagnostics, RankCollapse
-from primerge.engine import context, resolve_device, run_prepass
-from primerge.errors import RecipeError
+from primerge.engine.stream import context, resolve_device, run_prepass
+from primerge.util.errors import RecipeError
 from primerge.io.destination import destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
 from primerge.output.card import md_code
-from primerge.plan import Plan, build_plan
-from primerge.recipe import Recipe
+from primerge.core.plan import Plan, build_plan
+from primerge.core.recipe import Recipe
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A synthetic model zoo with the tensor names and shapes of a LLaMA-style decoder
 (``embed_tokens``, q/k/v/o with grouped KV heads, gate/up/down, RMS norms,
 ``lm_head``) is generated once, tensor by tensor, into the cache
-(:func:`primerge.paths.cache_root` ``/bench/<key>``, the key naming every setting). Its task vectors have the
+(:func:`primerge.util.cache_dirs.cache_root` ``/bench/<key>``, the key naming every setting). Its task vectors have the
 structure of real fine-tunes: a few strong directions shared by all tasks (with
 task-specific weights), a few task-specific ones, a decaying tail and noise.
 
@@ -19,7 +19,7 @@ half depth with full depth; an accuracy row compares PRIME's automatic
 
 Modules: :mod:`~primerge.bench.zoo` (the synthetic zoo), :mod:`~primerge.bench.runs` (recipes and
 measured child merges), :mod:`~primerge.bench.accuracy`, :mod:`~primerge.bench.report` (table, CSV),
-:mod:`~primerge.bench.cli` (the command). Floors: above the engine and the API, below the CLI;
+:mod:`~primerge.cli.bench` (the command). Floors: above the engine and the API, below the CLI;
 nothing in the core imports it.
 """
 

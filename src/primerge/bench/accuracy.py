@@ -16,9 +16,9 @@ def truncation_error(inputs: Inputs, fast: MethodRun, exact: MethodRun) -> tuple
     Computed in this process with the engine's own reader and methods, before the cast
     to the storage dtype (bf16 rounding of θ would otherwise swamp the comparison).
     """
-    from primerge.engine import context
-    from primerge.plan import build_plan
-    from primerge.recipe import build_recipe
+    from primerge.engine.stream import context
+    from primerge.core.plan import build_plan
+    from primerge.core.recipe import build_recipe
 
     def recipe(run: MethodRun):
         return build_recipe({**inputs.extra, "base": str(inputs.base), "models": list(

@@ -72,7 +72,7 @@ class Inputs:
 
     @classmethod
     def from_recipe(cls, path: Path) -> "Inputs":
-        from primerge.recipe import load_recipe
+        from primerge.core.recipe import load_recipe
 
         recipe = load_recipe(path)
         models = tuple({"path": str(m.path), "weight": m.weight, **({"name": m.name} if m.name else {})}

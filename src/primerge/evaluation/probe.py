@@ -23,7 +23,7 @@ import numpy as np
 from primerge.evaluation.evaluate import MAX_LENGTH, features
 from primerge.evaluation.model import load_body
 from primerge.io.hf import load_tokenizer
-from primerge.datasets import TaskSplit
+from primerge.data.tasks import TaskSplit
 
 
 @dataclass(frozen=True)

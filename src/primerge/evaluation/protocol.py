@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from primerge.seeding import derive_seed
+from primerge.util.seeding import derive_seed
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.evaluation.evaluate import evaluate_heads, pad_batch
 from primerge.evaluation.model import (
     Classifier,
@@ -44,9 +44,9 @@ from primerge.evaluation.model import (
     read_tensors,
 )
 from primerge.io.hf import load_pretrained_body, load_tokenizer
-from primerge.datasets import TaskSplit
+from primerge.data.tasks import TaskSplit
 from primerge.evaluation.protocol import Protocol  # noqa: F401  (re-exported)
-from primerge.paths import cache_root
+from primerge.util.cache_dirs import cache_root
 
 ZOO_FORMAT = 1
 

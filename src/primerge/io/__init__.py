@@ -4,6 +4,6 @@ file-name encoding of user text (``names``), defensive file checks (``files``), 
 loading from local folders.
 
 Floors: the bottom one, with errors, linalg and seeding: it imports nothing of primerge but
-:mod:`primerge.errors` and :mod:`primerge.patterns` (bounded-time regular expressions), and knows
+:mod:`primerge.util.errors` and :mod:`primerge.util.patterns` (bounded-time regular expressions), and knows
 nothing of methods, plans or outputs.
 """

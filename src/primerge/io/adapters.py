@@ -23,7 +23,7 @@ base tensor (peft's ``get_delta_weight`` and ``merge``):
 The config is untrusted input: ``r`` must be a positive integer, ``lora_alpha`` a finite number,
 ``rank_pattern`` / ``alpha_pattern`` objects mapping regular expressions to such values, and the
 switches booleans (:class:`LoraSettings`); the patterns are matched in bounded time
-(:class:`primerge.patterns.Pattern`), so a catastrophic pattern is an error, not a hang.
+(:class:`primerge.util.patterns.Pattern`), so a catastrophic pattern is an error, not a hang.
 
 Base tensors the adapter does not mention have τ = 0. Refused, with the file and the fix named,
 rather than mis-merged: non-LoRA ``peft_type``; DoRA (``use_dora``, ``lora_magnitude_vector``);
@@ -43,11 +43,11 @@ from typing import Any
 
 import torch
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.files import kind, load_json
-from primerge.io.names import user_path
+from primerge.io.user_paths import user_path
 from primerge.io.readers import Checkpoint, member, open_checkpoint
-from primerge.patterns import Pattern
+from primerge.util.patterns import Pattern
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

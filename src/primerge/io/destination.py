@@ -25,10 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from primerge.errors import InputError, OutputError, RecipeError
+from primerge.util.errors import InputError, OutputError, RecipeError
 from primerge.io.files import kind, load_json, walk
 from primerge.io.manifest import MANIFEST, manifest_files
-from primerge.io.names import user_path
+from primerge.io.user_paths import user_path
 
 #: What each kind of output is called in messages.
 KINDS = {"merge": "merge", "analysis": "analysis report", "demo-report": "demo report", "zoo-model": "zoo model",

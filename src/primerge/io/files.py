@@ -3,7 +3,7 @@
 ``open()`` on a FIFO blocks until a writer appears and on a device reads forever, so every file
 primerge reads from a model folder or an output (weights, shards, indexes, configs, tokenizer
 files, manifests) is first checked to be a regular file (:func:`regular_file`); a folder or
-special file where a file is expected is one :class:`~primerge.errors.InputError`. JSON files
+special file where a file is expected is one :class:`~primerge.util.errors.InputError`. JSON files
 go through :func:`load_json`, which also turns malformed text and nesting deep enough to
 exhaust Python's recursion limit into that error. :func:`walk` lists a folder without
 following links and names every entry that is not a plain file or folder.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primerge.errors import InputError, PrimergeError
+from primerge.util.errors import InputError, PrimergeError
 
 _SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from torch import nn  # noqa: E402
 
-from primerge.errors import InputError  # noqa: E402
+from primerge.util.errors import InputError  # noqa: E402
 
 
 def transformers_module():

@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import SafetensorError, safe_open
 
-from primerge.errors import InputError, OutputError
+from primerge.util.errors import InputError, OutputError
 from primerge.io.files import kind, load_json, walk
 
 MANIFEST = "primerge-manifest.json"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.readers import Checkpoint, TensorInfo, open_checkpoint
 
 SCALE_SUFFIX = "_scale_inv"

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.files import kind, load_json, regular_file
-from primerge.io.names import user_path
+from primerge.io.user_paths import user_path
 
 #: safetensors dtype codes -> torch dtypes.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {

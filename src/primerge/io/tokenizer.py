@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 
 TOKENIZER_FILE = "tokenizer.json"
 #: properties of an added token kept when it is copied into another tokenizer

@@ -36,9 +36,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from primerge.errors import OutputError, RecipeError
+from primerge.util.errors import OutputError, RecipeError
 from primerge.io.destination import Destination, check_overlap
-from primerge.io.names import user_path
+from primerge.io.user_paths import user_path
 from primerge.io.manifest import Ledger, non_finite
 
 DEFAULT_SHARD_SIZE = 2 * 1024**3

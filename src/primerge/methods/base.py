@@ -29,11 +29,11 @@ What a registration declares, once:
   the formula the model card states.
 - ``svd_requests``: the truncated SVDs the matrix function asks for, as (batch shape, rank) pairs
   of a function of (matrix shape, T, parameters, pre-pass result); the merge reports ``svd:
-  auto``'s choice for each distinct one at its start (:func:`primerge.engine.svd_choices`, with
+  auto``'s choice for each distinct one at its start (:func:`primerge.engine.stream.svd_choices`, with
   no pre-pass result), and after the pre-pass those that only it could tell (PRIME ``rank: auto``).
 - ``shape_note``: a sentence for a matrix shape on which the parameters do not mean what they
   say (PRIME's rank capped); the merge reports each distinct one at its start
-  (:func:`primerge.engine.shape_notes`).
+  (:func:`primerge.engine.stream.shape_notes`).
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from typing import Any, Literal, Protocol
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from primerge.errors import RecipeError, closest
+from primerge.util.errors import RecipeError, closest
 from primerge.linalg import SVDMode
 from primerge.methods.stack import TaskStack
-from primerge.validation import validate
+from primerge.util.schema import validate
 
 Kind = Literal["matrix", "fallback"]
 #: (matrix shape, T, parameters) -> the (batch shape, rank) of every truncated SVD the merge asks for.
@@ -88,7 +88,7 @@ class TensorContext:
 
     ``kind`` is ``matrix`` for 2-D linear weights that get the SVD treatment and ``fallback``
     for everything else; ``seed`` is derived from the recipe seed and the tensor name
-    (:func:`primerge.seeding.derive_seed`), so results do not depend on the order tensors are
+    (:func:`primerge.util.seeding.derive_seed`), so results do not depend on the order tensors are
     visited; ``prepass`` is the declared whole-model pass's result.
     """
 

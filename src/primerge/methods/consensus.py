@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.methods.base import MethodParams, TensorContext, merge_method, scale_field, uniform_scale
 from primerge.methods.stack import TaskStack
 

@@ -10,8 +10,8 @@ from pydantic import Field
 from torch import Tensor
 
 from primerge.methods.base import MethodParams
-from primerge.patterns import compiled
-from primerge.validation import Regex
+from primerge.util.patterns import compiled
+from primerge.util.schema import Regex
 
 #: Names of fused attention input projections: ViT/BLIP ``qkv``, PyTorch MultiheadAttention
 #: ``in_proj_weight``, GPT-2 ``c_attn``.

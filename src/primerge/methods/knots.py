@@ -54,7 +54,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.linalg import SVD, factored_svd, null_mask, svd
 from primerge.methods.base import MethodParams, TensorContext, get_method, merge_method
 from primerge.methods.stack import TaskStack

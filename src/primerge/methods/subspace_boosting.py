@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.linalg import SVD, drop_null, flatten_spectrum, svd
 from primerge.methods.base import (MethodParams, Prepass, TensorContext, get_method, merge_method, scale_field,
                                    uniform_scale)

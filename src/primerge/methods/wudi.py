@@ -43,7 +43,7 @@ steps, 36 s per matrix (89 s with two contending threads); 4 LoRA tasks of rank 
 11 s; the six matrix shapes of one all-MiniLM-L6-v2 layer with 6 tasks, 50 s (about 5 minutes for
 the demo's model). The authors run it on a GPU (``primerge merge --device cuda``). No random
 numbers are drawn and matrix products do not depend on the thread count
-(:mod:`primerge.deterministic`), so a merge is bit-reproducible on one machine.
+(:mod:`primerge.util.deterministic`), so a merge is bit-reproducible on one machine.
 
 [decision] A task vector that is zero for a tensor (a LoRA adapter that does not touch it) adds
 no term: its input subspace is empty, and 1/‖τ_i‖² is undefined. With a single non-zero task

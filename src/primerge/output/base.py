@@ -7,7 +7,7 @@ per-task tensors). A :class:`Sink` receives them: ``session`` opens it (a folder
 its temporary folder there and publishes it when the session ends without error), ``add`` takes
 each tensor, ``finish`` writes what remains and fills the :class:`MergeResult`.
 
-Units may run in other processes or on other machines (:mod:`primerge.execution`). What runs
+Units may run in other processes or on other machines (:mod:`primerge.engine.executors`). What runs
 beside a unit is the sink's :meth:`Sink.unit_writer`: a small picklable object that turns the
 unit's tensors into a *receipt* there (by default the tensors themselves; a model folder writes
 the unit's shard file and returns its hashes), which the sink then takes in unit order with
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from primerge.plan import Plan, WorkUnit
+    from primerge.core.plan import Plan, WorkUnit
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from primerge.io.names import components
+from primerge.io.user_paths import components
+from primerge.util.platform import mixed_kinds_note
 from primerge.version import __version__
 
 
@@ -82,7 +83,7 @@ def _heads_section(heads: dict[str, dict[str, torch.Tensor]]) -> list[str]:
 
 
 def _treatment_lines(recipe, counts: dict[str, int]) -> list[str]:
-    """The tensors of each treatment (primerge.treatments) and the vocabulary rows aligned."""
+    """The tensors of each treatment (primerge.core.treatments) and the vocabulary rows aligned."""
     return [
         f"- matrix parameters (SVD treatment for SVD methods): {counts.get('matrix', 0)}",
         f"- expert tensors [E, m, n], merged matrix by matrix: {counts.get('experts', 0)} "
@@ -93,6 +94,14 @@ def _treatment_lines(recipe, counts: dict[str, int]) -> list[str]:
         f"- vocabulary tensors with rows aligned by token string (tokenizer: {recipe.tokenizer}): "
         f"{counts.get('vocab_aligned', 0)}",
     ]
+
+
+def _computed_on(kinds: dict[str, int]) -> str:
+    """The machine kind the units ran on (what byte-identity is promised for), or the note that they
+    ran on several."""
+    if note := mixed_kinds_note(kinds):
+        return note[0].upper() + note[1:]
+    return f"Computed on: {md_code(next(iter(kinds), 'unknown'))}; the same inputs, primerge version and machine kind give the same bytes."
 
 
 def write_card(folder: Path, recipe, result, weight_files: list[str],
@@ -107,7 +116,9 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         f"Merged by primerge {__version__} with method `{result.method}` from the base "
         f"{md_code(recipe.base)} and {len(recipe.models)} fine-tuned models.",
         "",
-        "Executed on: " + ", ".join(f"{k} {v}" for k, v in result.execution.items()) + ".",
+        "Executed on: " + ", ".join(f"{k} {v}" for k, v in result.execution.items() if k != "machine_kinds") + ".",
+        "",
+        _computed_on(result.execution.get("machine_kinds", {})),
         "",
         "## Parameters",
         "",

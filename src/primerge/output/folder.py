@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger, tensor_record
 from primerge.io.writer import atomic_folder, save_tensors, shard_name, write_index
@@ -28,9 +28,9 @@ from primerge.output.card import write_card
 from primerge.output.heads import write_heads
 from primerge.output.lora import LoraExport, LoraParts, lora_task_type
 from primerge.output.per_task import PerTaskWriter
-from primerge.plan import Plan, WorkUnit
-from primerge.recipe import Recipe
-from primerge.support import OutputFile
+from primerge.core.plan import Plan, WorkUnit
+from primerge.core.recipe import Recipe
+from primerge.core.support_files import OutputFile
 
 
 def check_output(out: object, recipe: Recipe, force: object) -> Destination:

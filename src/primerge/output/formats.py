@@ -7,12 +7,12 @@ decorated with :func:`~primerge.output.base.output_format` and imported here.
 
 from __future__ import annotations
 
-from primerge.errors import RecipeError, closest
+from primerge.util.errors import RecipeError, closest
 from primerge.output import folder  # noqa: F401  (registers the model and lora formats)
 from primerge.output.base import FORMATS, Sink
 from primerge.output.folder import check_output
 from primerge.output.memory import MemorySink
-from primerge.recipe import Recipe
+from primerge.core.recipe import Recipe
 
 
 def open_sink(recipe: Recipe, out: object, *, force: bool, shard_size: int) -> Sink:

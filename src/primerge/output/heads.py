@@ -2,7 +2,7 @@
 
 A recipe's ``task_specific`` tensors are not merged: each model's own are written to
 ``task_heads/<model>.safetensors`` under its own names (``<model>`` is the model's name encoded as a
-safe file name, :func:`primerge.io.names.component`), with ``task_heads/<model>.json`` recording
+safe file name, :func:`primerge.io.user_paths.component`), with ``task_heads/<model>.json`` recording
 the fine-tune's ``architectures`` (from its ``config.json``, when it has one) and the tensor names.
 :func:`load_task_model` puts one task back together: the merged body with that task's head, as
 the transformers class the fine-tune was (e.g. ``BertForSequenceClassification``), ``num_labels``
@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import Tensor
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.files import load_json
 from primerge.io.manifest import Ledger
-from primerge.io.names import component, components
+from primerge.io.user_paths import component, components
 from primerge.io.readers import open_checkpoint
 from primerge.io.writer import save_tensors
 

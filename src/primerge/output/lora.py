@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from primerge.errors import OutputError, RecipeError
+from primerge.util.errors import OutputError, RecipeError
 from primerge.io.adapters import CONFIG_NAME, PEFT_PREFIX
 from primerge.output.card import md_code
 from primerge.io.writer import save_tensors
 from primerge.linalg import truncated_svd
 from primerge.output.base import MergedTensor, MergedUpdate
-from primerge.seeding import derive_seed
-from primerge.taskvectors import LoraAdapter
+from primerge.util.seeding import derive_seed
+from primerge.core.sources import LoraAdapter
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "lora_report.json"

@@ -12,7 +12,7 @@ from torch import Tensor
 from primerge.io.writer import check_finite
 from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, TensorSink, task_heads
 from primerge.output.per_task import rebuild_task
-from primerge.plan import Plan, WorkUnit
+from primerge.core.plan import Plan, WorkUnit
 
 
 class KeepValues:

@@ -9,7 +9,7 @@ Layout inside a merged folder (documented in its model card)::
                                            bit-packed with numpy.packbits (big bit order)
                                            over the flattened tensor, one uint8 vector each
 
-``<task>`` is the task's name encoded as a safe file name (:func:`primerge.io.names.component`:
+``<task>`` is the task's name encoded as a safe file name (:func:`primerge.io.user_paths.component`:
 ``org/model`` is stored as ``org%2Fmodel``). Task t's weights are θ₀ + rebuild(τ_uni, {key: tensor_t},
 scalars_t), with ``rebuild``
 the method's own formula (for EMR λ_t · m_t ⊙ τ_uni); tensors the method did not merge
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.files import load_json
 from primerge.io.manifest import Ledger
-from primerge.io.names import component, components, user_path
+from primerge.io.user_paths import component, components, user_path
 from primerge.io.readers import open_checkpoint
 from primerge.io.writer import ShardedWriter
 from primerge.methods import get_method

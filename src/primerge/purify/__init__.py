@@ -1,10 +1,10 @@
 """Task-vector purification plug-ins that any merge method can use (PAVE).
 
 :func:`build_purifier` turns a recipe's ``purify:`` block into the engine's task-vector
-transform (:data:`primerge.taskvectors.TaskVectorTransform`).
+transform (:data:`primerge.core.sources.TaskVectorTransform`).
 
 Floors: above the plan and the engine (beside analysis), below the API; it reads task data through
-:mod:`primerge.datasets` and models through :mod:`primerge.io.hf`, never through evaluation;
+:mod:`primerge.data.tasks` and models through :mod:`primerge.io.hf`, never through evaluation;
 methods never import it.
 """
 

@@ -13,7 +13,7 @@
       data: {task-a: a.csv, task-b: rt_sentiment}   # model label -> CSV/JSONL file or packaged task
 
 Every purified model needs an entry in ``data`` unless ``method`` is ``svd`` (plain SVD uses no
-activations). Problems raise :class:`primerge.errors.RecipeError` naming the field.
+activations). Problems raise :class:`primerge.util.errors.RecipeError` naming the field.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from primerge.errors import RecipeError, closest
-from primerge.recipe import Recipe
-from primerge.validation import validate
+from primerge.util.errors import RecipeError, closest
+from primerge.core.recipe import Recipe
+from primerge.util.schema import validate
 
 Decomposition = Literal["co_svd", "asvd", "svd_llm", "svd"]
 Target = Literal["weight", "delta"]

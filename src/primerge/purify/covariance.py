@@ -25,9 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.files import content_digest
-from primerge.paths import cache_root
+from primerge.util.cache_dirs import cache_root
 
 FORMAT = 2
 

@@ -45,16 +45,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from primerge.plan import Plan, build_plan
-from primerge.errors import InputError
+from primerge.core.plan import Plan, build_plan
+from primerge.util.errors import InputError
 from primerge.linalg import SVDMode, choose_svd, truncated_svd
 from primerge.purify.config import PurifyConfig, Target, parse_purify, resolve_data
-from primerge.paths import cache_root
+from primerge.util.cache_dirs import cache_root
 from primerge.io.files import content_digest
 from primerge.purify.covariance import Covariances, model_covariances
 from primerge.purify.store import STORE, TAIL_FLOOR, Decomposition, decompose, store_key, tail_start
-from primerge.recipe import Recipe
-from primerge.seeding import derive_seed
+from primerge.core.recipe import Recipe
+from primerge.util.seeding import derive_seed
 
 EPS_START = 0.01
 INVERSE_TOL = 0.05
@@ -250,7 +250,7 @@ class Purifier:
 
 
 def _task_texts(spec: str, folder: Path | None) -> list[str]:
-    from primerge.datasets import load_task
+    from primerge.data.tasks import load_task
 
     data = load_task(resolve_data(spec, folder))
     return list(data.split().train_texts)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from primerge.deterministic import ThreadIndependent
+from primerge.util.deterministic import ThreadIndependent
 from primerge.linalg import svd
 
 FORMAT = 1

@@ -2,13 +2,13 @@
 data (never the test split) with Optuna — TPE, seeded, median pruning.
 
 Entry points: :func:`tune` (a recipe, a :class:`Suite` and the methods), the CLI subcommand
-``tune`` (:mod:`primerge.tuning.cli`) and ``primerge demo --tuned``. Search spaces live in
+``tune`` (:mod:`primerge.cli.tune`) and ``primerge demo --tuned``. Search spaces live in
 :mod:`primerge.tuning.spaces` (a registry keyed by method name, hints on a method's parameter
 fields, a generic rule for the linear scale); merges are cached per setting of the structural
 parameters (:mod:`primerge.tuning.cache`). This package sits above evaluation and the public API.
 """
 
-from primerge.lazy import lazy_attributes
+from primerge.util.lazy import lazy_attributes
 
 _LAZY = {
     **dict.fromkeys(["TuneResult", "tune"], "primerge.tuning.run"),
@@ -16,7 +16,7 @@ _LAZY = {
     "MethodResult": "primerge.tuning.study",
     "TuneSettings": "primerge.tuning.settings",
     **dict.fromkeys(["SUITES", "EncoderSuite", "Suite"], "primerge.tuning.suites"),
-    "carve": "primerge.tuning.validation",
+    "carve": "primerge.tuning.holdout",
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
 __all__ = sorted(_LAZY)

@@ -26,7 +26,7 @@ from torch import Tensor
 from primerge.api import merge_recipe
 from primerge.io.readers import open_checkpoint
 from primerge.output.base import MergeResult
-from primerge.recipe import Recipe
+from primerge.core.recipe import Recipe
 from primerge.tuning.settings import DEFAULT_CACHE_BYTES
 from primerge.tuning.spaces import nested
 

@@ -21,12 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from primerge.api import merge_recipe
-from primerge.datasets import DEFAULT_TASKS
+from primerge.data.tasks import DEFAULT_TASKS
 from primerge.evaluation.demo import (DemoResult, Row, report_destination, report_folder, run_demo, scored_row,
                                       select_methods, write_report)
 from primerge.evaluation.model import HEAD_REGEX
 from primerge.io.hf import load_tokenizer
-from primerge.recipe import build_recipe
+from primerge.core.recipe import build_recipe
 from primerge.tuning.report import setting_text
 from primerge.tuning.run import TuneResult, tune
 from primerge.tuning.settings import TuneSettings

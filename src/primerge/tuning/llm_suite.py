@@ -2,7 +2,7 @@
 
 Each model of the recipe (a causal-LM fine-tune or LoRA adapter of the recipe's base) has one task;
 the task's validation set is carved from its *training* split by the tuner's rule
-(:func:`primerge.tuning.validation.carve`) and cast as prompts with verbalised labels as the LLM
+(:func:`primerge.tuning.holdout.carve`) and cast as prompts with verbalised labels as the LLM
 track casts them (:func:`primerge.evaluation.llm.prompts.cast_task`, its validation examples in the
 test slot). lm-evaluation-harness scores every model (multiple choice over the label words by
 log-likelihood, ``acc``), as ``primerge demo --suite llm`` does: a fine-tune from its folder (an
@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from primerge.datasets import load_splits
+from primerge.data.tasks import load_splits
 from primerge.evaluation.llm.protocol import CPU_PROTOCOL
-from primerge.paths import cache_root
-from primerge.recipe import Recipe
+from primerge.util.cache_dirs import cache_root
+from primerge.core.recipe import Recipe
 from primerge.tuning.cache import MergedModel
 from primerge.tuning.settings import DEFAULT_SIZE
 from primerge.tuning.suites import LastModel, one_task_per_model
-from primerge.tuning.validation import carve
+from primerge.tuning.holdout import carve
 
 
 class LLMSuite:

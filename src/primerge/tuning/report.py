@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from primerge.errors import OutputError
+from primerge.util.errors import OutputError
 from primerge.tuning.run import TuneResult
 from primerge.tuning.study import SWITCH_PREFIX, MethodResult
 

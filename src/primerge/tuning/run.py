@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from primerge.api import merge_recipe
-from primerge.errors import OutputError
+from primerge.util.errors import OutputError
 from primerge.io.destination import destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
 from primerge.methods import get_method
-from primerge.recipe import Recipe
+from primerge.core.recipe import Recipe
 from primerge.tuning.cache import MergedModel
 from primerge.tuning.settings import TuneSettings
 from primerge.tuning.study import MethodResult, remaining_timeout, tune_method

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: Validation examples carved per task from its training split (:mod:`primerge.tuning.validation`).
+#: Validation examples carved per task from its training split (:mod:`primerge.tuning.holdout`).
 DEFAULT_SIZE = 150
 #: Memory the merged-update cache of one study may hold (:mod:`primerge.tuning.cache`).
 DEFAULT_CACHE_BYTES = 2 << 30

@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.methods.base import MethodSpec, get_method
 from primerge.methods.knots import AlignedParams
 

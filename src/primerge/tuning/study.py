@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from primerge.errors import InputError, PrimergeError
+from primerge.util.errors import InputError, PrimergeError
 from primerge.methods.base import MethodSpec
 from primerge.purify.config import paper_rank_ratio
-from primerge.recipe import Recipe
-from primerge.seeding import derive_seed
+from primerge.core.recipe import Recipe
+from primerge.util.seeding import derive_seed
 from primerge.tuning.cache import UpdateCache, recipe_with
 from primerge.tuning.settings import TuneSettings
 from primerge.tuning.spaces import (Choice, Dimension, MethodSpace, defaults_in_space, describe_dimensions,

@@ -18,17 +18,17 @@ from typing import Protocol
 
 from torch import nn
 
-from primerge.errors import InputError
-from primerge.paths import cache_root
+from primerge.util.errors import InputError
+from primerge.util.cache_dirs import cache_root
 from primerge.evaluation.demo import cached_scores, head_of, state_digest
 from primerge.evaluation.evaluate import MAX_LENGTH, evaluate_heads
 from primerge.evaluation.model import body_from_state, load_body
 from primerge.io.hf import load_tokenizer
-from primerge.datasets import TaskSplit, load_splits
-from primerge.recipe import Recipe
+from primerge.data.tasks import TaskSplit, load_splits
+from primerge.core.recipe import Recipe
 from primerge.tuning.cache import MergedModel
 from primerge.tuning.settings import DEFAULT_SIZE
-from primerge.tuning.validation import ValidationSet, carve
+from primerge.tuning.holdout import ValidationSet, carve
 
 
 class Suite(Protocol):

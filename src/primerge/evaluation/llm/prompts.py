@@ -26,8 +26,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from primerge.errors import InputError
-from primerge.datasets import TaskData, TaskSplit
+from primerge.util.errors import InputError
+from primerge.data.tasks import TaskData, TaskSplit
 
 TEXT_FIELD = "{text}"
 TARGET_DELIMITER = " "

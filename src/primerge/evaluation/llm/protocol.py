@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 
 if TYPE_CHECKING:
     from primerge.evaluation.llm.training import TrainSettings

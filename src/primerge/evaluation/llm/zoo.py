@@ -1,6 +1,6 @@
 """The LLM zoo: one LoRA adapter and one full fine-tune of the base per task, cached on disk.
 
-Cache layout under ``<cache>/llm/`` (:func:`primerge.paths.cache_root`)::
+Cache layout under ``<cache>/llm/`` (:func:`primerge.util.cache_dirs.cache_root`)::
 
     base-<sha256 of the GGUF>/          the converted base (convert.py)
     zoo/lora-<key>/<task>/              a PEFT adapter (adapter_config.json, adapter_model.safetensors)

@@ -1,6 +1,6 @@
 """Treatments: how each output tensor is merged, and matrix merges of tensors that hold several matrices.
 
-:func:`classify` gives every base tensor one treatment (the recipe's :meth:`~primerge.recipe.Recipe.layout`
+:func:`classify` gives every base tensor one treatment (the recipe's :meth:`~primerge.core.recipe.Recipe.layout`
 on floating tensors):
 
 - ``copy``: taken from the base (task-specific names the base has, non-floating or empty tensors);
@@ -30,9 +30,9 @@ from torch import Tensor
 
 from primerge.methods.base import MergeFn, MethodSpec, PerTaskUpdate, TensorContext, is_sum_merge, reads_sum
 from primerge.methods.stack import TaskStack
-from primerge.recipe import Recipe
-from primerge.seeding import derive_seed
-from primerge.taskvectors import EntryKind, PlanEntry
+from primerge.core.recipe import Recipe
+from primerge.util.seeding import derive_seed
+from primerge.core.sources import EntryKind, PlanEntry
 
 View = tuple[int, int, int]
 

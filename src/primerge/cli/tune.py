@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.tuning.settings import DEFAULT_SIZE, TuneSettings
 
 DEFAULTS = TuneSettings()
@@ -66,14 +66,14 @@ def register(subparsers) -> None:
 
 def task_specs(values: list[str] | None) -> list[str]:
     """Task names as given; .csv/.jsonl paths made absolute (the written recipes refer to them)."""
-    from primerge.datasets import is_table_spec
+    from primerge.data.tasks import is_table_spec
 
     return [str(Path(v).expanduser().resolve()) if is_table_spec(v) else v for v in _names(values)]
 
 
 def cmd_tune(args) -> int:
     from primerge.methods import list_methods
-    from primerge.recipe import load_recipe
+    from primerge.core.recipe import load_recipe
     from primerge.tuning.report import summary_rows, text_table
     from primerge.tuning.run import tune
     from primerge.tuning.suites import SUITES

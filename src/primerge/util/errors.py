@@ -1,7 +1,7 @@
 """One error hierarchy for primerge.
 
 Errors are raised where they are detected, with the file and tensor named and a
-fix suggested. Only :mod:`primerge.cli` turns them into exit codes (2).
+fix suggested. Only :mod:`primerge.cli.main` turns them into exit codes (2).
 """
 
 from __future__ import annotations

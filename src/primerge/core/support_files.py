@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from primerge.errors import OutputError
+from primerge.util.errors import OutputError
 from primerge.io.tokenizer import TOKENIZER_FILE, extended_tokenizer
-from primerge.vocabulary import OutputVocabulary
+from primerge.core.vocabulary import OutputVocabulary
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)"
                              r"|merges\.txt|spiece\.model|sentencepiece\.bpe\.model|tokenizer\.model"

@@ -33,16 +33,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.adapters import Adapter, is_adapter, open_adapter
 from primerge.io.files import load_json
 from primerge.io.manifest import non_finite
 from primerge.io.quantized import Fp8Blocks, open_weights
 from primerge.io.readers import Checkpoint, open_checkpoint
 from primerge.methods.stack import LowRank, TaskStack
-from primerge.names import map_names, prefix_map, rows_differ
+from primerge.core.tensor_names import map_names, prefix_map, rows_differ
 
-#: A tensor's treatment (:mod:`primerge.treatments`).
+#: A tensor's treatment (:mod:`primerge.core.treatments`).
 EntryKind = Literal["matrix", "experts", "reshaped", "fallback", "copy"]
 
 #: (model label, tensor name, θ₀ in float32, τ_t in float32) -> replacement τ_t, applied to every
@@ -53,7 +53,7 @@ TaskVectorTransform = Callable[[str, str, Tensor, Tensor], Tensor]
 @dataclass(frozen=True)
 class PlanEntry:
     """One output tensor: its base name, treatment, shape and storage dtype; ``view`` (B, m, n) for
-    a tensor merged as B matrices (:mod:`primerge.treatments`); ``storage`` a quantized format the
+    a tensor merged as B matrices (:mod:`primerge.core.treatments`); ``storage`` a quantized format the
     merged value is encoded in (:class:`~primerge.io.quantized.Fp8Blocks`), else a cast to ``dtype``."""
 
     name: str
@@ -157,7 +157,7 @@ class FullFineTune(TaskVectorSource):
     def open(cls, base: Checkpoint, path: Path, label: str, weight: float, *, allow_pickle: bool,
              is_task_specific: Callable[[str], bool]) -> FullFineTune:
         """Check the checkpoint against the base (key set, shapes, dtype class) and map its names
-        (one prefix, tied embeddings: :func:`primerge.names.map_names`). The base's integer buffers
+        (one prefix, tied embeddings: :func:`primerge.core.tensor_names.map_names`). The base's integer buffers
         (e.g. BERT's ``position_ids``) are copied from the base, so a fine-tune saved without them is fine."""
         model = open_weights(path, allow_pickle=allow_pickle)
         shared = [n for n in base.names if not is_task_specific(n)]
@@ -258,7 +258,7 @@ class LoraAdapter(TaskVectorSource):
 
 
 class VocabAligned(TaskVectorSource):
-    """A full fine-tune whose vocabulary differs from the output's (:mod:`primerge.vocabulary`):
+    """A full fine-tune whose vocabulary differs from the output's (:mod:`primerge.core.vocabulary`):
     vocabulary tensors are matched row by row by token string, every other tensor is ``inner``'s.
 
     ``rows[name] = (axis, r)``: r[i] is the model's row of output row i along ``axis``, −1 where the
@@ -272,7 +272,7 @@ class VocabAligned(TaskVectorSource):
 
     @classmethod
     def open(cls, base, path, label, weight, *, allow_pickle, is_task_specific) -> TaskVectorSource:
-        raise TypeError("VocabAligned wraps an opened source: see primerge.vocabulary.align_vocabulary")
+        raise TypeError("VocabAligned wraps an opened source: see primerge.core.vocabulary.align_vocabulary")
 
     def delta(self, entry: PlanEntry, base: Tensor, out: Tensor) -> None:
         if entry.name not in self.rows:
@@ -371,7 +371,7 @@ def _dtype_notes(base: Checkpoint, model: Checkpoint, names: dict[str, str]) -> 
 def _check_tensor(base: Checkpoint, model: Checkpoint, b: str, m: str) -> None:
     """Same shape and dtype class for base tensor ``b`` and model tensor ``m``."""
     bi, mi = base.info(b), model.info(m)
-    if bi.shape != mi.shape and not rows_differ(b, bi.shape, mi.shape):  # vocabulary rows: primerge.vocabulary
+    if bi.shape != mi.shape and not rows_differ(b, bi.shape, mi.shape):  # vocabulary rows: primerge.core.vocabulary
         raise InputError(f"tensor '{b}': shape {list(mi.shape)} in {mi.file} but {list(bi.shape)} "
                          f"in the base {bi.file}. {_shape_hint(tuple(mi.shape), tuple(bi.shape))}")
     if bi.dtype.is_floating_point != mi.dtype.is_floating_point:

@@ -1,5 +1,5 @@
 """Validate user-written mappings (recipes, method parameters, purify blocks) against pydantic
-models, with one clear :class:`~primerge.errors.RecipeError` line per problem."""
+models, with one clear :class:`~primerge.util.errors.RecipeError` line per problem."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ValidationError
 
-from primerge.errors import RecipeError, closest
-from primerge.patterns import checked
+from primerge.util.errors import RecipeError, closest
+from primerge.util.patterns import checked
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -18,7 +18,7 @@ def _compiles(value: str) -> str:
     return checked(value, "pattern")
 
 
-#: A string field holding a regular expression, matched in bounded time (:mod:`primerge.patterns`);
+#: A string field holding a regular expression, matched in bounded time (:mod:`primerge.util.patterns`);
 #: checked to compile, to be at most 2,000 characters and not to unroll into huge automata.
 Regex = Annotated[str, AfterValidator(_compiles)]
 

@@ -1,7 +1,7 @@
 """The benchmark's subcommands: ``zoo build``, ``eval`` and ``demo``.
 
 :func:`register` adds them to the main CLI's argparse subparsers; each sets ``func(args) -> int``.
-Errors are raised as primerge errors and turned into exit code 2 by :mod:`primerge.cli`.
+Errors are raised as primerge errors and turned into exit code 2 by :mod:`primerge.cli.main`.
 
 Tasks are named on the command line as packaged task names or ``.csv`` / ``.jsonl`` files with
 ``text`` and ``label`` columns; the base is the packaged all-MiniLM-L6-v2 unless ``--base`` names
@@ -14,8 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from primerge.datasets import DEFAULT_TASKS, PACKAGED
-from primerge.evaluation.llm import cli as llm_cli
+from primerge.data.tasks import DEFAULT_TASKS, PACKAGED
+from primerge.cli import llm as llm_cli
+from primerge.cli import tune as tuning_cli
 from primerge.evaluation.protocol import Protocol
 
 DEFAULTS = Protocol()
@@ -49,9 +50,7 @@ def _protocol(args) -> Protocol:
 
 
 def register(subparsers) -> None:
-    """Add ``zoo`` (with ``build``), ``eval``, ``demo`` and ``tune`` to an argparse subparsers object."""
-    from primerge.tuning import cli as tuning_cli
-
+    """Add ``zoo`` (with ``build``), ``eval`` and ``demo`` to an argparse subparsers object."""
     zoo = subparsers.add_parser("zoo", help="the fine-tuned model zoo of the offline benchmark")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="{build}", required=True)
     build = zoo_sub.add_parser("build", help="fine-tune the base on each task (cached; reused when unchanged)")
@@ -86,11 +85,10 @@ def register(subparsers) -> None:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     llm_cli.add_demo_options(demo)
     demo.set_defaults(func=cmd_demo)
-    tuning_cli.register(subparsers)
 
 
 def cmd_zoo_build(args) -> int:
-    from primerge.datasets import load_splits
+    from primerge.data.tasks import load_splits
     from primerge.evaluation.zoo import build_zoo
 
     splits = load_splits(_names(args.tasks) or list(DEFAULT_TASKS))
@@ -105,7 +103,7 @@ def cmd_zoo_build(args) -> int:
 def cmd_eval(args) -> int:
     if args.harness:
         return llm_cli.cmd_eval(args)
-    from primerge.datasets import load_splits
+    from primerge.data.tasks import load_splits
     from primerge.evaluation.zoo import evaluate_model
 
     splits = load_splits(_names(args.tasks))
@@ -142,7 +140,7 @@ def cmd_demo(args) -> int:
         pave_targets=tuple(args.pave_targets),
     )
     if args.tuned:
-        from primerge.tuning.cli import settings_from
+        from primerge.cli.tune import settings_from
         from primerge.tuning.demo import run_tuned_demo
 
         result = run_tuned_demo(settings_from(args), **options)

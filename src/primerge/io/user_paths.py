@@ -26,7 +26,7 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
-from primerge.errors import PrimergeError, RecipeError
+from primerge.util.errors import PrimergeError, RecipeError
 
 #: Characters kept as they are in an encoded component.
 SAFE = frozenset(string.ascii_letters + string.digits + "-_.+=@,")

@@ -2,7 +2,7 @@
 
     plan ──► pre-passes (whole-model statistics, reduced) ──► units: read → method → cast ──► sink
 
-For every tensor of a unit: the task vectors are read (:meth:`primerge.plan.Plan.task_vectors`:
+For every tensor of a unit: the task vectors are read (:meth:`primerge.core.plan.Plan.task_vectors`:
 a :class:`~primerge.methods.stack.TaskStack`, or only Σ_t τ_t for a merge marked
 :func:`~primerge.methods.base.reads_sum`), the method's function for the tensor's treatment
 gives the update, LiNeS scales it, and θ₀ + update is cast to the stored dtype. Executing a unit
@@ -28,16 +28,17 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from primerge.deterministic import ThreadIndependent
-from primerge.errors import InputError, RecipeError
+from primerge.util.deterministic import ThreadIndependent
+from primerge.util.platform import machine_kind
+from primerge.util.errors import InputError, RecipeError
 from primerge.io.manifest import non_finite
 from primerge.linalg import choose_svd
 from primerge.methods.base import PerTaskUpdate, Prepass, TensorContext, fold_statistics, is_sum_merge
 from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, Sink, UnitWriter
-from primerge.plan import Plan, WorkUnit
-from primerge.seeding import derive_seed
-from primerge.taskvectors import PlanEntry
-from primerge.treatments import matrix_inputs, merge_function
+from primerge.core.plan import Plan, WorkUnit
+from primerge.util.seeding import derive_seed
+from primerge.core.sources import PlanEntry
+from primerge.core.treatments import matrix_inputs, merge_function
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,7 +68,7 @@ def context(plan: Plan, entry: PlanEntry, prepass: Any = None) -> TensorContext:
 def prepass_statistics(plan: Plan, prepass: Prepass, pass_index: int, entries: Iterable[PlanEntry],
                        device: torch.device) -> Any:
     """The fold (``prepass.combine``) of the statistics of ``entries`` in pass ``pass_index``
-    (a tensor of several matrices is observed matrix by matrix, :func:`primerge.treatments.matrix_inputs`)."""
+    (a tensor of several matrices is observed matrix by matrix, :func:`primerge.core.treatments.matrix_inputs`)."""
     tensors = (pair for e in entries if e.kind != "copy"
                for pair in matrix_inputs(e, plan.task_vectors(e, device)[1], context(plan, e)))
     return fold_statistics(prepass, pass_index, tensors)
@@ -134,7 +135,7 @@ def progress(plan: Plan, quiet: bool, what: str = "merge"):
 
 
 class Executor(Protocol):
-    """Where units run: this process (:class:`LocalExecutor`) or a cluster (:mod:`primerge.execution`).
+    """Where units run: this process (:class:`LocalExecutor`) or a cluster (:mod:`primerge.engine.executors`).
 
     ``prepass`` runs the method's whole-model pass; ``units`` yields (unit, receipt) in unit order,
     each receipt made by ``writer`` where the unit ran; ``describe`` is what the model card records.
@@ -154,6 +155,7 @@ class LocalExecutor:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.units_run = 0
 
     def prepass(self, plan: Plan, quiet: bool) -> Any:
         return run_prepass(plan, self.device, quiet)
@@ -162,6 +164,7 @@ class LocalExecutor:
         with progress(plan, quiet) as bar:
             for unit in plan.units:
                 yield unit, writer.write(unit, self._tensors(plan, unit, prepass, bar))
+                self.units_run += 1
 
     def _tensors(self, plan: Plan, unit: WorkUnit, prepass: Any, bar) -> Iterator[MergedTensor]:
         for entry, merged in zip(unit.entries, execute_unit(plan, unit, self.device, prepass)):
@@ -170,7 +173,7 @@ class LocalExecutor:
             yield merged
 
     def describe(self) -> dict:
-        return {"backend": "local", "device": str(self.device)}
+        return {"backend": "local", "device": str(self.device), "machine_kinds": {machine_kind(self.device): self.units_run}}
 
     def close(self) -> None:
         """Nothing to release."""

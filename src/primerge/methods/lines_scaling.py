@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from primerge.errors import RecipeError
-from primerge.patterns import Pattern, checked
+from primerge.util.errors import RecipeError
+from primerge.util.patterns import Pattern, checked
 
 BLOCK_PATTERN = r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\."
 EARLY_PATTERN = r"embed|wte|wpe|position|token_type|shared"

@@ -68,7 +68,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
     from primerge.bench.report import summarize
     from primerge.bench.runs import parse_method, parse_methods
     from primerge.io.writer import parse_size
-    from primerge.recipe import build_recipe
+    from primerge.core.recipe import build_recipe
 
     runs = parse_methods(args.methods)
     if not any(r.label == BASELINE for r in runs):
@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from primerge.bench.report import format_table, write_csv
-    from primerge.paths import cache_root
+    from primerge.util.cache_dirs import cache_root
 
     result = run_bench(args)
     print()

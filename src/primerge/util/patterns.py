@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import regex
 
-from primerge.errors import PrimergeError, RecipeError
+from primerge.util.errors import PrimergeError, RecipeError
 
 MAX_LENGTH = 2000
 MAX_UNROLL = 10_000

@@ -1,6 +1,6 @@
 """The LLM options of ``primerge demo`` (``--suite llm``) and ``primerge eval`` (``--harness lm-eval``).
 
-:mod:`primerge.evaluation.cli` owns the subcommands; it calls :func:`add_demo_options` /
+:mod:`primerge.cli.evaluate` owns the subcommands; it calls :func:`add_demo_options` /
 :func:`add_eval_options` to add this suite's options (in their own help group) and dispatches to
 :func:`cmd_demo` / :func:`cmd_eval` when the LLM suite is chosen. The shared options keep their
 meaning: ``--tasks`` (packaged names or .csv/.jsonl files; for ``eval`` also lm-eval task names),
@@ -15,7 +15,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from primerge.errors import RecipeError
+from primerge.util.errors import RecipeError
 from primerge.evaluation.llm.protocol import KINDS, PRESETS
 
 

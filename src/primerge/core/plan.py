@@ -2,10 +2,10 @@
 
 The plan is checked once, from the headers: the base and every model opened lazily (quantized
 formats dequantized or refused, :mod:`primerge.io.quantized`) and aligned with the base
-(:mod:`primerge.taskvectors`: names, tied embeddings; :mod:`primerge.vocabulary`: token rows),
-one :class:`~primerge.taskvectors.PlanEntry` per output tensor with its treatment
-(:mod:`primerge.treatments`: ``matrix``, ``experts``, ``reshaped``, ``fallback``, ``copy``) and
-stored format, LiNeS scales, the output's support files (:mod:`primerge.support`), and a
+(:mod:`primerge.core.sources`: names, tied embeddings; :mod:`primerge.core.vocabulary`: token rows),
+one :class:`~primerge.core.sources.PlanEntry` per output tensor with its treatment
+(:mod:`primerge.core.treatments`: ``matrix``, ``experts``, ``reshaped``, ``fallback``, ``copy``) and
+stored format, LiNeS scales, the output's support files (:mod:`primerge.core.support_files`), and a
 deterministic partition of the entries into :class:`WorkUnit` s — the tensors of one output shard
 each, in base order. Executing a unit
 is a pure function of (plan, unit, pre-pass result), which is what lets units run on any worker.
@@ -22,16 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from primerge.errors import InputError, RecipeError
+from primerge.util.errors import InputError, RecipeError
 from primerge.io.adapters import is_adapter
 from primerge.io.quantized import Fp8Blocks, Fp8Checkpoint, open_weights, read_config
 from primerge.io.readers import Checkpoint
 from primerge.io.writer import DEFAULT_SHARD_SIZE
-from primerge.methods.lines import layer_scales
+from primerge.methods.lines_scaling import layer_scales
 from primerge.methods.stack import TaskStack
-from primerge.recipe import Recipe
-from primerge.support import OutputFile, output_files
-from primerge.taskvectors import (
+from primerge.core.recipe import Recipe
+from primerge.core.support_files import OutputFile, output_files
+from primerge.core.sources import (
     FullFineTune,
     PlanEntry,
     TaskVectorSource,
@@ -40,8 +40,8 @@ from primerge.taskvectors import (
     read_stack,
     read_sum,
 )
-from primerge.treatments import classify
-from primerge.vocabulary import VocabularyAlignment, align_vocabulary
+from primerge.core.treatments import classify
+from primerge.core.vocabulary import VocabularyAlignment, align_vocabulary
 
 #: the plan's treatments, in the order reports list them
 KINDS = ("matrix", "experts", "reshaped", "fallback", "copy")

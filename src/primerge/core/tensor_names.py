@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.readers import Checkpoint
 
 EMBEDDINGS = re.compile(r"(?:^|\.)(shared|embed_tokens|wte|word_embeddings|embed_in)\.weight$")
@@ -69,7 +69,7 @@ def missing_tensors(base: Checkpoint, model: Checkpoint, wanted: list[str], labe
 
 def rows_differ(name: str, base_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
     """Whether ``name`` is a vocabulary tensor whose shapes differ in one axis only (its token rows,
-    which :mod:`primerge.vocabulary` aligns or refuses)."""
+    which :mod:`primerge.core.vocabulary` aligns or refuses)."""
     differing = [a != b for a, b in zip(base_shape, model_shape)]
     return bool(VOCAB_TENSORS.search(name)) and len(base_shape) == len(model_shape) and sum(differing) == 1
 

@@ -1,4 +1,4 @@
-"""The ``analyze`` and ``select`` subcommands (registered by :mod:`primerge.cli`)."""
+"""The ``analyze`` and ``select`` subcommands (registered by :mod:`primerge.cli.main`)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 def cmd_analyze(args) -> int:
     from primerge.analysis.report import analyze
-    from primerge.recipe import load_recipe
+    from primerge.core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     report = analyze(recipe, args.out, method=args.method, device=args.device, quiet=args.quiet,
@@ -51,7 +51,7 @@ def cmd_analyze(args) -> int:
 
 def cmd_select(args) -> int:
     from primerge.analysis.alignment import candidate_scores, greedy_select, pool_alignment
-    from primerge.errors import RecipeError
+    from primerge.util.errors import RecipeError
 
     if not args.pool or not args.candidates:
         raise RecipeError("select needs at least one --pool model and one --candidates model.")

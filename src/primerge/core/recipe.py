@@ -10,7 +10,7 @@ A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
     parameters: {rank: 0.01, residual: mean, alpha: 1.0}
     matrices: REGEX            # optional: 2-D parameters that get the SVD treatment, or
                                # {REGEX: matrix | experts | flatten | mean, ...} (see Recipe.layout)
-    tokenizer: base            # base | union | MODEL NAME: the output vocabulary (primerge.vocabulary)
+    tokenizer: base            # base | union | MODEL NAME: the output vocabulary (primerge.core.vocabulary)
     task_specific: REGEX       # optional: per-task tensors kept, not merged (e.g. heads)
     seed: 42
     lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
@@ -39,13 +39,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from primerge.errors import RecipeError
-from primerge.io.names import user_path
+from primerge.util.errors import RecipeError
+from primerge.io.user_paths import user_path
 from primerge.methods import get_method
 from primerge.methods.base import MethodParams, MethodSpec
-from primerge.methods.lines import LinesConfig
-from primerge.patterns import compiled
-from primerge.validation import Regex, validate
+from primerge.methods.lines_scaling import LinesConfig
+from primerge.util.patterns import compiled
+from primerge.util.schema import Regex, validate
 
 #: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
 DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
@@ -222,7 +222,7 @@ class Recipe(BaseModel):
 
     def layout(self, name: str, shape: tuple[int, ...]) -> Layout:
         """How the floating tensor ``name`` of ``shape`` is merged (patterns searched in bounded time,
-        :mod:`primerge.patterns`).
+        :mod:`primerge.util.patterns`).
 
         By default a 2-D tensor is a ``matrix`` unless its name matches :data:`DEFAULT_NON_MATRIX`,
         a 3-D tensor named like :data:`DEFAULT_EXPERTS` is ``experts``, everything else ``mean``.

@@ -27,20 +27,22 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from primerge.deterministic import ThreadIndependent
-from primerge.engine import execute_unit, fold_units, prepass_statistics, progress
-from primerge.errors import ExecutionError, InputError, PrimergeError, RecipeError
+from primerge.util.deterministic import ThreadIndependent
+from primerge.engine.stream import execute_unit, fold_units, prepass_statistics, progress
+from primerge.util.errors import ExecutionError, InputError, PrimergeError, RecipeError
+from primerge.util.platform import machine_kind, mixed_kinds_note
 from primerge.output.base import UnitWriter
-from primerge.plan import Plan, WorkUnit
-from primerge.recipe import ExecutionConfig
+from primerge.core.plan import Plan, WorkUnit
+from primerge.core.recipe import ExecutionConfig
 
 #: How many times Ray reruns a unit whose worker died (a primerge error is never retried).
 RETRIES = 3
@@ -65,19 +67,19 @@ def _peak_rss_mib() -> float:
 
 
 def _unit_statistics(plan: Plan, prepass: Any, pass_index: int, index: int, device: str) -> Any:
-    """Task: one unit's pre-pass statistics (:func:`primerge.engine.prepass_statistics`)."""
+    """Task: one unit's pre-pass statistics (:func:`primerge.engine.stream.prepass_statistics`)."""
     with ThreadIndependent():
         return prepass_statistics(plan, prepass, pass_index, plan.units[index].entries, torch.device(device))
 
 
-def _unit(plan: Plan, index: int, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float, float]:
+def _unit(plan: Plan, index: int, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float, float, str]:
     """Task: merge unit ``index`` and hand its tensors to the output's unit writer, here; returns the
-    receipt, the worker, the seconds it took and the worker's peak RSS (MiB)."""
+    receipt, the worker, the seconds it took, the worker's peak RSS (MiB) and its machine kind."""
     start = time.perf_counter()
     unit = plan.units[index]
     with ThreadIndependent():
         receipt = writer.write(unit, execute_unit(plan, unit, torch.device(device), prepass))
-    return receipt, _worker(), time.perf_counter() - start, _peak_rss_mib()
+    return receipt, _worker(), time.perf_counter() - start, _peak_rss_mib(), machine_kind(device)
 
 
 def _ready() -> str:
@@ -111,6 +113,7 @@ class RayExecutor:
         self.started = False
         self.stats: dict[str, list[float]] = {}  # worker -> seconds of each unit it merged
         self.peak_rss = 0.0  # the largest peak RSS (MiB) a worker reported
+        self.kinds: Counter[str] = Counter()  # machine kind -> units merged on it
 
     # ------------------------------------------------------------------ cluster
 
@@ -202,8 +205,9 @@ class RayExecutor:
                 for unit in plan.units:
                     while len(pending) < window and (nxt := next(todo, None)) is not None:
                         pending.append(task.remote(plan_ref, nxt.index, prepass_ref, writer, self.device))
-                    receipt, worker, seconds, rss = self._result(pending.popleft())
+                    receipt, worker, seconds, rss, kind = self._result(pending.popleft())
                     self.stats.setdefault(worker, []).append(seconds)
+                    self.kinds[kind] += 1
                     self.peak_rss = max(self.peak_rss, rss)
                     bar.update(unit.nbytes)
                     bar.set_postfix_str(self._throughput(), refresh=False)
@@ -211,6 +215,8 @@ class RayExecutor:
         finally:
             for ref in pending:
                 self.ray.cancel(ref, force=True)
+        if note := mixed_kinds_note(self.kinds):
+            print(f"primerge: warning: {note}", file=sys.stderr)
 
     def _throughput(self) -> str:
         return ", ".join(f"{w}: {len(s) / sum(s):.2f} units/s" for w, s in sorted(self.stats.items()) if sum(s) > 0)
@@ -239,4 +245,6 @@ class RayExecutor:
                 "gpus_per_worker": self.config.gpus_per_worker, "device": self.device,
                 "units_per_worker": {w: len(s) for w, s in sorted(self.stats.items())},
                 "units_per_second": {w: round(len(s) / sum(s), 3) for w, s in sorted(self.stats.items()) if sum(s) > 0},
-                "worker_peak_rss_mib": round(self.peak_rss)}
+                "worker_peak_rss_mib": round(self.peak_rss),
+                "machine_kinds": dict(sorted(self.kinds.items()))}
+

@@ -9,7 +9,7 @@ from each folder's ``tokenizer.json`` (:mod:`primerge.io.tokenizer`):
   properties (special or not); rows R = max(R_base, largest id + 1);
 - a model's name: that model's tokenizer and row count.
 
-Vocabulary tensors (:data:`primerge.names.VOCAB_TENSORS` with an axis of the checkpoint's row
+Vocabulary tensors (:data:`primerge.core.tensor_names.VOCAB_TENSORS` with an axis of the checkpoint's row
 count R, the rows of its input embedding) are aligned row by row. For output row i of token s:
 
 - s in the base: θ₀[i] = θ_base[id_base(s)]; τ_t[i] = θ_t[id_t(s)] − θ₀[i] when model t has s,
@@ -21,7 +21,7 @@ count R, the rows of its input embedding) are aligned row by row. For output row
   of 64): the tokenizer source's row i (zero if it has none), τ_t[i] = 0. A model's own padding
   rows are never read.
 
-A model is aligned (:class:`~primerge.taskvectors.VocabAligned`) when its token ids or row count
+A model is aligned (:class:`~primerge.core.sources.VocabAligned`) when its token ids or row count
 differ from the output's. A model without ``tokenizer.json`` whose vocabulary tensors have the
 base's shapes is taken to share the base's vocabulary (rows by position, as always); different
 shapes without tokenizers to align by is refused with the fix. LoRA adapters keep the base's rows:
@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from primerge.errors import InputError
+from primerge.util.errors import InputError
 from primerge.io.readers import Checkpoint, TensorInfo
 from primerge.io.tokenizer import Vocabulary, extended_tokenizer, read_vocabulary
-from primerge.names import VOCAB_TENSORS, input_embedding
-from primerge.taskvectors import FullFineTune, TaskVectorSource, VocabAligned
+from primerge.core.tensor_names import VOCAB_TENSORS, input_embedding
+from primerge.core.sources import FullFineTune, TaskVectorSource, VocabAligned
 
 RESIZED_HINT = ("A resized vocabulary: give every model folder its tokenizer.json so primerge aligns the "
                 "rows by token string (recipe tokenizer: base | union | MODEL), or resize the embeddings "

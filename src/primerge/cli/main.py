@@ -14,7 +14,7 @@ from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 from primerge.version import __version__
-from primerge.errors import PrimergeError
+from primerge.util.errors import PrimergeError
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -152,13 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list every method with its parameters and defaults")
     methods.set_defaults(func=_cmd_methods)
 
-    from primerge.analysis import cli as analysis_cli
-    from primerge.bench import cli as bench_cli
-    from primerge.evaluation import cli as evaluation_cli
+    from primerge.cli import analyze, bench, evaluate, tune
 
-    evaluation_cli.register(sub)
-    analysis_cli.register(sub)
-    bench_cli.register(sub)
+    for lab in (evaluate, tune, analyze, bench):
+        lab.register(sub)
     return parser
 
 

@@ -37,15 +37,15 @@ from pathlib import Path
 
 import torch
 
-from primerge.deterministic import ThreadIndependent
-from primerge.engine import merge_tensor, run_prepass
-from primerge.errors import InputError, OutputError
+from primerge.util.deterministic import ThreadIndependent
+from primerge.engine.stream import merge_tensor, run_prepass
+from primerge.util.errors import InputError, OutputError
 from primerge.io.quantized import describe, read_config, scheme_of
 from primerge.io.readers import Checkpoint
 from primerge.methods.base import is_sum_merge
-from primerge.plan import KINDS, Plan, WorkUnit
-from primerge.taskvectors import FullFineTune, LoraAdapter, PlanEntry, TaskVectorSource, VocabAligned
-from primerge.vocabulary import AlignedBase, embedding_rows
+from primerge.core.plan import KINDS, Plan, WorkUnit
+from primerge.core.sources import FullFineTune, LoraAdapter, PlanEntry, TaskVectorSource, VocabAligned
+from primerge.core.vocabulary import AlignedBase, embedding_rows
 
 CALIBRATION_LIMIT = 4 * 1024**2  # elements of the largest tensor a calibration merges
 TREATMENTS = {"matrix": "matrix (the method's matrix merge)", "experts": "expert tensors (E matrices each)",

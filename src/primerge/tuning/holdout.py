@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from primerge.errors import InputError
-from primerge.datasets import TaskSplit
+from primerge.util.errors import InputError
+from primerge.data.tasks import TaskSplit
 from primerge.tuning.settings import DEFAULT_SIZE
 
 VALIDATION_SEED = 1
