@@ -300,3 +300,16 @@ def test_decompositions_are_cached_per_model_and_settings(pave_zoo, tmp_path, mo
     monkeypatch.setenv("PRIMERGE_CACHE", str(tmp_path / "cache"))
     build_purifier(_pave_recipe(pave_zoo, rank_ratio=7 / 8, target="delta"))  # other settings: new files
     assert len(list((tmp_path / "cache" / "pave").glob("*.safetensors"))) == 6
+
+
+def test_plan_refuses_a_bad_purify_block_before_opening_a_checkpoint(tmp_path, capsys):
+    """The block is validated with the recipe: ``primerge plan`` names the unknown field (and exits 2)
+    although neither checkpoint exists — nothing was opened."""
+    from primerge.cli.main import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {tmp_path / 'no-base'}\nmodels: [{tmp_path / 'no-model'}]\nmethod: ties\n"
+                      "purify: {rho: 7.5, bogus: 1}\n")
+    assert main(["plan", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "purify block: unknown field 'purify.rho'" in err and "no such file" not in err

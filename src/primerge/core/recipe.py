@@ -39,6 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from primerge.core.purify_block import PurifyConfig, parse_purify
 from primerge.util.errors import RecipeError
 from primerge.io.user_paths import user_path
 from primerge.methods import get_method
@@ -47,7 +48,7 @@ from primerge.methods.lines_scaling import LinesConfig
 from primerge.util.patterns import compiled
 from primerge.util.schema import Regex, validate
 
-#: ALGORITHMS.md Conventions: 2-D tensors whose names match this are not matrix parameters.
+#: docs/algorithms.md, "Conventions": 2-D tensors whose names match this are not matrix parameters.
 DEFAULT_NON_MATRIX = r"embed|wte|wpe|position|lm_head|shared"
 #: 3-D tensors whose names match this are fused experts [E, m, n]: E matrices (Granite/JetMoE
 #: name theirs input_linear / output_linear).
@@ -158,6 +159,7 @@ class Recipe(BaseModel):
 
     _spec: MethodSpec = PrivateAttr()
     _params: MethodParams = PrivateAttr()
+    _purify: PurifyConfig | None = PrivateAttr()
 
     @field_validator("models", mode="before")
     @classmethod
@@ -186,6 +188,7 @@ class Recipe(BaseModel):
     def model_post_init(self, context: Any) -> None:
         self._spec = get_method(self.method)
         self._params = self._spec.parameters(self.parameters)
+        self._purify = None if self.purify is None else parse_purify(self)
 
     @property
     def spec(self) -> MethodSpec:
@@ -196,6 +199,11 @@ class Recipe(BaseModel):
     def params(self) -> MethodParams:
         """The method's validated parameters with defaults filled in."""
         return self._params
+
+    @property
+    def purify_config(self) -> PurifyConfig | None:
+        """The validated ``purify:`` block, defaults resolved (:func:`~primerge.core.purify_block.parse_purify`)."""
+        return self._purify
 
     @property
     def lora_rank(self) -> int | None:

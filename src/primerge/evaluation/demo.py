@@ -46,7 +46,7 @@ from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
 from primerge.util.cache_dirs import cache_root
-from primerge.purify.config import paper_rank_ratio
+from primerge.core.purify_block import paper_rank_ratio
 
 #: The report files as the demo wrote them before it wrote a manifest (such a folder is replaced).
 REPORT_FILES = ("results.md", "results.csv", "results.png", "results.json")

@@ -8,7 +8,7 @@ Floors: above the plan and the engine (beside analysis), below the API; it reads
 methods never import it.
 """
 
-from primerge.purify.config import PurifyConfig, parse_purify
+from primerge.core.purify_block import PurifyConfig, parse_purify
 from primerge.purify.pave import Purifier, build_purifier, purified_task_vector, spectral_allocation
 
 __all__ = ["PurifyConfig", "Purifier", "build_purifier", "parse_purify", "purified_task_vector",

@@ -10,8 +10,8 @@ For a linear weight W_ft = W₀ + τ (PyTorch layout (out, in)) with input covar
 ``target: delta`` (not in the paper) truncates the task vector instead of the fine-tuned weight:
 τ′ = SVD_r(τ S) S⁻¹. Why it exists: Eq. 6 truncates W_ft = W₀ + τ, so τ′ − τ = −tail_r(W_ft S) S⁻¹
 carries the pretrained weight's own pruned tail, nearly the same for every task and several times
-‖τ‖ in the FFN matrices (README, "PAVE purification"); truncating τ S removes only what the task
-vector itself has outside its top-r activated directions.
+‖τ‖ in the FFN matrices (docs/benchmarks.md, "PAVE purification"); truncating τ S removes only
+what the task vector itself has outside its top-r activated directions.
 
 ``tasks`` purifies a subset of the models (the authors choose it per benchmark); the others keep
 their plain task vectors and stay out of the allocation. Every matrix costs one exact SVD per
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from primerge.core.plan import Plan, build_plan
 from primerge.util.errors import InputError
 from primerge.linalg import SVDMode, choose_svd, truncated_svd
-from primerge.purify.config import PurifyConfig, Target, parse_purify, resolve_data
+from primerge.core.purify_block import PurifyConfig, Target, resolve_data
 from primerge.util.cache_dirs import cache_root
 from primerge.io.files import content_digest
 from primerge.purify.covariance import Covariances, model_covariances
@@ -260,7 +260,7 @@ def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Pa
                    quiet: bool = True) -> Purifier:
     """Validate ``recipe.purify``, collect covariances (cached), decompose (cached) and allocate
     ranks for the models it purifies; return the transform."""
-    config = parse_purify(recipe)
+    config = recipe.purify_config
     base_folder = Path(recipe.base) if Path(recipe.base).is_dir() else None
     paths = dict(zip(recipe.model_labels(), (Path(m.path) for m in recipe.models)))
     covariances: dict[str, Covariances] = {}

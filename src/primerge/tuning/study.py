@@ -27,7 +27,7 @@ from typing import Any
 
 from primerge.util.errors import InputError, PrimergeError
 from primerge.methods.base import MethodSpec
-from primerge.purify.config import paper_rank_ratio
+from primerge.core.purify_block import paper_rank_ratio
 from primerge.core.recipe import Recipe
 from primerge.util.seeding import derive_seed
 from primerge.tuning.cache import UpdateCache, recipe_with

@@ -1,4 +1,5 @@
-"""The recipe's ``purify:`` block (PAVE), validated with pydantic.
+"""The recipe's ``purify:`` block (PAVE), validated with pydantic when the recipe is (so ``primerge plan``
+refuses a bad block before any checkpoint is opened); :mod:`primerge.purify` runs it.
 
 ::
 
@@ -19,13 +20,15 @@ activations). Problems raise :class:`primerge.util.errors.RecipeError` naming th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from primerge.util.errors import RecipeError, closest
-from primerge.core.recipe import Recipe
 from primerge.util.schema import validate
+
+if TYPE_CHECKING:
+    from primerge.core.recipe import Recipe
 
 Decomposition = Literal["co_svd", "asvd", "svd_llm", "svd"]
 Target = Literal["weight", "delta"]
