@@ -97,7 +97,9 @@ def workspace(bert_zoo, tmp_path, monkeypatch):
 
 @pytest.fixture()
 def registries():
-    """The registries a documented extension adds to, as they were before the block ran."""
+    """The registries a documented extension adds to, as they were before the block ran (every
+    built-in entry registered first: the API imports them all)."""
+    import primerge.api  # noqa: F401
     from primerge.core.sources import SOURCE_KINDS
     from primerge.methods.base import _REGISTRY
     from primerge.output.base import FORMATS
@@ -109,21 +111,15 @@ def registries():
         registry.update(before) if isinstance(registry, dict) else registry.extend(before)
 
 
-class Command(NamedTuple):
-    where: str
-    line: str
-
-
-def commands() -> list[Command]:
-    """Every ``primerge ...`` line of the documents' bash blocks, comments stripped."""
+def commands(block: Block) -> list[str]:
+    """The ``primerge ...`` lines of a bash block, in order, comments stripped."""
     found = []
-    for block in of("bash"):
-        for line in block.code.splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("primerge "):
-                found.append(Command(block.where, line))
-            else:
-                assert not line or line.startswith(SETUP), f"{block.where}: bash line neither primerge nor setup: {line}"
+    for line in block.code.splitlines():
+        line = line.split("  #")[0].strip()
+        if line.startswith("primerge "):
+            found.append(line)
+        else:
+            assert not line or line.startswith(SETUP), f"{block.where}: bash line neither primerge nor setup: {line}"
     return found
 
 
@@ -136,7 +132,7 @@ def parse_only(argv: list[str]) -> str | None:
 
 def test_the_documents_have_the_blocks_this_test_runs():
     assert len(of("python", README)) >= 1 and len(of("yaml", README)) >= 1
-    assert sum(c.where.startswith("README.md") for c in commands()) >= 5
+    assert sum(len(commands(b)) for b in of("bash", README)) >= 5
     assert len(of("python")) > len(of("python", README)), "docs/ has runnable Python examples"
 
 
@@ -152,17 +148,17 @@ def test_python_blocks_run(block, workspace, registries):
     exec(compile(block.code, block.where, "exec"), {"__name__": "docs"})
 
 
-@pytest.mark.parametrize("command", commands(), ids=lambda c: f"{c.where}:{c.line.split()[1]}")
-def test_bash_commands_run(command, workspace, capsys):
-    argv = shlex.split(command.line)[1:]
-    if parse_only(argv) is not None:
-        args = cli.build_parser().parse_args(argv)
-        assert callable(args.func), command
-        return
-    for out in ("merged", "merged-from-recipe"):
-        shutil.rmtree(workspace / out, ignore_errors=True)
-    code = cli.main(argv + (["--quiet"] if argv[0] == "merge" else []))
-    assert code == 0, (command, capsys.readouterr().err)
+@pytest.mark.parametrize("block", [b for b in of("bash") if commands(b)], ids=lambda b: b.where)
+def test_bash_commands_run(block, workspace, capsys):
+    """The block's commands in order, as a user would type them (a ``verify`` after a ``merge``)."""
+    for line in commands(block):
+        argv = shlex.split(line)[1:]
+        if parse_only(argv) is not None:
+            args = cli.build_parser().parse_args(argv)
+            assert callable(args.func), (block.where, line)
+            continue
+        code = cli.main(argv + (["--quiet"] if argv[0] == "merge" else []))
+        assert code == 0, (block.where, line, capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------- the README
@@ -181,6 +177,35 @@ def test_the_readme_methods_table_is_the_registry():
     assert table_in(README.read_text()) == methods_table(), (
         "README.md's methods table differs from the registry: regenerate it with "
         "`python -m primerge.methods.table README.md`")
+
+
+def test_the_table_generator_rewrites_only_its_region(tmp_path):
+    """``python -m primerge.methods.table FILE`` replaces what lies between the markers and nothing
+    else; a file without them is refused naming the file, and left as it was."""
+    from primerge.methods.table import BEGIN, END, main, methods_table, table_in
+    from primerge.util.errors import InputError
+
+    page = tmp_path / "page.md"
+    page.write_text(f"# Title\n\nbefore\n{BEGIN}\n| stale |\n{END}\nafter\n")
+    assert main([str(page)]) == 0
+    text = page.read_text()
+    assert table_in(text) == methods_table()
+    assert text.startswith("# Title\n\nbefore\n" + BEGIN + "\n") and text.endswith(f"\n{END}\nafter\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("no table here\n")
+    with pytest.raises(InputError, match="bare.md"):
+        main([str(bare)])
+    assert bare.read_text() == "no table here\n"
+
+
+def test_the_table_escapes_what_would_break_a_row():
+    """A ``|`` in a description or a choice is escaped, so every row has the header's 4 cells."""
+    from primerge.methods import list_methods
+    from primerge.methods.table import methods_table
+
+    rows = methods_table().splitlines()
+    assert len(rows) == 2 + len(list_methods())
+    assert all(len(re.split(r"(?<!\\)\|", row)) == 6 for row in rows)
 
 
 def test_algorithms_has_a_section_per_registered_method():
@@ -235,9 +260,9 @@ def code_files() -> list[Path]:
 
 
 #: ``docs/algorithms.md`` or ``README``, optionally followed by ``, "Section"``.
-DOC_REFERENCE = re.compile(r'\b(docs/[\w./-]+\.md|README)\b(?:\.md)?(?:,\s*"([^"]+)")?')
-#: Upper-case document names (``ALGORITHMS.md``) must be files of the repository; LICENSE.md is a
-#: file of a base model that outputs copy.
+DOC_REFERENCE = re.compile(r'\b(docs/[\w./-]+\.md|README)\b(?:\.md)?(?:,\s*"([^"\n]+)")?')
+#: Upper-case ``.md`` names must be files of the repository (a retired design document is not);
+#: LICENSE.md is a file of a base model that outputs copy.
 DOCUMENT_NAME = re.compile(r"\b([A-Z][A-Z_]+\.md)\b")
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from types import UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
 
 from primerge.version import __version__
 from primerge.util.errors import PrimergeError
@@ -76,31 +74,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _describe_type(annotation) -> str:
-    """``float``, ``tensor|model``, ``auto|float`` or ``list[float]`` for a parameter's annotation."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Literal:
-        return "|".join(str(a) for a in args)
-    if origin in (Union, UnionType):
-        return "|".join(_describe_type(a) for a in args)
-    if origin is Annotated:
-        return _describe_type(args[0])
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_describe_type(a) for a in args)}]"
-    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
-
-
-def _default(field) -> object:
-    return field.get_default(call_default_factory=True)
-
-
 def _cmd_methods(args: argparse.Namespace) -> int:
     from primerge.methods import list_methods
+    from primerge.methods.table import cli_lines
 
     for spec in list_methods():
-        print(f"{spec.name}  [{spec.family}]  {spec.description}")
-        for name, f in spec.params_model.model_fields.items():
-            print(f"    {name} = {_default(f)!s:<8} {_describe_type(f.annotation):<22} {f.description or ''}")
+        print("\n".join(cli_lines(spec)))
     return 0
 
 
