@@ -114,24 +114,27 @@ def test_measured_merge_numbers_are_sane(tiny_zoo, tmp_path):
     assert 50 < m.rss_mib < 4096  # the child's own peak, in MiB
 
 
-def test_a_ray_merge_reports_its_workers_unit_rates(tmp_path):
-    """The child's ``units/s per worker`` line (a Ray merge) becomes the mean rate, and the row's note."""
+def test_a_ray_merge_reports_its_workers_unit_rates_and_counts(tmp_path):
+    """The child's ``units/s per worker`` line (a Ray merge) becomes the mean rate, its ``units per
+    worker`` line the counts (most first), and both the row's note."""
     import sys
 
-    lines = "print('units/s per worker: 0.5 1.5'); print('peak rss: 2048 kB'); print('merged with prime in 2.5s')"
+    lines = ("print('units/s per worker: 0.5 1.5'); print('units per worker: 3 5'); print('peak rss: 2048 kB'); "
+             "print('merged with prime in 2.5s')")
     m = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines])
-    assert m.merge_s == 2.5 and m.unit_rate == 1.0 and m.rss_mib == 2.0
-    plain = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines.split("; ")[2]])
-    assert math.isnan(plain.unit_rate) and plain.rss_mib > 2.0  # no peak line: the rusage figure
+    assert m.merge_s == 2.5 and m.unit_rate == 1.0 and m.rss_mib == 2.0 and m.worker_units == (5, 3)
+    plain = measure_merge(tmp_path / "r.yaml", tmp_path / "out", runner=[sys.executable, "-c", lines.split("; ")[3]])
+    assert math.isnan(plain.unit_rate) and plain.rss_mib > 2.0 and plain.worker_units == ()  # no peak line: rusage
     row = Row("ray", "z", "prime", 8, [m, m, plain])
-    assert row.as_dict(None)["note"] == "units/s per worker 1"
+    assert row.as_dict(None)["note"] == "units/s per worker 1; units per worker 5/3"
 
 
 def test_truncation_error_is_zero_for_the_same_path_and_small_otherwise(tiny_zoo):
     inputs = Inputs.from_zoo("tiny", tiny_zoo, 3)
     exact = parse_method("prime:svd=exact")
-    assert truncation_error(inputs, exact, exact) == (0.0, 0.0)
-    total, worst = truncation_error(inputs, parse_method("prime:svd=randomized"), exact)
+    same = truncation_error(inputs, exact, exact)
+    assert same.total == same.worst == 0.0 and 0 < same.rounding < 1  # bf16 outputs: their own rounding
+    total, worst, _ = truncation_error(inputs, parse_method("prime:svd=randomized"), exact)
     assert 0 < total <= worst < 0.5
 
 
@@ -215,3 +218,40 @@ def test_cli_bench_sweep_over_tasks(cache, tmp_path, capsys):
     assert all(r["group"] == "fit-tasks" and "engine s ∝ tasks^" in r["note"] and "peak RSS" in r["note"]
                for r in fits)
     assert "| fit-tasks" in capsys.readouterr().out
+
+
+def test_realistic_zoo_has_llama_shapes_and_a_noise_floor(cache):
+    """``hidden_size`` gives LLaMA's shapes (LLaMA-7B's 11008 at 4096); ``noise_floor`` f puts the
+    share f of a matrix task vector's energy in an i.i.d. floor: on 96 × 256, the energy beyond the
+    six strong directions is f·(1 − 6/96) of the floor's plus O(1/√(mn)) cross terms, in [0.42, 0.52]."""
+    spec = ZooSpec(layers=6, hidden_size=1024, noise_floor=0.5)
+    shapes = dict(spec.tensors())
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (1024, 1024)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (256, 1024)  # 4 KV heads of 64
+    assert shapes["model.layers.5.mlp.gate_proj.weight"] == (2816, 1024)
+    assert shapes["lm_head.weight"] == (32000, 1024)
+    assert ZooSpec(hidden_size=4096).intermediate == 11008
+    assert spec.key == "llama-L6-h1024-nf0.5-T8-seed0-v1" and ZooSpec().key == "llama-L8-s1-T8-seed0-v1"
+    for bad in (dict(hidden_size=1000), dict(noise_floor=1.0)):
+        with pytest.raises(ValueError):
+            ZooSpec(**bad)
+    floor = ZooSpec(layers=1, hidden_size=64, noise_floor=0.5, tasks=2)
+    tau = task_vector(floor, "model.layers.0.mlp.up_proj.weight", (96, 256), 0)
+    s = torch.linalg.svdvals(tau.double()).square()
+    assert 0.42 < float(s[6:].sum() / s.sum()) < 0.52
+    assert float(tau.square().mean().sqrt()) == pytest.approx(1e-3, rel=0.03)  # unit parts, cross terms ~1/√(mn)
+    assert task_vector(floor, "model.layers.0.mlp.up_proj.weight", (96, 256), 0).equal(tau)  # seeded
+
+
+def test_floors_measure_io_and_price_svd_flops(tiny_zoo, tmp_path):
+    from primerge.bench.floors import gemm_rate, io_floor, output_bytes, weight_files
+    from primerge.bench.report import Floors
+
+    folders = [tiny_zoo / "base", tiny_zoo / "ft-0"]
+    assert output_bytes(folders[0]) == (tiny_zoo / "base" / "model.safetensors").stat().st_size > 0
+    assert weight_files(folders[0]) == [tiny_zoo / "base" / "model.safetensors"]
+    assert 0 < io_floor(folders, output_bytes(folders[0]), tmp_path, repeats=2) < 60
+    assert not list(tmp_path.iterdir())  # the written bytes are removed
+    assert gemm_rate(repeats=1, size=256) > 1e6
+    row = Row("methods", "tiny", "prime", 3, [Measurement(1.0, 1.0, 100.0, 0.5, svd_flops=f) for f in (2e9, 4e9, 9e9)])
+    assert Floors({"tiny": 0.25}, gemm_rate=2e9).of(row) == {"io_floor_s": 0.25, "svd_floor_s": 2.0}

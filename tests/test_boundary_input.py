@@ -361,7 +361,7 @@ ESCAPES = ["../outside.txt", "/etc/hostname", "task_heads/../../outside.txt", ".
 def test_verify_never_opens_a_path_outside_the_folder(output, tmp_path, capsys, rel):
     outside = tmp_path / "outside.txt"
     outside.write_text("not part of the output")
-    from primerge.io.manifest import file_sha256
+    from primerge.util.hashing import file_sha256
 
     _rewrite(output, lambda files: files.update({rel: {"size": outside.stat().st_size,
                                                        "sha256": file_sha256(outside)}}))

@@ -40,7 +40,7 @@ from refusals import TASK_SPECIFIC, leftovers, model_copy, recipe_file, refused,
 
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUARANTEES = Path(__file__).resolve().parents[1] / "docs" / "guarantees.md"
 
 
 def cli_refuses(argv: list[str], needles, capsys) -> str:
@@ -318,8 +318,8 @@ def test_only_vetted_support_files_are_copied(zoo, tmp_path):
     assert (out / "README.md").read_text() != "# base card"
 
 
-def test_the_readme_lists_exactly_the_copied_files():
-    text = " ".join(README.read_text().split())
+def test_the_guarantees_list_exactly_the_copied_files():
+    text = " ".join(GUARANTEES.read_text().split())
     listed = text.split("An output copies these files of the base folder when they are there:", 1)[1]
     listed = listed.split("and the custom-code modules", 1)[0]
     assert re.findall(r"`([^`]+)`", listed) == list(SUPPORT_FILES)

@@ -111,17 +111,16 @@ def test_a_per_task_method_on_fused_experts(tmp_path):
     assert all(s[name].shape == base[name].shape for s in result.task_states.values())
 
 
-@pytest.mark.parametrize("method", ["tsv", "ties"])
-def test_fused_and_per_expert_layouts_merge_alike(tmp_path, method):
+def test_fused_and_per_expert_layouts_merge_alike(tmp_path):
     """Mixtral saved by transformers (one 2-D tensor per expert) and as its fused state dict merge to
-    the same down projections (w2 of expert e = down_proj[e]), for SVD and element-wise methods."""
+    the same down projections (w2 of expert e = down_proj[e]). That every method merges a fused
+    tensor as its matrices apart is the method contract's ('experts'): tests/test_method_contract.py."""
     zoo = fused_zoo(tmp_path, "mixtral")
     fused, split = tmp_path / "fused", tmp_path / "split"
-    params = {"svd": "exact"} if method == "tsv" else {"density": 0.5}
-    primerge.merge(zoo["base"], zoo["models"], method, out=fused, **params)
+    primerge.merge(zoo["base"], zoo["models"], "tsv", out=fused, svd="exact")
     root = zoo["root"]
-    primerge.merge(root / "per_expert_base", [root / "per_expert_ft1", root / "per_expert_ft2"], method, out=split,
-                   **params)
+    primerge.merge(root / "per_expert_base", [root / "per_expert_ft1", root / "per_expert_ft2"], "tsv", out=split,
+                   svd="exact")
     fused_state, split_state = state(fused), state(split)
     for layer in range(2):
         down = fused_state[f"model.layers.{layer}.mlp.experts.down_proj"]

@@ -18,7 +18,7 @@ FLOORS = {
     "primerge.methods": 1,
     "primerge.core": 2,
     "primerge.output": 3,
-    "primerge.engine": 4, "primerge.purify": 4, "primerge.analysis": 4,
+    "primerge.engine": 4, "primerge.purify": 4, "primerge.analysis": 4, "primerge.calibration": 4,
     "primerge": 5, "primerge.api": 5, "primerge.testing": 5,
     "primerge.evaluation": 6, "primerge.tuning": 6, "primerge.bench": 6,
     "primerge.cli": 7, "primerge.__main__": 7,
@@ -129,7 +129,8 @@ def _write(folder: Path, text: str) -> Path:
 
 def test_version_and_help_load_no_torch():
     """``primerge --version`` / ``--help`` build every subcommand's parser without importing torch
-    (measured: 0.22-0.28 s on the 2-core CI machine, against ~3 s with torch)."""
+    (a fraction of the seconds torch takes to import: docs/benchmarks.md, "Measurements behind design
+    decisions")."""
     import subprocess
     import sys
 

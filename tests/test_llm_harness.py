@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from llm_fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama
+from tokenizer_families import save_family_tokenizer
 from primerge.cli.main import main
 from primerge.util.errors import InputError
-from primerge.evaluation.llm.harness import (check_task_names, evaluate_prompt_tasks, harness_name, run_harness, task_manager,
-                                             write_task)
+from primerge.evaluation.llm.estimates import Score
+from primerge.evaluation.llm.harness import (check_task_names, evaluate_prompt_tasks, harness_name, run_harness, scores,
+                                             task_manager, write_task)
 from primerge.evaluation.llm.prompts import PromptTask, Verbaliser, label_tokens, split_answer
 
 pytest.importorskip("lm_eval")
@@ -65,7 +67,25 @@ def test_harness_matches_direct_loglikelihoods(tmp_path, no_network):
         predictions.append(max(range(2), key=lambda c: direct[c]))
     expected = sum(p == y for p, y in zip(predictions, task.test_labels)) / 2
     assert results["results"][name]["acc,none"] == pytest.approx(expected)
-    assert evaluate_prompt_tasks(model, tokenizer, [task], tmp_path, batch_size=2) == {"two": pytest.approx(expected)}
+    score = evaluate_prompt_tasks(model, tokenizer, [task], tmp_path, batch_size=2)["two"]
+    assert (score.accuracy, score.n) == (pytest.approx(expected), 2)
+    # lm-eval's standard error of a mean of 0/1 scores: sqrt(p(1 - p) / (n - 1)), as Score.of states it
+    assert score.stderr == pytest.approx(Score.of(expected, 2).stderr, abs=1e-12)
+
+
+def test_standard_error_and_interval_of_a_score():
+    """Score.of is lm-eval's mean_stderr on 0/1 scores; Wilson's interval holds the estimate and stays
+    in [0, 1]; for 30 of 100 it is (0.21895, 0.39585) (by hand: centre (0.3 + 1.96²/200) / (1 + 1.96²/100)
+    = 0.30740, half-width 1.96 √(0.0021 + 1.96²/40000) / (1 + 1.96²/100) = 0.08845)."""
+    from lm_eval.api.metrics import mean_stderr
+
+    for hits, n in ((30, 100), (0, 7), (7, 7), (1, 2)):
+        score = Score.of(hits / n, n)
+        assert score.stderr == pytest.approx(mean_stderr([1.0] * hits + [0.0] * (n - hits)), abs=1e-12)
+        low, high = score.interval()
+        assert 0.0 <= low <= hits / n <= high <= 1.0
+    assert Score.of(0.3, 100).interval() == pytest.approx((0.2189, 0.3958), abs=5e-5)
+    assert Score.of(1.0, 1).stderr is None and Score.of(0.5, 0).interval() == (0.0, 1.0)
 
 
 def test_task_files_are_local_and_reusable(tmp_path):
@@ -125,9 +145,9 @@ def test_cli_runs_a_named_lm_eval_task_from_an_include_path(tmp_path, capsys, no
     folder = write_task(two_example_task(tokenizer), tmp_path / "mine")
     name = harness_name("two")
     assert main(["eval", str(base), "--harness", "lm-eval", "--tasks", name, "--include-path", str(folder),
-                 "--json", str(tmp_path / "s.json"), "--cache", str(tmp_path / "c")]) == 0
+                 "--allow-task-code", "--json", str(tmp_path / "s.json"), "--cache", str(tmp_path / "c")]) == 0
     direct = evaluate_prompt_tasks(tiny_llama(seed=3), tokenizer, [two_example_task(tokenizer)], tmp_path)
-    assert json.loads((tmp_path / "s.json").read_text())["accuracy"] == {name: pytest.approx(direct["two"])}
+    assert json.loads((tmp_path / "s.json").read_text())["accuracy"] == {name: pytest.approx(direct["two"].accuracy)}
 
 
 def test_unknown_lm_eval_task_is_one_clear_error(tmp_path):
@@ -138,7 +158,62 @@ def test_unknown_lm_eval_task_is_one_clear_error(tmp_path):
 
 
 def test_bad_metric_is_refused():
-    from primerge.evaluation.llm.harness import accuracies
-
     with pytest.raises(InputError, match="no 'acc' metric"):
-        accuracies({"results": {"t": {"exact_match,none": 1.0}}}, ["t"])
+        scores({"results": {"t": {"exact_match,none": 1.0}}}, ["t"])
+
+
+def test_cli_eval_reports_n_stderr_and_the_examples_without_git_noise(tmp_path, capfd, monkeypatch, no_network):
+    """Run outside any git repository (where lm-eval's simple_evaluate printed ``fatal: not a git
+    repository``): the table gives n, the standard error and the 95% interval per task, then which
+    test examples were scored and how the split was made; the JSON has the same numbers."""
+    base = save_tiny_llama(tmp_path / "base", seed=5)
+    rows = [(f"the pot {i} is on", "posit" if i % 2 else "the") for i in range(40)] + [("the pot 0 is on", "the")]
+    jsonl_task(tmp_path / "toy.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "base", "--harness", "lm-eval", "--tasks", "toy.jsonl", "--cache", "c", "--test-size", "10",
+                 "--json", "s.json"]) == 0
+    out, err = capfd.readouterr()
+    assert "git" not in err and "fatal" not in err
+    record = json.loads((tmp_path / "s.json").read_text())
+    score = Score(**{k: record["scores"]["toy"][k] for k in ("accuracy", "n", "stderr")})
+    assert score.n == 10 and record["accuracy"]["toy"] == score.accuracy
+    assert record["scores"]["toy"]["ci95"] == list(score.interval())
+    assert score.stderr == pytest.approx(Score.of(score.accuracy, 10).stderr, abs=1e-12)
+    line = next(line for line in out.splitlines() if line.startswith("toy "))
+    assert line.split() == ["toy", "10", f"{100 * score.accuracy:.1f}%", f"{100 * score.stderr:.1f}",
+                            score.interval_text()]
+    examples = record["examples"]["toy"]
+    assert examples.startswith("the first 10 of the 16 test examples (toy.jsonl: 41 rows, 1 duplicate texts removed, ")
+    assert f"toy: {examples}" in out
+
+
+def test_cli_eval_scores_the_text_under_a_bos_tokenizer(tmp_path, no_network):
+    """A model whose tokenizer adds a BOS token (Llama-2's design): every scored prompt keeps its text
+    within the budget (before the fix, every text longer than the budget became empty)."""
+    from primerge.evaluation.llm.prompts import prompt_length, verbaliser_for
+    from primerge.io.hf import load_tokenizer
+
+    folder = save_family_tokenizer("llama2", tmp_path / "base")
+    tokenizer = load_tokenizer(folder)
+    model = tiny_llama(seed=2, vocab_size=len(tokenizer))
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    words = "the film was a long and winding story about people who talk at night".split()
+    rows = [(" ".join(words[i % 5:] + words[:i % 5]) + f" {i}", "posit" if i % 2 else "the") for i in range(30)]
+    data = jsonl_task(tmp_path / "toy.jsonl", rows)
+    assert main(["eval", str(folder), "--harness", "lm-eval", "--tasks", str(data), "--cache", str(tmp_path / "c"),
+                 "--max-prompt-tokens", "24"]) == 0
+    prompts = [json.loads(line)["prompt"] for line in
+               next((tmp_path / "c" / "llm" / "tasks").glob("toy-*/toy.test.jsonl")).read_text().splitlines()]
+    verbaliser = verbaliser_for(load_splits_of(data))
+    assert len(prompts) == 12
+    for prompt in prompts:
+        text = prompt[len("Text: "):prompt.index("\nIs this")]
+        assert text and any(text == r[0][:len(text)] for r in rows)
+        assert prompt_length(tokenizer, verbaliser, text) <= 24 and tokenizer.encode(prompt)[0] == tokenizer.bos_token_id
+
+
+def load_splits_of(data):
+    from primerge.data.tasks import load_splits
+
+    return load_splits([str(data)])[0]

@@ -22,21 +22,12 @@ from primerge.linalg import drop_null, factored_svd, fit_rank, svd
 from primerge.methods.base import TensorContext
 from primerge.methods.stack import LowRank, TaskStack
 from primerge.core.recipe import build_recipe
+from primerge.testing import run_check
 
 from lora_zoo import ADAPTERS, bert_base, edit_adapter, lora_zoo, state  # noqa: F401  (fixture)
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402  (lora_zoo skips without peft)
 
-SVD_METHODS = [
-    ("tsv", {}),
-    ("prime", {"rank": 8}),  # r = 8 exceeds the plain (4) and saved (2) adapters' ranks
-    ("prime", {"rank": 3, "residual": "s_sb"}),
-    ("iso_c", {}),
-    ("iso_cts", {}),
-    ("subspace_boosting", {}),
-    ("drm", {}),
-    ("ho_subspace_boosting", {}),
-]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor) -> float:
@@ -97,18 +88,21 @@ def lowrank_stack(seed: int = 0) -> TaskStack:
     return TaskStack(dense, [1], rows)
 
 
-@pytest.mark.parametrize("method,params", [("tsv", {}), ("prime", {"rank": 5}), ("prime", {"rank": 2}),
-                                           ("prime", {"rank": 5, "residual": "ties"}), ("iso_c", {}),
-                                           ("subspace_boosting", {}),
+RANK_EQUAL_TO_R = ("a factored task of rank r has a zero residual but its dense product one of rounding noise, "
+                   "which residual: ties keeps and counts in its disjoint mean (prime.py zeroes only the "
+                   "residuals of tasks of rank < r)")
+
+
+@pytest.mark.parametrize("method,params", [("prime", {"rank": 5}), ("prime", {"rank": 2}),
+                                           ("prime", {"rank": 5, "residual": "ties"}),
+                                           pytest.param("prime", {"rank": 3, "residual": "ties"},  # rank 3 = r
+                                                        marks=pytest.mark.xfail(strict=True, reason=RANK_EQUAL_TO_R)),
+                                           ("prime", {"rank": 3, "residual": "s_sb"}),
                                            ("subspace_boosting", {"beta": 0.5, "base_params": {"scale": -0.7}})])
 def test_factored_methods_equal_their_dense_path(method, params):
-    spec = primerge.get_method(method)
-    stack, ctx = lowrank_stack(), TensorContext("layer.weight", "matrix", seed=1)
-    p = spec.parameters(params)
-    factored = spec.apply(stack, ctx, p)
-    dense = spec.apply(stack.dense(), ctx, p)
-    assert torch.isfinite(factored).all()
-    assert float((factored - dense).norm() / dense.norm()) <= 1e-4
+    """The method contract's 'factored' check (LoRA factors merge like their dense product, within
+    1e-4) at parameters beyond the defaults; every method at its defaults: tests/test_method_contract.py."""
+    run_check("factored", method, params)
 
 
 @pytest.mark.parametrize("params", [{}, {"beta": 0.3, "alpha": 1.5, "base_params": {"scale": 0.4}}])
@@ -179,8 +173,10 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
 # --------------------------------------------------------------------------- merging adapters
 
 
-@pytest.mark.parametrize("method,params", SVD_METHODS)
+@pytest.mark.parametrize("method,params", [("tsv", {}), ("prime", {"rank": 8})])  # 8 > the adapters' ranks 4, 2
 def test_svd_methods_on_adapters_equal_materialised_fine_tunes(lora_zoo, method, params):
+    """Adapters read as factors (plain, rsLoRA, saved modules) merge like their materialised fine-tunes.
+    What each method does with factors is the method contract's ('factored'): tests/test_method_contract.py."""
     adapters = list(lora_zoo["adapters"].values())
     full = list(lora_zoo["full"].values())
     got = primerge.merge(lora_zoo["base"], adapters, method, **params).state_dict
@@ -188,21 +184,22 @@ def test_svd_methods_on_adapters_equal_materialised_fine_tunes(lora_zoo, method,
     assert_same_merge(got, expected, state(lora_zoo["base"]))
 
 
-@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {}), ("dare", {"drop_rate": 0.5})])
-def test_elementwise_methods_on_adapters_equal_materialised(lora_zoo, method, params):
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # read as the sum, read as the stack
+def test_elementwise_methods_on_adapters_equal_materialised(lora_zoo, method):
     adapters = [{"path": p, "weight": w} for p, w in zip(lora_zoo["adapters"].values(), (1.0, 0.5, 2.0))]
     full = [{"path": p, "weight": w} for p, w in zip(lora_zoo["full"].values(), (1.0, 0.5, 2.0))]
-    got = primerge.merge(lora_zoo["base"], adapters, method, **params).state_dict
-    expected = primerge.merge(lora_zoo["base"], full, method, **params).state_dict
+    got = primerge.merge(lora_zoo["base"], adapters, method).state_dict
+    expected = primerge.merge(lora_zoo["base"], full, method).state_dict
     assert_same_merge(got, expected, state(lora_zoo["base"]), tol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["tsv", "ties"])
-def test_adapter_mixed_with_full_fine_tune(lora_zoo, method):
+def test_adapter_mixed_with_full_fine_tune(lora_zoo):
+    """A stack of factored and dense rows from the files; what methods do with such stacks is the
+    method contract's ('factored', mixed stack)."""
     mixed = [lora_zoo["adapters"]["plain"], lora_zoo["full"]["rslora"], lora_zoo["adapters"]["saved"]]
     full = [lora_zoo["full"][n] for n in ("plain", "rslora", "saved")]
-    got = primerge.merge(lora_zoo["base"], mixed, method).state_dict
-    expected = primerge.merge(lora_zoo["base"], full, method).state_dict
+    got = primerge.merge(lora_zoo["base"], mixed, "tsv").state_dict
+    expected = primerge.merge(lora_zoo["base"], full, "tsv").state_dict
     assert_same_merge(got, expected, state(lora_zoo["base"]))
 
 

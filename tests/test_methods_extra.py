@@ -1,5 +1,5 @@
 """DARE, DELLA, Breadcrumbs, Consensus, Iso-C/CTS, Subspace Boosting and DRM against hand cases
-and independent NumPy float64 references written from ALGORITHMS.md.
+and independent NumPy float64 references written from docs/algorithms.md.
 
 The references share no code with primerge. The random methods (DARE, DELLA) are checked by
 feeding the reference the same uniform draws (one CPU ``torch.Generator`` seeded with the
@@ -161,16 +161,6 @@ def test_dare_drops_fraction_p_and_rescales_survivors():
     assert torch.allclose(dropped[kept], taus[kept] / 0.2, rtol=0, atol=1e-12)
 
 
-def test_dare_is_seeded_and_order_independent():
-    taus = random_taus(3, 20, 10, seed=3).float()
-    ctx = TensorContext("w", "matrix", seed=11)
-    a = run("dare", taus, ctx)
-    torch.rand(100)  # the global RNG plays no part
-    run("dare", random_taus(2, 5, 5, seed=4).float(), TensorContext("other", "matrix", seed=12))
-    assert torch.equal(run("dare", taus, ctx), a)
-    assert not torch.equal(run("dare", taus, TensorContext("w", "matrix", seed=13)), a)
-
-
 def test_dare_preserves_the_expectation_of_task_arithmetic():
     taus = random_taus(3, 6, 5, seed=5)
     N = 2000
@@ -239,12 +229,6 @@ def test_della_matches_numpy_reference(shape):
     got = run("della", taus, ctx, density=0.4, epsilon=0.15, scale=0.8)
     expected = np_della(taus.numpy(), 0.4, 0.15, draws(np_rows(taus.numpy()).shape, 21), 0.8)
     assert np.allclose(got.numpy(), expected, atol=1e-12)
-
-
-def test_della_is_reproducible():
-    taus = random_taus(3, 30, 20, seed=11).float()
-    ctx = TensorContext("w", "matrix", seed=99)
-    assert torch.equal(run("della", taus, ctx), run("della", taus, ctx))
 
 
 def test_della_parameter_validation():
@@ -497,7 +481,7 @@ def test_drm_non_matrices_get_sign_election_and_disjoint_mean():
     assert torch.allclose(run("drm", taus, BIAS, scale=0.5), torch.tensor([1.0, -1.5, 2.5]))
 
 
-def test_drm_split_qkv_and_zero_deltas():
+def test_drm_split_qkv():
     taus = random_taus(2, 12, 4, seed=26)
     ctx = TensorContext("attn.qkv.weight", "matrix")
     got = run("drm", taus, ctx, split_qkv=True)
@@ -507,7 +491,6 @@ def test_drm_split_qkv_and_zero_deltas():
     wide = random_taus(2, 3, 9, seed=27)  # Conv1D c_attn layout (in, 3·out): thirds of the columns
     got = run("drm", wide, TensorContext("h.0.attn.c_attn.weight", "matrix"), split_qkv=True)
     assert torch.allclose(got, torch.cat([run("drm", wide[:, :, i:i + 3]) for i in (0, 3, 6)], dim=1))
-    assert torch.equal(run("drm", torch.zeros(3, 5, 4)), torch.zeros(5, 4))
 
 
 def test_drm_parameter_validation():

@@ -146,24 +146,21 @@ def test_wudi_adam_reaches_the_minimiser_of_a_quadratic():
     torch.testing.assert_close(found, target, atol=1e-6, rtol=0)
 
 
-def test_wudi_zero_and_single_task_cases_are_exact():
+def test_wudi_single_live_task_and_no_steps_are_exact():
     one = lowrank_stack(ranks=(3,), seed=4, dtype=torch.float32)
     rows = {0: LowRank(torch.zeros(30, 0), torch.zeros(0, 22)), 1: one.lowrank[0],
             2: LowRank(torch.zeros(30, 2), torch.randn(2, 22))}  # untouched, live, zero B (peft init)
     stack = TaskStack(torch.zeros(0, 30, 22), [], rows)
     assert torch.equal(run("wudi", stack), one.lowrank[0].dense())
     assert torch.equal(run("wudi", stack, alpha=0.5), 0.5 * one.lowrank[0].dense())
-    zero = TaskStack(torch.zeros(2, 30, 22), [0, 1], {})
-    assert torch.equal(run("wudi", zero), torch.zeros(30, 22))
     taus = dense_taus().float()
     assert torch.equal(run("wudi", taus, steps=0), taus.sum(0))
 
 
-def test_wudi_factored_equals_dense_and_is_reproducible():
+def test_wudi_factored_equals_dense_in_float64():
+    """Tighter than the method contract's float32 'factored' check: the two paths agree to 1e-11 in float64."""
     stack = lowrank_stack(ranks=(2, 4, 3), scale=2e-3)
     torch.testing.assert_close(run("wudi", stack, steps=60), run("wudi", stack.dense(), steps=60), rtol=1e-11, atol=1e-15)
-    taus = dense_taus(seed=5).float()
-    assert torch.equal(run("wudi", taus, steps=60), run("wudi", taus.clone(), steps=60))
 
 
 def test_wudi_fallback_and_validation():
@@ -258,10 +255,8 @@ def test_inner_merge_validation(method):
 
 
 @pytest.mark.parametrize("method", ["knots", "core_space"])
-def test_zero_updates_and_non_matrices(method):
-    empty = TaskStack(torch.zeros(0, 30, 22), [], {t: LowRank(torch.zeros(30, 0), torch.zeros(0, 22)) for t in range(2)})
-    assert torch.equal(run(method, empty), torch.zeros(30, 22))
-    assert torch.equal(run(method, TaskStack.of(torch.zeros(3, 30, 22))), torch.zeros(30, 22))
+def test_non_matrices_get_the_inner_merge(method):
+    """(Zero task vectors, dense or rank-0 factors, give zero: the method contract's 'zero'.)"""
     bias, ctx = dense_taus()[:, 0], TensorContext("layer.bias", "fallback")
     torch.testing.assert_close(run(method, bias, ctx, inner="ties"), run("ties", bias, ctx))
     torch.testing.assert_close(run(method, bias, ctx, inner="tsv", inner_params={"alpha": 2.0}), 2 * bias.mean(0))

@@ -21,6 +21,9 @@ ray = pytest.importorskip("ray")
 
 from golden.cases import build_zoo, folder_hashes  # noqa: E402
 from primerge.bench.cluster import local_cluster, start_node, stop_node, wait_nodes  # noqa: E402
+from primerge.core.plan import build_plan  # noqa: E402
+from primerge.core.recipe import build_recipe  # noqa: E402
+from primerge.core.units import WorkerUnits  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HEAD = r"^score\."
@@ -49,6 +52,13 @@ def connected(cluster):
 
 def _models(zoo):
     return [zoo["t0"], zoo["t1"], zoo["t2"]]
+
+
+def _worker_units(zoo, method: str, workers: int, shard_size: int) -> int:
+    """How many units the zoo's merge runs as on ``workers`` workers (:class:`WorkerUnits`)."""
+    recipe = build_recipe({"base": str(zoo["base"]), "models": [str(m) for m in _models(zoo)], "method": method,
+                           "task_specific": HEAD})
+    return len(WorkerUnits(workers).split(build_plan(recipe, shard_size=shard_size).units))
 
 
 CASES = {
@@ -101,12 +111,27 @@ def test_joining_by_address_leaves_ray_as_it_was_found(zoo, cluster, tmp_path):
     result = primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "ray",
                             execution={"backend": "ray", "address": cluster}, **kw)
     assert folder_hashes(tmp_path / "ray", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
-    shards = len(list((tmp_path / "ray").glob("model-*.safetensors")))
-    assert sum(result.execution["units_per_worker"].values()) == shards
+    units = _worker_units(zoo, "ties", 2, 3000)  # the cluster's 2 CPUs: 2 workers
+    assert sum(result.execution["units_per_worker"].values()) == units
+    assert units > len(list((tmp_path / "ray").glob("model-*.safetensors")))  # shards split for the workers
     assert set(result.execution["units_per_second"]) <= set(result.execution["units_per_worker"])
     assert all(rate > 0 for rate in result.execution["units_per_second"].values())
     assert result.execution["worker_peak_rss_mib"] > 0
     assert not ray.is_initialized()
+
+
+def test_a_model_in_one_shard_gives_every_worker_units(zoo, cluster, tmp_path):
+    """The default shard size holds the whole zoo in one shard; at 2 workers it is split into tensor
+    groups, both workers merge some, and the joined shard has the local merge's bytes."""
+    kw = dict(task_specific=HEAD)
+    primerge.merge(zoo["base"], _models(zoo), "task_arithmetic", out=tmp_path / "local", **kw)
+    result = primerge.merge(zoo["base"], _models(zoo), "task_arithmetic", out=tmp_path / "ray",
+                            execution={"backend": "ray", "address": cluster, "workers": 2}, **kw)
+    assert folder_hashes(tmp_path / "ray", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
+    assert [p.name for p in (tmp_path / "ray").glob("model*.safetensors")] == ["model.safetensors"]
+    per_worker = result.execution["units_per_worker"]
+    assert len(per_worker) == 2 and all(n > 0 for n in per_worker.values()), per_worker
+    assert sum(per_worker.values()) == _worker_units(zoo, "task_arithmetic", 2, 2 * 1024**3) > 2
 
 
 def test_a_primerge_error_in_a_unit_stops_the_run_with_that_error(zoo, cluster, tmp_path):

@@ -150,23 +150,19 @@ def test_a_file_size_limit_fails_the_write_cleanly(zoo, tmp_path):
     assert not out.exists() and leftovers(out) == []
 
 
-THREAD_METHODS = {"prime": {"svd": "randomized"}, "tsv": {}, "ties": {}, "dare": {}, "iso_cts": {}, "drm": {},
-                  "ho_subspace_boosting": {}}
-
-
 def test_byte_identical_across_thread_counts(zoo, tmp_path):
-    """Every method's files are the same bytes with 1 and with 2 threads (primerge.util.deterministic);
-    without the one-thread decompositions the SVD methods' outputs differ."""
-    recipes = [recipe(zoo, tmp_path, m, **p) for m, p in THREAD_METHODS.items()]
-    outputs = {}
+    """A merge's files are the same bytes in a process with 1 and with 2 threads (primerge.util.deterministic).
+    Every method's updates with 1 and 2 threads, as the stream computes them: the method contract's
+    'threads' (tests/test_method_contract.py)."""
+    path = recipe(zoo, tmp_path, "prime", svd="randomized")
+    outputs = []
     for threads in (1, 2):
-        loop = "; ".join(f"assert main({merge_args(r, tmp_path / f'{r.stem}-{threads}')!r}) == 0" for r in recipes)
-        code = (f"import torch; torch.set_num_threads({threads}); from primerge.cli.main import main; {loop}; "
+        code = (f"import torch; torch.set_num_threads({threads}); from primerge.cli.main import main; "
+                f"assert main({merge_args(path, tmp_path / f'prime-{threads}')!r}) == 0; "
                 f"assert torch.get_num_threads() == {threads}")
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-        outputs[threads] = {m: digest(tmp_path / f"{m}-{threads}") for m in THREAD_METHODS}
-    for method in THREAD_METHODS:
-        assert outputs[1][method] == outputs[2][method], method
+        outputs.append(digest(tmp_path / f"prime-{threads}"))
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.skipif(os.cpu_count() == 1, reason="needs two cores for two threads to matter")

@@ -5,8 +5,11 @@ on a tiny random LlamaForCausalLM and two fine-tunes of it."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -73,12 +76,12 @@ def test_scores_equal_lm_eval_on_the_same_model_and_are_cached(llm_zoo, tmp_path
     direct = model_from_state(suite.base, merged.state_dict, "test")
     for label in suite.labels:
         expected = harness.evaluate_prompt_tasks(direct, suite.tokenizer, [suite.tasks[label]], tmp_path / "d")
-        assert suite.score(model, label) == pytest.approx(expected[suite.tasks[label].name])
+        assert suite.score(model, label) == pytest.approx(expected[suite.tasks[label].name].accuracy)
     individual = suite.individual()
     for entry, label in zip(llm_zoo["recipe"].models, suite.labels):
         own = load_model(entry.path, suite.base)[0]
         expected = harness.evaluate_prompt_tasks(own, suite.tokenizer, [suite.tasks[label]], tmp_path / "d")
-        assert individual[label] == pytest.approx(expected[suite.tasks[label].name])
+        assert individual[label] == pytest.approx(expected[suite.tasks[label].name].accuracy)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached score was evaluated again")
@@ -90,15 +93,49 @@ def test_scores_equal_lm_eval_on_the_same_model_and_are_cached(llm_zoo, tmp_path
     assert again.individual() == individual
 
 
-def test_cli_tune_with_the_llm_suite(llm_zoo, tmp_path, capsys):
+def test_cli_tune_with_the_llm_suite(llm_zoo, tmp_path, capsys, monkeypatch):
+    """A recipe of relative paths in its own folder, run from another folder: the best recipe is merged
+    from the report (relative to it) and merges again from anywhere; the output gives n and the
+    standard error per task and how the validation sets were carved; the prompt options reach the
+    suite."""
+    from primerge.core.recipe import load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    paths = [llm_zoo["recipe"].base, *(m.path for m in llm_zoo["recipe"].models)]
+    relative = [os.path.relpath(p, tmp_path / "recipes") for p in paths]
+    (tmp_path / "recipes" / "recipe.yaml").write_text(json.dumps(
+        {"base": relative[0], "models": relative[1:], "method": "task_arithmetic"}))
+    monkeypatch.chdir(tmp_path)
+    argv = ["tune", "recipes/recipe.yaml", "--suite", "llm", "--tasks", *llm_zoo["tasks"], "--trials", "3",
+            "--validation-size", "8", "--out", "reports/out", "--cache", "c", "--max-prompt-tokens", "40"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    written = tmp_path / "reports" / "out" / "task_arithmetic.yaml"
+    assert (tmp_path / "reports" / "out" / "trials.csv").is_file()
+    assert not Path(yaml.safe_load(written.read_text())["base"]).is_absolute()
+    monkeypatch.chdir(tmp_path / "recipes")
+    best = load_recipe(written)
+    assert best.base.samefile(llm_zoo["recipe"].base)
+    assert [m.path.samefile(e.path) for m, e in zip(best.models, llm_zoo["recipe"].models)] == [True, True]
+    assert "validation = 4 of the 24 training examples (shuffled, seed 1" in out and "a.jsonl: 40 rows" in out
+    assert "ft1 (n=4)" in out and " ± " in out
+    summary = json.loads((tmp_path / "reports" / "out" / "summary.json").read_text())
+    assert summary["validation"]["ft1"]["n"] == 4 and "Wilson's 95% interval" in (written.parent / "summary.md").read_text()
+    score = summary["methods"][0]["confirmed_scores"]["ft1"]
+    assert score["ci95"][0] <= score["accuracy"] <= score["ci95"][1]
+
+
+def test_cli_tune_prompt_options(llm_zoo, tmp_path, capsys):
+    """--max-prompt-tokens reaches the LLM suite (a budget below the template is its error, naming
+    the option); the encoder suite refuses the LLM suite's options; an unknown suite is refused."""
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(json.dumps({"base": str(llm_zoo["recipe"].base),
-                                       "models": [str(m.path) for m in llm_zoo["recipe"].models],
-                                       "method": "task_arithmetic"}))
-    out = tmp_path / "out"
-    code = main(["tune", str(recipe_file), "--suite", "llm", "--tasks", *llm_zoo["tasks"], "--trials", "3",
-                 "--validation-size", "8", "--out", str(out), "--cache", str(tmp_path / "c"), "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    assert (out / "task_arithmetic.yaml").is_file() and (out / "trials.csv").is_file()
-    assert "task_arithmetic" in capsys.readouterr().out
-    assert main(["tune", str(recipe_file), "--suite", "nope", "--tasks", *llm_zoo["tasks"]]) == 2
+                                       "models": [str(m.path) for m in llm_zoo["recipe"].models]}))
+    common = ["tune", str(recipe_file), "--tasks", *llm_zoo["tasks"], "--out", str(tmp_path / "o"),
+              "--cache", str(tmp_path / "c")]
+    assert main([*common, "--suite", "llm", "--max-prompt-tokens", "6"]) == 2
+    assert "leaving fewer than 4 of 6 for the text; raise --max-prompt-tokens." in capsys.readouterr().err
+    assert main([*common, "--max-prompt-tokens", "64"]) == 2
+    assert "--max-prompt-tokens: option(s) of the LLM suite; add --suite llm" in capsys.readouterr().err
+    assert main([*common, "--suite", "nope"]) == 2

@@ -34,6 +34,7 @@ def merge(
     seed: int = 42,
     lines: dict[str, Any] | None = None,
     purify: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     lora_rank: int | None = None,
     execution: dict[str, Any] | None = None,
@@ -58,6 +59,8 @@ def merge(
     ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.engine.ray`).
     ``tokenizer`` (base | union | a model's name) chooses the output vocabulary
     (:mod:`primerge.core.vocabulary`); ``output`` is the recipe's output block (e.g. ``{"dtype": "bfloat16"}``).
+    ``calibration={"data": {label: task}}`` names each model's task data for a data-aware method
+    (``regmean``, ``regmean_pp``: :mod:`primerge.calibration`).
     A merge that would not fit in memory (or ``max_memory``, e.g. ``"8GB"``) or on disk is refused
     before it starts (:mod:`primerge.engine.preflight`). Raises a :class:`primerge.util.errors.PrimergeError`
     on any bad input.
@@ -74,6 +77,7 @@ def merge(
         "seed": seed,
         "lines": lines,
         "purify": purify,
+        "calibration": calibration,
         "allow_pickle": allow_pickle,
         "output": {**(output or {}), **({"lora_rank": lora_rank} if lora_rank is not None else {})} or None,
         "execution": execution,
@@ -83,8 +87,12 @@ def merge(
                         max_memory=max_memory)
 
 
+#: The execution settings that only mean something on Ray (the CLI's distributed-execution options).
+RAY_ONLY = ("address", "workers", "cpus_per_worker", "gpus_per_worker")
+
+
 def _resolve(recipe: Recipe | str | Path, allow_pickle: bool, lora_rank: int | None,
-             execution: dict[str, Any] | None) -> tuple[Recipe, Path | None]:
+             execution: dict[str, Any] | None, download: bool = False) -> tuple[Recipe, Path | None]:
     """The recipe (read from YAML if a path) with the call's overrides, and its folder."""
     if not isinstance(allow_pickle, bool):
         raise RecipeError(f"allow_pickle must be true or false, not {allow_pickle!r:.40}.")
@@ -92,13 +100,19 @@ def _resolve(recipe: Recipe | str | Path, allow_pickle: bool, lora_rank: int | N
     if not isinstance(recipe, Recipe):
         path = user_path(recipe, "recipe")
         folder = path.parent
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, download=download)
     if allow_pickle:
         recipe = recipe.replace(allow_pickle=True)
     if lora_rank is not None:
         recipe = recipe.replace(output={"lora_rank": lora_rank})
     if execution:
-        recipe = recipe.replace(execution={**recipe.execution.model_dump(exclude_defaults=True), **execution})
+        merged = {**recipe.execution.model_dump(exclude_defaults=True), **execution}
+        ray_only = [key for key in RAY_ONLY if key in execution]
+        if merged.get("backend", "local") == "local" and ray_only:
+            options = ", ".join(f"--{key.replace('_', '-')}" for key in ray_only)
+            raise RecipeError(f"{options} set how units run on Ray; add --backend ray (or execution: {{backend: ray}} "
+                              f"in the recipe), or leave {options} out for a local merge.")
+        recipe = recipe.replace(execution=merged)
     return recipe, folder
 
 
@@ -114,27 +128,35 @@ def merge_recipe(
     lora_rank: int | None = None,
     execution: dict[str, Any] | None = None,
     max_memory: int | str | None = None,
+    download: bool = False,
 ) -> MergeResult:
-    """Run a :class:`Recipe` (or a YAML recipe file); see :func:`merge`.
+    """Run a :class:`Recipe` (or a recipe file: primerge YAML, a mergekit configuration or a model
+    card, :func:`primerge.core.recipe.load_recipe`); see :func:`merge`.
 
     ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank; ``execution``
     overrides fields of the recipe's ``execution`` block (e.g. ``{"backend": "ray", "workers": 4}``);
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not; ``max_memory``
-    replaces the machine's available memory in the pre-flight check.
+    replaces the machine's available memory in the pre-flight check; ``download`` fetches hub ids
+    missing from the local Hugging Face cache (:mod:`primerge.io.hub`).
     """
     resolve_device(device)  # the call's own arguments first: a wrong type is one clear error
     size = parse_size(shard_size)
     limit = parse_size(max_memory) if max_memory is not None else None
-    recipe, folder = _resolve(recipe, allow_pickle, lora_rank, execution)
+    recipe, folder = _resolve(recipe, allow_pickle, lora_rank, execution, download)
     executor = make_executor(recipe.execution, device)
     sink = open_sink(recipe, out, force=force, shard_size=size)
     plan = build_plan(recipe, shard_size=size)
     try:
-        check_fits(plan, Path(out) if out is not None else None, resolve_device(device), limit)  # out: checked by open_sink
+        check_fits(plan, Path(out) if out is not None else None, resolve_device(device), limit,  # out: checked by open_sink
+                   executor)
         if recipe.purify is not None:
             from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
             plan = plan.with_transform(build_purifier(recipe, relative_to=folder, quiet=quiet))
+        if recipe.spec.reads_grams is not None:
+            from primerge.calibration import build_grams  # above the engine: imported only when asked for
+
+            plan = plan.with_grams(build_grams(plan, relative_to=folder, quiet=quiet))
         return run(plan, sink, executor, quiet)
     finally:
         plan.close()
@@ -151,12 +173,13 @@ def dry_run(
     lora_rank: int | None = None,
     max_memory: int | str | None = None,
     calibrate: bool = True,
+    download: bool = False,
 ) -> Preflight:
     """What merging ``recipe`` into ``out`` would do, from the headers and a short calibration
     (``primerge plan``; :mod:`primerge.engine.preflight`); nothing is written. ``report.problems`` lists
     what would refuse the merge."""
     device = resolve_device(device)
-    recipe, _ = _resolve(recipe, allow_pickle, lora_rank, None)
+    recipe, _ = _resolve(recipe, allow_pickle, lora_rank, None, download)
     plan = build_plan(recipe, shard_size=parse_size(shard_size))
     try:
         limit = parse_size(max_memory) if max_memory is not None else None

@@ -90,18 +90,25 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One merge in a child process: seconds, CPU seconds, peak RSS (MiB), engine seconds and, on
-    Ray, the mean over workers of each worker's units per second of its own merging time."""
+    """One merge in a child process: seconds, CPU seconds, peak RSS (MiB), engine seconds, on Ray
+    the mean over workers of each worker's units per second of its own merging time and the units
+    each worker merged (most first), and the flops and seconds of its truncated SVDs
+    (:class:`primerge.linalg.SVDOutcomes`, pre-pass included)."""
 
     wall_s: float
     cpu_s: float
     rss_mib: float
     merge_s: float
     unit_rate: float = float("nan")
+    svd_flops: float = 0.0
+    svd_s: float = 0.0
+    worker_units: tuple[int, ...] = ()
 
 
 MERGED_LINE = re.compile(r"merged with \S+ in ([0-9.]+)s")
+SVD_LINE = re.compile(r"svd work: ([0-9.e+]+) flop in ([0-9.]+)s")
 UNITS_LINE = re.compile(r"units/s per worker: ([0-9.e+ -]+)")
+WORKER_UNITS_LINE = re.compile(r"units per worker: ([0-9 ]+)")
 PEAK_LINE = re.compile(r"peak rss: (\d+) kB")
 
 
@@ -120,9 +127,14 @@ def child_merge(argv: Sequence[str]) -> int:
     rates = (result.execution or {}).get("units_per_second", {})
     if rates:
         print(f"units/s per worker: {' '.join(f'{rate:g}' for rate in rates.values())}")
+        counts = list(result.execution["units_per_worker"].values())
+        counts += [0] * (result.execution["workers"] - len(counts))  # workers that merged no unit
+        print(f"units per worker: {' '.join(map(str, counts))}")
     peak = own_peak_kib()
     if peak is not None:
         print(f"peak rss: {peak} kB")
+    svds = result.svd + result.prepass_svd
+    print(f"svd work: {svds.flops:.6g} flop in {sum(svds.seconds.values()):.6f}s")
     print(f"merged with {result.method} in {result.seconds:.6f}s")
 
 
@@ -161,8 +173,10 @@ def measure_merge(recipe: Path, out: Path, device: str = "cpu", runner: Sequence
     peak = PEAK_LINE.findall(text)
     # the child's own VmHWM (child_merge); else rusage (Linux reports ru_maxrss in KiB, macOS in bytes)
     rss = int(peak[-1]) / 1024 if peak else usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    svd = [(float(f), float(t)) for f, t in SVD_LINE.findall(text)[-1:]] or [(0.0, 0.0)]
+    units = tuple(sorted((int(n) for line in WORKER_UNITS_LINE.findall(text)[-1:] for n in line.split()), reverse=True))
     return Measurement(wall, usage.ru_utime + usage.ru_stime, rss, merge_s,
-                       statistics.fmean(rates) if rates else float("nan"))
+                       statistics.fmean(rates) if rates else float("nan"), *svd[0], units)
 
 
 @dataclass
@@ -175,6 +189,7 @@ class Row:
     tasks: int
     runs: list[Measurement] = field(default_factory=list)
     note: str = ""
+    paths: tuple[Path, ...] = ()  # the folders merged: the base, then the models
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(m, attr) for m in self.runs)
@@ -182,14 +197,16 @@ class Row:
     def as_dict(self, baseline: "Row | None") -> dict:
         d = {"group": self.group, "inputs": self.inputs, "method": self.label, "T": self.tasks,
              "runs": len(self.runs)}
-        for attr in ("wall_s", "cpu_s", "merge_s", "rss_mib"):
+        for attr in ("wall_s", "cpu_s", "merge_s", "svd_s", "rss_mib"):
             d[attr] = round(self.median(attr), 3)
         for attr, key in (("wall_s", "wall_x"), ("merge_s", "merge_x"), ("rss_mib", "rss_x")):
             ref = baseline.median(attr) if baseline and baseline.runs else 0.0
             d[key] = round(self.median(attr) / ref, 3) if ref > 0 else ""
         rates = [m.unit_rate for m in self.runs if m.unit_rate == m.unit_rate]
         rate = f"units/s per worker {statistics.median(rates):.3g}" if rates else ""
-        d["note"] = "; ".join(filter(None, (self.note, rate)))
+        spread = [m.worker_units for m in self.runs if m.worker_units]
+        units = f"units per worker {'/'.join(map(str, spread[-1]))}" if spread else ""
+        d["note"] = "; ".join(filter(None, (self.note, rate, units)))
         return d
 
 
@@ -203,6 +220,6 @@ def run_interleaved(configs: Sequence[tuple[Row, Path]], repeats: int, workdir: 
             m = measure_merge(recipe, out, device, runner, shard_size)
             row.runs.append(m)
             log(f"  [{rep + 1}/{repeats}] {row.inputs:<14} {row.label:<24} wall {m.wall_s:7.2f}s  "
-                f"cpu {m.cpu_s:7.2f}s  merge {m.merge_s:7.2f}s  rss {m.rss_mib:7.0f} MiB")
+                f"cpu {m.cpu_s:7.2f}s  merge {m.merge_s:7.2f}s  svd {m.svd_s:7.2f}s  rss {m.rss_mib:7.0f} MiB")
     shutil.rmtree(out, ignore_errors=True)
 

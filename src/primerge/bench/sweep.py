@@ -58,9 +58,12 @@ def parse_sweep(text: str) -> Sweep:
 
 
 def sweep_spec(base: ZooSpec, axis: str, point: int) -> ZooSpec:
-    """The zoo of one point: ``base`` at this hidden size (scale = hidden / 768) or with T = point."""
+    """The zoo of one point: ``base`` at this hidden size (LLaMA's shapes when ``base`` has them, else
+    scale = hidden / 768) or with T = point."""
     if axis == "tasks":
         return replace(base, tasks=point, vocab_rows=SWEEP_VOCAB)
+    if base.hidden_size is not None:
+        return replace(base, hidden_size=point, vocab_rows=SWEEP_VOCAB)
     return replace(base, scale=point / ZooSpec().hidden, vocab_rows=SWEEP_VOCAB)
 
 

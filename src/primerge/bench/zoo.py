@@ -3,6 +3,14 @@ heads, gate/up/down, RMS norms, ``lm_head``) generated once, tensor by tensor, i
 (:func:`primerge.util.cache_dirs.cache_root` ``/bench/<key>``, the key naming every setting). Its task vectors
 have the structure of real fine-tunes: a few strong directions shared by all tasks (with
 task-specific weights), a few task-specific ones, a decaying tail and noise.
+
+Two settings make the *realistic* zoo of gap-free spectra: ``hidden_size`` gives LLaMA's shapes at
+that width (head dimension 64, a quarter as many KV heads as heads, intermediate 256·⌈8h/3/256⌉:
+2816 at 1024, 11008 at 4096, a 32,000-token vocabulary), and ``noise_floor`` f replaces the tail
+by an i.i.d. Gaussian noise floor holding the share f of every matrix task vector's energy, the
+strong directions the rest. A Gaussian m × n floor has the flat Marchenko–Pastur top edge: at
+PRIME's 1% rank the cut falls inside it (six strong directions, r = 10 at hidden 1024), the
+hard case for a truncated SVD.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ ENERGY = {"shared": 0.30, "specific": 0.25, "tail": 0.35, "noise": 0.10}
 #: The tail has rank r_full // TAIL_DIVISOR and singular values ∝ j^-TAIL_DECAY.
 TAIL_DIVISOR = 4
 TAIL_DECAY = 0.7
+#: Head dimension of the LLaMA-shaped zoo (``hidden_size``).
+HEAD_DIM = 64
 
 
 @dataclass(frozen=True)
@@ -52,13 +62,26 @@ class ZooSpec:
     tasks: int = 8
     seed: int = 0
     vocab_rows: int | None = None
+    hidden_size: int | None = None  # LLaMA's shapes at this width (``scale`` then plays no part)
+    noise_floor: float | None = None  # energy share of a Gaussian noise floor (None: the power-law tail)
 
-    heads = 12
-    kv_heads = 4
+    def __post_init__(self) -> None:
+        if self.hidden_size is not None and (self.hidden_size < HEAD_DIM or self.hidden_size % HEAD_DIM):
+            raise ValueError(f"hidden size {self.hidden_size} is not a positive multiple of {HEAD_DIM}")
+        if self.noise_floor is not None and not 0 <= self.noise_floor < 1:
+            raise ValueError(f"noise floor {self.noise_floor} must lie in [0, 1)")
+
+    @property
+    def heads(self) -> int:
+        return 12 if self.hidden_size is None else self.hidden_size // HEAD_DIM
+
+    @property
+    def kv_heads(self) -> int:
+        return 4 if self.hidden_size is None else max(1, self.heads // 4)
 
     @property
     def hidden(self) -> int:
-        return self.heads * max(1, round(64 * self.scale))
+        return self.hidden_size or self.heads * max(1, round(64 * self.scale))
 
     @property
     def head_dim(self) -> int:
@@ -66,16 +89,20 @@ class ZooSpec:
 
     @property
     def intermediate(self) -> int:
+        if self.hidden_size is not None:
+            return 256 * math.ceil(self.hidden_size * 8 / 3 / 256)
         return 32 * max(1, round(self.hidden * 8 / 3 / 32))
 
     @property
     def vocab(self) -> int:
-        return self.vocab_rows or max(64, round(32000 * self.scale))
+        return self.vocab_rows or (32000 if self.hidden_size else max(64, round(32000 * self.scale)))
 
     @property
     def key(self) -> str:
         vocab = f"-V{self.vocab_rows}" if self.vocab_rows else ""
-        return f"llama-L{self.layers}-s{self.scale:g}{vocab}-T{self.tasks}-seed{self.seed}-v{GENERATOR_VERSION}"
+        width = f"h{self.hidden_size}" if self.hidden_size else f"s{self.scale:g}"
+        floor = f"-nf{self.noise_floor:g}" if self.noise_floor is not None else ""
+        return f"llama-L{self.layers}-{width}{vocab}{floor}-T{self.tasks}-seed{self.seed}-v{GENERATOR_VERSION}"
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every tensor, in the order of a Hugging Face LlamaForCausalLM."""
@@ -136,7 +163,9 @@ def task_vector(spec: ZooSpec, name: str, shape: tuple[int, ...], task: int) -> 
 
     A matrix gets shared directions (the same u, v for all tasks, task-perturbed weights),
     task-specific directions, a Gaussian-factor tail of rank r_full/4 with singular
-    values ∝ j^-0.7, and i.i.d. noise, in the energy shares of ``ENERGY``. A vector gets noise.
+    values ∝ j^-0.7, and i.i.d. noise, in the energy shares of ``ENERGY``; with ``noise_floor`` f,
+    the strong directions share 1 − f in the proportions of ``ENERGY`` and i.i.d. noise holds f.
+    A vector gets noise.
     """
     g = generator(spec.seed, name, "task", task)
     if len(shape) == 1:
@@ -145,6 +174,13 @@ def task_vector(spec: ZooSpec, name: str, shape: tuple[int, ...], task: int) -> 
     shared_weights = [w * (1.0 + 0.25 * float(torch.randn((), generator=g))) for w in SHARED_DIRECTIONS]
     shared = _directions(m, n, shared_weights, generator(spec.seed, name, "shared"))
     specific = _directions(m, n, SPECIFIC_DIRECTIONS, g)
+    if spec.noise_floor is not None:
+        strong = ENERGY["shared"] + ENERGY["specific"]
+        share = {"shared": (1 - spec.noise_floor) * ENERGY["shared"] / strong,
+                 "specific": (1 - spec.noise_floor) * ENERGY["specific"] / strong, "noise": spec.noise_floor}
+        tau = (math.sqrt(share["shared"]) * shared + math.sqrt(share["specific"]) * specific
+               + math.sqrt(share["noise"]) * _unit(torch.randn(m, n, generator=g)))
+        return tau * (TAU_RMS * math.sqrt(m * n))
     rank = max(1, min(m, n) // TAIL_DIVISOR)
     decay = torch.arange(1, rank + 1, dtype=torch.float32).pow(-TAIL_DECAY)
     tail = _unit((torch.randn(m, rank, generator=g) * decay) @ torch.randn(rank, n, generator=g))

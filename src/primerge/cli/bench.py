@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from primerge import bench
@@ -18,13 +19,13 @@ def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: C
     """(Row, recipe path) of every configuration: the methods, the same on Ray (with ``ray_address``),
     then the T and depth scaling pairs."""
     from primerge.bench.runs import Inputs, Row, parse_method, write_recipe
-    from primerge.bench.zoo import ZooSpec, build_zoo
+    from primerge.bench.zoo import build_zoo
 
     configs: list = []
 
     def add(group: str, inp: Inputs, run, label: str) -> None:
         recipe = workdir / f"recipe-{len(configs)}.yaml"
-        configs.append((Row(group, inp.name, label, len(inp.models)),
+        configs.append((Row(group, inp.name, label, len(inp.models), paths=tuple(_paths(inp))),
                         write_recipe(recipe, inp.base, inp.models, run, inp.extra)))
 
     for run in runs:
@@ -36,13 +37,13 @@ def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: C
         for run in runs:
             add("ray", on_ray, run, run.label)
     if args.scaling and args.recipe is None:
-        spec = ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed)
+        spec = zoo_spec(args)
         pair = (parse_method(BASELINE), parse_method("prime"))
         half = max(1, spec.tasks // 2)
         for run in pair:
             add("tasks", inputs.subset(f"L{spec.layers}", half), run, f"{run.label} T={half}")
             add("tasks", inputs, run, f"{run.label} T={spec.tasks}")
-        shallow = ZooSpec(layers=max(1, spec.layers // 2), scale=spec.scale, tasks=spec.tasks, seed=spec.seed)
+        shallow = replace(spec, layers=max(1, spec.layers // 2))
         shallow_inputs = Inputs.from_zoo(f"L{shallow.layers}", build_zoo(shallow, args.cache, log), spec.tasks)
         for run in pair:
             add("depth", shallow_inputs, run, f"{run.label} L={shallow.layers}")
@@ -50,16 +51,25 @@ def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: C
     return configs
 
 
+def zoo_spec(args: argparse.Namespace):
+    """The zoo the arguments describe (``--hidden`` and ``--noise-floor``: the realistic zoo)."""
+    from primerge.bench.zoo import ZooSpec
+
+    return ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed, hidden_size=args.hidden,
+                   noise_floor=args.noise_floor)
+
+
 def _inputs(args: argparse.Namespace, log: Callable[[str], None]):
     """The recipe's base and models, or the cached zoo (built on first use)."""
     from primerge.bench.runs import Inputs
-    from primerge.bench.zoo import ZooSpec, build_zoo
+    from primerge.bench.zoo import build_zoo
 
     if args.recipe is not None:
         return Inputs.from_recipe(Path(args.recipe))
-    spec = ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed)
+    spec = zoo_spec(args)
+    floor = f", noise floor {spec.noise_floor:g} of each task vector's energy" if spec.noise_floor is not None else ""
     log(f"zoo: {spec.key}: {spec.parameters() / 1e6:.1f}M parameters per checkpoint, {spec.tasks} fine-tunes "
-        f"(hidden {spec.hidden}, intermediate {spec.intermediate}, vocab {spec.vocab})")
+        f"(hidden {spec.hidden}, intermediate {spec.intermediate}, vocab {spec.vocab}{floor})")
     return Inputs.from_zoo(f"L{spec.layers}", build_zoo(spec, args.cache, log), spec.tasks)
 
 
@@ -82,8 +92,25 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
     inputs = _inputs(args, log)
     with _ray_cluster(args, log) as address:
         rows = _measure(args, _paths(inputs), lambda workdir: _configs(args, runs, inputs, workdir, log, address), log)
+    floors = _floors(args, rows, log) if args.floors else None
     error = _accuracy(inputs, runs, log) if args.accuracy else None
-    return summarize(rows, error, inputs)
+    return summarize(rows, error, inputs, floors)
+
+
+def _floors(args: argparse.Namespace, rows: list, log: Callable[[str], None]):
+    """The machine's GEMM rate and the I/O floor of every inputs the rows merged (bench.floors)."""
+    import tempfile
+
+    from primerge.bench.floors import gemm_rate, io_floor, output_bytes
+    from primerge.bench.report import Floors
+
+    rate = gemm_rate(args.repeats)
+    log(f"floors: float32 GEMM at {rate / 1e9:.1f} GFLOP/s")
+    io = {}
+    for name, paths in {row.inputs: row.paths for row in rows}.items():
+        io[name] = io_floor(paths, output_bytes(paths[0]), Path(args.workdir or tempfile.gettempdir()), args.repeats)
+        log(f"floors: reading {name}'s {len(paths)} checkpoints and writing the merged model takes {io[name]:.2f}s")
+    return Floors(io, rate)
 
 
 def _run_sweeps(args: argparse.Namespace, runs: list, log: Callable[[str], None]) -> list[dict]:
@@ -92,9 +119,8 @@ def _run_sweeps(args: argparse.Namespace, runs: list, log: Callable[[str], None]
     from primerge.bench.report import summarize
     from primerge.bench.runs import Row, write_recipe
     from primerge.bench.sweep import exponents, point_label, sweep_inputs
-    from primerge.bench.zoo import ZooSpec
 
-    base = ZooSpec(layers=args.layers, scale=args.scale, tasks=args.tasks, seed=args.seed)
+    base = zoo_spec(args)
     points = [(sweep, point, inputs) for sweep in args.sweep for point, inputs in sweep_inputs(sweep, base, args.cache, log)]
 
     def configs(workdir: Path) -> list:
@@ -129,7 +155,7 @@ def _measure(args: argparse.Namespace, paths: list[Path], make_configs: Callable
     return [row for row, _ in configs]
 
 
-def _accuracy(inputs, runs: list, log: Callable[[str], None]) -> tuple[float, float]:
+def _accuracy(inputs, runs: list, log: Callable[[str], None]):
     """PRIME's ``svd: auto`` (or the first PRIME run's own setting) against its exact path."""
     from primerge.bench.accuracy import truncation_error
     from primerge.bench.runs import MethodRun, parse_method
@@ -138,8 +164,9 @@ def _accuracy(inputs, runs: list, log: Callable[[str], None]) -> tuple[float, fl
     exact = MethodRun("prime:svd=exact", "prime", {**fast.parameters, "svd": "exact"})
     start = time.perf_counter()
     error = truncation_error(inputs, fast, exact)
-    log(f"accuracy: {fast.label} vs {exact.label}: relative error {error[0]:.2e} over all matrices, "
-        f"worst matrix {error[1]:.2e} ({time.perf_counter() - start:.1f}s)")
+    log(f"accuracy: {fast.label} vs {exact.label}: relative error {error.total:.2e} over all matrices, "
+        f"worst matrix {error.worst:.2e}; storing the exact result in the output dtype moves it by "
+        f"{error.rounding:.2e} ({time.perf_counter() - start:.1f}s)")
     return error
 
 
@@ -184,6 +211,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=8, help="decoder layers of the zoo (default 8)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="width scale: 1.0 = hidden 768, vocab 32000, ~100M parameters (default 1.0)")
+    parser.add_argument("--hidden", type=int, metavar="N",
+                        help="the zoo has LLaMA's shapes at hidden size N (a multiple of 64; head dim 64, a "
+                             "quarter as many KV heads, intermediate 256·⌈8N/3/256⌉, vocab 32000) instead of --scale")
+    parser.add_argument("--noise-floor", type=float, metavar="F",
+                        help="realistic spectra: every matrix task vector is a few strong directions over a "
+                             "Gaussian noise floor holding the share F of its energy (e.g. 0.5), instead of the "
+                             "default zoo's power-law tail")
     parser.add_argument("--tasks", type=int, default=8, help="fine-tunes in the zoo (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="zoo generation seed (default 0)")
     parser.add_argument("--recipe", help="benchmark this recipe's base and models instead of the zoo")
@@ -196,12 +230,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the T=4 vs T=8 and half-depth vs full-depth rows")
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                         help="skip PRIME's truncated-vs-exact SVD error check")
+    parser.add_argument("--no-floors", dest="floors", action="store_false",
+                        help="skip the floors: the I/O floor (reading the inputs, writing the output) and the "
+                             "compute floor (each merge's SVD flops at the machine's measured GEMM rate)")
     parser.add_argument("--ray-workers", type=int, default=0, metavar="N",
                         help="also run every method on a local Ray cluster with N workers (pip install "
                              "'primerge[ray]'); ratios against the same method run locally")
-    parser.add_argument("--shard-size", help="output shard size of every merge (default primerge's, 2GiB); a merge "
-                        "has one work unit per shard, so Ray rows want several per worker, e.g. 50MB on the "
-                        "default zoo")
+    parser.add_argument("--shard-size", help="output shard size of every merge (default primerge's, 2GiB); Ray "
+                        "rows split the shards into units sized for the workers whatever this size")
     parser.add_argument("--sweep", action="append", type=_sweep, metavar="AXIS=V1,V2,...",
                         help="instead of the methods table: every method at each point of a zoo axis, hidden "
                              "(e.g. hidden=512,1024,2048,4096) or tasks (e.g. tasks=2,4,8,16), with the fitted "

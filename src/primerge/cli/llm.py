@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,12 +24,27 @@ def _names(values) -> list[str]:
     return [v for value in values or [] for v in value.split(",") if v]
 
 
-def _add_protocol_options(group) -> None:
+def add_prompt_options(group) -> None:
+    """``--preset``, ``--max-prompt-tokens`` and ``--device``: how prompts are cast and where models run
+    (``eval``, ``demo`` and ``tune``)."""
     group.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                        help="suite size: cpu (default; sized for 2 CPU cores) or gpu (larger; use with --device cuda)")
-    group.add_argument("--test-size", type=int, help="test examples per task (default: the preset's)")
-    group.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: the preset's)")
+    group.add_argument("--max-prompt-tokens", type=int,
+                       help="longest prompt in tokens, the template included; longer texts are cut at a word end "
+                            f"(default: the preset's, {PRESETS['cpu'].max_prompt_tokens} for cpu)")
     group.add_argument("--device", default="cpu", help="cpu, cuda or auto, for training, merging and lm-eval")
+
+
+def prompt_options_given(args) -> list[str]:
+    """The prompt options (:func:`add_prompt_options`) set to other than their defaults."""
+    given = {"--preset": args.preset != "cpu", "--max-prompt-tokens": args.max_prompt_tokens is not None,
+             "--device": args.device != "cpu"}
+    return [name for name, changed in given.items() if changed]
+
+
+def _add_protocol_options(group) -> None:
+    add_prompt_options(group)
+    group.add_argument("--test-size", type=int, help="test examples per task (default: the preset's)")
 
 
 def add_demo_options(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +69,11 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("lm-eval harness (--harness lm-eval)")
     _add_protocol_options(group)
     group.add_argument("--include-path", type=Path, action="append", default=[],
-                       help="a folder of your own lm-eval task YAMLs (repeatable)")
+                       help="a folder of your own lm-eval task YAMLs (repeatable); they can run Python code, so "
+                            "--allow-task-code is required with it")
+    group.add_argument("--allow-task-code", action="store_true",
+                       help="run the lm-eval task YAMLs of --include-path, which can execute Python code "
+                            "(!function tags import and call modules from their folder)")
 
 
 def protocol_of(args):
@@ -85,16 +105,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+TASK_CODE = ("lm-eval task YAML can execute Python code: a !function tag imports and calls a module from the "
+             "task's folder, with your permissions")
+
+
+def check_task_code(folders: list[Path], allowed: bool) -> None:
+    """Refuse ``--include-path`` folders unless ``--allow-task-code`` says their code may run; say so,
+    on stderr, before anything runs when it does."""
+    if not folders:
+        return
+    named = ", ".join(str(f) for f in folders)
+    if not allowed:
+        raise RecipeError(f"--include-path {named}: {TASK_CODE}. Add --allow-task-code if you trust these folders "
+                          f"as you would trust a Python script.")
+    print(f"primerge: note: running the task YAMLs of {named}; {TASK_CODE}.", file=sys.stderr)
+
+
 def cmd_eval(args) -> int:
     from primerge.evaluation.llm.evaluate import evaluate_with_harness
 
-    scores = evaluate_with_harness(args.model, _names(args.tasks), base=args.base, cache=args.cache,
+    check_task_code(args.include_path, args.allow_task_code)
+
+    result = evaluate_with_harness(args.model, _names(args.tasks), base=args.base, cache=args.cache,
                                    protocol=protocol_of(args), device=args.device, batch_size=args.batch_size,
                                    include=args.include_path)
-    print(f"{'task':<28}{'accuracy':>10}")
-    for name, value in scores.items():
-        print(f"{name:<28}{100 * value:>9.1f}%")
-    print(f"{'Avg':<28}{100 * sum(scores.values()) / len(scores):>9.1f}%")
+    print(score_table(result.scores))
+    print("\nscored on (lm-eval's standard error; Wilson's 95% interval):")
+    for name, examples in result.examples.items():
+        print(f"  {name}: {examples}")
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "harness": "lm-eval", "accuracy": scores}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"model": str(args.model), "harness": "lm-eval", **result.as_dict()},
+                                        indent=2) + "\n")
     return 0
+
+
+def score_table(scores: dict) -> str:
+    """Task, n, accuracy, standard error and 95% interval per task, then the average accuracy."""
+    lines = [f"{'task':<28}{'n':>6}{'accuracy':>10}{'± se':>7}{'95% interval':>15}"]
+    for name, score in scores.items():
+        stderr = "-" if score.stderr is None else f"{100 * score.stderr:.1f}"
+        lines.append(f"{name:<28}{score.n:>6}{100 * score.accuracy:>9.1f}%{stderr:>7}{score.interval_text():>15}")
+    average = sum(s.accuracy for s in scores.values()) / len(scores)
+    lines.append(f"{'Avg':<28}{'':>6}{100 * average:>9.1f}%")
+    return "\n".join(lines)

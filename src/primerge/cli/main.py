@@ -2,12 +2,14 @@
 
 Every primerge error becomes one line on stderr and exit code 2 (``verify`` exits 1
 when a folder does not match its manifest); an interrupt
-(Ctrl-C or SIGTERM) exits 130/143 after the temporary output is removed.
+(Ctrl-C or SIGTERM) exits 130/143 after the temporary output is removed; output into a pipe whose
+reader has gone (``primerge methods | head``) ends quietly with 141, as ``yes | head`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -21,7 +23,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
     report = dry_run(args.recipe, out=args.out, device=args.device, allow_pickle=args.allow_pickle,
                        lora_rank=args.as_lora, max_memory=args.max_memory,
-                       calibrate=not getattr(args, "no_calibration", False), **size)
+                       calibrate=not getattr(args, "no_calibration", False), download=args.download, **size)
     print(report.to_text())
     if report.problems:
         print(f"primerge: error: {' '.join(report.problems)}", file=sys.stderr)
@@ -40,7 +42,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                  if (value := getattr(args, key)) is not None}
     result = merge_recipe(args.recipe, out=args.out, device=args.device, force=args.force, quiet=args.quiet,
                           allow_pickle=args.allow_pickle, lora_rank=args.as_lora, execution=execution,
-                          max_memory=args.max_memory, **size)
+                          max_memory=args.max_memory, download=args.download, **size)
     c = result.counts
     if result.report:
         print(result.report)
@@ -65,6 +67,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from primerge.io.manifest import verify_folder
 
     report = verify_folder(args.folder)
+    if report.recovered:
+        print(f"note {report.recovered}")
     for problem in report.problems:
         print(f"FAIL {problem}")
     for rel in report.unlisted:
@@ -95,6 +99,8 @@ def _merge_options(parser: argparse.ArgumentParser, *, out_required: bool) -> No
                         help="write a PEFT LoRA adapter of this rank instead of a full model")
     parser.add_argument("--max-memory", metavar="SIZE", help="memory the merge may use, e.g. 16GB (default: "
                         "what the machine has available); a merge that needs more is refused before it starts")
+    parser.add_argument("--download", action="store_true", help="download hub ids (org/name[@revision]) missing "
+                        "from the local Hugging Face cache (default: offline, refused with the download command)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list every method with its parameters and defaults")
     methods.set_defaults(func=_cmd_methods)
 
-    from primerge.cli import analyze, bench, evaluate, tune
+    from primerge.cli import analyze, bench, convert, evaluate, moe, tune
 
-    for lab in (evaluate, tune, analyze, bench):
+    for lab in (moe, convert, evaluate, tune, analyze, bench):
         lab.register(sub)
     return parser
 
@@ -147,8 +153,26 @@ def _terminate(signum, frame):
 _HANDLERS = {"SIGTERM": _terminate, "SIGHUP": _terminate, "SIGXFSZ": signal.SIG_IGN}
 
 
+#: Exit status when stdout's reader went away (``primerge methods | head``): the status a process
+#: killed by SIGPIPE reports, as ``yes | head`` does.
+BROKEN_PIPE = 128 + 13
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe cannot fail."""
+    try:
+        target = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (a test's capture): nothing will be flushed to a pipe
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, target)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``primerge`` console script; returns the exit code."""
+    if hasattr(sys.stdout, "reconfigure"):  # names may hold lone surrogates (undecodable path bytes)
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     previous = {}
     for name, handler in _HANDLERS.items():
@@ -162,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("primerge: interrupted; no incomplete output was left in place.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return BROKEN_PIPE
     finally:
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)

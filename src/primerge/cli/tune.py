@@ -2,14 +2,20 @@
 
 The recipe gives the base, the models (one fine-tune per task, in ``--tasks`` order), the
 task-specific heads, the seed and any fixed ``purify`` block; ``--methods`` picks the methods to
-tune (default: the recipe's; ``all``: every registered one).
+tune (default: the recipe's; ``all``: every registered one). ``--search`` names what each study
+searches: ``params`` (the methods' own parameters, the default), ``weights`` (one weight per
+model) and ``scale-gradient:K`` (the scale as K anchors over depth) — :mod:`primerge.tuning.genome`.
+``--suite llm`` takes the prompt options of ``eval --harness lm-eval`` and ``demo --suite llm``
+(``--preset``, ``--max-prompt-tokens``, ``--device``).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
+from primerge.cli import llm as llm_cli
 from primerge.util.errors import RecipeError
 from primerge.tuning.settings import DEFAULT_SIZE, TuneSettings
 
@@ -50,6 +56,11 @@ def register(subparsers) -> None:
     tune.add_argument("--methods", nargs="+", metavar="METHOD",
                       help="methods to tune (default: the recipe's method; 'all': every registered method)")
     add_budget_options(tune)
+    tune.add_argument("--search", nargs="+", default=["params"], metavar="PART",
+                      help="what each study searches (default params): params (each method's own parameters), "
+                           "weights or weights:LOW:HIGH (one weight per model, default range 0 to 1), "
+                           "scale-gradient:K (the method's scale as K anchors over depth, interpolated per layer "
+                           "as mergekit does); e.g. --search params weights scale-gradient:3")
     tune.add_argument("--pave", action="store_true",
                       help="also tune PAVE: ρ, target and which models are purified (the tasks are the data)")
     tune.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"], default=["weight", "delta"],
@@ -61,7 +72,19 @@ def register(subparsers) -> None:
                       help="report folder: <method>.yaml, trials.csv, plots/, summary.md (default tune-report)")
     tune.add_argument("--cache", type=Path, help="cache folder (default: $PRIMERGE_CACHE, else ~/.cache/primerge)")
     tune.add_argument("--quiet", action="store_true", help="print only the final table")
+    llm_cli.add_prompt_options(tune.add_argument_group("LLM suite (--suite llm)"))
     tune.set_defaults(func=cmd_tune)
+
+
+def suite_options(args) -> dict:
+    """The suite's own options: the LLM suite's protocol and device; none for the encoder suite
+    (which refuses the LLM suite's options rather than ignore them)."""
+    if args.suite == "llm":
+        return {"protocol": llm_cli.protocol_of(args), "device": args.device}
+    given = llm_cli.prompt_options_given(args)
+    if given:
+        raise RecipeError(f"{', '.join(given)}: option(s) of the LLM suite; add --suite llm or drop them.")
+    return {}
 
 
 def task_specs(values: list[str] | None) -> list[str]:
@@ -74,10 +97,12 @@ def task_specs(values: list[str] | None) -> list[str]:
 def cmd_tune(args) -> int:
     from primerge.methods import list_methods
     from primerge.core.recipe import load_recipe
-    from primerge.tuning.report import summary_rows, text_table
+    from primerge.tuning.report import genome_rows, summary_rows, text_table, validation_rows
+    from primerge.tuning.genome import parse_search
     from primerge.tuning.run import tune
     from primerge.tuning.suites import SUITES
 
+    method_params, genome = parse_search(_names(args.search))
     recipe = load_recipe(args.recipe)
     tasks = task_specs(args.tasks)
     methods = _names(args.methods)
@@ -85,10 +110,17 @@ def cmd_tune(args) -> int:
         methods = [spec.name for spec in list_methods()]
     if args.suite not in SUITES:
         raise RecipeError(f"unknown suite '{args.suite}'; choose one of: {', '.join(sorted(SUITES))}.")
-    suite = SUITES[args.suite](recipe, tasks, args.validation_size, args.cache)
-    settings = settings_from(args, args.pave, tuple(args.pave_targets), dict(zip(recipe.model_labels(), tasks)))
+    suite = SUITES[args.suite](recipe, tasks, args.validation_size, args.cache, **suite_options(args))
+    settings = replace(settings_from(args, args.pave, tuple(args.pave_targets), dict(zip(recipe.model_labels(), tasks))),
+                       method_params=method_params, genome=genome)
     result = tune(recipe, suite, methods or None, settings, args.out, log=(lambda m: None) if args.quiet else print)
     print()
     print(text_table(*summary_rows(result.results)))
+    header, rows = genome_rows(result.results, list(result.individual))
+    if rows:
+        print("\nchosen weights and scale over depth:")
+        print(text_table(header, rows))
+    print("\nvalidation accuracy per task (%, ± standard error; n examples):")
+    print(text_table(*validation_rows(result)))
     print(f"\nbest recipes, trials.csv, plots/ and summary.md in {args.out} ({result.seconds / 60:.1f} min in all)")
     return 0

@@ -19,12 +19,12 @@ activations). Problems raise :class:`primerge.util.errors.RecipeError` naming th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from primerge.util.errors import RecipeError, closest
+from primerge.core.calibration_block import TaskDataConfig, check_labels
+from primerge.util.errors import RecipeError
 from primerge.util.schema import validate
 
 if TYPE_CHECKING:
@@ -46,10 +46,9 @@ def paper_rank_ratio(method: str) -> float:
     return PAPER_RANK_RATIO.get(method, DEFAULT_RANK_RATIO)
 
 
-class PurifyConfig(BaseModel):
-    """PAVE settings (pave.txt Sections 3.2–3.3, Appendix A)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PurifyConfig(TaskDataConfig):
+    """PAVE settings (pave.txt Sections 3.2–3.3, Appendix A); the data fields are the calibration
+    block's (:class:`~primerge.core.calibration_block.TaskDataConfig`)."""
 
     method: Decomposition = Field("co_svd", description="decomposition: co_svd | asvd | svd_llm | svd")
     rank_ratio: float | None = Field(None, gt=0.0, le=1.0,
@@ -57,11 +56,7 @@ class PurifyConfig(BaseModel):
     target: Target = Field(
         "weight", description="what is truncated: weight W_ft (paper, Eq. 6) | delta τ = W_ft − W₀")
     allocation: Literal["spectral", "uniform"] = Field("spectral", description="rank allocation")
-    samples: int = Field(4096, ge=1, description="token rows per task for the covariances")
-    max_length: int = Field(64, ge=2, description="tokens per text (truncation)")
-    batch_size: int = Field(32, ge=1, description="texts per forward pass")
     tasks: list[str] | None = Field(None, description="models whose task vectors are purified (default: all)")
-    data: dict[str, str] = Field(default_factory=dict, description="model label -> task data")
 
     @property
     def floor(self) -> float:
@@ -73,27 +68,18 @@ class PurifyConfig(BaseModel):
         return self.method != "svd"
 
 
-def _check_labels(field: str, keys, labels: list[str]) -> None:
-    for key in keys:
-        if key not in labels:
-            raise RecipeError(
-                f"purify.{field}: '{key}' is not a model of the recipe.{closest(key, labels)} "
-                f"Models: {', '.join(labels)}."
-            )
-
-
 def parse_purify(recipe: Recipe) -> PurifyConfig:
     """Validate ``recipe.purify``; data keys and ``tasks`` must be the recipe's model labels.
 
     An unset ``rank_ratio`` becomes :func:`paper_rank_ratio` of the recipe's method and unset
     ``tasks`` every model. Relative data paths are kept as given (the CLI resolves them against
-    the recipe's folder via :func:`resolve_data`).
+    the recipe's folder via :func:`~primerge.core.calibration_block.resolve_data`).
     """
     raw: dict[str, Any] = dict(recipe.purify or {})
     config = validate(PurifyConfig, raw, "purify block", prefix="purify.")
     labels = recipe.model_labels()
-    _check_labels("data", config.data, labels)
-    _check_labels("tasks", config.tasks or [], labels)
+    check_labels("purify", "data", config.data, labels)
+    check_labels("purify", "tasks", config.tasks or [], labels)
     if config.tasks is not None and len(set(config.tasks)) != len(config.tasks):
         raise RecipeError("purify.tasks: a model is named twice.")
     config = config.model_copy(update={
@@ -109,10 +95,3 @@ def parse_purify(recipe: Recipe) -> PurifyConfig:
             )
     return config
 
-
-def resolve_data(spec: str, folder: Path | None) -> str:
-    """A relative ``.csv``/``.jsonl`` path resolved against ``folder``; task names unchanged."""
-    if folder is None or not spec.lower().endswith((".csv", ".jsonl")):
-        return spec
-    path = Path(spec).expanduser()
-    return str(path if path.is_absolute() else folder / path)

@@ -3,22 +3,30 @@
 A recipe is YAML (or the same fields passed to :func:`primerge.merge`)::
 
     base: PATH                 # Hugging Face model folder or a .safetensors file
-    models:                    # fine-tunes of the same architecture
+    models:                    # fine-tunes of the same architecture (or hub ids org/name[@revision])
       - PATH
       - {path: PATH, weight: 1.0, name: my-task}
+      - {path: PATH, parameters: {density: 0.3, weight: [0.5, 1.0]}}   # per-model settings
     method: prime
     parameters: {rank: 0.01, residual: mean, alpha: 1.0}
+                               # any value may be a gradient over depth ([0.2, 0.8]) or filtered by
+                               # tensor class / name ([{filter: mlp, value: 0.3}, {value: 0.5}]):
+                               # the parameter language, primerge.core.parameters
     matrices: REGEX            # optional: 2-D parameters that get the SVD treatment, or
                                # {REGEX: matrix | experts | flatten | mean, ...} (see Recipe.layout)
-    tokenizer: base            # base | union | MODEL NAME: the output vocabulary (primerge.core.vocabulary)
+    tokenizer: base            # base | union | MODEL NAME: the output vocabulary (primerge.core.vocabulary),
+                               # or {source: base, pad_to_multiple_of: 64}
+    chat_template: chatml      # optional: auto | a named template | Jinja text (primerge.core.chat_templates)
     task_specific: REGEX       # optional: per-task tensors kept, not merged (e.g. heads)
     seed: 42
     lines: {alpha: 0.5, beta: 0.5}   # optional LiNeS post-scaling of any method's update
     purify: {...}              # optional PAVE purification of the task vectors (primerge.purify)
+    calibration: {data: {...}} # each task's data, for a data-aware method (RegMean, RegMean++)
     output: {lora_rank: 16}    # optional: write a PEFT LoRA adapter instead of a full model
     output: {dtype: bfloat16}  # optional: store every floating tensor in this dtype (default auto)
     execution: {backend: ray, address: auto, workers: 8}   # optional: run the units on Ray
     allow_pickle: false        # true: also read .bin/.pt pickles, with torch.load(weights_only=True)
+    allow_other_architectures: false   # true: merge models whose config.json names another architecture
 
 A model may also be a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)
 of the base; see :mod:`primerge.io.adapters`.
@@ -27,8 +35,13 @@ Relative paths in a YAML file are resolved against the file's folder. A model's
 ``weight`` multiplies its task vector before the method sees it (τ_t ← w_t τ_t).
 A recipe is resolved once: validation looks the method up and validates its parameters, so an
 unknown method or parameter is reported (with the closest name) before anything is read, and
-the frozen recipe then carries the method's spec (:attr:`Recipe.spec`) and validated
-parameters (:attr:`Recipe.params`).
+the frozen recipe then carries the method's spec (:attr:`Recipe.spec`), its settings
+(:attr:`Recipe.settings`, resolved per tensor when the plan is built) and the parameters every
+tensor shares (:attr:`Recipe.params`).
+
+:func:`load_recipe` also reads a mergekit configuration, or a model card (README.md) embedding
+one or a primerge recipe in a fenced ``yaml`` block: it is translated (:mod:`primerge.core.mergekit`)
+and the recipe keeps the translation's notes in ``origin``.
 """
 
 from __future__ import annotations
@@ -37,10 +50,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from primerge.core.calibration_block import CalibrationConfig, parse_calibration
+from primerge.core.chat_templates import check_chat_template
+from primerge.core.mergekit import recipe_data
+from primerge.core.parameters import ParameterSettings
 from primerge.core.purify_block import PurifyConfig, parse_purify
 from primerge.util.errors import RecipeError
+from primerge.io.files import read_bounded
+from primerge.io.hub import hub_snapshot, is_hub_id
 from primerge.io.user_paths import user_path
 from primerge.methods import get_method
 from primerge.methods.base import MethodParams, MethodSpec
@@ -59,7 +78,7 @@ DEFAULT_EXPERTS = r"expert|input_linear|output_linear"
 #: tensor (N >= 2) as one matrix: first axis x the product of the others, e.g. a convolution
 #: [out, in, kh, kw] as out x in·kh·kw) or ``mean`` (the fallback: not a matrix).
 Layout = Literal["matrix", "experts", "flatten", "mean"]
-OutputDtype = Literal["auto", "bfloat16", "float16", "float32"]
+OutputDtype = Literal["auto", "bfloat16", "float16", "float32", "float64"]
 
 
 class ModelEntry(BaseModel):
@@ -67,14 +86,26 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: Path
+    path: Path = Field(validation_alias=AliasChoices("path", "model"))  # model: as mergekit writes it
     weight: float = Field(1.0, allow_inf_nan=False)
     name: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)  # this model's settings (primerge.core.parameters)
 
     @field_validator("path", mode="before")
     @classmethod
     def _usable_path(cls, value: Any) -> Path:
         return user_path(value, "models: path")
+
+    @model_validator(mode="after")
+    def _one_weight(self) -> ModelEntry:
+        if "weight" in self.model_fields_set and "weight" in self.parameters:
+            raise ValueError("weight is given twice (weight: and parameters.weight); give one")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """This model's settings, its ``weight:`` field included when given."""
+        given = {"weight": self.weight} if "weight" in self.model_fields_set else {}
+        return {**given, **self.parameters}
 
     @property
     def label(self) -> str:
@@ -138,6 +169,28 @@ class ExecutionConfig(BaseModel):
         return self
 
 
+class TokenizerOptions(BaseModel):
+    """The output vocabulary's options beside its source: ``pad_to_multiple_of`` rounds its rows up
+    (the padding rows are the tokenizer source's, zero where it has none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=2**16)
+
+
+class Origin(BaseModel):
+    """Where a translated recipe came from: its ``format`` (mergekit), ``file``, the original
+    ``text`` and the ``notes`` on where primerge's semantics differ."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["mergekit"]
+    file: str | None = None
+    text: str = ""
+    notes: list[str] = Field(default_factory=list)
+    layers: int | None = Field(None, ge=1)  # the layers a whole-model mergekit slice spans, checked against the base
+
+
 class Recipe(BaseModel):
     """A validated merge recipe (see the module docstring for the YAML form)."""
 
@@ -150,16 +203,37 @@ class Recipe(BaseModel):
     matrices: Regex | dict[Regex, Layout] | None = None
     task_specific: Regex | None = None
     tokenizer: str = Field("base", min_length=1)
+    tokenizer_options: TokenizerOptions | None = None  # written as tokenizer: {source, pad_to_multiple_of}
+    chat_template: str | None = Field(None, min_length=1)
     seed: int = Field(42, ge=0, lt=2**63)
     lines: LinesConfig | None = None
     purify: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     allow_pickle: bool = Field(False, strict=True)  # opt in to .bin/.pt pickles (read weights-only): true or false
+    allow_other_architectures: bool = Field(False, strict=True)  # merge models whose config names another architecture
+    origin: Origin | None = None  # a translated recipe's source and notes (not written by to_yaml)
 
     _spec: MethodSpec = PrivateAttr()
+    _settings: ParameterSettings = PrivateAttr()
     _params: MethodParams = PrivateAttr()
     _purify: PurifyConfig | None = PrivateAttr()
+    _calibration: CalibrationConfig | None = PrivateAttr()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_mapping(cls, data: Any) -> Any:
+        """``tokenizer: {source, pad_to_multiple_of}`` as ``tokenizer`` and ``tokenizer_options``."""
+        if isinstance(data, dict) and isinstance(data.get("tokenizer"), dict):
+            options = dict(data["tokenizer"])
+            return {**data, "tokenizer": options.pop("source", "base"), "tokenizer_options": options}
+        return data
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return None if value is None else check_chat_template(value)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -187,8 +261,13 @@ class Recipe(BaseModel):
 
     def model_post_init(self, context: Any) -> None:
         self._spec = get_method(self.method)
-        self._params = self._spec.parameters(self.parameters)
+        self._spec.check_models(len(self.models))
+        self._settings = ParameterSettings.build(self._spec, self.parameters,
+                                                 [(label, m.settings()) for label, m in zip(self.model_labels(), self.models)])
+        self._settings.check()
+        self._params = self._spec.parameters(self._settings.uniform())
         self._purify = None if self.purify is None else parse_purify(self)
+        self._calibration = parse_calibration(self)
 
     @property
     def spec(self) -> MethodSpec:
@@ -197,13 +276,25 @@ class Recipe(BaseModel):
 
     @property
     def params(self) -> MethodParams:
-        """The method's validated parameters with defaults filled in."""
+        """The method's validated parameters with defaults filled in: the values every tensor shares
+        (a parameter with a gradient, a filter or per-model values has its default here; the plan
+        resolves it per tensor, :attr:`settings`)."""
         return self._params
+
+    @property
+    def settings(self) -> ParameterSettings:
+        """The recipe's parameter settings (:mod:`primerge.core.parameters`)."""
+        return self._settings
 
     @property
     def purify_config(self) -> PurifyConfig | None:
         """The validated ``purify:`` block, defaults resolved (:func:`~primerge.core.purify_block.parse_purify`)."""
         return self._purify
+
+    @property
+    def calibration_config(self) -> CalibrationConfig | None:
+        """The validated ``calibration:`` block (:func:`~primerge.core.calibration_block.parse_calibration`)."""
+        return self._calibration
 
     @property
     def lora_rank(self) -> int | None:
@@ -212,7 +303,8 @@ class Recipe(BaseModel):
 
     def replace(self, **changes: Any) -> Recipe:
         """A re-validated copy with ``changes`` applied (e.g. ``output={...}``)."""
-        return validate(Recipe, {**self.model_dump(exclude_none=True), **changes}, "recipe")
+        models = [m.model_dump(exclude_unset=True, exclude_none=True) for m in self.models]  # unset weights stay unset
+        return validate(type(self), {**self.model_dump(exclude_none=True), "models": models, **changes}, "recipe")
 
     def inputs(self) -> list[Path]:
         """The base and every model: what no output may overwrite."""
@@ -258,7 +350,13 @@ class Recipe(BaseModel):
         for key, default in (("output", OutputConfig()), ("execution", ExecutionConfig())):
             if data.get(key) == default.model_dump(mode="json", exclude_none=True):
                 del data[key]
-        data["parameters"] = self.params.model_dump(mode="json")
+        data["parameters"] = {**self.params.model_dump(mode="json"),
+                              **{n: s.raw for n, s in self.settings.shared.items() if s.varies or n == "weight"}}
+        data["models"] = [m.model_dump(mode="json", exclude_unset=True, exclude_none=True) for m in self.models]
+        options = data.pop("tokenizer_options", None)
+        if options:
+            data["tokenizer"] = {"source": data["tokenizer"], **options}
+        data.pop("origin", None)
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -271,33 +369,62 @@ def _fits(layout: Layout, ndim: int) -> bool:
     return {"matrix": ndim == 2, "experts": ndim >= 3, "flatten": ndim >= 2, "mean": True}[layout]
 
 
-def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None) -> Recipe:
-    """Validate a recipe dict, resolving relative paths against ``relative_to``; the method and
-    its parameters are checked too."""
+def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None, download: bool = False) -> Recipe:
+    """Validate a recipe dict, resolving relative paths against ``relative_to`` and hub ids that are
+    no local path from the Hugging Face cache (fetched only with ``download``,
+    :mod:`primerge.io.hub`); the method and its parameters are checked too."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with at least 'base' and 'models'.")
-    recipe = validate(Recipe, data, "recipe")
-    if relative_to is None:
-        return recipe
-    models = [entry.model_copy(update={"path": _resolve(entry.path, relative_to)}) for entry in recipe.models]
-    return recipe.model_copy(update={"base": _resolve(recipe.base, relative_to), "models": models})
+    located = dict(data)
+    if "base" in data:
+        located["base"] = _locate(data["base"], relative_to, download, "base")[0]
+    if isinstance(data.get("models"), (list, tuple)):
+        located["models"] = [_located_model(m, relative_to, download) for m in data["models"]]
+    return validate(recipe_kind(located), located, "recipe")
 
 
-def _resolve(path: Path, folder: Path) -> Path:
-    path = path.expanduser()
-    return path if path.is_absolute() else (folder / path)
+def recipe_kind(data: dict[str, Any]) -> type[Recipe]:
+    """:class:`Recipe`, or the recipe of an output assembled from several models' tensors when the data
+    has its block: ``slices`` (:mod:`primerge.core.slices`) or ``moe`` (:mod:`primerge.core.moe`)."""
+    if "slices" in data:
+        from primerge.core.slices import SliceRecipe  # builds on this module
+
+        return SliceRecipe
+    if "moe" in data:
+        from primerge.core.moe import MoeRecipe  # builds on this module
+
+        return MoeRecipe
+    return Recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+def _located_model(model: Any, folder: Path | None, download: bool) -> Any:
+    """A ``models`` item with its path located; a hub id names the model by its last part."""
+    entry = {"path": model} if isinstance(model, (str, Path)) else model
+    key = next((k for k in ("path", "model") if isinstance(entry, dict) and k in entry), None)
+    if key is None:
+        return model
+    path, hub_name = _locate(entry[key], folder, download, "models: path")
+    return {**entry, key: path, **({"name": hub_name} if hub_name and entry.get("name") is None else {})}
+
+
+def _locate(value: Any, folder: Path | None, download: bool, what: str) -> tuple[Any, str | None]:
+    """(the local path of ``value``, the name of a hub id or ``None``): relative to ``folder``, or
+    the cached snapshot of a hub id where no such local path exists; other values as they are."""
+    if not isinstance(value, (str, Path)):
+        return value, None
+    path = user_path(value, what)
+    local = path if path.is_absolute() or folder is None else folder / path
+    if local.exists() or not is_hub_id(str(value)):
+        return local, None
+    return hub_snapshot(str(value), download=download), Path(str(value)).name
+
+
+def load_recipe(path: str | Path, *, download: bool = False) -> Recipe:
+    """Read and validate a recipe file: primerge's YAML, a mergekit configuration or a model card
+    embedding either (:func:`primerge.core.mergekit.recipe_data`)."""
     path = user_path(path, "recipe")
+    data = recipe_data(read_bounded(path, "recipe", "recipe", RecipeError), path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: e.g. an integer of 5000 digits
-        raise RecipeError(f"{path}: not valid YAML ({str(exc)[:200]}).") from None
-    try:
-        return build_recipe(data, relative_to=path.parent)
+        return build_recipe(data, relative_to=path.parent, download=download)
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None

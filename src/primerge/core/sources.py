@@ -307,44 +307,55 @@ def base_tensor(base: Checkpoint, entry: PlanEntry, device: torch.device) -> Ten
 
 
 def weighted_delta(source: TaskVectorSource, entry: PlanEntry, base: Tensor, out: Tensor,
-                   transform: TaskVectorTransform | None) -> Tensor:
-    """Write w·τ of one model into ``out``: its τ, the ``transform`` if any, then the weight."""
+                   transform: TaskVectorTransform | None, weighted: bool = True, weight: float | None = None) -> Tensor:
+    """Write w·τ of one model into ``out``: its τ, the ``transform`` if any, then the weight
+    (``weight``, else the model's; none when ``weighted`` is false: the method applies the weights itself)."""
     source.delta(entry, base, out)
     if transform is not None:
         out.copy_(transform(source.label, entry.name, base, out))
-    if source.weight != 1.0:
-        out.mul_(source.weight)
+    weight = source.weight if weight is None else weight
+    if weighted and weight != 1.0:
+        out.mul_(weight)
     return out
 
 
+def model_weights(sources: Sequence[TaskVectorSource], weights: Sequence[float] | None) -> tuple[float, ...]:
+    """The models' weights for one tensor: ``weights`` (resolved per tensor by the plan), else each model's."""
+    return tuple(weights) if weights is not None else tuple(s.weight for s in sources)
+
+
 def read_stack(base: Checkpoint, sources: Sequence[TaskVectorSource], entry: PlanEntry, device: torch.device,
-               transform: TaskVectorTransform | None = None) -> tuple[Tensor, TaskStack]:
-    """θ₀ (float32) and the :class:`TaskStack` of w_t τ_t; low-rank τ_t stay factors unless a
-    ``transform`` needs them dense."""
+               transform: TaskVectorTransform | None = None, weighted: bool = True,
+               weights: Sequence[float] | None = None) -> tuple[Tensor, TaskStack]:
+    """θ₀ (float32) and the :class:`TaskStack` of w_t τ_t (τ_t when not ``weighted``), carrying the
+    weights (``weights``, else the models'); low-rank τ_t stay factors unless a ``transform`` needs them dense."""
     theta = base_tensor(base, entry, device)
+    w = model_weights(sources, weights)
     lowrank: dict[int, LowRank] = {}
     if transform is None:
         for t, source in enumerate(sources):
             low = source.factors(entry, device)
             if low is not None:
-                lowrank[t] = low.scaled(source.weight)
+                lowrank[t] = low.scaled(w[t]) if weighted else low
     dense_index = [t for t in range(len(sources)) if t not in lowrank]
     rows = torch.empty((len(dense_index), *entry.shape), dtype=torch.float32, device=device)
     for i, t in enumerate(dense_index):
-        weighted_delta(sources[t], entry, theta, rows[i], transform)
-    return theta, TaskStack(rows, dense_index, lowrank)
+        weighted_delta(sources[t], entry, theta, rows[i], transform, weighted, w[t])
+    return theta, TaskStack(rows, dense_index, lowrank, w)
 
 
 def read_sum(base: Checkpoint, sources: Sequence[TaskVectorSource], entry: PlanEntry, device: torch.device,
-             transform: TaskVectorTransform | None = None) -> tuple[Tensor, TaskStack]:
-    """θ₀ (float32) and Σ_t w_t τ_t as :meth:`TaskStack.of_sum`, accumulated one model at a time:
-    three tensors in memory whatever the number of models."""
+             transform: TaskVectorTransform | None = None, weighted: bool = True,
+             weights: Sequence[float] | None = None) -> tuple[Tensor, TaskStack]:
+    """θ₀ (float32) and Σ_t w_t τ_t (Σ_t τ_t when not ``weighted``) as :meth:`TaskStack.of_sum`,
+    accumulated one model at a time: three tensors in memory whatever the number of models."""
     theta = base_tensor(base, entry, device)
     total = torch.zeros_like(theta)
     scratch = torch.empty_like(theta)
-    for source in sources:
-        total += weighted_delta(source, entry, theta, scratch, transform)
-    return theta, TaskStack.of_sum(total, len(sources))
+    w = model_weights(sources, weights)
+    for source, weight in zip(sources, w):
+        total += weighted_delta(source, entry, theta, scratch, transform, weighted, weight)
+    return theta, TaskStack.of_sum(total, len(sources), w)
 
 
 # ------------------------------------------------------------------------------------ opening

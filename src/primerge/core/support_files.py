@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from primerge.io.files import load_json
 from primerge.util.errors import OutputError
 from primerge.io.tokenizer import TOKENIZER_FILE, extended_tokenizer
 from primerge.core.vocabulary import OutputVocabulary
@@ -37,23 +38,28 @@ CHAT_FILES = ("chat_template.jinja", "chat_template.json")
 @dataclass(frozen=True)
 class OutputFile:
     """One support file of the output: ``source`` copied, or with JSON ``changes`` applied (key
-    paths; a value ``None`` removes the key), or a tokenizer.json with ``tokens`` added."""
+    paths; a value ``None`` removes the key), or a tokenizer.json with ``tokens`` added, or the
+    given ``text`` (a file primerge writes itself, e.g. a generation config)."""
 
     name: str
-    source: Path
+    source: Path | None
     changes: tuple[tuple[tuple[str, ...], Any], ...] = ()
     tokens: tuple[tuple[str, dict[str, bool]], ...] = ()
+    text: str | None = None
 
     def write(self, folder: Path) -> None:
         target = folder / self.name
         try:
-            if self.tokens:
+            if self.text is not None:
+                target.write_text(self.text)
+            elif self.tokens:
                 target.write_text(extended_tokenizer(self.source, list(self.tokens))[0])
             elif self.changes:
-                data = json.loads(self.source.read_text())
+                data = load_json(self.source, self.name)
                 for path, value in self.changes:
                     _set(data, path, value)
-                target.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+                # a lone surrogate (a "\ud800" escape in the source JSON) is written back as that escape
+                target.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", errors="backslashreplace")
             else:
                 shutil.copyfile(self.source, target)
         except OSError as exc:
@@ -74,10 +80,8 @@ def _set(data: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def _json(path: Path | None) -> dict:
-    try:
-        data = json.loads(path.read_text()) if path is not None else {}
-    except (OSError, ValueError):
-        return {}
+    """A support JSON file's object (vetted when its folder was opened), ``{}`` if it holds none."""
+    data = load_json(path, path.name) if path is not None else {}
     return data if isinstance(data, dict) else {}
 
 

@@ -16,6 +16,13 @@ both merge the same way:
   embedding (a saved duplicate), so the output keeps the base's layout (no duplicated head);
 - a head that differs from its embedding in a model whose base stores none (the fine-tune untied
   it) is refused, with the fix: untie the base, so the merged model keeps a head of its own.
+
+**The conventions table.** :data:`TENSOR_CLASSES` names what a tensor is (``embed``, ``lm_head``,
+``norm``, ``self_attn``, ``mlp``; ``other`` when nothing matches; the first matching row wins, case
+ignored, so a norm inside attention, Qwen3's ``self_attn.q_norm``, is a ``norm``), and
+:func:`layer_index` which transformer block it sits in (LiNeS's
+:data:`~primerge.methods.lines_scaling.BLOCK_PATTERN`, the one block rule). The parameter language
+filters and ramps parameters by them (:mod:`primerge.core.parameters`).
 """
 
 from __future__ import annotations
@@ -27,10 +34,36 @@ import torch
 
 from primerge.util.errors import InputError
 from primerge.io.readers import Checkpoint
+from primerge.methods.lines_scaling import BLOCK_PATTERN
 
 EMBEDDINGS = re.compile(r"(?:^|\.)(shared|embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 TIED = re.compile(r"(?:^|\.)(shared|embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out)\.weight$")
 VOCAB_TENSORS = re.compile(TIED.pattern + r"|(?:^|\.)predictions\.(?:decoder\.)?bias$|(?:^|\.)final_logits_bias$")
+
+#: (class, pattern) rows, searched in order with case ignored; the first match names the class.
+TENSOR_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cls, re.compile(pattern, re.IGNORECASE)) for cls, pattern in (
+    ("embed", r"embed_tokens|embed_in\b|(?:^|\.)(?:wte|wpe|shared)\.|word_embeddings|position_embeddings"
+              r"|token_type_embeddings|embed_positions"),
+    ("lm_head", r"(?:^|\.)(?:lm_head|embed_out)\."),
+    ("norm", r"norm|(?:^|\.)ln_?\w*\."),
+    ("self_attn", r"attn|attention"),
+    ("mlp", r"mlp|feed_forward|ffn|intermediate|DenseReluDense|experts?\.|(?:^|\.)(?:c_fc|c_proj|fc\d|w\d)\."
+            r"|output\.dense"),
+))
+OTHER_CLASS = "other"
+_BLOCK = re.compile(BLOCK_PATTERN)
+
+
+def tensor_class(name: str) -> str:
+    """The class of ``name`` in :data:`TENSOR_CLASSES` (``other`` when no row matches)."""
+    return next((cls for cls, pattern in TENSOR_CLASSES if pattern.search(name)), OTHER_CLASS)
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block ``name`` sits in (the number after ``layers.``, ``h.``, ``blocks.``,
+    as LiNeS counts blocks), or ``None`` outside every block (embeddings, final norm, head)."""
+    match = _BLOCK.search(name)
+    return int(match.group(1)) if match else None
 
 
 Rename = Callable[[str], str]

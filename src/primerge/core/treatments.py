@@ -51,18 +51,22 @@ def classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dty
     return "fallback", None
 
 
-def matrix_context(ctx: TensorContext, index: int) -> TensorContext:
-    """The context of matrix ``index`` of a tensor: name ``<name>[index]``, kind matrix, its own seed."""
-    return TensorContext(f"{ctx.name}[{index}]", "matrix", derive_seed(ctx.seed, index), ctx.prepass)
+def matrix_context(ctx: TensorContext, index: int, view: View) -> TensorContext:
+    """The context of matrix ``index`` of a tensor viewed as ``view``: name ``<name>[index]``, kind
+    matrix, its own seed, and its matrix of θ₀ when the context carries θ₀."""
+    base = None if ctx.base is None else ctx.base.reshape(view)[index]
+    return TensorContext(f"{ctx.name}[{index}]", "matrix", derive_seed(ctx.seed, index), ctx.prepass, base,
+                         precision=ctx.precision)
 
 
 def split(taus: TaskStack, view: View) -> list[TaskStack]:
-    """The stacks of the B matrices of ``view`` (B, m, n): dense rows, or sums when only Σ_t τ_t is known."""
+    """The stacks of the B matrices of ``view`` (B, m, n): dense rows, or sums when only Σ_t τ_t is
+    known; each carries the models' weights."""
     if taus.summed:
         total = taus.sum().reshape(view)
-        return [TaskStack.of_sum(total[b].contiguous(), taus.T) for b in range(view[0])]
+        return [TaskStack.of_sum(total[b].contiguous(), taus.T, taus.weights) for b in range(view[0])]
     rows = taus.dense().reshape(taus.T, *view)
-    return [TaskStack.of(rows[:, b].contiguous()) for b in range(view[0])]
+    return [TaskStack.of(rows[:, b].contiguous(), taus.weights) for b in range(view[0])]
 
 
 def assemble(parts: list[Tensor | PerTaskUpdate], shape: tuple[int, ...]) -> Tensor | PerTaskUpdate:
@@ -83,7 +87,7 @@ def merge_function(spec: MethodSpec, entry: PlanEntry) -> MergeFn:
     view = entry.view
 
     def per_matrix(taus: TaskStack, ctx: TensorContext, params) -> Tensor | PerTaskUpdate:
-        parts = [matrix(stack, matrix_context(ctx, b), params) for b, stack in enumerate(split(taus, view))]
+        parts = [matrix(stack, matrix_context(ctx, b, view), params) for b, stack in enumerate(split(taus, view))]
         return assemble(parts, entry.shape)
 
     return reads_sum(per_matrix) if is_sum_merge(matrix) else per_matrix
@@ -95,4 +99,4 @@ def matrix_inputs(entry: PlanEntry, taus: TaskStack, ctx: TensorContext) -> Iter
         yield taus, ctx
         return
     for b, stack in enumerate(split(taus, entry.view)):
-        yield stack, matrix_context(ctx, b)
+        yield stack, matrix_context(ctx, b, entry.view)

@@ -21,6 +21,11 @@ count R, the rows of its input embedding) are aligned row by row. For output row
   of 64): the tokenizer source's row i (zero if it has none), τ_t[i] = 0. A model's own padding
   rows are never read.
 
+Every row the alignment reads is accounted for: each tokenizer is checked to say one thing (no
+duplicate keys, no id of two tokens: :func:`~primerge.io.tokenizer.read_vocabulary`) and every id
+it gives must be a row of its model's input embedding (a tokenizer larger than its weights is
+refused with the fix, so no output grows rows from ids the weights do not have).
+
 A model is aligned (:class:`~primerge.core.sources.VocabAligned`) when its token ids or row count
 differ from the output's. A model without ``tokenizer.json`` whose vocabulary tensors have the
 base's shapes is taken to share the base's vocabulary (rows by position, as always); different
@@ -36,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from primerge.util.errors import InputError
+from primerge.util.errors import InputError, quoted
 from primerge.io.readers import Checkpoint, TensorInfo
 from primerge.io.tokenizer import Vocabulary, extended_tokenizer, read_vocabulary
 from primerge.core.tensor_names import VOCAB_TENSORS, input_embedding
@@ -92,23 +97,30 @@ def vocab_axes(checkpoint: Checkpoint, rows: int) -> dict[str, int]:
 
 
 def _checked(vocab: Vocabulary | None, rows: int | None) -> Vocabulary | None:
-    """``vocab`` without the tokens whose id has no row in an embedding of ``rows`` rows (a tokenizer
-    larger than its model's embedding: those tokens have no row to merge)."""
+    """``vocab``, refused when one of its ids has no row in an embedding of ``rows`` rows: the
+    alignment reads row id_t(s) of every token, so each must exist (a tokenizer that does not belong
+    to the weights, or an embedding that was not resized after tokens were added)."""
     if vocab is None or rows is None or vocab.next_id <= rows:
         return vocab
-    return replace(vocab, tokens={t: i for t, i in vocab.tokens.items() if i < rows})
+    token, i = max(vocab.tokens.items(), key=lambda item: item[1])
+    raise InputError(f"{vocab.file}: token {quoted(token)} has id {i}, but the model's input embedding has {rows} "
+                     f"rows (ids 0..{rows - 1}); the tokenizer does not match the weights. Fix: resize the "
+                     f"embeddings (model.resize_token_embeddings(len(tokenizer))) and save again, or give the "
+                     f"folder the tokenizer.json it was trained with.")
 
 
 def union(base: Vocabulary, base_rows: int, models: list[Vocabulary | None]) -> OutputVocabulary:
     """The base's tokens, then every model's tokens the base lacks (see the module docstring)."""
     added: dict[str, dict[str, bool]] = {}
+    origins: dict[str, Path] = {}
     for vocab in models:
         for token in sorted(vocab.tokens, key=vocab.tokens.get) if vocab else []:
             if token not in base.tokens and token not in added:
                 added[token] = vocab.added.get(token, {"special": False, "normalized": True})
+                origins[token] = vocab.file
     if not added:
         return OutputVocabulary("union", base.tokens, base_rows, base.file.parent)
-    _, ids = extended_tokenizer(base.file, list(added.items()))
+    _, ids = extended_tokenizer(base.file, list(added.items()), origins)
     tokens = {**base.tokens, **ids}
     rows = max(base_rows, max(tokens.values()) + 1)
     return OutputVocabulary("union", tokens, rows, base.file.parent, tuple(added.items()))
@@ -277,11 +289,19 @@ def _wrap(sources: tuple[TaskVectorSource, ...], tokens: dict[str, dict[str, int
     return aligned, contributors, notes
 
 
-def align_vocabulary(choice: str, base: Checkpoint, sources: tuple[TaskVectorSource, ...], labels: list[str]
+def padded(out: OutputVocabulary | None, multiple: int | None) -> OutputVocabulary | None:
+    """``out`` with its rows rounded up to a multiple of ``multiple`` (the new rows are padding)."""
+    if out is None or multiple is None or out.rows % multiple == 0:
+        return out
+    return replace(out, rows=-(-out.rows // multiple) * multiple)
+
+
+def align_vocabulary(choice: str, base: Checkpoint, sources: tuple[TaskVectorSource, ...], labels: list[str],
+                     pad_to_multiple_of: int | None = None
                      ) -> tuple[Checkpoint, tuple[TaskVectorSource, ...], VocabularyAlignment]:
-    """The base and sources with vocabulary rows aligned to the output vocabulary ``choice``. Rows
-    merge by position (nothing is wrapped) when every model's vocabulary is the output's; once one
-    differs, every full fine-tune is aligned by token string."""
+    """The base and sources with vocabulary rows aligned to the output vocabulary ``choice`` (its rows
+    rounded up to ``pad_to_multiple_of``). Rows merge by position (nothing is wrapped) when every
+    model's vocabulary is the output's; once one differs, every full fine-tune is aligned by token string."""
     base_rows = embedding_rows(base)
     if base_rows is None:
         if choice != "base":
@@ -293,7 +313,10 @@ def align_vocabulary(choice: str, base: Checkpoint, sources: tuple[TaskVectorSou
     for source, vocab, count in zip(sources, vocabs, counts):
         if isinstance(source, FullFineTune):  # no tokenizer: the base's vocabulary, so the base's rows
             _check_rows(base, source, axes, count if vocab is not None else base_rows, aligned=vocab is not None)
-    out = output_vocabulary(choice, base_vocab, base_rows, labels, list(vocabs), list(counts))
+    out = padded(output_vocabulary(choice, base_vocab, base_rows, labels, list(vocabs), list(counts)), pad_to_multiple_of)
+    if out is None and pad_to_multiple_of is not None:
+        raise InputError(f"{base.path}: tokenizer.pad_to_multiple_of needs the base's tokenizer.json to tell tokens "
+                         f"from padding rows; save the base's tokenizer there (tokenizer.save_pretrained).")
     if out is None:
         return base, sources, VocabularyAlignment(None, False, tuple(axes))
     tokens = {s.label: v.tokens if v is not None else base_vocab.tokens for s, v in zip(sources, vocabs)}

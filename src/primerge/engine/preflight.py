@@ -6,10 +6,11 @@ per treatment, what was reconciled between the models and the base (names, tied 
 vocabularies) and three estimates:
 
 - **peak memory** ≈ baseline (this process now) + the largest tensor's working set + the output's
-  buffer. A tensor of N elements merged from T models holds θ₀, T task vectors, the update and a
-  few temporaries in float32: 4·N·(T + 4) bytes (4·N·4 for merges that read only Σ_t τ_t; + the
-  models' own rows for a vocabulary-aligned tensor; + T·N mask bytes for a per-task method). A
-  model folder buffers one unit (one output shard), an in-memory merge the whole model. With
+  buffer. A tensor of N elements merged from T models holds float32 copies of it, affine in T:
+  4·N·(a + b·T + r) bytes, (a, b) per method and r for how the inputs store it
+  (:mod:`primerge.engine.memory_model`, checked against measured peaks for every method and input
+  kind by tests/test_reliability_memory.py); + N·T mask bytes for a per-task method. A model
+  folder buffers one unit (one output shard), an in-memory merge the whole model. With
   ``--device cuda`` the working set is compared with the GPU's free memory. Available memory is
   /proc/meminfo's MemAvailable, lowered to a cgroup's limit when one is set.
 - **output size**: the stored bytes of every output tensor (FP8 scales included), task heads,
@@ -21,7 +22,8 @@ vocabularies) and three estimates:
   inputs is in the calibration; writing the output is not.
 
 :func:`check_fits` raises with the numbers when the peak memory exceeds what is available (or
-``max_memory``) or the output exceeds the free disk; the API calls it before every merge.
+``max_memory``) or the output exceeds the free disk; the API calls it before every merge, local or
+on Ray (where each node's memory is measured by a task there, :func:`ray_problems`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 from primerge.util.deterministic import ThreadIndependent
+from primerge.engine.memory_model import method_copies, reading_copies
 from primerge.engine.stream import merge_tensor, run_prepass
 from primerge.util.errors import InputError, OutputError
 from primerge.io.quantized import describe, read_config, scheme_of
@@ -45,12 +48,14 @@ from primerge.io.readers import Checkpoint
 from primerge.methods.base import is_sum_merge
 from primerge.core.plan import KINDS, Plan, WorkUnit
 from primerge.core.sources import FullFineTune, LoraAdapter, PlanEntry, TaskVectorSource, VocabAligned
+from primerge.core.assembly import ComposedCheckpoint
 from primerge.core.vocabulary import AlignedBase, embedding_rows
 
 CALIBRATION_LIMIT = 4 * 1024**2  # elements of the largest tensor a calibration merges
 TREATMENTS = {"matrix": "matrix (the method's matrix merge)", "experts": "expert tensors (E matrices each)",
               "reshaped": "flattened to one matrix", "fallback": "fallback (non-matrix merge)",
-              "copy": "copied from the base", "task_specific": "task-specific (kept per model)",
+              "copy": "copied from the base", "total": "all tensors of the output",
+              "task_specific": "task-specific (kept per model)",
               "vocab_aligned": "vocabulary-aligned (rows by token string)"}
 
 
@@ -95,7 +100,7 @@ def describe_input(label: str, checkpoint: Checkpoint, adapter: dict | None = No
 
 def input_lines(plan: Plan) -> list[str]:
     """The base and every model described (:func:`describe_input`)."""
-    base = plan.base.inner if isinstance(plan.base, AlignedBase) else plan.base
+    base = plan.base.inner if isinstance(plan.base, (AlignedBase, ComposedCheckpoint)) else plan.base
     lines = [describe_input("base", base)]
     for source in plan.sources:
         checkpoint = _checkpoint(source)
@@ -109,14 +114,20 @@ def input_lines(plan: Plan) -> list[str]:
 
 
 def working_set(plan: Plan, entry: PlanEntry) -> int:
-    """Bytes held while ``entry`` merges (see the module docstring)."""
+    """Bytes held while ``entry`` merges: 4·N·(a + b·T + r) (:mod:`primerge.engine.memory_model`),
+    and N·T bytes more for a per-task method's masks."""
     tasks, numel = len(plan.sources), math.prod(entry.shape)
-    merge = plan.recipe.spec.function_for("fallback" if entry.kind == "fallback" else "matrix")
-    copies = 4 if is_sum_merge(merge) else tasks + 4
-    extra = tasks * numel if plan.recipe.spec.per_task else 0
-    if plan.vocabulary is not None and entry.name in plan.vocabulary.tensors and plan.vocabulary.aligned:
-        copies += 1
-    return 4 * numel * copies + extra
+    spec = plan.recipe.spec
+    merge = spec.function_for("fallback" if entry.kind == "fallback" else "matrix")
+    copies = method_copies(spec.name, spec.family, tasks) if not is_sum_merge(merge) else method_copies(
+        "task_arithmetic", "elementwise", tasks)
+    inputs = [plan.base, *(c for c in map(_checkpoint, plan.sources) if c is not None)]
+    stored = [c.info(entry.name) for c in inputs if entry.name in c]
+    quantized = any(scheme_of(c, entry.name) is not None for c in inputs if entry.name in c)
+    aligned = plan.vocabulary is not None and entry.name in plan.vocabulary.tensors and plan.vocabulary.aligned
+    copies += reading_copies([info.dtype.itemsize for info in stored], quantized, aligned)
+    extra = tasks * numel if spec.per_task else 0
+    return math.ceil(4 * numel * copies) + extra
 
 
 def baseline_memory() -> int:
@@ -148,7 +159,7 @@ def output_bytes(plan: Plan) -> int:
     fmt, entries = plan.recipe.output.format, plan.entries
     heads = sum(_stored(_checkpoint(s).info(n)) for s in plan.sources if _checkpoint(s) is not None
                 for n in s.task_specific)
-    support = sum(f.source.stat().st_size for f in plan.files if f.source.is_file())
+    support = sum(f.source.stat().st_size for f in plan.files if f.source is not None and f.source.is_file())
     if fmt == "lora":
         rank = plan.recipe.output.lora_rank
         return heads + sum(4 * rank * sum(e.shape) if e.kind == "matrix" else e.nbytes for e in entries)
@@ -260,15 +271,23 @@ class Preflight:
     seconds: float | None = None
     calibration: str = ""
     problems: list[str] = field(default_factory=list)
+    parameters: list[str] = field(default_factory=list)  # resolved per tensor class and blocks, where they vary
+    translation: list[str] = field(default_factory=list)  # a translated recipe's origin and semantic differences
+    architecture: list[str] = field(default_factory=list)  # an assembled output's (primerge.core.assembly)
 
     def to_text(self) -> str:
-        lines = [f"primerge plan: {self.method}", "", "Inputs", *(f"  {line}" for line in self.inputs), "",
-                 "Tensors by treatment"]
-        lines += [f"  {TREATMENTS[k]:<42} {self.counts.get(k, 0):>6}"
-                  + (f"  ({self.counts['expert_matrices']} matrices)" if k == "experts" and self.counts.get(k) else "")
-                  for k in TREATMENTS]
+        lines = [f"primerge plan: {self.method}", "", "Inputs", *(f"  {line}" for line in self.inputs), ""]
+        if self.architecture:
+            lines += ["Output (assembled from the inputs' tensors)", *(f"  {line}" for line in self.architecture), ""]
+        lines += ["Tensors by treatment (each tensor of the output once)"]
+        lines += self._treatment_rows()
         lines += ["", "Differences from the base (how they are merged)"]
         lines += [f"  {d}" for d in self.differences] or ["  none: every model has the base's names, shapes and vocabulary"]
+        if self.translation:
+            lines += ["", self.translation[0], *(f"  {t}" for t in self.translation[1:])]
+        if self.parameters:
+            lines += ["", "Parameters per tensor (class, blocks: values; per model in model order)"]
+            lines += [f"  {row}" for row in self.parameters]
         lines += ["", "Resources", self._resource("peak memory", self.memory, self.memory_available, self.memory_where)]
         if self.output is not None:
             lines.append(self._resource("output size", self.output, self.disk_free, f"free at {self.disk_where}"))
@@ -276,6 +295,21 @@ class Preflight:
             lines.append(f"  {'time':<12} ~ {duration(self.seconds):<10} ({self.calibration})")
         lines += [""] + ([f"REFUSED: {p}" for p in self.problems] or ["OK: the merge fits."])
         return "\n".join(lines)
+
+    def _treatment_rows(self) -> list[str]:
+        """One row per treatment of :data:`KINDS` (a partition of the output's tensors) and their
+        total, then the counts that are not part of that partition: the vocabulary-aligned tensors
+        (already counted above) and the models' task-specific tensors (not in the output's merge)."""
+        def row(key: str, count: int, note: str = "") -> str:
+            return f"  {TREATMENTS[key]:<42} {count:>6}" + (f"  ({note})" if note else "")
+
+        matrices = self.counts.get("expert_matrices", 0)
+        rows = [row(k, self.counts.get(k, 0), f"{matrices} matrices" if k == "experts" and matrices else "")
+                for k in KINDS]
+        rows += [row("total", sum(self.counts.get(k, 0) for k in KINDS)), "Counted apart",
+                 row("vocab_aligned", self.counts.get("vocab_aligned", 0), "among the tensors above"),
+                 row("task_specific", self.counts.get("task_specific", 0), "the models' own, outside the merge")]
+        return rows
 
     @staticmethod
     def _resource(what: str, need: int, have: int | None, where: str) -> str:
@@ -299,22 +333,64 @@ def preflight(plan: Plan, out: Path | None, device: torch.device, *, max_memory:
     report = Preflight(f"{plan.recipe.spec.name}, {len(plan.sources)} models, tokenizer: {plan.recipe.tokenizer}",
                        input_lines(plan), plan.counts(), list(plan.notes), need, free, where,
                        output_bytes(plan) if out is not None else None, disk, disk_where)
-    if free is not None and need > free:
-        report.problems.append(f"the merge needs ~{size(need)} of memory at its peak, {size(free)} {where}. "
-                               f"Fix: fewer models at once, a smaller --shard-size, --device cuda, or more memory "
-                               f"(--max-memory raises the allowance).")
-    if disk is not None and report.output > disk:
-        report.problems.append(f"the output needs ~{size(report.output)} on disk, {size(disk)} free at {disk_where}. "
-                               f"Fix: write it elsewhere (--out) or free space.")
+    report.problems += memory_problems(need, free, where) + disk_problems(report.output, disk, disk_where)
+    report.parameters = plan.parameter_rows()
+    report.architecture = plan.output_lines()
+    if (origin := plan.recipe.origin) is not None:
+        report.translation = [f"Translated from {origin.format} ({origin.file or 'a mapping'}): where primerge's "
+                              f"semantics differ", *(origin.notes or ["nowhere"])]
     if calibrate_time and not report.problems:
         report.seconds, report.calibration = calibrate(plan, device)
     return report
 
 
-def check_fits(plan: Plan, out: Path | None, device: torch.device, max_memory: int | None = None) -> None:
-    """Refuse, with the numbers, a merge whose peak memory or output would not fit (no calibration)."""
-    if plan.recipe.execution.backend != "local":
-        return  # units run on the cluster's workers; their storage is checked by the executor
-    problems = preflight(plan, out, device, max_memory=max_memory, calibrate_time=False).problems
+def memory_problems(need: int, free: int | None, where: str) -> list[str]:
+    """The refusal of a merge needing ``need`` bytes at its peak where ``free`` are (``where``)."""
+    if free is None or need <= free:
+        return []
+    return [f"the merge needs ~{size(need)} of memory at its peak, {size(free)} {where}. Fix: fewer models at once, "
+            f"a smaller --shard-size, --device cuda, or more memory (--max-memory raises the allowance)."]
+
+
+def disk_problems(output: int | None, free: int | None, where: Path | None) -> list[str]:
+    """The refusal of an output of ``output`` bytes where ``free`` are (at ``where``)."""
+    if output is None or free is None or output <= free:
+        return []
+    return [f"the output needs ~{size(output)} on disk, {size(free)} free at {where}. Fix: write it elsewhere "
+            f"(--out) or free space."]
+
+
+def ray_problems(plan: Plan, nodes: list[tuple[str, int, int | None, int]], max_memory: int | None) -> list[str]:
+    """Why the units would not fit on the Ray nodes: on each node (name, units at once, available
+    memory, a worker's resident bytes) every unit running at once holds a worker's baseline, the
+    largest tensor's working set and one unit's output buffer; ``max_memory`` replaces each node's
+    available memory."""
+    per_unit = max((working_set(plan, e) for e in plan.mergeable()), default=0) + max(
+        (u.nbytes for u in plan.units), default=0)
+    problems = []
+    for name, slots, available, worker in nodes:
+        have, where = (max_memory, "allowed (--max-memory)") if max_memory is not None else (available, "available")
+        need = max(slots, 1) * (max(worker, baseline_memory()) + per_unit)
+        if have is not None and need > have:
+            problems.append(f"on Ray node {name}, {max(slots, 1)} units at once need ~{size(need)} of memory at their "
+                            f"peak, {size(have)} {where} there. Fix: fewer --workers, more --cpus-per-worker, a "
+                            f"smaller --shard-size, or more memory (--max-memory raises the allowance).")
+    return problems
+
+
+def check_fits(plan: Plan, out: Path | None, device: torch.device, max_memory: int | None = None,
+               executor=None) -> None:
+    """Refuse, with the numbers, a merge whose peak memory or output would not fit (no calibration).
+    Under Ray (``executor`` a :class:`~primerge.engine.ray.RayExecutor`) this runs on the driver before
+    any unit: the output's disk as for a local merge, the driver's memory when it collects an
+    in-memory result, and every node's memory for the units that run there at once."""
+    if plan.recipe.execution.backend != "ray":
+        problems = preflight(plan, out, device, max_memory=max_memory, calibrate_time=False).problems
+    else:
+        problems = disk_problems(output_bytes(plan), *free_disk(out)) if out is not None else []
+        if out is None:  # the driver collects every merged tensor
+            allowed = (max_memory, "allowed (--max-memory)") if max_memory is not None else (available_memory(), "available")
+            problems += memory_problems(baseline_memory() + sum(e.nbytes for e in plan.entries), *allowed)
+        problems += ray_problems(plan, executor.node_memory(), max_memory)
     if problems:
         raise (InputError if "memory" in problems[0] else OutputError)(" ".join(problems))

@@ -4,18 +4,31 @@ Ray (``pip install "primerge[ray]"``) schedules, retries and moves data; primerg
 runs: the same pure function of (plan, unit, pre-pass result) as a local merge.
 
 - **Start or join.** Without ``address`` a local Ray runtime is started for the run (all CPUs and
-  GPUs of the machine) and stopped after it; with ``address`` (``auto`` or ``HOST:PORT``) primerge
-  joins an existing cluster (``ray start --head`` / ``ray start --address``) and leaves it running.
+  GPUs of the machine) and stopped after it, its processes and session folder removed even when the
+  driver is killed; with ``address`` (``auto`` or ``HOST:PORT``) primerge joins an existing cluster
+  (``ray start --head`` / ``ray start --address``), within a deadline and with a one-line error
+  when nothing or something else answers there, and leaves it running
+  (:mod:`primerge.engine.ray_runtime`).
+- **Pre-flight.** Before any unit, one task per node measures the memory available there
+  (:meth:`RayExecutor.node_memory`), and the driver refuses a run whose units would not fit on a
+  node (:func:`primerge.engine.preflight.check_fits`), as a local merge is refused.
 - **Shared storage.** Every node reads the inputs and writes into the output's temporary folder at
   the same paths: one machine's disk, or a shared filesystem on a cluster. Before any tensor is
   merged, one task per node checks that it sees every input file and the output folder; a node
   that does not fails the run with its address and the first missing path.
+- **Units sized for the workers.** The plan's units are its output shards; with N workers each
+  shard is split into groups of consecutive tensors of about 1/(4N) of the model
+  (:class:`~primerge.core.units.WorkerUnits`), so N workers get work whatever the model's size
+  and the shard size.
 - **Pre-passes** (TIES model-wide trim, PRIME ``rank: auto``, EMR rescalers): one task per unit
-  computes the unit's statistics; the driver folds them in unit order, exactly as a local merge.
+  computes the unit's statistics; the driver folds them in unit order, exactly as a local merge
+  (the statistics reduce exactly, so the split changes nothing).
 - **Units**: one task per unit (``workers`` at a time, ``cpus_per_worker`` / ``gpus_per_worker``
-  reserved each). The output's unit writer runs in the task — a model folder's shard file is
-  written there, straight into the temporary output folder — and the driver takes the receipts in
-  unit order, then writes the index, manifest and card, verifies and publishes as a local merge.
+  reserved each). The output's unit writer runs in the task — a model folder's shard file, or a
+  group's part of it, is written there, straight into the temporary output folder — and the driver
+  takes the receipts in unit order (joining a split shard's parts into the shard file, byte for
+  byte what one writer writes), then writes the index, manifest and card, verifies and publishes as
+  a local merge.
 - **Faults**: a task whose worker dies is retried by Ray (up to :data:`RETRIES` times) and, being a
   pure function of its inputs, writes the same bytes; a primerge error inside a unit is raised by
   the driver as it is (exit 2), never retried; Ctrl-C cancels every running task before the
@@ -37,11 +50,13 @@ from typing import Any
 import torch
 
 from primerge.util.deterministic import ThreadIndependent
+from primerge.engine.ray_runtime import OwnedRuntime, check_reachable
 from primerge.engine.stream import execute_unit, fold_units, prepass_statistics, progress
 from primerge.util.errors import ExecutionError, InputError, PrimergeError, RecipeError
 from primerge.util.platform import machine_kind, mixed_kinds_note
 from primerge.output.base import UnitWriter
 from primerge.core.plan import Plan, WorkUnit
+from primerge.core.units import WorkerUnits
 from primerge.core.recipe import ExecutionConfig
 
 #: How many times Ray reruns a unit whose worker died (a primerge error is never retried).
@@ -66,17 +81,16 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _unit_statistics(plan: Plan, prepass: Any, pass_index: int, index: int, device: str) -> Any:
+def _unit_statistics(plan: Plan, prepass: Any, pass_index: int, unit: WorkUnit, device: str) -> Any:
     """Task: one unit's pre-pass statistics (:func:`primerge.engine.stream.prepass_statistics`)."""
     with ThreadIndependent():
-        return prepass_statistics(plan, prepass, pass_index, plan.units[index].entries, torch.device(device))
+        return prepass_statistics(plan, prepass, pass_index, unit.entries, torch.device(device))
 
 
-def _unit(plan: Plan, index: int, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float, float, str]:
-    """Task: merge unit ``index`` and hand its tensors to the output's unit writer, here; returns the
+def _unit(plan: Plan, unit: WorkUnit, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float, float, str]:
+    """Task: merge ``unit`` and hand its tensors to the output's unit writer, here; returns the
     receipt, the worker, the seconds it took, the worker's peak RSS (MiB) and its machine kind."""
     start = time.perf_counter()
-    unit = plan.units[index]
     with ThreadIndependent():
         receipt = writer.write(unit, execute_unit(plan, unit, torch.device(device), prepass))
     return receipt, _worker(), time.perf_counter() - start, _peak_rss_mib(), machine_kind(device)
@@ -87,19 +101,29 @@ def _ready() -> str:
     return _worker()
 
 
-def _missing(paths: list[str]) -> tuple[str, list[str]]:
-    """Task pinned to one node: the node's name and the paths it cannot see."""
+def _node_name() -> str:
+    """The node a task runs on: host, address and Ray's node id."""
     ray = _ray()
     node_id = ray.get_runtime_context().get_node_id()[:8]
-    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, id {node_id})"
-    return node, [p for p in paths if not os.path.exists(p)]
+    return f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, id {node_id})"
+
+
+def _missing(paths: list[str]) -> tuple[str, list[str]]:
+    """Task pinned to one node: the node's name and the paths it cannot see."""
+    return _node_name(), [p for p in paths if not os.path.exists(p)]
+
+
+def _node_memory() -> tuple[str, int | None, int]:
+    """Task pinned to one node: its name, the memory available there, and this worker's resident
+    bytes (a worker's baseline: Python, torch and the engine imported)."""
+    from primerge.engine.preflight import available_memory, baseline_memory
+
+    return _node_name(), available_memory(), baseline_memory()
 
 
 def plan_paths(plan: Plan) -> list[str]:
     """Every file the merge reads: the base's weights and support files and each model's files."""
-    files = {plan.base.info(n).file for n in plan.base.names} | set(plan.base.support)
-    for source in plan.sources:
-        files |= set(source.files())
+    files = {file for _, files in plan.input_files() for file in files}
     return sorted(str(Path(f).resolve()) for f in files)
 
 
@@ -111,6 +135,7 @@ class RayExecutor:
         self.device = "cuda" if config.gpus_per_worker > 0 else device
         self.ray = _ray()
         self.started = False
+        self.runtime: OwnedRuntime | None = None  # the local runtime this executor started
         self.stats: dict[str, list[float]] = {}  # worker -> seconds of each unit it merged
         self.peak_rss = 0.0  # the largest peak RSS (MiB) a worker reported
         self.kinds: Counter[str] = Counter()  # machine kind -> units merged on it
@@ -127,11 +152,15 @@ class RayExecutor:
             raise ExecutionError(f"this process is already connected to a Ray cluster; give no --address to use "
                                  f"it, or call ray.shutdown() before joining {self.config.address}.")
         options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        try:  # "local": a new runtime, never a cluster an earlier `ray start` left recorded in /tmp/ray
-            ray.init(address=self.config.address or "local", **options)
+        try:
+            if self.config.address:
+                check_reachable(self.config.address)  # within a deadline: ray.init would wait for minutes
+                ray.init(address=self.config.address, **options)
+            else:
+                self.runtime = OwnedRuntime(ray, options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ExecutionError(f"cannot reach the Ray cluster at {self.config.address or 'a new local runtime'} "
-                                 f"({exc}); start it with `ray start --head` or check --address.") from None
+                                 f"({str(exc)[:200]}); start it with `ray start --head` or check --address.") from None
         self.started = True
         self._start_workers()
 
@@ -144,10 +173,14 @@ class RayExecutor:
             ready.remote()
 
     def close(self) -> None:
-        """Leave Ray as it was found: disconnect from a joined cluster, stop a runtime started here."""
+        """Leave Ray as it was found: disconnect from a joined cluster; stop a runtime started here and
+        remove its processes and session folder (:class:`~primerge.engine.ray_runtime.OwnedRuntime`)."""
         if self.started:
             self.ray.shutdown()
             self.started = False
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
 
     def workers(self) -> int:
         """Units run at once: ``config.workers``, else the cluster's CPUs (or GPUs) per unit's share."""
@@ -158,15 +191,41 @@ class RayExecutor:
             return max(1, int(resources.get("GPU", 0) // self.config.gpus_per_worker))
         return max(1, int(resources.get("CPU", 1) // self.config.cpus_per_worker))
 
-    def check_storage(self, paths: list[str]) -> None:
-        """One task per alive node: refuse the run if any node cannot see one of ``paths``."""
+    def work_units(self, plan: Plan) -> tuple[WorkUnit, ...]:
+        """The plan's shards split into tensor groups sized for the workers
+        (:class:`~primerge.core.units.WorkerUnits`), so that every worker gets work whatever the
+        model's size; the output joins a split shard's groups back into the shard."""
+        return WorkerUnits(self.workers()).split(plan.units)
+
+    def _on_every_node(self, function, *args) -> list[tuple[dict, Any]]:
+        """``function(*args)`` as one task pinned to each alive node: (the node's record, the result)."""
         ray = self.ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        task = ray.remote(_missing)
+        task = ray.remote(function)
+        nodes = [node for node in ray.nodes() if node["Alive"]]
         refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-                .remote(paths) for node in ray.nodes() if node["Alive"]]
-        for node, missing in ray.get(refs):
+                .remote(*args) for node in nodes]
+        return list(zip(nodes, ray.get(refs)))
+
+    def node_memory(self) -> list[tuple[str, int, int | None, int]]:
+        """Per alive node: its name, how many units run there at once (``workers``, at most what its
+        CPUs or GPUs hold at ``cpus_per_worker`` / ``gpus_per_worker`` each), the memory available
+        there and a worker's resident bytes, measured by a task on the node (pre-flight, before any unit)."""
+        self.connect()
+        found = []
+        for node, (name, available, worker) in self._on_every_node(_node_memory):
+            resources = node.get("Resources", {})
+            if self.config.gpus_per_worker > 0:
+                slots = int(resources.get("GPU", 0) // self.config.gpus_per_worker)
+            else:
+                slots = int(resources.get("CPU", 0) // self.config.cpus_per_worker)
+            found.append((name, min(self.workers(), slots), available, worker))
+        return found
+
+    def check_storage(self, paths: list[str]) -> None:
+        """One task per alive node: refuse the run if any node cannot see one of ``paths``."""
+        for _, (node, missing) in self._on_every_node(_missing, paths):
             if missing:
                 raise InputError(f"Ray node {node} cannot see {missing[0]} ({len(missing)} of {len(paths)} paths "
                                  f"missing there): every node must see the inputs and the output folder at "
@@ -181,13 +240,13 @@ class RayExecutor:
     def prepass(self, plan: Plan, quiet: bool) -> Any:
         self.connect()
         self.check_storage(plan_paths(plan))
-        prepass = plan.recipe.spec.make_prepass(plan.recipe.params)
+        prepass = plan.recipe.spec.make_prepass(plan.method_params)
         if prepass is None:
             return None
         task = self.ray.remote(_unit_statistics).options(**self._options())
         plan_ref = self.ray.put(plan)
         for i in range(prepass.passes):
-            refs = [task.remote(plan_ref, prepass, i, unit.index, self.device) for unit in plan.units]
+            refs = [task.remote(plan_ref, prepass, i, unit, self.device) for unit in self.work_units(plan)]
             prepass.end_pass(i, fold_units(prepass, self._results(refs)))
         return prepass.result()
 
@@ -199,12 +258,13 @@ class RayExecutor:
         task = self.ray.remote(_unit).options(**self._options())
         plan_ref, prepass_ref = self.ray.put(plan), self.ray.put(prepass)
         window, pending = 2 * self.workers(), deque()
-        todo = iter(plan.units)
+        units = self.work_units(plan)
+        todo = iter(units)
         try:
             with progress(plan, quiet) as bar:
-                for unit in plan.units:
+                for unit in units:
                     while len(pending) < window and (nxt := next(todo, None)) is not None:
-                        pending.append(task.remote(plan_ref, nxt.index, prepass_ref, writer, self.device))
+                        pending.append(task.remote(plan_ref, nxt, prepass_ref, writer, self.device))
                     receipt, worker, seconds, rss, kind = self._result(pending.popleft())
                     self.stats.setdefault(worker, []).append(seconds)
                     self.kinds[kind] += 1

@@ -32,8 +32,10 @@ from primerge.util.deterministic import ThreadIndependent
 from primerge.util.platform import machine_kind
 from primerge.util.errors import InputError, RecipeError
 from primerge.io.manifest import non_finite
-from primerge.linalg import choose_svd
+from primerge.linalg import OutputPrecision, SVDOutcomes, choose_svd, recording
+from primerge.linalg.certificate import tolerant
 from primerge.methods.base import PerTaskUpdate, Prepass, TensorContext, fold_statistics, is_sum_merge
+from primerge.methods.stack import TaskStack
 from primerge.output.base import MergedTensor, MergedUpdate, MergeResult, PerTaskTensor, Sink, UnitWriter
 from primerge.core.plan import Plan, WorkUnit
 from primerge.util.seeding import derive_seed
@@ -59,10 +61,45 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def context(plan: Plan, entry: PlanEntry, prepass: Any = None) -> TensorContext:
-    """What the method knows of ``entry``: treatment, seed from the recipe seed and its name."""
+def context(plan: Plan, entry: PlanEntry, prepass: Any = None, base: torch.Tensor | None = None) -> TensorContext:
+    """What the method knows of ``entry``: treatment, seed from the recipe seed and its name,
+    θ₀ (``base``) when the method is registered with ``reads_base``, and the plan's input Gram
+    matrices of a 2-D matrix when it carries them (a data-aware method, ``reads_grams``), and how
+    finely the result is written when ``svd: auto`` decomposes it (:func:`output_precision`)."""
     kind = "fallback" if entry.kind == "fallback" else "matrix"
-    return TensorContext(entry.name, kind, derive_seed(plan.recipe.seed, entry.name), prepass)
+    theta = base if plan.recipe.spec.reads_base else None
+    grams = plan.grams(entry.name) if plan.grams is not None and entry.kind == "matrix" else None
+    precision = output_precision(entry, base) if kind == "matrix" and _decomposes(plan, entry) else None
+    return TensorContext(entry.name, kind, derive_seed(plan.recipe.seed, entry.name), prepass, theta, grams,
+                         precision)
+
+
+def output_precision(entry: PlanEntry, base: torch.Tensor | None) -> OutputPrecision | None:
+    """The stored dtype of ``entry`` (its FP8 format when quantized) and θ₀'s scale: what the
+    certificate of ``svd: auto`` compares a block Krylov SVD's backward error with."""
+    if base is None or not entry.dtype.is_floating_point:
+        return None
+    return OutputPrecision.of(stored_dtype(entry), base)
+
+
+def stored_dtype(entry: PlanEntry) -> torch.dtype:
+    """The dtype ``entry`` is written in: its FP8 format when quantized, else its dtype."""
+    return entry.storage.dtype if entry.storage is not None else entry.dtype
+
+
+def _decomposes(plan: Plan, entry: PlanEntry) -> bool:
+    """Whether the method asks for truncated SVDs of ``entry`` under ``svd: auto``."""
+    params = plan.tensor_parameters(entry).params
+    return plan.recipe.spec.svd_requests is not None and getattr(params, "svd", None) == "auto"
+
+
+def method_inputs(plan: Plan, entry: PlanEntry, device: torch.device, prepass: Any = None, *,
+                  summed: bool = False) -> tuple[torch.Tensor, TaskStack, TensorContext]:
+    """θ₀, the task vectors of ``entry`` as the method declares it reads them (weights applied or
+    given, only their sum with ``summed``) and its context."""
+    weighted = plan.recipe.spec.weights == "applied"
+    base, taus = plan.task_vectors(entry, device, summed=summed, weighted=weighted)
+    return base, taus, context(plan, entry, prepass, base)
 
 
 def prepass_statistics(plan: Plan, prepass: Prepass, pass_index: int, entries: Iterable[PlanEntry],
@@ -70,7 +107,7 @@ def prepass_statistics(plan: Plan, prepass: Prepass, pass_index: int, entries: I
     """The fold (``prepass.combine``) of the statistics of ``entries`` in pass ``pass_index``
     (a tensor of several matrices is observed matrix by matrix, :func:`primerge.core.treatments.matrix_inputs`)."""
     tensors = (pair for e in entries if e.kind != "copy"
-               for pair in matrix_inputs(e, plan.task_vectors(e, device)[1], context(plan, e)))
+               for pair in matrix_inputs(e, *method_inputs(plan, e, device)[1:]))
     return fold_statistics(prepass, pass_index, tensors)
 
 
@@ -85,7 +122,7 @@ def fold_units(prepass: Prepass, parts: Iterable[Any]) -> Any:
 
 def run_prepass(plan: Plan, device: torch.device, quiet: bool = True) -> Any:
     """Every pass of the method's whole-model pre-pass, unit by unit in this process; its result."""
-    prepass = plan.recipe.spec.make_prepass(plan.recipe.params)
+    prepass = plan.recipe.spec.make_prepass(plan.method_params)
     if prepass is None:
         return None
     for i in range(prepass.passes):
@@ -101,10 +138,10 @@ def merge_tensor(plan: Plan, entry: PlanEntry, device: torch.device, prepass: An
     if entry.kind == "copy":
         value, companions = plan.copied(entry)
         return MergedTensor(entry.name, value, entry.kind, companions=companions)
-    spec, params = plan.recipe.spec, plan.recipe.params
+    spec, params = plan.recipe.spec, plan.tensor_parameters(entry).params
     merge = merge_function(spec, entry)
-    base, taus = plan.task_vectors(entry, device, summed=is_sum_merge(merge))
-    update = merge(taus, context(plan, entry, prepass), params)
+    base, taus, ctx = method_inputs(plan, entry, device, prepass, summed=is_sum_merge(merge))
+    update = merge(taus, ctx, params)
     del taus
     per_task = update if isinstance(update, PerTaskUpdate) else None
     if per_task is not None:
@@ -183,11 +220,28 @@ def matrix_shapes(plan: Plan) -> Counter[tuple[int, int]]:
     """How many matrices of each shape the method's matrix function will see (an expert tensor
     [E, m, n] counts E of m × n)."""
     shapes: Counter[tuple[int, int]] = Counter()
+    for (shape, _, _), count in _shapes_and_parameters(plan).items():
+        shapes[shape] += count
+    return shapes
+
+
+def _shapes_and_parameters(plan: Plan) -> Counter[tuple[tuple[int, int], int, bool]]:
+    """:func:`matrix_shapes` per set of resolved parameters and kind of output: (shape, set index,
+    16-bit output) -> matrices; the sets are those of :attr:`Plan.parameters` (index 0 for a plan
+    without a table); a 16-bit output lets ``svd: auto`` certify (:func:`primerge.linalg.choose_svd`)."""
+    counted: Counter[tuple[tuple[int, int], int, bool]] = Counter()
+    index = plan.parameters.index if plan.parameters is not None else {}
     for entry in plan.mergeable():
         shape = tuple(entry.view[1:]) if entry.view is not None else entry.shape
         if entry.kind != "fallback" and len(shape) == 2:
-            shapes[shape] += entry.view[0] if entry.view is not None else 1
-    return shapes
+            key = (shape, index.get(entry.name, 0), tolerant(stored_dtype(entry)))
+            counted[key] += entry.view[0] if entry.view is not None else 1
+    return counted
+
+
+def _set(plan: Plan, i: int):
+    """The parameters of set ``i`` (:func:`_shapes_and_parameters`)."""
+    return plan.parameters.distinct[i].params if plan.parameters is not None else plan.recipe.params
 
 
 def svd_choices(plan: Plan, prepass: Any = None) -> list[str]:
@@ -198,16 +252,18 @@ def svd_choices(plan: Plan, prepass: Any = None) -> list[str]:
     those shapes alone, so the lines are known before any tensor is read, except for ranks that
     the pre-pass chooses (given its result as ``prepass``).
     """
-    spec, params = plan.recipe.spec, plan.recipe.params
-    if spec.svd_requests is None or getattr(params, "svd", None) != "auto":
+    spec = plan.recipe.spec
+    if spec.svd_requests is None:
         return []
-    matrices: Counter[tuple[tuple[int, ...], int]] = Counter()
-    for shape, count in matrix_shapes(plan).items():
-        for request in spec.svd_requests(shape, len(plan.sources), params, prepass):
-            matrices[request] += count
+    matrices: Counter[tuple[tuple[int, ...], int, bool]] = Counter()
+    for (shape, i, sixteen), count in _shapes_and_parameters(plan).items():
+        if getattr(_set(plan, i), "svd", None) != "auto":
+            continue
+        for request in spec.svd_requests(shape, len(plan.sources), _set(plan, i), prepass):
+            matrices[(*request, sixteen)] += count
     lines = []
-    for (batch, rank), count in matrices.items():
-        choice = choose_svd(batch, rank)
+    for (batch, rank, sixteen), count in matrices.items():
+        choice = choose_svd(batch, rank, sixteen)
         lines.append(f"svd: auto: {choice.mode} SVD of {'×'.join(map(str, batch))} at rank {rank} "
                      f"({_matrices(count)}): {choice.reason}")
     return lines
@@ -219,9 +275,11 @@ def shape_notes(plan: Plan) -> list[str]:
     spec = plan.recipe.spec
     if spec.shape_note is None:
         return []
-    notes = ((spec.shape_note(shape, len(plan.sources), plan.recipe.params), count)
-             for shape, count in matrix_shapes(plan).items())
-    return [f"{note} ({_matrices(count)})" for note, count in notes if note]
+    notes: Counter[str] = Counter()
+    for (shape, i, _), count in _shapes_and_parameters(plan).items():
+        if note := spec.shape_note(shape, len(plan.sources), _set(plan, i)):
+            notes[note] += count
+    return [f"{note} ({_matrices(count)})" for note, count in notes.items()]
 
 
 def _announce(lines: list[str], quiet: bool) -> None:
@@ -240,8 +298,9 @@ def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> Merge
     in the result and, unless ``quiet``, written to stderr before anything is merged."""
     start = time.perf_counter()
     spec = plan.recipe.spec
-    result = MergeResult(spec.name, plan.recipe.params.model_dump(mode="json"), counts=plan.counts(),
-                         per_task=spec.per_task, decisions=svd_choices(plan) + shape_notes(plan))
+    result = MergeResult(spec.name, plan.reported_parameters(), counts=plan.counts(),
+                         per_task=spec.per_task, decisions=svd_choices(plan) + shape_notes(plan),
+                         parameter_table=plan.parameter_rows())
     _announce(result.decisions, quiet)
     with ThreadIndependent():  # byte-identical outputs whatever the thread count
         prepass = executor.prepass(plan, quiet)
@@ -251,10 +310,29 @@ def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> Merge
             later = [line for line in svd_choices(plan, prepass) if line not in result.decisions]
             result.decisions += later
             _announce(later, quiet)
+        outcomes = SVDOutcomes()
         with sink.session(plan, prepass):
-            for unit, receipt in executor.units(plan, prepass, sink.unit_writer(), quiet):
+            for unit, (receipt, unit_outcomes) in executor.units(plan, prepass, TallyingWriter(sink.unit_writer()),
+                                                                  quiet):
                 sink.receive(unit, receipt)
+                outcomes += unit_outcomes
             result.execution = executor.describe()
+            result.svd, result.prepass_svd = outcomes, getattr(prepass, "svd_outcomes", SVDOutcomes())
+            _announce(result.svd.lines() + result.prepass_svd.lines("pre-pass"), quiet)
             sink.finish(result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+class TallyingWriter:
+    """The sink's unit writer, whose receipt comes back with what the unit's truncated SVDs did
+    (:class:`primerge.linalg.SVDOutcomes`, recorded where the unit runs: picklable, summed by the run)."""
+
+    def __init__(self, inner: UnitWriter) -> None:
+        self.inner = inner
+        self.folder = getattr(inner, "folder", None)  # where a folder writer writes (executors check it)
+
+    def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> tuple[Any, SVDOutcomes]:
+        with recording() as outcomes:
+            receipt = self.inner.write(unit, tensors)
+        return receipt, outcomes

@@ -46,6 +46,7 @@ from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
 from primerge.util.cache_dirs import cache_root
+from primerge.util.hashing import state_digest, tensor_bytes
 from primerge.core.purify_block import paper_rank_ratio
 
 #: The report files as the demo wrote them before it wrote a manifest (such a folder is replaced).
@@ -115,14 +116,17 @@ def select_methods(names: Sequence[str] | None) -> list:
 
 
 def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads: dict, seed: int,
-               max_length: int, quiet: bool, purify: dict | None = None) -> Row:
+               max_length: int, quiet: bool, purify: dict | None = None, data: dict | None = None) -> Row:
     """Merge the zoo with ``spec`` at its defaults, in memory, and score it (:func:`scored_row`).
 
     With ``purify`` the task vectors are PAVE-purified first (recipe field ``purify``) and the row
-    is labelled so (``+ PAVE``, ``+ PAVE delta`` for ``target: delta``)."""
+    is labelled so (``+ PAVE``, ``+ PAVE delta`` for ``target: delta``). A data-aware method
+    (RegMean) gets ``data`` (model label -> task) as its calibration data."""
     start = time.perf_counter()
+    calibration = {"data": data} if spec.reads_grams is not None else None
     result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
-                            task_specific=HEAD_REGEX, seed=seed, quiet=quiet, purify=purify)
+                            task_specific=HEAD_REGEX, seed=seed, quiet=quiet, purify=purify,
+                            calibration=calibration)
     label = f"{spec.name} (per-task)" if result.per_task else spec.name
     if purify is not None:
         label += " + PAVE" + (" delta" if purify.get("target") == "delta" else "")
@@ -164,20 +168,6 @@ def head_of(tensors: dict[str, torch.Tensor], origin: str) -> nn.Linear:
     return head_from_tensors(stripped, origin)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of every tensor of a state dict (name, dtype, shape, bytes), in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name]
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(_tensor_bytes(tensor))
-    return digest.hexdigest()
-
-
 def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence[TaskSplit],
                    max_length: int, state_hex: str | None = None) -> str:
     """SHA-256 of the weights (:func:`state_digest`, or ``state_hex`` when already computed), of
@@ -186,7 +176,7 @@ def tensors_digest(state: dict[str, torch.Tensor], heads: dict, splits: Sequence
     for split in splits:
         head = heads[split.name]
         digest.update(split.fingerprint().encode())
-        digest.update(_tensor_bytes(head.weight) + _tensor_bytes(head.bias))
+        digest.update(tensor_bytes(head.weight) + tensor_bytes(head.bias))
     return digest.hexdigest()
 
 
@@ -236,18 +226,19 @@ def run_demo(
     rows.append(Row("Individual", zoo.individual, zoo.individual))
     tokenizer = load_tokenizer(zoo.base)
     zoo_heads = zoo.heads()
+    data = {s.name: str(task) for s, task in zip(splits, tasks)}  # each task's training texts: PAVE, RegMean
     for spec in specs:
         log(f"merging {len(zoo.paths)} fine-tunes with {spec.name} and evaluating ...")
-        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length, quiet=not progress)
+        row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length, quiet=not progress,
+                         data=data)
         log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
             f"evaluation {row.eval_seconds:.0f}s")
         rows.append(row)
-    data = {s.name: str(task) for s, task in zip(splits, tasks)}
     for spec in select_methods(pave) if pave else []:
         for pave_target in pave_targets:
             log(f"merging with {spec.name} on PAVE-purified task vectors ({pave_target}) and evaluating ...")
             row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length,
-                             quiet=not progress, purify={"data": data, "target": pave_target})
+                             quiet=not progress, purify={"data": data, "target": pave_target}, data=data)
             row.setting = f"PAVE {pave_target}, ρ = {paper_rank_ratio(spec.name):g} (the authors'), every task purified"
             log(f"{row.label}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s")
             rows.append(row)

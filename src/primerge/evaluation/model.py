@@ -25,7 +25,7 @@ from torch import nn
 
 from primerge.util.errors import InputError
 from primerge.io.destination import destination
-from primerge.io.files import content_digest
+from primerge.util.hashing import content_digest
 from primerge.io.hf import transformers_module
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
@@ -187,7 +187,7 @@ FINGERPRINT_SKIP = {"README.md", ".gitattributes"}
 
 
 def folder_fingerprint(folder: Path, skip: Iterable[str] = FINGERPRINT_SKIP) -> str:
-    """:func:`~primerge.io.files.content_digest` of a model folder, skipping documentation."""
+    """:func:`~primerge.util.hashing.content_digest` of a model folder, skipping documentation."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"base model folder {folder} does not exist.")

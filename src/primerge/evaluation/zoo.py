@@ -1,6 +1,6 @@
 """The model zoo: one full fine-tune of the base per task, cached on disk.
 
-Protocol (BENCHMARK.md, "Fine-tuning protocol"): a fresh linear head on the pooled features,
+Protocol (docs/benchmarks.md, "Fine-tuning protocol"): a fresh linear head on the pooled features,
 trained jointly with the whole body; AdamW (lr 1e-4, weight decay 0.01 on every parameter),
 batch 32, max length 64, linear warm-up over the first 10% of steps then linear decay to 0,
 length-bucketed batches, one seed per task. Tasks with fewer than ``small_task_threshold``

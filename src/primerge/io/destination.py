@@ -10,6 +10,7 @@ just before the finished output is renamed into place:
   the input folder itself and the real file behind every entry of it, so an output that would
   contain the ``blobs/`` a Hugging Face cache's ``snapshots/`` links point into is refused as
   surely as the input folder itself;
+* a replacement of the path that a crash interrupted is finished first (:func:`primerge.io.publish.recover`);
 * what is already there decides the rest. Nothing, or an empty folder: written. A symbolic
   link, a file or any other non-folder: refused, with or without ``--force`` (primerge never
   replaces a file). A folder with content: refused without ``--force``; with it, replaced only
@@ -28,6 +29,7 @@ from pathlib import Path
 from primerge.util.errors import InputError, OutputError, RecipeError
 from primerge.io.files import kind, load_json, walk
 from primerge.io.manifest import MANIFEST, manifest_files
+from primerge.io.publish import recover
 from primerge.io.user_paths import user_path
 
 #: What each kind of output is called in messages.
@@ -89,6 +91,7 @@ def destination(out: object, inputs: Iterable[object] = (), *, force: object = F
     path = user_path(out, "output", RecipeError)
     spared = tuple(user_path(p, "input", InputError) for p in inputs)
     target = Destination(path, kind, force, spared, frozenset(legacy))
+    recover(path)  # a replacement a crash interrupted is finished before anything looks at the path
     target.check()
     return target
 

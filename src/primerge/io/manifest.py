@@ -16,7 +16,10 @@ writes ``primerge-manifest.json``::
 :func:`verify_folder` (``primerge verify OUTDIR``) repeats the check on any
 earlier output from the manifest alone: missing, extra, resized or altered
 files and tensors, non-finite values, links and special files are reported one per
-line. The manifest itself is not trusted: every path in it must be a plain relative
+line. The model card (``README.md`` of a merge) is listed as ``{"card": true}``: it must be
+there, as a regular file, but its text is not hashed. It records where and how the merge ran
+(local or Ray, machine kind), which may differ between runs that write the same bytes, and people
+edit cards before publishing; so the manifest of a merge is the same whatever ran it. The manifest itself is not trusted: every path in it must be a plain relative
 path inside the folder and every entry of the expected type (:func:`manifest_files`),
 and nothing is opened before it is known to be a regular file. ``kind`` says which
 command wrote the folder (``merge``, ``analysis``, ``demo-report``, ``zoo-model``);
@@ -25,7 +28,6 @@ command wrote the folder (``merge``, ``analysis``, ``demo-report``, ``zoo-model`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -36,10 +38,13 @@ from safetensors import SafetensorError, safe_open
 
 from primerge.util.errors import InputError, OutputError
 from primerge.io.files import kind, load_json, walk
+from primerge.io.publish import recover
+from primerge.util.hashing import file_sha256, tensor_sha256
 
 MANIFEST = "primerge-manifest.json"
+#: The manifest entry of a model card: present as a regular file, text not hashed.
+CARD_ENTRY = {"card": True}
 FORMAT_VERSION = 1
-_CHUNK = 16 * 1024**2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: Files a model hub or git adds to a folder after primerge wrote it (an upload's ``.gitattributes``,
 #: ``huggingface_hub``'s download metadata): reported by verify as unlisted, not as corruption.
@@ -48,33 +53,21 @@ HUB_METADATA = re.compile(r"^(\.gitattributes|\.gitignore|\.cache/huggingface/.*
 
 def tensor_record(tensor: torch.Tensor) -> dict:
     """Shape, dtype and the SHA-256 of the raw (C-contiguous, little-endian) bytes of a CPU tensor."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    digest = hashlib.sha256(flat.view(torch.uint8).numpy().data if flat.numel() else b"").hexdigest()
-    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "sha256": digest}
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "sha256": tensor_sha256(tensor)}
 
 
 def non_finite(tensor: torch.Tensor) -> bool:
     """Whether a floating tensor holds NaN or ±Inf.
 
     From ``torch.aminmax`` (which propagates NaN, and whose extremes are ±Inf if any entry is):
-    one reduction, no mask, about 25x faster than ``isfinite(t).all()`` on this CPU (33M bf16
-    values: 48 ms instead of 1.3 s). float8 is checked through float32 (torch has no reductions
-    for it)."""
+    one reduction, no mask, much faster than ``isfinite(t).all()`` (docs/benchmarks.md, "Measurements
+    behind design decisions"). float8 is checked through float32 (torch has no reductions for it)."""
     if not tensor.dtype.is_floating_point or tensor.numel() == 0:
         return False
     if tensor.element_size() == 1:
         tensor = tensor.float()
     low, high = torch.aminmax(tensor)
     return not (bool(torch.isfinite(low)) and bool(torch.isfinite(high)))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stored_tensors(path: Path) -> tuple[dict[str, dict], list[str]]:
@@ -116,6 +109,7 @@ class Ledger:
     folder: Path
     kind: str = "merge"
     tensors: dict[str, dict[str, dict]] = field(default_factory=dict)  # relative path -> name -> record
+    card: str | None = None  # the model card's relative path: listed, not hashed (module docstring)
 
     def record(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Remember the tensors just saved to ``path`` (inside the folder)."""
@@ -142,6 +136,9 @@ class Ledger:
             if rel == MANIFEST:
                 continue
             path = self.folder / rel
+            if rel == self.card:
+                files[rel] = dict(CARD_ENTRY)
+                continue
             entry: dict = {"size": path.stat().st_size}
             if rel in self.tensors:
                 stored, bad = _stored_tensors(path)
@@ -169,6 +166,8 @@ def _safe_relative(rel: object) -> bool:
 
 
 def _valid_entry(entry: object) -> bool:
+    if entry == CARD_ENTRY:
+        return True
     if not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0:
         return False
     if "tensors" in entry:
@@ -211,6 +210,7 @@ class Verification:
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
     unlisted: list[str] = field(default_factory=list)  # hub metadata files added after the merge
+    recovered: str | None = None  # an interrupted replacement of the folder, finished first
 
     @property
     def ok(self) -> bool:
@@ -241,6 +241,8 @@ def _check_file(folder: Path, rel: str, entry: dict, result: Verification) -> No
                                f"{rel}: {'a symbolic link' if found == 'link' else found}, not a file")
         return
     result.files += 1
+    if entry == CARD_ENTRY:
+        return
     size = path.stat().st_size
     if size != entry["size"]:
         result.problems.append(f"{rel}: size {size}, expected {entry['size']}")
@@ -263,12 +265,15 @@ def verify_folder(folder: str | Path) -> Verification:
     Every listed file must be a regular file with the listed size; safetensors files must
     hold exactly the listed tensors with the listed shape, dtype and SHA-256 and no NaN or
     Inf; other files must match their SHA-256. Files not in the manifest, links, special
-    files, an empty file list and malformed or escaping manifest entries are reported.
+    files, an empty file list and malformed or escaping manifest entries are reported. A
+    replacement of the folder that a crash interrupted is finished first
+    (:func:`primerge.io.publish.recover`).
     Raises :class:`InputError` when there is no readable manifest.
     """
     folder = Path(folder)
+    recovered = recover(folder)  # a replacement a crash interrupted: finished (or rolled back) first
     files = _read_manifest(folder)
-    result = Verification(folder)
+    result = Verification(folder, recovered=recovered)
     if not files:
         result.problems.append(f"{MANIFEST}: lists no files, so nothing can be verified")
     listing = walk(folder)

@@ -8,7 +8,19 @@ weight W (m × n, possibly with leading expert axes) is stored as ``<name>`` in 
     s_B = max_{B} |W| / 448,  q[B] = round_fp8(W[B] / s_B)   (quantization; s_B = 1 for a zero block)
 
 448 is the largest finite float8_e4m3fn value. The block size is the config's
-``quantization_config.weight_block_size`` (else 128 × 128, checked against every scale's shape).
+``quantization_config.weight_block_size`` (else 128 × 128). What the config claims is checked
+against what the tensors hold before anything is read (:func:`check_block_size`): every scale must
+have the ⌈m/b_m⌉ × ⌈n/b_n⌉ shape of its weight's blocks, and, along each axis where some weight has
+more than one block, the block size must divide one such weight's length. The second rule is what
+catches a block size that lies while every scale's shape still fits: if the true block b divides a
+length m = k·b (k ≥ 2), a claimed b' ≠ b with ⌈m/b'⌉ = k has (k−1)·b' < k·b ≤ k·b', so m/b' lies
+strictly between k−1 and k and b' divides no such length (every real FP8 checkpoint has lengths
+that are multiples of its block; 128 divides every hidden and MLP width of the FP8 releases). Along
+an axis where every weight is one block the block size does not change the values, and
+dequantizing and quantizing never allocate more than the weight's own size whatever it claims
+(the scales are expanded by indexing, blocks are cut to the weight). Every scale must be finite
+and positive (:meth:`Fp8Checkpoint.load`), and a ``quantization_config`` is accepted only where
+some tensor is float8.
 :func:`open_weights` gives a view of such a checkpoint whose tensors read dequantized in float32
 (:class:`Fp8Checkpoint`); the scales are not tensors of the view. The merge then runs in float32
 and the output is either cast (``output: {dtype: bfloat16}``) or quantized again with the same
@@ -25,15 +37,16 @@ error names the file, the tensor and what to convert the checkpoint with.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from primerge.util.errors import InputError
+from primerge.util.errors import InputError, quoted
+from primerge.io.files import kind, load_json, open_regular
 from primerge.io.readers import Checkpoint, TensorInfo, open_checkpoint
 
 SCALE_SUFFIX = "_scale_inv"
@@ -83,6 +96,12 @@ class Fp8Blocks:
     block: tuple[int, int]
     dtype: torch.dtype = torch.float8_e4m3fn
 
+    def blocks(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The block of a weight of ``shape`` as it acts: (b_m, b_n) cut to the weight's own
+        (m, n) (one block along an axis the block covers; the values are the same), at least 1."""
+        (m, n), (bm, bn) = shape[-2:], self.block
+        return max(1, min(bm, m)), max(1, min(bn, n))
+
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the scales of a weight of ``shape``: (..., ⌈m/b_m⌉, ⌈n/b_n⌉)."""
         (m, n), (bm, bn) = shape[-2:], self.block
@@ -96,8 +115,11 @@ class Fp8Blocks:
         return math.prod(shape) * self.dtype.itemsize + math.prod(self.scale_shape(shape)) * 4
 
     def _expand(self, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        (m, n), (bm, bn) = shape[-2:], self.block
-        return scale.repeat_interleave(bm, -2)[..., :m, :].repeat_interleave(bn, -1)[..., :n]
+        """Each entry's block scale, (..., m, n): indexed, so nothing larger than the weight is made."""
+        (m, n), (bm, bn) = shape[-2:], self.blocks(tuple(shape))
+        rows = torch.arange(m, device=scale.device) // bm
+        cols = torch.arange(n, device=scale.device) // bn
+        return scale.index_select(-2, rows).index_select(-1, cols)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """W = q · s_B per block, in float32."""
@@ -106,7 +128,7 @@ class Fp8Blocks:
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, s): s_B = max_B |W| / 448 (1 for a zero block), q = round_fp8(W / s_B), on the CPU."""
         weight = weight.to(device="cpu", dtype=torch.float32)
-        (m, n), (bm, bn) = weight.shape[-2:], self.block
+        (m, n), (bm, bn) = weight.shape[-2:], self.blocks(tuple(weight.shape))
         sm, sn = math.ceil(m / bm), math.ceil(n / bn)
         padded = weight.new_zeros((*weight.shape[:-2], sm * bm, sn * bn))
         padded[..., :m, :n] = weight
@@ -140,7 +162,13 @@ class Fp8Checkpoint(Checkpoint):
         scheme = self.schemes.get(name)
         if scheme is None:
             return self.inner.load(name)
-        return scheme.dequantize(self.inner.load(name), self.inner.load(scheme.scale_name(name)))
+        scale_name = scheme.scale_name(name)
+        scale = self.inner.load(scale_name).to(torch.float32)
+        if scale.numel() and not bool((scale > 0).all() and torch.isfinite(scale).all()):
+            raise InputError(f"{self.inner.info(scale_name).file}: tensor '{scale_name}' holds scales that are zero, "
+                             f"negative or not finite (smallest {scale.min().item():g}); a block scale is "
+                             f"max|W|/448 > 0. Re-export the checkpoint.")
+        return scheme.dequantize(self.inner.load(name), scale)
 
     def stored(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors ``name`` is stored as (an FP8 weight and its scales, else the tensor)."""
@@ -159,12 +187,9 @@ def scheme_of(checkpoint: Checkpoint, name: str) -> Fp8Blocks | None:
 
 def read_config(folder: Path | None) -> dict:
     """``folder/config.json`` as a dict (empty for a bare file or a folder without one)."""
-    if folder is None or not (folder / "config.json").is_file():
+    if folder is None or kind(folder / "config.json") is None:
         return {}
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder / 'config.json'}: not valid JSON ({exc}). Re-download or repair it.") from None
+    config = load_json(folder / "config.json", "config.json")
     return config if isinstance(config, dict) else {}
 
 
@@ -180,8 +205,9 @@ def refusal(where: object, tensor: str | None, fmt: str) -> InputError:
 def _block_size(config: dict, path: Path) -> tuple[int, int]:
     quant = config.get("quantization_config") or {}
     block = quant.get("weight_block_size") or DEFAULT_BLOCK
-    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise InputError(f"{path}: quantization_config.weight_block_size {block!r} is not two positive integers.")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(type(b) is int and b > 0 for b in block)):
+        raise InputError(f"{path}: quantization_config.weight_block_size {quoted(block)} is not two positive integers.")
     return (block[0], block[1])
 
 
@@ -189,6 +215,8 @@ def _check_method(config: dict, checkpoint: Checkpoint) -> None:
     quant = config.get("quantization_config") or config.get("compression_config")
     if not quant:
         return
+    if not isinstance(quant, dict):
+        raise InputError(f"{checkpoint.folder / 'config.json'}: quantization_config is not an object; repair it.")
     method = str(quant.get("quant_method", "unknown")).lower()
     if method != "fp8":
         raise refusal(checkpoint.folder / "config.json", None, method)
@@ -218,12 +246,28 @@ def _fp8_schemes(checkpoint: Checkpoint, block: tuple[int, int]) -> dict[str, Fp
         scale = scheme.scale_name(name)
         if scale not in checkpoint:
             raise refusal(info.file, name, "FP8 without block scales (no weight_scale_inv)")
-        if len(info.shape) < 2 or checkpoint.info(scale).shape != scheme.scale_shape(info.shape):
+        if len(info.shape) < 2:
+            raise InputError(f"{info.file}: tensor '{name}' {list(info.shape)} is float8 with block scales, but "
+                             f"block scales need a matrix (2 axes or more); re-export the checkpoint.")
+        if checkpoint.info(scale).shape != scheme.scale_shape(info.shape):
             raise InputError(f"{info.file}: tensor '{scale}' has shape {list(checkpoint.info(scale).shape)}, "
                              f"not the {list(scheme.scale_shape(info.shape))} of {block[0]}x{block[1]} blocks "
                              f"of '{name}' {list(info.shape)}; set quantization_config.weight_block_size.")
         schemes[name] = scheme
     return schemes
+
+
+def check_block_size(checkpoint: Checkpoint, schemes: dict[str, Fp8Blocks], where: object) -> None:
+    """Refuse a block size that divides no length of its axis among the weights with more than one
+    block along it (the rule and why it holds: the module docstring)."""
+    for axis, label in ((-2, "rows"), (-1, "columns")):
+        block = next(iter(schemes.values())).block[axis]
+        lengths = sorted({checkpoint.info(n).shape[axis] for n in schemes if checkpoint.info(n).shape[axis] > block})
+        if lengths and all(length % block for length in lengths):
+            raise InputError(f"{where}: quantization_config.weight_block_size gives blocks of {block} {label}, "
+                             f"which divides none of the FP8 weights' {label} ({', '.join(map(str, lengths[:6]))}); "
+                             f"the scales were made with another block size. Set the one the checkpoint was "
+                             f"quantized with (its quantizer's weight_block_size).")
 
 
 def dequantized(checkpoint: Checkpoint, config: dict) -> Checkpoint:
@@ -238,6 +282,12 @@ def dequantized(checkpoint: Checkpoint, config: dict) -> Checkpoint:
     if orphans:
         raise InputError(f"{checkpoint.info(orphans[0]).file}: tensor '{orphans[0]}' scales no FP8 weight "
                          f"(no '{orphans[0].removesuffix(SCALE_SUFFIX)}' in float8); re-export the checkpoint.")
+    if config.get("quantization_config") and not schemes:
+        raise InputError(f"{checkpoint.folder / 'config.json'}: quantization_config says the weights are FP8, but no "
+                         f"tensor of {checkpoint.path} is float8; an output would carry a false config. Remove "
+                         f"quantization_config from config.json (the weights are not quantized).")
+    if schemes:
+        check_block_size(checkpoint, schemes, checkpoint.folder / "config.json" if checkpoint.folder else checkpoint.path)
     return Fp8Checkpoint(checkpoint, schemes) if schemes else checkpoint
 
 
@@ -259,10 +309,15 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 
 
 class _Reader:
-    """Little-endian reads from a GGUF header."""
+    """Little-endian reads from a GGUF header, every count and length checked against the bytes
+    the file has left (a header claiming 2^60 strings or a 2^60-byte string is refused, not read)."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, size: int):
         self.handle = handle
+        self.size = size
+
+    def _left(self) -> int:
+        return self.size - self.handle.tell()
 
     def scalar(self, code: str):
         size = struct.calcsize("<" + code)
@@ -271,15 +326,22 @@ class _Reader:
             raise EOFError
         return struct.unpack("<" + code, data)[0]
 
+    def count(self, code: str, each: int = 1) -> int:
+        """A count of items of at least ``each`` bytes, no more than the file can hold."""
+        n = self.scalar(code)
+        if n * each > self._left():
+            raise ValueError(f"a count of {n} at byte {self.handle.tell()} exceeds the file")
+        return n
+
     def string(self) -> str:
-        return self.handle.read(self.scalar("Q")).decode("utf-8", "replace")
+        return self.handle.read(self.count("Q")).decode("utf-8", "replace")
 
     def value(self, kind: int) -> None:
         if kind == 8:
             self.string()
         elif kind == 9:
-            item, count = self.scalar("I"), self.scalar("Q")
-            for _ in range(count):
+            item = self.scalar("I")
+            for _ in range(self.count("Q", struct.calcsize(_SCALARS.get(item, "Q")))):
                 self.value(item)
         elif kind in _SCALARS:
             self.scalar(_SCALARS[kind])
@@ -289,23 +351,23 @@ class _Reader:
 
 def gguf_tensors(file: Path) -> list[tuple[str, str]]:
     """(name, GGML type) of every tensor listed in a GGUF file's header."""
-    with open(file, "rb") as handle:
+    with open_regular(file, "GGUF file") as handle:
         if handle.read(4) != b"GGUF":
             raise ValueError("no GGUF magic")
-        reader = _Reader(handle)
+        reader = _Reader(handle, os.fstat(handle.fileno()).st_size)
         count_code = "I" if reader.scalar("I") == 1 else "Q"
-        tensors, metadata = reader.scalar(count_code), reader.scalar(count_code)
+        tensors, metadata = reader.count(count_code, 8), reader.count(count_code, 8)
         for _ in range(metadata):
             reader.string()
             reader.value(reader.scalar("I"))
         found = []
         for _ in range(tensors):
             name = reader.string()
-            for _ in range(reader.scalar("I")):
+            for _ in range(reader.count("I", 8)):
                 reader.scalar("Q")
-            kind = reader.scalar("I")
+            code = reader.scalar("I")
             reader.scalar("Q")
-            found.append((name, GGML_TYPES.get(kind, f"type {kind}")))
+            found.append((name, GGML_TYPES.get(code, f"type {code}")))
     return found
 
 
@@ -314,16 +376,16 @@ def refuse_gguf(path: Path) -> None:
     files = [path] if path.suffix == ".gguf" else []
     if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         files = sorted(path.glob("*.gguf"))
-    if not files or not files[0].is_file():
+    if not files or kind(files[0]) is None:
         return
     try:
         tensors = gguf_tensors(files[0])
-    except (OSError, ValueError, EOFError, struct.error) as exc:
+    except (OSError, ValueError, EOFError, struct.error, RecursionError) as exc:
         raise InputError(f"{files[0]}: a .gguf file primerge cannot parse ({exc}); GGUF is not read. "
                          f"Fix: {CONVERT_HINTS['gguf']}.") from None
     quantized = [(n, t) for n, t in tensors if t not in ("F32", "F16", "BF16", "F64")]
-    name, kind = (quantized or tensors or [(None, "")])[0]
-    raise refusal(files[0], name, f"GGUF {kind}".rstrip())
+    name, ggml_type = (quantized or tensors or [(None, "")])[0]
+    raise refusal(files[0], name, f"GGUF {ggml_type}".rstrip())
 
 
 def describe(info: TensorInfo, scheme: Fp8Blocks | None) -> str:

@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from primerge.util.errors import InputError
-from primerge.io.files import kind, load_json, regular_file
+from primerge.io.files import kind, load_json, open_regular, regular_file
 from primerge.io.user_paths import user_path
 
 #: safetensors dtype codes -> torch dtypes.
@@ -124,7 +124,7 @@ class SafetensorsFile:
                 return handle.get_tensor(name)
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         try:
-            with open(self.path, "rb", buffering=0) as handle:
+            with open_regular(self.path, "safetensors file") as handle:
                 if os.fstat(handle.fileno()).st_size != self.size:
                     raise InputError(f"{self.path}: the file changed while it was being merged; "
                                      f"rerun once it is complete.")
@@ -150,7 +150,7 @@ def _check_with_library(path: Path) -> None:
 def _read_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file the library has accepted, and where its data start."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, "safetensors file") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
     except (OSError, ValueError, struct.error) as exc:

@@ -14,7 +14,9 @@ shard in memory.
 Every tensor primerge writes goes through :func:`save_tensors`, which refuses a
 floating tensor holding NaN or Inf *as it will be stored*: after the cast to its
 storage dtype, so an fp16/bf16 overflow of a merged, copied or per-task tensor, a
-task head or a LoRA factor is an error, never a file.
+task head or a LoRA factor is an error, never a file. :func:`join_files` joins files so written
+(the parts of a shard that several workers merged) into one, byte for byte the file one
+:func:`save_tensors` call would have written.
 """
 
 from __future__ import annotations
@@ -28,21 +30,21 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from primerge.util.errors import OutputError, RecipeError
 from primerge.io.destination import Destination, check_overlap
+from primerge.io.publish import TEMP_MARK, move_into_place, recover
 from primerge.io.user_paths import user_path
 from primerge.io.manifest import Ledger, non_finite
 
 DEFAULT_SHARD_SIZE = 2 * 1024**3
-TEMP_MARK = ".primerge-incomplete-"
 LOCK_SUFFIX = ".lock"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -121,22 +123,10 @@ def _locked_temp(destination: Path) -> Iterator[Path]:
 
 
 def _publish(temp: Path, target: Destination) -> None:
-    """Rename ``temp`` to the destination, replacing what the policy allows (checked again now)."""
-    destination = target.path
-    state = target.check()
-    if state == "empty":
-        destination.rmdir()  # an empty folder holds nothing to protect
-    if state != "previous":
-        os.replace(temp, destination)
-        return
-    aside = destination.parent / f".{destination.name}.primerge-old-{uuid.uuid4().hex[:8]}"
-    os.replace(destination, aside)
-    try:
-        os.replace(temp, destination)
-    except BaseException:
-        os.replace(aside, destination)  # put the previous output back
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    """Move ``temp`` to the destination, replacing what the policy allows (checked again now), crash-safe
+    (:func:`primerge.io.publish.move_into_place`)."""
+    target.check()
+    move_into_place(temp, target.path, temp.with_name(temp.name + LOCK_SUFFIX))
 
 
 @contextmanager
@@ -145,10 +135,11 @@ def atomic_folder(target: Destination) -> Iterator[Path]:
 
     An existing output is replaced only as :class:`Destination` allows (``--force`` over an
     earlier primerge output of the same kind, or an empty folder) and only after the new
-    output is complete (moved aside, the new folder renamed in, then the old one deleted).
-    Temporary folders of the same destination whose writer no longer holds its lock (killed
-    with SIGKILL, power loss) are removed first. On failure the parent folders this call
-    created are removed again.
+    output is complete, by an atomic exchange of the two folders or a journaled replacement
+    (:mod:`primerge.io.publish`). A replacement a crash interrupted is finished first, then
+    temporary folders of the same destination whose writer no longer holds its lock (killed
+    with SIGKILL, power loss) are removed. On failure the parent folders this call created
+    are removed again.
     """
     destination = target.path
     try:
@@ -157,6 +148,7 @@ def atomic_folder(target: Destination) -> Iterator[Path]:
         raise OutputError(f"{destination}: cannot create the output folder ({exc.strerror or exc}); "
                           f"check the path and permissions.") from None
     try:
+        recover(destination)  # before the stale folders go: a journal may name one as the new output
         _remove_stale(destination)
         with _locked_temp(destination) as temp:
             yield temp
@@ -259,13 +251,39 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     (:mod:`primerge.io.manifest`).
     """
     check_finite(tensors, str(path.name))
+    _save_checked(path, tensors, metadata)
+    if ledger is not None:
+        ledger.record(path, tensors)
+
+
+def _save_checked(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """Write tensors already found finite; a failed write is an :class:`OutputError`."""
     try:
         save_file(tensors, str(path), metadata=metadata)
         os.chmod(path, PUBLISHED_MODE)
     except (OSError, SafetensorError) as exc:
         raise OutputError(f"{path}: write failed ({exc}); check free space and permissions.") from None
-    if ledger is not None:
-        ledger.record(path, tensors)
+
+
+def join_files(parts: Sequence[Path], target: Path, metadata: dict[str, str] | None) -> None:
+    """Write ``target`` holding every tensor of the safetensors files ``parts`` (each written by
+    :func:`save_tensors`, so already checked), then remove the parts.
+
+    The parts are memory-mapped and written from the maps: no tensor is copied into this process's
+    memory (the pages stay in the page cache). safetensors lays a file out by dtype and name,
+    whatever order its tensors come in, so ``target`` is byte for byte the file that one
+    :func:`save_tensors` of all these tensors with ``metadata`` writes.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for part in parts:
+        try:
+            tensors.update(load_file(str(part)))
+        except (OSError, SafetensorError) as exc:
+            raise OutputError(f"{part}: cannot read back a part of {target.name} ({exc}); check the output "
+                              f"folder's storage.") from None
+    _save_checked(target, tensors, metadata)
+    for part in parts:
+        part.unlink()
 
 
 class ShardedWriter:

@@ -14,9 +14,15 @@ fits within ~30%):
   (priced as ``EXACT_PPP``·c³); they matter when ℓ is a sizeable part of min(m, n).
 
 [decision] ``auto`` tries the randomized SVD when its worst case costs at most ``MARGIN`` of the
-exact SVDs and the basis can grow for at least ``MIN_STEPS`` steps. Its result is only kept where
-the residual check passes; the members that fail it get the exact SVD, so ``auto`` costs at most
-(1 + ``MARGIN``) × exact and is within the check's tolerance of the exact path everywhere.
+exact SVDs and the basis can grow for at least ``MIN_STEPS`` steps. For a 16-bit output
+(``tolerant``) the certificate usually accepts after ``CERTIFIED_STEPS`` steps on any spectrum, so
+the attempt is priced there instead — at most ``MARGIN`` of the exact SVDs — while its worst case
+(every step, then the exact SVD) stays within twice the exact cost. Its result is only kept where
+it passes the residual check, or, for a 16-bit output, the certificate
+(:mod:`primerge.linalg.certificate`); the members that fail get the exact SVD, so ``auto`` costs
+at most (1 + ``MARGIN``) × exact, agrees with the exact path within the check's tolerance where
+the spectrum has a gap, and is certified within the output's rounding where it has none. How
+many matrices took each path is reported after the merge (:mod:`primerge.linalg.outcomes`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Literal, NamedTuple
 
+from primerge.linalg.certificate import CERTIFIED_STEPS
 from primerge.linalg.krylov import block_width, max_steps
 
 EXACT_QPP = 2.8e-10
@@ -32,8 +39,8 @@ PASS_READ = 1.6e-9
 PASS_COLUMN = 4.2e-11
 #: The randomized SVD is tried when its worst case costs at most this fraction of the exact one.
 MARGIN = 0.5
-#: ... and at least this many Krylov steps fit (ALGORITHMS.md: at least 2 power iterations).
-MIN_STEPS = 2
+#: ... and at least this many Krylov steps fit (docs/algorithms.md, "Truncated SVDs").
+MIN_STEPS = CERTIFIED_STEPS
 
 
 class SVDChoice(NamedTuple):
@@ -62,8 +69,9 @@ def randomized_seconds(shape: tuple[int, ...], rank: int, steps: int) -> float:
     return passes + batch * sum(2 * PASS_COLUMN * q * c * width + EXACT_PPP * c**3 for c in bases)
 
 
-def choose_svd(shape: tuple[int, ...], rank: int) -> SVDChoice:
-    """Exact or randomized top-``rank`` SVD of a batch of matrices of ``shape`` (module docstring)."""
+def choose_svd(shape: tuple[int, ...], rank: int, tolerant: bool = False) -> SVDChoice:
+    """Exact or randomized top-``rank`` SVD of a batch of matrices of ``shape`` (module docstring);
+    ``tolerant``: the result is written in a 16-bit dtype (the certificate may accept it)."""
     exact = exact_seconds(shape)
     steps = max_steps(rank, shape)
     if steps < MIN_STEPS:
@@ -73,7 +81,12 @@ def choose_svd(shape: tuple[int, ...], rank: int) -> SVDChoice:
     ratio = randomized / exact
     if ratio <= MARGIN:
         return SVDChoice("randomized", exact, randomized, steps,
-                         f"block Krylov costs at most {ratio:.0%} of the exact SVD; members failing the "
-                         f"residual check fall back to exact")
+                         f"block Krylov costs at most {ratio:.0%} of the exact SVD; members passing neither "
+                         f"the residual check nor (16-bit outputs) the certificate fall back to exact")
+    likely = randomized_seconds(shape, rank, CERTIFIED_STEPS) / exact
+    if tolerant and likely <= MARGIN and ratio <= 1:
+        return SVDChoice("randomized", exact, randomized, steps,
+                         f"16-bit output: block Krylov costs {likely:.0%} of the exact SVD when certified after "
+                         f"{2 * CERTIFIED_STEPS + 3} passes, at most {ratio:.0%} before falling back to exact")
     return SVDChoice("exact", exact, randomized, steps,
                      f"block Krylov could cost {ratio:.0%} of the exact SVD (above {MARGIN:.0%})")

@@ -41,10 +41,9 @@ def polar(x: Tensor) -> Tensor:
     completion, so the result always has orthonormal columns when m >= k.
 
     [decision] LAPACK's SVD of X, not X (W Λ^(-1/2) Wᵀ) from the k × k Gram matrix XᵀX = W Λ Wᵀ:
-    on PRIME's m × T·r bases (bench zoo, T = 8, r = 8, under ThreadIndependent) the Gram route
-    was measured no faster (0.29-0.60 s vs 0.22-0.26 s of polar time per 7-matrix layer,
-    interleaved, shared 2-core machine) and the polar step is ~3% of PRIME's time there; the
-    truncated SVD dominates.
+    on PRIME's m × T·r bases the Gram route was measured no faster, and the polar step is a few
+    percent of PRIME's time; the truncated SVD dominates (docs/benchmarks.md, "Measurements behind
+    design decisions").
     """
     P, _, Qh = torch.linalg.svd(x, full_matrices=False)
     return P @ Qh

@@ -1,4 +1,4 @@
-"""Randomized truncated SVD: block Krylov iteration with an a posteriori residual check.
+"""Randomized truncated SVD: block Krylov iteration, checked a posteriori at every step.
 
 For a batch of matrices A (p × q after transposing so that p ≥ q) and a wanted rank k, a block of
 ℓ = k + ``OVERSAMPLE`` columns grows a Krylov basis (block Lanczos with full reorthogonalisation;
@@ -11,15 +11,20 @@ Musco & Musco 2015, "Randomized block Krylov methods", Algorithm 2)::
 Rayleigh–Ritz on span(K) needs no further pass: B = Kᵀ A = [Z_0 … Z_j]ᵀ = W Σ Vᵀ gives the
 Ritz triplets u_i = K w_i, σ_i, v_i. They satisfy Aᵀ u_i = σ_i v_i exactly, and their residuals
 r_i = A v_i − σ_i u_i = [X_0 … X_j] w_i / σ_i − σ_i u_i come from products already made, so every
-step is checked for free: a batch member is *converged* when ‖r_i‖ ≤ ``tol`` · σ_1 for its top
-k + 1 triplets (the extra one makes sure the k-th direction is separated from the (k+1)-th, so a
-small gap at the cut cannot hide a mixed direction). Triplets whose σ is numerically null
+step is checked for free against the acceptance tests of :mod:`primerge.linalg.certificate`: the
+residual check ‖r_i‖ ≤ ``tol`` · σ_1 on the top k + 1 triplets (the extra one makes sure the k-th
+direction is separated from the (k+1)-th, so a small gap at the cut cannot hide a mixed
+direction), or, given an ``allowance`` (16-bit outputs), the certificate's backward error and
+(1 + ε) energy bound. Triplets whose σ is numerically null
 (:func:`primerge.linalg.core.null_mask`) need no check.
 
-The iteration stops when every member has converged, when the basis would outgrow p, after
-``max_steps`` steps, or early when no unconverged member's residual shrinks fast enough to reach
-``tol`` by then (each one's geometric rate of the last step, extrapolated). Each step costs two
-passes over A, so the whole call makes 2·steps + 3 passes.
+The iteration stops as soon as every member is accepted (the certificate usually allows fewer
+passes than the residual check on gap-free spectra), when the basis would outgrow p, after
+``max_steps`` steps, or early when no member still pending approaches acceptance fast enough to
+reach it by then (each one's geometric rate of the last step, extrapolated). Each step costs two
+passes over A, so the whole call makes 2·steps + 3 passes. Products are batched over the members
+(one BLAS call per pass for the T task vectors) on A as it is stored: a transposed view is passed
+to BLAS as such, never copied.
 """
 
 from __future__ import annotations
@@ -29,27 +34,28 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from primerge.linalg.core import SVD, null_mask
+from primerge.linalg.certificate import TOLERANCE, Certificate, certify
+from primerge.linalg.core import SVD
 
-#: Oversampling columns (ALGORITHMS.md Conventions: at least 10).
+#: Oversampling columns (docs/algorithms.md, "Truncated SVDs").
 OVERSAMPLE = 10
 #: Largest number of Krylov steps (each adds one block of ℓ columns to the basis).
 MAX_STEPS = 8
-#: Default residual tolerance: ‖A v_i − σ_i u_i‖ ≤ TOLERANCE · σ_1 for the top k + 1 triplets.
-TOLERANCE = 1e-5
 
 
 class KrylovSVD(NamedTuple):
     """Top-k Ritz triplets of every batch member and how far they are from exact.
 
-    ``converged``: (batch...) bool, the residual check passed; ``residual``: (batch...) the largest
-    checked ‖r_i‖ / σ_1; ``passes``: passes over A made.
+    ``converged``: (batch...) bool, accepted (residual check or certificate); ``residual``:
+    (batch...) the largest checked ‖r_i‖ / σ_1; ``passes``: passes over A made; ``certificate``:
+    the last step's tests (:class:`primerge.linalg.certificate.Certificate`).
     """
 
     factors: SVD
     converged: Tensor
     residual: Tensor
     passes: int
+    certificate: Certificate
 
 
 def block_width(rank: int, shape: tuple[int, ...]) -> int:
@@ -71,81 +77,91 @@ def sketch(q: int, width: int, seed: int, like: Tensor) -> Tensor:
 
 
 def orthonormal_complement(basis: Tensor | None, block: Tensor) -> Tensor:
-    """Orthonormal columns spanning ``block`` with span(``basis``) removed (Gram–Schmidt twice)."""
+    """Orthonormal columns spanning ``block`` with span(``basis``) removed (Gram–Schmidt twice;
+    each ``block − K (Kᵀ block)`` one fused multiply-add)."""
     if basis is not None:
         for _ in range(2):
-            block = block - basis @ (basis.mT @ block)
+            block = torch.baddbmm(block, basis, basis.mT @ block, alpha=-1)
     return torch.linalg.qr(block).Q
 
 
 class _Ritz(NamedTuple):
     W: Tensor  # (batch..., c, checked) float64: Ritz vectors in the basis' coordinates
     S: Tensor  # (batch..., checked) float64 Ritz values
-    residual: Tensor  # (batch..., checked) ‖r_i‖
+    residual: Tensor  # (batch..., checked) ‖r_i‖, float64
+    spectral: Tensor  # (batch...) ‖[r_1 … r_k]‖₂, float64
 
 
-def ritz(basis: Tensor, X: Tensor, gram: Tensor, checked: int) -> _Ritz:
+def ritz(basis: Tensor, X: Tensor, gram: Tensor, checked: int, rank: int) -> _Ritz:
     """Ritz values and vectors of A on span(basis) and their residuals, from the Gram matrix
     ZᵀZ = W Σ² Wᵀ of Z = Aᵀ basis and X = A Z: u = basis·w, v = Z w / σ, r = X w / σ − σ u.
 
     The Gram matrix is c × c (c = the basis width), so Rayleigh–Ritz costs an O(c³)
     eigendecomposition instead of an SVD of a q × c matrix; in float64 its eigenvalues are exact
-    for the float32 Z far below float32 rounding.
+    for the float32 Z far below float32 rounding. ‖R_k‖₂ of the top ``rank`` residuals comes from
+    their k × k Gram matrix.
     """
     lam, W = torch.linalg.eigh(gram)
     lam, W = lam.flip(-1)[..., :checked], W.flip(-1)[..., :checked]
     S = lam.clamp_min(0).sqrt()
-    W32, S32 = W.to(basis.dtype), S.to(basis.dtype)
-    safe = torch.where(S32 > 0, S32, torch.ones_like(S32)).unsqueeze(-2)
-    residual = ((X @ W32) / safe - (basis @ W32) * S32.unsqueeze(-2)).norm(dim=-2)
-    return _Ritz(W, S, residual)
+    safe = torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-2)
+    # r = X (w / σ) − basis (w σ): the c × checked coefficients are scaled, not the p × checked products
+    R = torch.baddbmm(basis @ (W * S.unsqueeze(-2)).to(basis.dtype), X, (W / safe).to(basis.dtype), beta=-1)
+    head = R[..., :rank]
+    spectral = torch.linalg.eigvalsh((head.mT @ head).double())[..., -1].clamp_min(0).sqrt()
+    return _Ritz(W, S, R.norm(dim=-2).double(), spectral)
 
 
-def relative_residual(step: _Ritz, shape: tuple[int, ...]) -> Tensor:
-    """max_i ‖r_i‖ / σ_1 over the checked triplets whose σ is not numerically null."""
-    S = step.S.to(step.residual.dtype)
-    live = ~null_mask(S, shape)
-    scale = torch.where(S[..., :1] > 0, S[..., :1], torch.ones_like(S[..., :1]))
-    return torch.where(live, step.residual / scale, torch.zeros_like(step.residual)).amax(-1)
-
-
-def hopeless(history: list[Tensor], tol: float, steps_left: int) -> bool:
-    """Whether no unconverged member can reach ``tol`` in ``steps_left`` more steps at its
-    residual's last geometric rate of decrease (members that can keep the iteration going)."""
+def hopeless(history: list[Tensor], steps_left: int) -> bool:
+    """Whether no member still pending (excess > 1) can reach acceptance (excess ≤ 1) in
+    ``steps_left`` more steps at its excess' last geometric rate of decrease."""
     if len(history) < 2:
         return False
     now, before = history[-1].double(), history[-2].double()
-    pending = now > tol
+    pending = now > 1
     if not bool(pending.any()):
         return False
     rate = (now[pending] / before[pending].clamp_min(1e-300)).clamp(max=1.0)
-    needed = torch.log(tol / now[pending]) / torch.log(rate.clamp(min=1e-300, max=1 - 1e-12))
+    needed = torch.log(1 / now[pending]) / torch.log(rate.clamp(min=1e-300, max=1 - 1e-12))
     return bool((needed > steps_left).all())
 
 
 def block_krylov_svd(x: Tensor, rank: int, *, seed: int = 0, tol: float = TOLERANCE,
-                     steps: int = MAX_STEPS) -> KrylovSVD:
-    """Top-``rank`` triplets of ``x`` (..., m, n) by block Krylov iteration (module docstring)."""
+                     steps: int = MAX_STEPS, allowance: float | None = None) -> KrylovSVD:
+    """Top-``rank`` triplets of ``x`` (..., m, n) by block Krylov iteration (module docstring);
+    ``allowance``: the certificate's largest backward error per member (None: residual check only)."""
+    batch = x.shape[:-2]
+    if len(batch) != 1:  # the iteration runs on one batch axis (batched BLAS calls)
+        found = block_krylov_svd(x.reshape(-1, *x.shape[-2:]), rank, seed=seed, tol=tol, steps=steps,
+                                 allowance=allowance)
+        factors = SVD(*(t.reshape(*batch, *t.shape[1:]) for t in found.factors))
+        verdict = Certificate(*(t.reshape(batch) for t in found.certificate))
+        return KrylovSVD(factors, verdict.accepted, verdict.residual, found.passes, verdict)
     flip = x.shape[-2] < x.shape[-1]
     A = x.mT if flip else x  # (..., p, q), p ≥ q: Z = Aᵀ·basis, kept in float64, is on the smaller side
     shape = tuple(A.shape)
     width = block_width(rank, shape)
     checked = min(rank + 1, width)
     limit = max_steps(rank, shape, steps)
+    frobenius = A.norm(dim=(-2, -1)).double() if allowance is not None else None  # no float64 copy of A
     space = _KrylovSpace(A, (limit + 1) * width)
-    Q = orthonormal_complement(None, A @ sketch(shape[-1], width, seed, A))
+    omega = sketch(shape[-1], width, seed, A).expand(*shape[:-2], shape[-1], width)
+    Q = orthonormal_complement(None, A @ omega)
     history: list[Tensor] = []
     for step in range(limit + 1):
         space.extend(Q)
-        found = ritz(space.basis, space.X, space.gram, checked)
-        history.append(relative_residual(found, shape))
-        if bool((history[-1] <= tol).all()) or step == limit or hopeless(history, tol, limit - step):
+        found = ritz(space.basis, space.X, space.gram, checked, rank)
+        norm = frobenius if frobenius is not None else found.S.new_zeros(found.S.shape[:-1])
+        verdict = certify(found.S, found.residual, found.spectral, norm, rank, shape, tol=tol,
+                          allowance=allowance, steps=step)
+        history.append(verdict.excess)
+        if bool(verdict.accepted.all()) or step == limit or hopeless(history, limit - step):
             break
         Q = orthonormal_complement(space.basis, space.X[..., -width:])
     factors = space.triplets(found, rank)
     if flip:
         factors = SVD(factors.V, factors.S, factors.U)
-    return KrylovSVD(factors, history[-1] <= tol, history[-1], 1 + 2 * len(history))
+    return KrylovSVD(factors, verdict.accepted, verdict.residual, 1 + 2 * len(history), verdict)
 
 
 class _KrylovSpace:

@@ -6,7 +6,7 @@ Floors: above linalg, errors and validation, below the recipe, the plan and the 
 never opens a file and never loops over parameter names.
 """
 
-from primerge.methods import task_arithmetic, ties, tsv, prime, dare, della, breadcrumbs, consensus, iso, subspace_boosting, drm, emr, ho_gsvd, wudi, knots, core_space  # noqa: F401, I001  (registration order = listing order)
+from primerge.methods import task_arithmetic, ties, tsv, prime, dare, della, breadcrumbs, consensus, iso, subspace_boosting, drm, emr, ho_gsvd, wudi, knots, core_space, linear, slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, mergekit_names, regmean  # noqa: F401, I001  (registration order = listing order)
 from primerge.methods.base import (
     MethodParams,
     MethodSpec,

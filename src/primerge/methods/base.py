@@ -16,7 +16,7 @@ a file and never loops over parameter names.
 What a registration declares, once:
 
 - ``family``: ``svd`` methods merge matrix parameters with their function and give every other
-  floating tensor ``other`` (by default α·mean_t τ_t, ALGORITHMS.md Conventions);
+  floating tensor ``other`` (by default α·mean_t τ_t, docs/algorithms.md, "Conventions");
   ``elementwise`` methods merge every floating tensor with their function.
 - :func:`reads_sum` on a function: its result depends on the task vectors only through Σ_t τ_t.
   The stream then accumulates the sum one model at a time and hands over
@@ -34,19 +34,39 @@ What a registration declares, once:
 - ``shape_note``: a sentence for a matrix shape on which the parameters do not mean what they
   say (PRIME's rank capped); the merge reports each distinct one at its start
   (:func:`primerge.engine.stream.shape_notes`).
+- ``reads_base``: the function reads θ₀ itself (methods defined on the weights θ_t = θ₀ + τ_t, not
+  only on τ_t: SLERP, Karcher, Arcee Fusion); the stream hands it over as ``ctx.base``.
+- ``weights``: ``applied`` (default) — the stack holds w_t τ_t, each model's weight already applied;
+  ``given`` — the stack holds τ_t and the method gives the weights ``taus.weights`` a role of its
+  own (interpolation factors of NuSLERP, barycentric weights of Multi-SLERP and Karcher).
+  Either way ``taus.weights`` are the models' weights w_t, so a method can normalise by them.
+- ``reads_grams``: the function reads the Gram matrices G_t = X_tᵀX_t / rows of a linear layer's
+  inputs X_t on each task's data (RegMean), handed over as ``ctx.grams`` (T, n, n) float64 for a
+  2-D weight whose layer the data reached (``None`` otherwise). ``own``: X_t is task t's data
+  through model t; ``merged``: through the merged model's earlier layers (RegMean++). The recipe
+  then names each task's data (its ``calibration:`` block) and the API runs the data pass
+  (:mod:`primerge.calibration`); the method itself still never opens a file.
+- ``models``: how many models (besides the base) the method merges, (least, most or ``None``):
+  SLERP and NearSwap take one, NuSLERP two, Model Stock at least two. A recipe listing another
+  number is refused before anything is read (:meth:`MethodSpec.check_models`).
+
+A parameter the math defines per task (TIES's density, DARE's drop rate) is typed
+:data:`PerTask`: one value for every task, or one per task in model order;
+:func:`per_task` gives it as a (T,) tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+import torch
 from torch import Tensor
 
-from primerge.util.errors import RecipeError, closest
-from primerge.linalg import SVDMode
+from primerge.util.errors import RecipeError, closest, quoted
+from primerge.linalg import OutputPrecision, SVDMode
 from primerge.methods.stack import TaskStack
 from primerge.util.schema import validate
 
@@ -55,6 +75,17 @@ Kind = Literal["matrix", "fallback"]
 SVDRequests = Callable[[tuple[int, int], int, Any, Any], list[tuple[tuple[int, ...], int]]]
 ShapeNote = Callable[[tuple[int, int], int, Any], str | None]
 Family = Literal["elementwise", "svd"]
+WeightsRole = Literal["applied", "given"]
+#: Whose activations a data-aware method's Gram matrices are taken from (``reads_grams``).
+GramInputs = Literal["own", "merged"]
+#: A fraction in [0, 1] (densities, drop rates).
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+#: A parameter defined per task: one value for all tasks, or one per task in model order.
+PerTask = float | list[float]
+PerTaskFraction = Fraction | list[Fraction]
+#: What a combined sum is divided by: the number of contributing tasks, the sum of their models'
+#: weights (mergekit's ``normalize: true``), or nothing.
+Normalize = Literal["count", "weights", "none"]
 
 
 class MethodParams(BaseModel):
@@ -67,6 +98,35 @@ def scale_field(default: float | None, description: str) -> Any:
     """The multiplier of a method's merged update: ``scale``, with ``alpha`` accepted as its alias
     (the TSV/PRIME/Iso papers call it α, the TA/TIES papers λ; it is one concept)."""
     return Field(default, description=description, validation_alias=AliasChoices("scale", "alpha"))
+
+
+def task_values(value: PerTask, tasks: int, name: str) -> list[float]:
+    """A :data:`PerTask` parameter as one Python float per task (exact, for counts); a list whose
+    length is not the number of models is a :class:`RecipeError` naming the parameter."""
+    values = list(value) if isinstance(value, list) else [value] * tasks
+    if len(values) != tasks:
+        raise RecipeError(f"parameter '{name}' has {len(values)} values but the recipe merges {tasks} models; "
+                          "give one value, or one per model in the order of 'models'.")
+    return values
+
+
+def task_pairs(first: PerTask, second: PerTask) -> list[tuple[float, float]]:
+    """The per-task pairs of two :data:`PerTask` values (a single value paired with every entry of a
+    list; two lists paired position by position), for checks that tie two parameters together."""
+    count = max(len(v) if isinstance(v, list) else 1 for v in (first, second))
+    firsts = first if isinstance(first, list) else [first] * count
+    seconds = second if isinstance(second, list) else [second] * count
+    return list(zip(firsts, seconds))
+
+
+def per_task(value: PerTask, taus: TaskStack, name: str) -> Tensor:
+    """A :data:`PerTask` parameter as a (T,) tensor in the stack's dtype and device (:func:`task_values`)."""
+    return torch.tensor(task_values(value, taus.T, name), dtype=taus.dtype, device=taus.device)
+
+
+def along_tasks(values: Tensor, like: Tensor) -> Tensor:
+    """(T,) ``values`` shaped (T, 1, ..., 1) to broadcast against ``like`` (T, *shape)."""
+    return values.reshape(values.shape[0], *(1,) * (like.dim() - 1))
 
 
 def uniform_scale(scale: float | None, tasks: int) -> float:
@@ -89,13 +149,21 @@ class TensorContext:
     ``kind`` is ``matrix`` for 2-D linear weights that get the SVD treatment and ``fallback``
     for everything else; ``seed`` is derived from the recipe seed and the tensor name
     (:func:`primerge.util.seeding.derive_seed`), so results do not depend on the order tensors are
-    visited; ``prepass`` is the declared whole-model pass's result.
+    visited; ``prepass`` is the declared whole-model pass's result; ``base`` is θ₀ of the tensor
+    (the dtype and device of the task vectors) for a method registered with ``reads_base``;
+    ``grams`` the (T, n, n) float64 Gram matrices of the tensor's inputs for a method registered
+    with ``reads_grams``, when the data reached its layer; ``precision`` how finely the merged
+    tensor is written (output dtype, θ₀'s scale), for ``svd: auto``'s acceptance of a block Krylov
+    SVD (:mod:`primerge.linalg.certificate`; ``None``: the strict residual check).
     """
 
     name: str
     kind: Kind
     seed: int = 0
     prepass: Any = None
+    base: Tensor | None = None
+    grams: Tensor | None = None
+    precision: OutputPrecision | None = None
 
 
 class Prepass(Protocol):
@@ -163,7 +231,7 @@ def is_sum_merge(fn: MergeFn) -> bool:
 
 @reads_sum
 def scaled_mean(taus: TaskStack, ctx: TensorContext, params: Any) -> Tensor:
-    """α · mean_t τ_t: the SVD family's rule for non-matrix tensors (ALGORITHMS.md Conventions)."""
+    """α · mean_t τ_t: the SVD family's rule for non-matrix tensors (docs/algorithms.md, "Conventions")."""
     return params.scale * taus.mean()
 
 
@@ -182,6 +250,10 @@ class MethodSpec:
     card: str | None = None
     svd_requests: SVDRequests | None = None
     shape_note: ShapeNote | None = None
+    reads_base: bool = False
+    weights: WeightsRole = "applied"
+    reads_grams: GramInputs | None = None
+    models: tuple[int, int | None] = (1, None)
 
     @property
     def per_task(self) -> bool:
@@ -196,13 +268,29 @@ class MethodSpec:
         """Validate ``values`` against the parameter model, defaults filled in."""
         return validate(self.params_model, dict(values or {}), f"parameters of method '{self.name}'")
 
+    def check_models(self, count: int) -> None:
+        """A :class:`RecipeError` unless the method merges ``count`` models (its ``models`` range)."""
+        least, most = self.models
+        if least <= count and (most is None or count <= most):
+            return
+        wanted = (f"exactly {least}" if least == most else f"at least {least}" if most is None
+                  else f"{least} to {most}")
+        raise RecipeError(f"method '{self.name}' merges {wanted} model{'s' if (most or least) > 1 else ''} "
+                          f"besides the base; the recipe lists {count}. List that many under 'models', or pick "
+                          "another method (`primerge methods`).")
+
     def make_prepass(self, params: MethodParams) -> Prepass | None:
         """The whole-model pass these parameters need, if any."""
         return self.prepass(params) if self.prepass is not None else None
 
     def apply(self, taus: Tensor | TaskStack, ctx: TensorContext, params: MethodParams) -> Tensor:
         """Merged update of one tensor (dense (T, *shape) task vectors or a stack)."""
-        return self.function_for(ctx.kind)(TaskStack.of(taus), ctx, params)
+        if self.reads_base and ctx.base is None:
+            raise RecipeError(f"tensor '{ctx.name}': method '{self.name}' reads the base tensor θ₀; "
+                              "give it as TensorContext(base=...).")
+        stack = TaskStack.of(taus)
+        self.check_models(stack.T)
+        return self.function_for(ctx.kind)(stack, ctx, params)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -211,14 +299,16 @@ _REGISTRY: dict[str, MethodSpec] = {}
 def merge_method(name: str, params: type[MethodParams], description: str, *, family: Family = "svd",
                  other: MergeFn = scaled_mean, prepass: Callable[[Any], Prepass | None] | None = None,
                  rebuild: RebuildFn | None = None, card: str | None = None,
-                 svd_requests: SVDRequests | None = None,
-                 shape_note: ShapeNote | None = None) -> Callable[[MergeFn], MergeFn]:
+                 svd_requests: SVDRequests | None = None, shape_note: ShapeNote | None = None,
+                 reads_base: bool = False, weights: WeightsRole = "applied",
+                 reads_grams: GramInputs | None = None,
+                 models: tuple[int, int | None] = (1, None)) -> Callable[[MergeFn], MergeFn]:
     """Register the decorated function as method ``name`` (see the module docstring)."""
     def register(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
         _REGISTRY[name] = MethodSpec(name, description, params, fn, family, other, prepass, rebuild, card,
-                                     svd_requests, shape_note)
+                                     svd_requests, shape_note, reads_base, weights, reads_grams, models)
         return fn
     return register
 
@@ -229,7 +319,7 @@ def get_method(name: str) -> MethodSpec:
         return _REGISTRY[name]
     except KeyError:
         raise RecipeError(
-            f"unknown method '{name}'.{closest(name, _REGISTRY)} "
+            f"unknown method {quoted(name)}.{closest(str(name), _REGISTRY)} "
             f"Available: {', '.join(sorted(_REGISTRY))} (see `primerge methods`)."
         ) from None
 

@@ -8,7 +8,7 @@ With τ_MTL = Σ_t τ_t (the multi-task vector):
    "selfish" weights used by one task only and "catastrophic" ones used by none).
 3. τ = α · mask ⊙ τ_MTL.
 
-This is the TALL-mask consensus, not TIES's sign consensus (ALGORITHMS.md, Classic methods).
+This is the TALL-mask consensus, not TIES's sign consensus (docs/algorithms.md, "consensus").
 
 [decision] λ_t = 0.4 for every task: the paper selects λ_t per task on validation data from
 {0.2, …, 0.6}; with no data the middle of that range is the neutral choice. A list gives one

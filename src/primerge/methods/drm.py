@@ -21,9 +21,9 @@ DRM-V runs the same on the vertical stack [Δ_1; …; Δ_T] = U Σ Vᵀ with U s
 and its columns renormalised; since [Δ_1; …; Δ_T]ᵀ = [Δ_1ᵀ … Δ_Tᵀ], DRM-V(Δ) = DRM-H(Δᵀ)ᵀ.
 
 Other parameters (biases, norms, excluded matrices) get TIES-style sign election and disjoint
-mean (no trim) times λ (ALGORITHMS.md, DRM), registered as the ``svd`` family's fallback.
+mean (no trim) times λ (docs/algorithms.md, "drm"), registered as the ``svd`` family's fallback.
 
-Defaults: density 0.2 (top 20%), λ = 1.0, rank_tol = 1e-2 (ALGORITHMS.md). Fused Q/K/V weights
+Defaults: density 0.2 (top 20%), λ = 1.0, rank_tol = 1e-2 (docs/algorithms.md, "drm"). Fused Q/K/V weights
 may be merged per third (``split_qkv``); [decision] off by default, as the DRM paper applies
 the method to the stacked QKV matrix and found no difference (Appendix I).
 """

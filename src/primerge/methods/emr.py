@@ -1,6 +1,6 @@
 """EMR-Merging: Elect, Mask & Rescale (Huang et al. 2024).
 
-One unified task vector plus light per-task modulators (ALGORITHMS.md, Classic methods):
+One unified task vector plus light per-task modulators (docs/algorithms.md, "emr"):
 
 - Elect: flag = sign(Σ_t τ_t); τ_uni = flag ⊙ max_t |τ_t ⊙ [τ_t · flag > 0]|.
 - Mask:  m_t = [τ_t · flag > 0]  (one bit per entry and task).

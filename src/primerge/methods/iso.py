@@ -52,13 +52,13 @@ class IsoCTSParams(SVDParams):
 
 @merge_method("iso_c", IsoCParams, "Iso-C: SVD of the task sum with every singular value set to their mean")
 def iso_c(taus: TaskStack, ctx: TensorContext, params: IsoCParams) -> Tensor:
-    """α · mean(S) · U Vᵀ with Σ_t τ_t = U S Vᵀ (Iso-C; ALGORITHMS.md), mean over r_full values."""
+    """α · mean(S) · U Vᵀ with Σ_t τ_t = U S Vᵀ, mean over r_full values (docs/algorithms.md, "iso_c")."""
     full = taus.sum_svd()
     return params.scale * (full.S.sum() / min(taus.shape[-2:])) * (full.U @ full.V.mT)
 
 
 def iso_cts_ranks(r_full: int, tasks: int, common_ratio: float) -> tuple[int, int]:
-    """(k_c, n): common rank and per-task rank, k_c + T·n = r_full (ALGORITHMS.md, Iso-CTS)."""
+    """(k_c, n): common rank and per-task rank, k_c + T·n = r_full (docs/algorithms.md, "iso_cts")."""
     k_c = int(common_ratio * r_full)
     t_tot = round((r_full - k_c) / tasks) * tasks
     t_tot = min(t_tot, (r_full // tasks) * tasks)  # never more than r_full directions in all
@@ -75,7 +75,7 @@ def iso_cts_svds(shape: tuple[int, int], tasks: int, params: IsoCTSParams,
 @merge_method("iso_cts", IsoCTSParams, "Iso-CTS: common + task-specific subspaces, whitened, with a flat spectrum",
               svd_requests=iso_cts_svds)
 def iso_cts(stack: TaskStack, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
-    """α · mean(S) · Û V̂ᵀ over the whitened task-specific and common bases (Iso-CTS; ALGORITHMS.md)."""
+    """α · mean(S) · Û V̂ᵀ over the whitened task-specific and common bases (docs/algorithms.md, "iso_cts")."""
     taus, T = stack.dense(), stack.T
     k_c, n = iso_cts_ranks(min(taus.shape[-2:]), T, params.common_ratio)
     blocks: list[SVD] = []  # task-specific blocks first, then the common one

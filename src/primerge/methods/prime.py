@@ -31,7 +31,7 @@ from typing import Annotated, Literal, NamedTuple
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from primerge.linalg import SVD, drop_null, flatten_spectrum, project_out, svd
+from primerge.linalg import SVD, OutputPrecision, drop_null, flatten_spectrum, project_out, svd
 from primerge.methods.base import SVDParams, TensorContext, merge_method
 from primerge.methods.prime_rank import AutoRank, AutoRankPrepass, candidate_ranks
 from primerge.methods.stack import TaskStack
@@ -74,7 +74,7 @@ class PrimeParams(SVDParams):
 
 
 def principal_rank(rank: float, r_full: int, tasks: int) -> int:
-    """Per-task principal rank r for one matrix (PRIME Section 4; ALGORITHMS.md step 1).
+    """Per-task principal rank r for one matrix (PRIME Section 4; docs/algorithms.md, "prime", step 1).
 
     ρ < 1 gives max(1, round(ρ·r_full)) (halves round up); a whole ``rank`` ≥ 1 is used
     as is, capped at r_full. If T·r > r_full, r = ⌊r_full/T⌋ (0 when T > r_full).
@@ -117,9 +117,12 @@ class PrimeParts(NamedTuple):
         return self.principal + project_out(self.U_hat, self.residual)
 
 
-def decompose(taus: TaskStack, r: int, params: PrimeParams, seed: int = 0) -> PrimeParts:
-    """Principal triplets, whitened principal merge and merged residual of one matrix at rank r ≥ 1."""
-    factors = taus.truncated_svd(r, mode=params.svd, seed=seed)
+def decompose(taus: TaskStack, r: int, params: PrimeParams, seed: int = 0,
+              precision: OutputPrecision | None = None, exact: SVD | None = None) -> PrimeParts:
+    """Principal triplets, whitened principal merge and merged residual of one matrix at rank r ≥ 1
+    (``precision``: how finely the merge is written, for ``svd: auto``'s certificate; ``exact``: the
+    task vectors' exact top-r₀ triplets, r₀ ≥ r, when the rank pre-pass computed them)."""
+    factors = taus.truncated_svd(r, mode=params.svd, seed=seed, precision=precision, exact=exact)
     stacked = concat_factors(factors)
     U_hat, V_hat = whiten(stacked)
     principal = (U_hat * stacked.S) @ V_hat.mT
@@ -166,4 +169,5 @@ def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:
     r = principal_rank(rank, min(taus.shape[-2:]), taus.shape[0])
     if r == 0:
         return params.scale * taus.mean()
-    return params.scale * decompose(taus, r, params, ctx.seed).merged()
+    exact = ctx.prepass.memo.take(ctx.name) if params.rank == "auto" else None
+    return params.scale * decompose(taus, r, params, ctx.seed, ctx.precision, exact).merged()

@@ -1,7 +1,7 @@
 """PRIME's adaptive principal rank: the interference–retention objective F(r).
 
 PRIME paper Section 4.1 and Appendix B (Eqs. 10–17), on normalised task vectors
-τ̄_t = τ_t / ‖τ_t‖_F ([decision] in ALGORITHMS.md: it makes layers comparable):
+τ̄_t = τ_t / ‖τ_t‖_F ([decision] in docs/algorithms.md, "prime": it makes layers comparable):
 
 - J_i(r) = (Σ_{j≠i} ⟨τ̄_i^[r], τ̄_j^[r]⟩_F)²        interference inside the principal subspace
 - G_i(r) = (Σ_{k>r} σ̄_{i,k}²)²                    retention loss, falling as r grows
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from primerge.linalg import SVDMode, truncated_svd
+from primerge.linalg import SVD, OutputPrecision, SVDMode, SVDOutcomes, recording, takes_exact, truncated_svd
 from primerge.methods.base import TensorContext
 from primerge.methods.stack import TaskStack
 
@@ -57,15 +57,19 @@ class LayerTerms(NamedTuple):
     G: Tensor
     energy: Tensor
     total: Tensor
+    factors: SVD
 
 
-def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed: int = 0) -> LayerTerms:
-    """Σ_i J_i(r) and Σ_i G_i(r) of one matrix for each per-layer rank in ``ranks`` (all ≥ 1)."""
+def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed: int = 0,
+                precision: OutputPrecision | None = None) -> LayerTerms:
+    """Σ_i J_i(r) and Σ_i G_i(r) of one matrix for each per-layer rank in ``ranks`` (all ≥ 1), and the
+    top-max(ranks) triplets of the task vectors themselves (``precision``: how finely the merge is
+    written, for ``svd: auto``'s certificate). τ̄_t = τ_t / ‖τ_t‖ has τ_t's singular vectors and
+    values σ / ‖τ_t‖, so one SVD of τ serves F(r) and, reused, the merge (:class:`ExactMemo`)."""
     T = taus.shape[0]
     norms = taus.reshape(T, -1).norm(dim=1)
-    unit = taus / torch.where(norms > 0, norms, 1.0).reshape(T, 1, 1)
-    factors = truncated_svd(unit, max(ranks), mode=mode, seed=seed)
-    U, S, V = factors.U, factors.S, factors.V
+    factors = truncated_svd(taus, max(ranks), mode=mode, seed=seed, precision=precision)
+    U, S, V = factors.U, factors.S / torch.where(norms > 0, norms, 1.0).unsqueeze(-1), factors.V
     gram = torch.einsum("ima,jmb->ijab", U, U) * torch.einsum("ina,jnb->ijab", V, V)
     weighted = gram * S[:, None, :, None] * S[None, :, None, :]
     prefix = torch.diagonal(weighted.cumsum(-1).cumsum(-2), dim1=-2, dim2=-1)  # (T, T, R)
@@ -78,7 +82,36 @@ def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed:
         J.append(cross.square().sum())
         G.append((total - head[:, r - 1]).clamp_min(0).square().sum())
     squared_norms = norms.square()
-    return LayerTerms(torch.stack(J), torch.stack(G), head * squared_norms[:, None], squared_norms)
+    return LayerTerms(torch.stack(J), torch.stack(G), head * squared_norms[:, None], squared_norms, factors)
+
+
+class ExactMemo:
+    """Exact truncated SVDs the pre-pass computed, by matrix name, kept in this process for the merge.
+
+    [decision] When ``svd: auto`` (or ``exact``) takes the exact SVD both in the pre-pass (rank
+    r_max) and in the merge (rank r* ≤ r_max), the merge's triplets are the first r* of the
+    pre-pass' — the same LAPACK call on the same task vectors — so they are kept rather than
+    recomputed: the merge of a matrix then costs no SVD, with the same bits. At most ``budget``
+    bytes are kept (first come; a 7B-class model's r_max factors are tens of GB); a matrix not
+    kept, or a merge on another process (the memo is not pickled: Ray workers start empty), simply
+    recomputes them.
+    """
+
+    def __init__(self, budget: int = 1 << 30) -> None:
+        self.budget, self.used, self.kept = budget, 0, {}
+
+    def keep(self, name: str, factors: SVD) -> None:
+        size = sum(t.numel() * t.element_size() for t in factors)
+        if self.used + size <= self.budget:
+            self.kept[name] = SVD(*(t.clone() for t in factors))  # not views of the full SVD's U and V
+            self.used += size
+
+    def take(self, name: str) -> SVD | None:
+        """The factors kept for ``name`` (forgotten once taken), or None."""
+        return self.kept.pop(name, None)
+
+    def __getstate__(self) -> dict:
+        return {"budget": self.budget, "used": 0, "kept": {}}
 
 
 @dataclass
@@ -91,6 +124,8 @@ class AutoRank:
     layers: int
     tolerance: float
     retention: list[float] = field(default_factory=list)  # per task, ‖τ_t^[r*]‖² / ‖τ_t‖² over matrices
+    svd_outcomes: SVDOutcomes = field(default_factory=SVDOutcomes)  # what the pass' truncated SVDs did
+    memo: ExactMemo = field(default_factory=ExactMemo, repr=False, compare=False)  # its exact SVDs, for the merge
 
     @property
     def F(self) -> list[float]:
@@ -160,32 +195,39 @@ class AutoRankPrepass:
         self.J = torch.zeros(len(candidates), dtype=torch.float64)
         self.G = torch.zeros(len(candidates), dtype=torch.float64)
         self.spectra: list[tuple[int, int, Tensor, Tensor]] = []  # (r_full, T, energy, total) per matrix
+        self.outcomes = SVDOutcomes()
+        self.memo = ExactMemo()
 
     def observe(self, pass_index: int, taus: TaskStack, ctx: TensorContext) -> list[tuple]:
-        """[(Σ_i J_i, Σ_i G_i, (r_full, T, energy, total))] of one matrix, or [] when it has none."""
+        """[(Σ_i J_i, Σ_i G_i, (r_full, T, energy, total), SVD outcomes)] of one matrix, or [] when it has none."""
         if ctx.kind != "matrix":
             return []
         r_full, T = min(taus.shape[-2:]), taus.T
         ranks = [self.rank_of(c, r_full, T) for c in self.candidates]
         if min(ranks) == 0:
             return []  # T > r_full: this matrix has no principal part at any rank
-        terms = layer_terms(taus.dense(), ranks, mode=self.mode, seed=ctx.seed)
+        with recording() as outcomes:
+            terms = layer_terms(taus.dense(), ranks, mode=self.mode, seed=ctx.seed, precision=ctx.precision)
+        if not taus.factored and takes_exact(tuple(taus.shape), max(ranks), self.mode, ctx.precision):
+            self.memo.keep(ctx.name, terms.factors)
         spectrum = (r_full, T, terms.energy.double().cpu(), terms.total.double().cpu())
-        return [(terms.J.double().cpu(), terms.G.double().cpu(), spectrum)]
+        return [(terms.J.double().cpu(), terms.G.double().cpu(), spectrum, outcomes)]
 
     def combine(self, first: list, second: list) -> list:
         return first + second
 
     def end_pass(self, pass_index: int, total: list[tuple] | None) -> None:
-        for J, G, spectrum in total or []:
+        for J, G, spectrum, outcomes in total or []:
             self.J += J
             self.G += G
             self.spectra.append(spectrum)
+            self.outcomes += outcomes
 
     def result(self) -> AutoRank:
         layers = len(self.spectra)
         n = max(layers, 1)
-        auto = AutoRank(self.candidates, (self.J / n).tolist(), (self.G / n).tolist(), layers, self.tolerance)
+        auto = AutoRank(self.candidates, (self.J / n).tolist(), (self.G / n).tolist(), layers, self.tolerance,
+                        svd_outcomes=self.outcomes, memo=self.memo)
         if self.spectra:
             head = sum(e[:, self.rank_of(auto.rank, r_full, T) - 1] for r_full, T, e, _ in self.spectra)
             total = sum(t for *_, t in self.spectra)

@@ -22,6 +22,8 @@ A method asks the stack for what it needs:
   [L_1 … L_T][R_1; …; R_T] when every task is low-rank.
 
 ``shape`` is the tensor-like (T, *shape), so shape arithmetic reads the same as on a tensor.
+``weights`` are the models' weights w_t (all 1 unless the recipe sets them): already applied to
+the rows, or left to the method (:class:`~primerge.methods.base.MethodSpec` ``weights``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from primerge.linalg import SVD, SVDMode, drop_null, factored_svd, fit_rank, svd, truncated_svd
+from primerge.linalg import (
+    SVD,
+    OutputPrecision,
+    SVDMode,
+    drop_null,
+    factored_svd,
+    fit_rank,
+    record,
+    svd,
+    truncated_svd,
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +75,10 @@ class LowRank:
 class TaskStack:
     """T task vectors of one parameter: ``dense`` rows (D, *shape) at ``dense_index`` and
     ``lowrank`` rows {t: :class:`LowRank`}, together tasks 0..T−1; or only their sum
-    (:meth:`of_sum`)."""
+    (:meth:`of_sum`). ``weights``: the models' weights w_t (default all 1)."""
 
-    def __init__(self, dense: Tensor, dense_index: list[int], lowrank: dict[int, LowRank]):
+    def __init__(self, dense: Tensor, dense_index: list[int], lowrank: dict[int, LowRank],
+                 weights: tuple[float, ...] | None = None):
         self.dense_rows = dense
         self.dense_index = list(dense_index)
         self.lowrank = dict(lowrank)
@@ -76,20 +89,33 @@ class TaskStack:
         self.dtype = dense.dtype
         self.device = dense.device
         self._total: Tensor | None = None
+        self.weights = self._checked_weights(weights)
+
+    def _checked_weights(self, weights: tuple[float, ...] | None) -> tuple[float, ...]:
+        if weights is None:
+            return (1.0,) * self.T
+        if len(weights) != self.T:
+            raise ValueError(f"{len(weights)} weights for {self.T} task vectors")
+        return tuple(weights)
 
     @classmethod
-    def of(cls, taus: Tensor | TaskStack) -> TaskStack:
+    def of(cls, taus: Tensor | TaskStack, weights: tuple[float, ...] | None = None) -> TaskStack:
         """A stack of dense task vectors (T, *shape) (no copy), or the stack itself."""
         if isinstance(taus, TaskStack):
             return taus
-        return cls(taus, list(range(taus.shape[0])), {})
+        return cls(taus, list(range(taus.shape[0])), {}, weights)
 
     @classmethod
-    def of_sum(cls, total: Tensor, tasks: int) -> TaskStack:
+    def of_sum(cls, total: Tensor, tasks: int, weights: tuple[float, ...] | None = None) -> TaskStack:
         """A stack known only through Σ_t τ_t of ``tasks`` task vectors (:meth:`dense` refuses)."""
         stack = cls(total.new_empty((0, *total.shape)), [], {})
         stack.T, stack._total = tasks, total
+        stack.weights = stack._checked_weights(weights)
         return stack
+
+    def weight_vector(self) -> Tensor:
+        """The models' weights w_t as a (T,) tensor in the stack's dtype and device."""
+        return torch.tensor(self.weights, dtype=self.dtype, device=self.device)
 
     @property
     def shape(self) -> torch.Size:
@@ -130,22 +156,27 @@ class TaskStack:
         """(1/T) Σ_t τ_t."""
         return self.sum() / self.T
 
-    def truncated_svd(self, rank: int, *, mode: SVDMode = "auto", seed: int = 0) -> SVD:
+    def truncated_svd(self, rank: int, *, mode: SVDMode = "auto", seed: int = 0,
+                      precision: OutputPrecision | None = None, exact: SVD | None = None) -> SVD:
         """Top-``rank`` triplets of every task, batched (T, m, rank), (T, rank), (T, n, rank).
 
         Null triplets are zeroed (:func:`primerge.linalg.drop_null`); a factored task of rank
         k < ``rank`` gets ``rank − k`` zero triplets (:func:`primerge.linalg.fit_rank`).
+        ``precision``: how finely the merge is written (``svd: auto``'s certificate); ``exact``: the
+        dense rows' exact top-r₀ triplets (r₀ ≥ ``rank``) when an earlier pass computed them.
         """
         m, n = self.tensor_shape
         U = self.dense_rows.new_zeros((self.T, m, rank))
         S = self.dense_rows.new_zeros((self.T, rank))
         V = self.dense_rows.new_zeros((self.T, n, rank))
         if self.dense_index:
-            f = drop_null(truncated_svd(self.dense_rows, rank, mode=mode, seed=seed), self.shape)
+            found = truncated_svd(self.dense_rows, rank, mode=mode, seed=seed, precision=precision, exact=exact)
+            f = drop_null(found, self.shape)
             U[self.dense_index], S[self.dense_index], V[self.dense_index] = f
         for t, low in self.lowrank.items():
             f = fit_rank(drop_null(factored_svd(low.left, low.right), self.shape), rank)
             U[t], S[t], V[t] = f
+        record("factored", "low-rank task vectors (LoRA)", len(self.lowrank))
         return SVD(U, S, V)
 
     def sum_svd(self) -> SVD:
@@ -165,4 +196,4 @@ class TaskStack:
         keep = [i for i, t in enumerate(self.dense_index) if t < tasks]
         return TaskStack(self.dense_rows[keep] if len(keep) < len(self.dense_index) else self.dense_rows,
                          [self.dense_index[i] for i in keep],
-                         {t: f for t, f in self.lowrank.items() if t < tasks})
+                         {t: f for t, f in self.lowrank.items() if t < tasks}, self.weights[:tasks])

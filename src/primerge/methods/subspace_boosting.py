@@ -7,8 +7,8 @@ c = cumsum(S)/sum(S) and i the first index where c_i ≥ β (the last index if n
 S' = max(S, S[i]) and τ = α · U S' Vᵀ (:func:`primerge.linalg.flatten_spectrum`). β = 0 raises
 every singular value to σ₁ (PRIME Eq. 27); β = 1 leaves a full-rank spectrum unchanged.
 
-Attention projections fused in one tensor are boosted per Q, K, V slice (ALGORITHMS.md,
-Subspace Boosting): a matrix whose name matches ``qkv_pattern`` (``re.search``) and whose first
+Attention projections fused in one tensor are boosted per Q, K, V slice (docs/algorithms.md,
+"subspace_boosting"): a matrix whose name matches ``qkv_pattern`` (``re.search``) and whose first
 dimension is three times its second is split into thirds along the first axis.
 [decision] The transposed layout, second dimension three times the first, is split along the
 second axis: that is how GPT-2's ``c_attn`` (a Conv1D, stored (in, 3·out)) keeps Q, K and V.

@@ -37,11 +37,9 @@ from a QR of their factors, K = Σ_i k_i). The authors' autograd pass costs T pr
 with autograd on L).
 
 **Cost and determinism.** Per matrix: ``steps`` · 2·m·n·min(n, 2K) flops plus a one-time
-4·m·n·K, and ``steps`` element-wise Adam updates of m·n entries. Measured on this project's shared
-2-core CPU (load average 8–10 from other jobs, one torch thread): 4 tasks of 1024 × 1024, 300
-steps, 36 s per matrix (89 s with two contending threads); 4 LoRA tasks of rank 16 on 1024 × 1024,
-11 s; the six matrix shapes of one all-MiniLM-L6-v2 layer with 6 tasks, 50 s (about 5 minutes for
-the demo's model). The authors run it on a GPU (``primerge merge --device cuda``). No random
+4·m·n·K, and ``steps`` element-wise Adam updates of m·n entries: tens of seconds per 1024 × 1024
+matrix on a CPU core (docs/benchmarks.md, "Measurements behind design decisions"). The authors run
+it on a GPU (``primerge merge --device cuda``). No random
 numbers are drawn and matrix products do not depend on the thread count
 (:mod:`primerge.util.deterministic`), so a merge is bit-reproducible on one machine.
 

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
+from primerge.linalg import SVDOutcomes
+
 if TYPE_CHECKING:
     from primerge.core.plan import Plan, WorkUnit
 
@@ -77,6 +79,10 @@ class MergeResult:
     lora: dict | None = None  # LoRA output: rank and per-module errors (primerge.output.lora)
     execution: dict = field(default_factory=dict)  # where it ran: backend, device, workers
     decisions: list[str] = field(default_factory=list)  # from the shapes alone: svd: auto, rank caps (engine)
+    svd: SVDOutcomes = field(default_factory=SVDOutcomes)  # after the merge: matrices per SVD path, and why
+    prepass_svd: SVDOutcomes = field(default_factory=SVDOutcomes)  # the same for the whole-model pre-pass
+    parameter_table: list[str] = field(default_factory=list)  # parameters resolved per tensor class and blocks
+    inputs: list[dict] = field(default_factory=list)  # each input's files with their SHA-256 (the card's front matter)
 
 
 class UnitWriter(Protocol):

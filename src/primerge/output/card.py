@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from primerge.io.user_paths import components
+from primerge.util.hashing import file_sha256
 from primerge.util.platform import mixed_kinds_note
 from primerge.version import __version__
 
@@ -43,13 +44,28 @@ def md_fence(text: str, info: str = "") -> list[str]:
     return [f"{fence}{info}", text, fence]
 
 
+#: The model card's file name (listed in the manifest without a hash: :data:`primerge.io.manifest.CARD_ENTRY`).
+CARD = "README.md"
+
+
+def input_records(plan) -> list[dict]:
+    """Each input (the base, then every model) with the files the merge read from it and their
+    SHA-256, by file name: what the card's front matter records, so a reader can check the inputs
+    (``sha256sum``) without any local path. Hashing reads every input file once more."""
+    weights = [1.0, *(entry.weight for entry in plan.recipe.models)]
+    return [{"role": "base" if i == 0 else "model", "name": label, **({"weight": weights[i]} if i else {}),
+             "files": {file.name: file_sha256(file) for file in files}}
+            for i, (label, files) in enumerate(plan.input_files())]
+
+
 def _front_matter(recipe, result) -> str:
+    """YAML front matter: library, tags, and primerge's version, method, parameters, seed and the
+    inputs' file hashes. No local path: it would say nothing on another machine."""
     meta = {
         "library_name": "primerge",
         "tags": ["merge", "primerge", result.method],
-        "base_model": str(Path(recipe.base).resolve()),
         "primerge": {"version": __version__, "method": result.method,
-                     "parameters": result.parameters, "seed": recipe.seed},
+                     "parameters": result.parameters, "seed": recipe.seed, "inputs": result.inputs},
     }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
@@ -141,16 +157,32 @@ def write_card(folder: Path, recipe, result, weight_files: list[str],
         f"- files copied from the base folder: {', '.join(md_code(c) for c in copied) or 'none'}",
         "",
     ]
+    if result.parameter_table:
+        lines += ["## Parameters per tensor", "", "The values each tensor class and block range was merged with "
+                  "(gradients and filters resolved; per model in model order):", "",
+                  *md_fence("\n".join(result.parameter_table)), ""]
+    if recipe.origin is not None:
+        lines += [f"## Translated from {recipe.origin.format}", "", "Where primerge's semantics differ:", "",
+                  *md_fence("\n".join(recipe.origin.notes) or "nowhere"), ""]
     if result.report:
         lines += ["## Whole-model pre-pass", "", result.report, ""]
     if result.decisions:
         lines += ["## Decided from the shapes", "", *[f"- {line}" for line in result.decisions], ""]
+    svds = result.svd.lines() + result.prepass_svd.lines("pre-pass")
+    if svds:
+        lines += ["## Truncated SVDs", "", "How many matrices each SVD path solved, and why (block Krylov results "
+                  "are kept when they pass the residual check, or the certificate for a 16-bit output; "
+                  "`primerge.linalg.certificate`):", "", *[f"- {line}" for line in svds], ""]
     for section in sections:
         lines += [section.rstrip("\n"), ""]
     if heads:
         lines += _heads_section(heads)
     lines += INTEGRITY
     lines += ["## Recipe", "", *md_fence(recipe.to_yaml().rstrip(), "yaml"), ""]
-    path = folder / "README.md"
-    path.write_text("\n".join(lines))
+    if recipe.origin is not None and recipe.origin.text:
+        lines += [f"## Original {recipe.origin.format} configuration", "", *md_fence(recipe.origin.text.rstrip(), "yaml"), ""]
+    path = folder / CARD
+    # names and paths may hold lone surrogates (undecodable bytes of a path, "\udXXX" escapes in a
+    # recipe): written as backslash escapes, so the card is always UTF-8 text
+    path.write_text("\n".join(lines), encoding="utf-8", errors="backslashreplace")
     return path

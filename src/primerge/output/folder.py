@@ -19,12 +19,12 @@ from typing import Any
 
 from torch import Tensor
 
-from primerge.util.errors import RecipeError
+from primerge.util.errors import OutputError, RecipeError
 from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger, tensor_record
-from primerge.io.writer import atomic_folder, save_tensors, shard_name, write_index
+from primerge.io.writer import atomic_folder, join_files, save_tensors, shard_name, write_index
 from primerge.output.base import MergedTensor, MergeResult, PerTaskTensor, Sink, output_format, task_heads
-from primerge.output.card import write_card
+from primerge.output.card import CARD, input_records, write_card
 from primerge.output.heads import write_heads
 from primerge.output.lora import LoraExport, LoraParts, lora_task_type
 from primerge.output.per_task import PerTaskWriter
@@ -56,7 +56,7 @@ class FolderSink(Sink):
     def session(self, plan: Plan, prepass: Any) -> Iterator[None]:
         self.plan = plan
         with atomic_folder(self.target) as folder:
-            self.folder, self.ledger = folder, Ledger(folder)
+            self.folder, self.ledger = folder, Ledger(folder, card=CARD)
             self.open(plan, prepass)
             yield
 
@@ -75,7 +75,8 @@ class FolderSink(Sink):
             write_heads(self.folder, heads, {s.label: s.architectures() for s in self.plan.sources}, self.ledger)
         copied = write_support_files(self.plan.files, self.folder) if self.copies_support_files else []
         result.out = self.out
-        write_card(self.folder, self.plan.recipe, result, files, heads, copied, sections)
+        result.inputs = input_records(self.plan)
+        write_card(self.folder, self.plan.recipe, result, files, heads, copied, self.plan.card_sections() + sections)
         self.ledger.seal()
 
 
@@ -87,24 +88,33 @@ def write_support_files(files: tuple[OutputFile, ...], folder: Path) -> list[str
 
 
 PART_MARK = ".part-"
+#: A group's part of a shard split for parallel workers: ``.<shard>.group-0000p``, joined into the shard.
+GROUP_MARK = ".group-"
+#: The metadata of every weight file: one key, as safetensors writes several in a varying order.
+SHARD_METADATA = {"format": "pt"}
 
 
 @dataclass(frozen=True)
 class ShardReceipt:
-    """What a model folder's unit writer reports: the shard file written, its tensors' records
-    (:func:`~primerge.io.manifest.tensor_record`), and a per-task method's (name, τ_uni, tensors)."""
+    """What a model folder's unit writer reports: the ``file`` written (the shard, or a group's part
+    of it), its tensors' records (:func:`~primerge.io.manifest.tensor_record`), a per-task method's
+    (name, τ_uni, tensors), and the ``shard`` file the tensors belong to."""
 
     file: str
     records: dict[str, dict]
     per_task: list[tuple[str, Tensor, dict[str, Tensor]]]
+    shard: str
 
 
 @dataclass(frozen=True)
 class ShardFiles:
-    """Writes unit i of n as the shard ``model-0000(i+1)-of-0000n.safetensors`` into ``folder``."""
+    """Writes a unit's tensors into ``folder`` where the unit runs: shard s of n as
+    ``model-0000(s+1)-of-0000n.safetensors``, or, for a group of a shard split for parallel workers
+    (:class:`primerge.core.units.WorkerUnits`), the part file ``.<shard>.group-0000p`` that
+    :class:`ShardJoin` joins into the shard."""
 
     folder: Path
-    units: int
+    shards: int
     per_task: bool
 
     def write(self, unit: WorkUnit, tensors: Iterable[MergedTensor]) -> ShardReceipt:
@@ -113,21 +123,53 @@ class ShardFiles:
             values.update({name: tensor.contiguous() for name, tensor in merged.stored().items()})
             if self.per_task and isinstance(merged, PerTaskTensor):
                 parts.append((merged.name, merged.unified, merged.task_tensors))
-        name = shard_name("model", unit.index, self.units)
-        part = self.folder / f".{name}{PART_MARK}{os.getpid()}"  # a worker killed mid-write leaves only this
-        save_tensors(part, values, {"format": "pt"})
-        os.replace(part, self.folder / name)
-        return ShardReceipt(name, {k: tensor_record(v) for k, v in values.items()}, parts)
+        shard = shard_name("model", unit.shard, self.shards)
+        name = group_file(shard, unit.part, unit.parts)
+        temp = self.folder / f".{name.lstrip('.')}{PART_MARK}{os.getpid()}"  # a worker killed mid-write leaves only this
+        save_tensors(temp, values, SHARD_METADATA)
+        os.replace(temp, self.folder / name)
+        return ShardReceipt(name, {k: tensor_record(v) for k, v in values.items()}, parts, shard)
+
+
+def group_file(shard: str, part: int, parts: int) -> str:
+    """The file group ``part`` of ``parts`` of ``shard`` is written as (the shard itself for one group)."""
+    return shard if parts == 1 else f".{shard}{GROUP_MARK}{part:05d}"
+
+
+class ShardJoin:
+    """Takes a model folder's receipts in unit order and gives back each shard's once it is
+    complete: a whole shard's as it came; a split shard's after its last group, its part files
+    joined into the shard file (:func:`primerge.io.writer.join_files`: byte for byte the file one
+    writer of all its tensors writes, which is what a local merge writes)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.groups: list[ShardReceipt] = []
+
+    def take(self, unit: WorkUnit, receipt: ShardReceipt) -> ShardReceipt | None:
+        self.groups.append(receipt)
+        if unit.part < unit.parts - 1:
+            return None
+        groups, self.groups = self.groups, []
+        if [g.file for g in groups] != [group_file(receipt.shard, p, unit.parts) for p in range(unit.parts)]:
+            raise OutputError(f"{receipt.shard}: its {unit.parts} groups did not arrive one after the other; an "
+                              f"executor must yield units in unit order.")
+        if unit.parts > 1:
+            join_files([self.folder / g.file for g in groups], self.folder / receipt.shard, SHARD_METADATA)
+        records = {name: record for g in groups for name, record in g.records.items()}
+        return ShardReceipt(receipt.shard, records, [p for g in groups for p in g.per_task], receipt.shard)
 
 
 @output_format("model")
 class ModelFolder(FolderSink):
-    """The merged model as sharded safetensors (Hugging Face layout: one shard per work unit); a
+    """The merged model as sharded safetensors (Hugging Face layout: one shard per plan unit, written
+    by that unit or joined from its groups' parts, :class:`ShardJoin`); a
     per-task method's τ_uni, masks and scalars beside it (:mod:`primerge.output.per_task`)."""
 
     def open(self, plan: Plan, prepass: Any) -> None:
         spec = plan.recipe.spec
         self.weight_map: dict[str, str] = {}
+        self.join = ShardJoin(self.folder)
         self.per_task = None
         if spec.per_task:
             self.per_task = PerTaskWriter(self.folder, spec, plan.labels, prepass.task_scalars(),
@@ -137,9 +179,12 @@ class ModelFolder(FolderSink):
         return ShardFiles(self.folder, len(self.plan.units), self.per_task is not None)
 
     def receive(self, unit: WorkUnit, receipt: ShardReceipt) -> None:
-        self.ledger.add(self.folder / receipt.file, receipt.records)
-        self.weight_map.update(dict.fromkeys(receipt.records, receipt.file))
-        for name, unified, tensors in receipt.per_task:
+        shard = self.join.take(unit, receipt)
+        if shard is None:  # a group of a shard whose later groups are still to come
+            return
+        self.ledger.add(self.folder / shard.file, shard.records)
+        self.weight_map.update(dict.fromkeys(shard.records, shard.file))
+        for name, unified, tensors in shard.per_task:
             self.per_task.add(name, unified, tensors)
 
     def write(self, result: MergeResult) -> tuple[list[str], list[str]]:

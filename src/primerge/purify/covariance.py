@@ -6,6 +6,10 @@ forward hook on every linear layer accumulates, over the real (non-padding) toke
 input, C = Σ x xᵀ / rows and the mean |x| per input feature (ASVD's scaling), in float64. Batches
 are fed until ``samples`` token rows have been seen (the last batch is cut to the remainder).
 
+The same pass gives RegMean its Gram matrices (:mod:`primerge.calibration`, which reads a cached
+file one matrix at a time), and its pieces (:func:`token_batches`, :class:`InputStatistics`) run the
+RegMean++ pass through the merged model.
+
 Results are cached under ``<cache>/covariances/<key>.safetensors`` (cache = ``$PRIMERGE_CACHE``,
 else ``~/.cache/primerge``); the key hashes the model folder's files, the tokenizer folder's files,
 the texts and the settings, so a changed model or data set computes anew.
@@ -16,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from primerge.util.errors import InputError
-from primerge.io.files import content_digest
+from primerge.util.hashing import content_digest
 from primerge.util.cache_dirs import cache_root
 
 FORMAT = 2
@@ -69,65 +74,99 @@ def _tokenizer_folder(model: Path, base: Path | None) -> Path:
     return base
 
 
+def token_batches(tokenizer, texts: Sequence[str], samples: int, max_length: int,
+                  batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, mask) of ``batch_size`` texts at a time (right-padded with the tokenizer's pad
+    id, else 0; mask true on real tokens) until ``samples`` token rows (the last text cut to the
+    remainder)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = 0
+    for start in range(0, len(texts), batch_size):
+        if rows >= samples:
+            return
+        ids = tokenizer(list(texts[start:start + batch_size]), truncation=True,
+                        max_length=max_length)["input_ids"]
+        kept, budget = [], samples - rows
+        for seq in ids:
+            if budget <= 0:
+                break
+            seq = seq[:budget] if len(seq) > budget else seq
+            kept.append(seq)
+            budget -= len(seq)
+        width = max(len(s) for s in kept)
+        input_ids = torch.full((len(kept), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(kept), width), dtype=torch.bool)
+        for i, seq in enumerate(kept):
+            input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, :len(seq)] = True
+        rows += int(mask.sum())
+        yield input_ids, mask
+
+
+class InputStatistics:
+    """Forward hooks that accumulate, per linear module, Σ x xᵀ, Σ |x| and the row count over the
+    real (``mask``) token rows x of its input, in float64. Set :attr:`mask` to the batch's mask
+    before each forward pass; a 2-D input (a pooler's first tokens) counts every row."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.mask: torch.Tensor | None = None
+
+    def _hook(self, name: str):
+        def fn(module, inputs, output):
+            x = inputs[0]
+            if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
+                x = x[self.mask]
+            x = x.reshape(-1, x.shape[-1]).double()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                self.abs_sums[name] = torch.zeros(x.shape[1], dtype=torch.float64)
+                self.counts[name] = 0
+            self.sums[name].addmm_(x.mT, x)
+            self.abs_sums[name].add_(x.abs().sum(0))
+            self.counts[name] += x.shape[0]
+        return fn
+
+    @contextmanager
+    def hooked(self, modules: dict[str, nn.Module]) -> Iterator[InputStatistics]:
+        """The hooks on ``modules`` (name -> module) while the block runs."""
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.mask = None
+
+    def second_moments(self) -> dict[str, torch.Tensor]:
+        """C = Σ x xᵀ / count per module (the Gram matrix XᵀX / rows)."""
+        return {n: self.sums[n] / self.counts[n] for n in self.sums}
+
+    def covariances(self, rows: int) -> Covariances:
+        """C (:meth:`second_moments`) and mean |x| per module; ``rows`` token rows were run."""
+        abs_mean = {n: self.abs_sums[n] / self.counts[n] for n in self.sums}
+        return Covariances(self.second_moments(), abs_mean, rows)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` of ``model`` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
 def collect(model: nn.Module, tokenizer, texts: Sequence[str], samples: int, max_length: int,
             batch_size: int) -> Covariances:
     """Run ``texts`` through ``model`` until ``samples`` token rows, hooking every nn.Linear."""
-    sums: dict[str, torch.Tensor] = {}
-    abs_sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    state: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook(name: str):
-        def fn(module, inputs, output):
-            x = inputs[0]
-            mask = state["mask"]
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask]
-            x = x.reshape(-1, x.shape[-1]).double()
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-                abs_sums[name] = torch.zeros(x.shape[1], dtype=torch.float64)
-                counts[name] = 0
-            sums[name].addmm_(x.mT, x)
-            abs_sums[name].add_(x.abs().sum(0))
-            counts[name] += x.shape[0]
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = 0
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                if rows >= samples:
-                    break
-                ids = tokenizer(list(texts[start:start + batch_size]), truncation=True,
-                                max_length=max_length)["input_ids"]
-                kept, budget = [], samples - rows
-                for seq in ids:
-                    if budget <= 0:
-                        break
-                    seq = seq[:budget] if len(seq) > budget else seq
-                    kept.append(seq)
-                    budget -= len(seq)
-                width = max(len(s) for s in kept)
-                input_ids = torch.full((len(kept), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(kept), width), dtype=torch.bool)
-                for i, seq in enumerate(kept):
-                    input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    mask[i, :len(seq)] = True
-                state["mask"] = mask
-                model(input_ids=input_ids, attention_mask=mask.long())
-                rows += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-        state["mask"] = None
+    with InputStatistics().hooked(linear_modules(model)) as stats, torch.inference_mode():
+        for input_ids, mask in token_batches(tokenizer, texts, samples, max_length, batch_size):
+            stats.mask = mask
+            model(input_ids=input_ids, attention_mask=mask.long())
+            rows += int(mask.sum())
     if rows == 0:
         raise InputError("no token rows were produced from the task data; is it empty?")
-    cov = {n: sums[n] / counts[n] for n in sums}
-    abs_mean = {n: abs_sums[n] / counts[n] for n in sums}
-    return Covariances(cov, abs_mean, rows)
+    return stats.covariances(rows)
 
 
 def _save(path: Path, cov: Covariances) -> None:
@@ -144,39 +183,52 @@ def _save(path: Path, cov: Covariances) -> None:
             os.remove(tmp)
 
 
-def _load(path: Path) -> Covariances | None:
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            rows = int((handle.metadata() or {})["rows"])
-    except (SafetensorError, OSError, KeyError, ValueError):
-        return None  # a damaged cache entry is recomputed
+def _load(path: Path) -> Covariances:
+    """A covariance file that :func:`_readable` accepted, in memory."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        rows = int(handle.metadata()["rows"])
     cov = {k[:-4]: v for k, v in tensors.items() if k.endswith("|cov")}
     abs_mean = {k[:-4]: v for k, v in tensors.items() if k.endswith("|abs")}
     return Covariances(cov, abs_mean, rows)
 
 
-def model_covariances(model: Path, texts: Sequence[str], *, base: Path | None = None, samples: int = 4096,
-                      max_length: int = 64, batch_size: int = 32, cache: Path | None = None) -> Covariances:
-    """Covariances of ``model``'s linear inputs on ``texts``, from the cache when present."""
+def covariance_file(model: Path, texts: Sequence[str], *, base: Path | None = None, samples: int = 4096,
+                    max_length: int = 64, batch_size: int = 32, cache: Path | None = None) -> tuple[Path, str]:
+    """The cache file of ``model``'s covariances on ``texts`` and its key, computed first when it
+    is missing or damaged. The file holds ``<module>|cov`` and ``<module>|abs`` per linear module."""
     model = Path(model)
     if not model.is_dir():
-        raise InputError(f"{model}: PAVE needs the fine-tuned model's folder (config + tokenizer) "
-                         "to run its data through it.")
+        raise InputError(f"{model}: running the task's data through this model needs its folder (config and "
+                         "tokenizer files, or a base folder with the tokenizer).")
     if not texts:
-        raise InputError(f"{model}: the task data for PAVE has no texts.")
+        raise InputError(f"{model}: the task data has no texts.")
     tok_folder = _tokenizer_folder(model, base)
     key = cache_key(model, tok_folder, texts, samples, max_length, batch_size)
     path = (cache or cache_root()) / "covariances" / f"{key}.safetensors"
-    if path.is_file():
-        cached = _load(path)
-        if cached is not None:
-            cached.key = key
-            return cached
-    from primerge.io.hf import load_tokenizer
+    if not _readable(path):
+        from primerge.io.hf import load_tokenizer
 
-    tokenizer = load_tokenizer(tok_folder)
-    result = collect(_load_model(model), tokenizer, texts, samples, max_length, batch_size)
-    _save(path, result)
-    result.key = key
-    return result
+        tokenizer = load_tokenizer(tok_folder)
+        _save(path, collect(_load_model(model), tokenizer, texts, samples, max_length, batch_size))
+    return path, key
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` is a whole covariance file (safetensors checks that the header's offsets
+    cover the file, so a truncated file is not)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return int((handle.metadata() or {})["rows"]) > 0
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return False  # a damaged cache entry is recomputed
+
+
+def model_covariances(model: Path, texts: Sequence[str], *, base: Path | None = None, samples: int = 4096,
+                      max_length: int = 64, batch_size: int = 32, cache: Path | None = None) -> Covariances:
+    """Covariances of ``model``'s linear inputs on ``texts`` (:func:`covariance_file`), in memory."""
+    path, key = covariance_file(model, texts, base=base, samples=samples, max_length=max_length,
+                                batch_size=batch_size, cache=cache)
+    found = _load(path)
+    found.key = key
+    return found

@@ -48,9 +48,10 @@ from tqdm.auto import tqdm
 from primerge.core.plan import Plan, build_plan
 from primerge.util.errors import InputError
 from primerge.linalg import SVDMode, choose_svd, truncated_svd
-from primerge.core.purify_block import PurifyConfig, Target, resolve_data
+from primerge.core.calibration_block import task_texts
+from primerge.core.purify_block import PurifyConfig, Target
 from primerge.util.cache_dirs import cache_root
-from primerge.io.files import content_digest
+from primerge.util.hashing import content_digest
 from primerge.purify.covariance import Covariances, model_covariances
 from primerge.purify.store import STORE, TAIL_FLOOR, Decomposition, decompose, store_key, tail_start
 from primerge.core.recipe import Recipe
@@ -249,13 +250,6 @@ class Purifier:
                 f"{self.config.allocation}): {len(self.ranks)} task matrices purified; rank ratios: {ratios}")
 
 
-def _task_texts(spec: str, folder: Path | None) -> list[str]:
-    from primerge.data.tasks import load_task
-
-    data = load_task(resolve_data(spec, folder))
-    return list(data.split().train_texts)
-
-
 def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Path | None = None,
                    quiet: bool = True) -> Purifier:
     """Validate ``recipe.purify``, collect covariances (cached), decompose (cached) and allocate
@@ -267,7 +261,7 @@ def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Pa
     if config.needs_data:
         for label in config.tasks:
             try:
-                texts = _task_texts(config.data[label], relative_to)
+                texts = task_texts(config.data[label], relative_to)
             except InputError as exc:
                 raise InputError(f"purify.data.{label}: {exc}") from None
             covariances[label] = model_covariances(

@@ -7,10 +7,16 @@ at λ = 1, keeps the merged tensors M₁ = θ₀ + U, and derives every trial's 
 
     θ(λ) = θ₀ + λ·(M₁ − θ₀)          (in float64, cast to the storage dtype)
 
-For Task Arithmetic M₁ − θ₀ is Σ_t τ_t: the cached sum. The derivation agrees with a real merge
-at λ to the storage dtype's rounding; the tuner checks that once per method (one extra merge at
-λ = 1/2, relative error of the update ≤ 1e-4) and falls back to a merge per trial for a method
-that fails the check. The best recipe is always merged for real before it is reported.
+For Task Arithmetic M₁ − θ₀ is Σ_t τ_t: the cached sum. A scale given as a gradient over depth
+(``primerge tune --search scale-gradient:K``) is derived the same way, tensor by tensor: every
+method here merges each tensor with its own resolved parameters, so a tensor at depth t gets
+θ₀ + λ(t)·(M₁ − θ₀), λ(t) interpolated by the parameter language's rule
+(:class:`~primerge.core.parameters.Gradient`, depth over the base's blocks). The models' weights
+(``--search weights``) are part of the merge, like every parameter other than λ. The derivation
+agrees with a real merge at λ to the storage dtype's rounding; the tuner checks that once per
+method (one extra merge at λ = 1/2, or at a gradient rising from 1/4 to 3/4 when λ is one;
+relative error of the update ≤ 1e-4) and falls back to a merge per trial for a method that fails
+the check. The best recipe is always merged for real before it is reported.
 """
 
 from __future__ import annotations
@@ -18,15 +24,18 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from primerge.api import merge_recipe
+from primerge.core.parameters import Gradient, block_count, place_of
 from primerge.io.readers import open_checkpoint
 from primerge.output.base import MergeResult
 from primerge.core.recipe import Recipe
+from primerge.tuning.genome import weighted_models
 from primerge.tuning.settings import DEFAULT_CACHE_BYTES
 from primerge.tuning.spaces import nested
 
@@ -62,22 +71,46 @@ class Built:
     seconds: float
 
 
-def recipe_with(recipe: Recipe, parameters: dict[str, Any], purify: dict | None) -> Recipe:
-    """``recipe`` with these method parameters (a point's ``inner_params.x`` nested) and purify
-    block (the model output, in memory)."""
-    return recipe.replace(parameters=nested(parameters), purify=purify, output=None)
+def recipe_with(recipe: Recipe, parameters: dict[str, Any], purify: dict | None,
+                weights: Mapping[str, float] | None = None) -> Recipe:
+    """``recipe`` with these method parameters (a point's ``inner_params.x`` nested), purify block
+    and, when given, the models' weights by label (the model output, in memory)."""
+    models = {} if weights is None else {"models": weighted_models(recipe, weights)}
+    return recipe.replace(parameters=nested(parameters), purify=purify, output=None, **models)
 
 
-def scaled_state(base: dict[str, Tensor], merged: dict[str, Tensor], lam: float) -> dict[str, Tensor]:
-    """θ₀ + λ·(M₁ − θ₀) per floating tensor, computed in float64; other tensors as merged."""
+Scale = float | list[float]  # one λ, or the anchors of a gradient over depth
+
+
+def scale_at(lam: Scale, names: list[str]) -> dict[str, float]:
+    """λ of every tensor of ``names`` (a network's tensors): one value, or the gradient interpolated
+    at each tensor's depth as the parameter language resolves it (depth counted over ``names``)."""
+    if not isinstance(lam, list):
+        return dict.fromkeys(names, float(lam))
+    gradient, blocks = Gradient(tuple(lam)), block_count(names)
+    return {name: float(gradient.at(place_of(name, blocks).depth)) for name in names}
+
+
+def scaled_state(base: dict[str, Tensor], merged: dict[str, Tensor], lam: Scale) -> dict[str, Tensor]:
+    """θ₀ + λ·(M₁ − θ₀) per floating tensor, computed in float64, λ per tensor (:func:`scale_at`
+    over the base's names); other tensors as merged."""
+    lams = scale_at(lam, list(base))
     out = {}
     for name, m in merged.items():
         if not m.dtype.is_floating_point:
             out[name] = m
             continue
         b = base[name].double()
-        out[name] = (b + lam * (m.double() - b)).to(m.dtype)
+        out[name] = (b + lams[name] * (m.double() - b)).to(m.dtype)
     return out
+
+
+def check_scale(lam: Scale) -> Scale:
+    """Where the linearity check merges for real: λ = 1/2, or for a gradient of K anchors one rising
+    evenly from 1/4 to 3/4 (so that the check also covers the interpolation over depth)."""
+    if not isinstance(lam, list):
+        return LINEARITY_CHECK
+    return [0.25 + 0.5 * k / (len(lam) - 1) for k in range(len(lam))] if len(lam) > 1 else [LINEARITY_CHECK]
 
 
 def update_error(base: dict[str, Tensor], derived: dict[str, Tensor], real: dict[str, Tensor]) -> float:
@@ -107,25 +140,30 @@ class UpdateCache:
         self._base: dict[str, Tensor] | None = None
         self.merges = 0
 
-    def merge(self, parameters: dict[str, Any], purify: dict | None) -> MergedModel:
+    def merge(self, parameters: dict[str, Any], purify: dict | None,
+              weights: Mapping[str, float] | None = None) -> MergedModel:
         """A real in-memory merge through the public API."""
         self.merges += 1
-        return MergedModel.of(merge_recipe(recipe_with(self.recipe, parameters, purify)))
+        return MergedModel.of(merge_recipe(recipe_with(self.recipe, parameters, purify, weights)))
 
-    def build(self, parameters: dict[str, Any], purify: dict | None = None) -> Built:
-        """The model of one trial: derived from a cached update when the method is linear."""
+    def build(self, parameters: dict[str, Any], purify: dict | None = None,
+              weights: Mapping[str, float] | None = None) -> Built:
+        """The model of one trial (the models' weights by label, or ``None``: the recipe's):
+        derived from a cached update when the method is linear."""
         start = time.perf_counter()
         if self.scale is None or self.linear is False or self.scale not in parameters:
-            return Built(self.merge(parameters, purify), True, time.perf_counter() - start)
-        lam = float(parameters[self.scale])
-        key = json.dumps({"p": {k: v for k, v in parameters.items() if k != self.scale}, "purify": purify},
-                         sort_keys=True, default=str)
+            return Built(self.merge(parameters, purify, weights), True, time.perf_counter() - start)
+        lam = parameters[self.scale]
+        lam = [float(a) for a in lam] if isinstance(lam, list) else float(lam)
+        key = json.dumps({"p": {k: v for k, v in parameters.items() if k != self.scale}, "purify": purify,
+                          "weights": weights}, sort_keys=True, default=str)
         entry = self._entries.get(key)
         merged = entry is None
         if merged:
-            entry = self.merge({**parameters, self.scale: 1.0}, purify)
-            if entry.task_states is not None or not self._check_linear(parameters, purify, entry):
-                return Built(self.merge(parameters, purify), True, time.perf_counter() - start)
+            entry = self.merge({**parameters, self.scale: 1.0}, purify, weights)
+            if entry.task_states is not None or not self._check_linear({**parameters, self.scale: lam}, purify,
+                                                                       entry, weights):
+                return Built(self.merge(parameters, purify, weights), True, time.perf_counter() - start)
             self._store(key, entry)
         self._entries.move_to_end(key)
         state = scaled_state(self.base_state(), entry.state, lam)
@@ -142,13 +180,15 @@ class UpdateCache:
                 checkpoint.close()
         return self._base
 
-    def _check_linear(self, parameters: dict[str, Any], purify: dict | None, at_one: MergedModel) -> bool:
-        """Once per method: a real merge at λ = 1/2 against the derived one."""
+    def _check_linear(self, parameters: dict[str, Any], purify: dict | None, at_one: MergedModel,
+                      weights: Mapping[str, float] | None) -> bool:
+        """Once per method: a real merge at :func:`check_scale` against the derived one."""
         if self.linear is not None:
             return self.linear
-        real = self.merge({**parameters, self.scale: LINEARITY_CHECK}, purify)
+        lam = check_scale(parameters[self.scale])
+        real = self.merge({**parameters, self.scale: lam}, purify, weights)
         base = self.base_state()
-        error = update_error(base, scaled_state(base, at_one.state, LINEARITY_CHECK), real.state)
+        error = update_error(base, scaled_state(base, at_one.state, lam), real.state)
         self.linear = error <= LINEARITY_TOL
         if not self.linear:
             self.log(f"  {self.recipe.method}: '{self.scale}' is not a linear scale of the update "

@@ -32,11 +32,12 @@ class ValidationSet:
     classes: tuple[str, ...]
     texts: tuple[str, ...]
     labels: tuple[int, ...]
+    origin: str = ""  # how the set was carved, in words
 
     def as_split(self) -> TaskSplit:
         """A :class:`TaskSplit` whose *test* slot holds the validation examples (its train slot is
         empty), so the evaluation code scores validation without knowing it."""
-        return TaskSplit(self.name, self.classes, (), (), self.texts, self.labels)
+        return TaskSplit(self.name, self.classes, (), (), self.texts, self.labels, self.origin)
 
 
 def carve(split: TaskSplit, size: int = DEFAULT_SIZE, seed: int = VALIDATION_SEED) -> ValidationSet:
@@ -48,5 +49,7 @@ def carve(split: TaskSplit, size: int = DEFAULT_SIZE, seed: int = VALIDATION_SEE
         raise InputError(f"task '{split.name}' has {n} training example(s): too few to carve a validation set.")
     k = min(size, max(1, int(FRACTION * n)))
     order = np.random.default_rng(seed).permutation(n)[:k]
+    origin = (f"validation = {k} of the {n} training examples (shuffled, seed {seed}; min({size}, "
+              f"⌊{FRACTION:g}·{n}⌋)); the split: {split.origin or 'as given'}")
     return ValidationSet(split.name, split.classes, tuple(split.train_texts[i] for i in order),
-                         tuple(split.train_labels[i] for i in order))
+                         tuple(split.train_labels[i] for i in order), origin)

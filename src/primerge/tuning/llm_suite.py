@@ -8,7 +8,8 @@ test slot). lm-evaluation-harness scores every model (multiple choice over the l
 log-likelihood, ``acc``), as ``primerge demo --suite llm`` does: a fine-tune from its folder (an
 adapter applied to the base with peft), a trial's merged model built on the base's config from the
 merged tensors. Accuracies are cached by content (:mod:`primerge.evaluation.llm.scores`), so a
-model already scored on a validation set is never scored again.
+model already scored on a validation set is never scored again. Prompts are cast with the
+protocol's budget (``primerge tune --max-prompt-tokens`` / ``--preset``, as ``eval`` and ``demo``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from primerge.data.tasks import load_splits
-from primerge.evaluation.llm.protocol import CPU_PROTOCOL
+from primerge.evaluation.llm.protocol import CPU_PROTOCOL, LLMProtocol
 from primerge.util.cache_dirs import cache_root
 from primerge.core.recipe import Recipe
 from primerge.tuning.cache import MergedModel
@@ -29,11 +30,12 @@ from primerge.tuning.holdout import carve
 class LLMSuite:
     """Validation accuracy from lm-eval for each model's task (module docstring).
 
-    ``splits`` are the tasks in the recipe's model order; ``device`` is where models are scored.
+    ``splits`` are the tasks in the recipe's model order; ``protocol`` gives the prompt budget and the
+    evaluation batch size; ``device`` is where models are scored.
     """
 
     def __init__(self, recipe: Recipe, splits: Sequence, size: int = DEFAULT_SIZE, cache: str | Path | None = None,
-                 max_prompt_tokens: int = CPU_PROTOCOL.max_prompt_tokens, device: str = "cpu"):
+                 protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu"):
         from primerge.evaluation.llm.models import checked_device
         from primerge.evaluation.llm.prompts import cast_task
         from primerge.io.hf import load_tokenizer
@@ -41,9 +43,11 @@ class LLMSuite:
         self.labels = one_task_per_model(recipe, splits)
         self.recipe, self.base = recipe, Path(recipe.base)
         self.device = checked_device(device)
+        self.batch_size = protocol.eval_batch_size
         self.tokenizer = load_tokenizer(self.base)
-        self.tasks = {label: cast_task(carve(split, size).as_split(), self.tokenizer, max_prompt_tokens, 0, size)
-                      for label, split in zip(self.labels, splits)}
+        self.sets = {label: carve(split, size) for label, split in zip(self.labels, splits)}
+        self.tasks = {label: cast_task(self.sets[label].as_split(), self.tokenizer, protocol.max_prompt_tokens, 0, size,
+                                       test_part="validation") for label in self.labels}
         self.root = cache_root(cache)
         self._individual: dict[str, float] | None = None
         self._current: LastModel | None = None
@@ -68,7 +72,7 @@ class LLMSuite:
 
     def score(self, model: MergedModel, label: str) -> float:
         from primerge.evaluation.llm.models import model_from_state
-        from primerge.evaluation.llm.scores import state_digest
+        from primerge.util.hashing import state_digest
 
         state = model.state_for(label)
         if self._current is None or self._current.state is not state:
@@ -86,14 +90,15 @@ class LLMSuite:
         """The cached accuracy of the model ``identity`` on ``label``'s validation prompts;
         ``build()`` gives the model when it must be scored."""
         from primerge.evaluation.llm.harness import evaluate_prompt_tasks
-        from primerge.evaluation.llm.scores import cached_accuracies
+        from primerge.evaluation.llm.scores import cached_scores
 
         task = self.tasks[label]
-        scores = cached_accuracies(self.root, identity, [task],
-                                   lambda missing: evaluate_prompt_tasks(build(), self.tokenizer, missing, self.root))
-        return scores[task.name]
+        scores = cached_scores(self.root, identity, [task], lambda missing: evaluate_prompt_tasks(
+            build(), self.tokenizer, missing, self.root, batch_size=self.batch_size))
+        return scores[task.name].accuracy
 
 
-def llm_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | Path | None) -> LLMSuite:
+def llm_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | Path | None,
+              protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu") -> LLMSuite:
     """The LLM suite from task specs (packaged names or .csv/.jsonl files), one per model."""
-    return LLMSuite(recipe, load_splits(tasks), size, cache)
+    return LLMSuite(recipe, load_splits(tasks), size, cache, protocol, device)

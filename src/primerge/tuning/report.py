@@ -6,7 +6,9 @@ ran, the parameters). ``<out>/plots/<method>-history.png``: Optuna's optimizatio
 ``<method>-importances.png``: Optuna's parameter importances (PED-ANOVA, Optuna's default) when
 the method has at least two tuned parameters and enough complete trials. ``summary.md`` /
 ``summary.json``: per method the defaults and tuned validation scores, the best setting, the
-trials and the time; the best recipes are ``<out>/<method>.yaml``.
+trials and the time; the validation data (n per task and how it was carved) and each task's
+validation accuracy of the fine-tunes and of every best recipe, with its standard error and 95%
+interval (:mod:`primerge.evaluation.llm.estimates`); the best recipes are ``<out>/<method>.yaml``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from primerge.util.errors import OutputError
+from primerge.evaluation.llm.estimates import Score
+from primerge.tuning.genome import WEIGHTS, grouped, search_parts
 from primerge.tuning.run import TuneResult
 from primerge.tuning.study import SWITCH_PREFIX, MethodResult
 
@@ -28,16 +32,26 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def _value_text(value) -> str:
+    """A value in words: floats to 4 significant digits, a gradient as ``[a, b, c]``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def setting_text(params: dict) -> str:
-    """A setting in words: ``name=value`` pairs (floats to 4 significant digits); PAVE's switches
-    as ``purified: a, b``."""
+    """A setting in words: ``name=value`` pairs, a scale's gradient as one list ``scale=[a, b, c]``
+    (:func:`primerge.tuning.genome.grouped`), the models' weights as ``weights: a=0.8, b=0``, PAVE's
+    switches as ``purified: a, b``."""
     parts, purified, switches = [], [], False
-    for key, value in params.items():
+    for key, value in grouped(params).items():
         if key.startswith(SWITCH_PREFIX):
             switches = True
             purified += [key[len(SWITCH_PREFIX):]] if value else []
+        elif key == WEIGHTS:
+            parts.append(f"{WEIGHTS}: " + ", ".join(f"{label}={_value_text(w)}" for label, w in value.items()))
         else:
-            parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+            parts.append(f"{key}={_value_text(value)}")
     if switches:
         parts.append(f"purified: {', '.join(purified) or 'none (plain merge)'}")
     return ", ".join(parts) or "defaults"
@@ -51,6 +65,34 @@ def summary_rows(results: Sequence[MethodResult]) -> tuple[list[str], list[list[
         pruned = sum(t.state == "pruned" for t in r.trials)
         rows.append([r.method, str(len(r.trials)), str(pruned), _pct(r.default_value), _pct(r.best_value),
                      _pct(r.confirmed_value), f"{r.seconds / 60:.1f}", setting_text(r.best_params)])
+    return header, rows
+
+
+def validation_rows(tuned: TuneResult, interval: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Validation accuracy per task (%, ± standard error, and the 95% interval if ``interval``) of
+    the fine-tunes on their own tasks and of every method's best recipe as merged from its file."""
+    labels = list(tuned.individual)
+
+    def cells(scores: dict[str, float]) -> list[str]:
+        return [Score.of(scores[t], tuned.sizes[t]).cell(interval) for t in labels]
+
+    header = ["model", *(f"{t} (n={tuned.sizes[t]})" for t in labels)]
+    rows = [["fine-tunes (own task)", *cells(tuned.individual)]]
+    rows += [[f"{r.method} (best recipe)", *cells(r.confirmed_scores)] for r in tuned.results if r.confirmed_scores]
+    return header, rows
+
+
+def genome_rows(results: Sequence[MethodResult], labels: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Each method's chosen weight per model and scale over depth (``--search weights`` /
+    ``scale-gradient:K``); no rows when neither was searched."""
+    header = ["method", *(f"weight {label}" for label in labels), "scale over depth (first block -> last)"]
+    rows = []
+    for r in results:
+        setting = grouped(r.best_params)
+        weights = setting.get(WEIGHTS, {})
+        gradient = next((f"{k}={_value_text(v)}" for k, v in setting.items() if isinstance(v, list)), "")
+        if weights or gradient:
+            rows.append([r.method, *(_value_text(weights[t]) if t in weights else "" for t in labels), gradient])
     return header, rows
 
 
@@ -112,6 +154,11 @@ def plot_study(result: MethodResult, folder: Path, log: Callable[[str], None]) -
     return written
 
 
+def _genome_section(results: Sequence[MethodResult], labels: Sequence[str]) -> str:
+    header, rows = genome_rows(results, labels)
+    return f"\n\n## Chosen weights and scale gradient\n\n{markdown_table(header, rows)}" if rows else ""
+
+
 def write_report(tuned: TuneResult, log: Callable[[str], None] = print) -> None:
     """trials.csv, plots/, summary.md and summary.json in ``tuned.out``."""
     out = tuned.out
@@ -128,16 +175,30 @@ def write_report(tuned: TuneResult, log: Callable[[str], None] = print) -> None:
             f"{markdown_table(header, rows)}\n\n{tuned.suite}\n\n"
             f"TPE seed {s.seed}, at most {s.trials} trials per method"
             + (f", budget {s.budget_minutes:g} min" if s.budget_minutes else "")
-            + f"; {tuned.seconds / 60:.1f} min in all.\n\n## Search spaces\n"
+            + f"; {tuned.seconds / 60:.1f} min in all.\n\n## Validation accuracy per task\n\n"
+            "%, ± standard error (lm-eval's for a mean of 0/1 scores) [Wilson's 95% interval]:\n\n"
+            f"{markdown_table(*validation_rows(tuned, interval=True))}\n\n"
+            + "\n".join(f"- **{t}**: {how}" for t, how in tuned.examples.items())
+            + _genome_section(tuned.results, labels)
+            + "\n\n## Search spaces\n\nSearched: "
+            + ", ".join(search_parts(s.method_params, s.genome) + (["PAVE"] if s.pave else [])) + ".\n\n"
             + "\n".join(f"- **{r.method}**: {r.space}" for r in tuned.results) + "\n")
         (out / "summary.json").write_text(json.dumps({
             "seconds": tuned.seconds,
             "settings": {"trials": s.trials, "budget_minutes": s.budget_minutes, "seed": s.seed,
-                         "validation_size": s.validation_size, "pave": s.pave},
+                         "validation_size": s.validation_size, "pave": s.pave,
+                         "search": search_parts(s.method_params, s.genome)},
             "individual_validation": tuned.individual,
+            "validation": {t: {"n": tuned.sizes[t], "examples": tuned.examples[t],
+                               "individual": Score.of(tuned.individual[t], tuned.sizes[t]).as_dict()}
+                           for t in tuned.individual},
             "methods": [{"method": r.method, "space": r.space, "default_value": r.default_value,
                          "best_value": r.best_value, "confirmed_value": r.confirmed_value,
-                         "best_params": r.best_params, "recipe": r.recipe_path.name if r.recipe_path else None, "seconds": r.seconds,
+                         "confirmed_scores": {t: Score.of(v, tuned.sizes[t]).as_dict()
+                                              for t, v in r.confirmed_scores.items()},
+                         "best_params": r.best_params, "best_setting": grouped(r.best_params),
+                         "recipe": r.recipe_path.name if r.recipe_path else None,
+                         "seconds": r.seconds,
                          "merges": r.merges, "trials": len(r.trials), "plots": plots[r.method]}
                         for r in tuned.results],
         }, indent=2) + "\n")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from primerge.tuning.genome import Genome
 
 #: Validation examples carved per task from its training split (:mod:`primerge.tuning.holdout`).
 DEFAULT_SIZE = 150
@@ -19,7 +23,8 @@ class TuneSettings:
     seed: int = 0
     validation_size: int = DEFAULT_SIZE  # examples per task
     pave: bool = False
-    method_params: bool = True  # False: only the PAVE settings are searched (the method at its defaults)
+    method_params: bool = True  # False: the method's own parameters as the recipe gives them (--search without params)
+    genome: Genome | None = None  # per-model weights and the scale's gradient over depth (--search)
     pave_targets: tuple[str, ...] = ("weight", "delta")
     pave_data: dict[str, str] = field(default_factory=dict)  # model label -> task data (PAVE)
     cache_bytes: int = DEFAULT_CACHE_BYTES

@@ -109,7 +109,7 @@ class MethodSpace:
             dims[self.scale.name] = self.scale.dimension(tasks)
         for name, value in (include or {}).items():
             if name in dims:
-                dims[name] = _including(dims[name], value)
+                dims[name] = including(dims[name], value)
         return dims
 
     @property
@@ -121,7 +121,7 @@ def _beta_grid() -> Choice:
     return Choice((0.0, 0.005, 0.01, 0.02, 0.05))
 
 
-#: The registry: the searched parameters of every built-in method (README, "Tuning").
+#: The registry: the searched parameters of every built-in method (docs/lab.md, "Tuning").
 SPACES: dict[str, MethodSpace] = {
     "task_arithmetic": MethodSpace(Scale("scale")),
     "ties": MethodSpace(Scale("scale", 1.0, MEAN_FACTORS), {"density": Choice((0.05, 0.1, 0.2, 0.3, 0.5))}),
@@ -231,7 +231,7 @@ def defaults_in_space(spec: MethodSpec, space: MethodSpace, tasks: int,
     return point
 
 
-def _including(dim: Dimension, value: Any) -> Dimension:
+def including(dim: Dimension, value: Any) -> Dimension:
     """``dim`` with ``value`` added (a choice) or inside (a range widened to it)."""
     if isinstance(dim, Choice):
         return dim if value in dim.values else Choice((*dim.values, value))

@@ -12,6 +12,10 @@ With PAVE tuning (``pave=True``) a trial also picks ρ ∈ {7/8, 15/16, 31/32, 6
 purified subset; none purified is a plain merge). The first trial is the method's defaults with
 PAVE at the authors' ρ for the method on every model, weight target.
 
+With ``--search`` (:mod:`primerge.tuning.genome`) a trial also sets each model's weight and/or the
+scale as a gradient of K anchors over depth (in place of one λ), and the method's own parameters
+may be left as the recipe gives them; the first trial is then the recipe as given.
+
 A setting that repeats an earlier trial's (TPE may propose it again on categorical spaces) takes
 that trial's result without merging.
 """
@@ -21,8 +25,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from primerge.util.errors import InputError, PrimergeError
@@ -31,9 +35,9 @@ from primerge.core.purify_block import paper_rank_ratio
 from primerge.core.recipe import Recipe
 from primerge.util.seeding import derive_seed
 from primerge.tuning.cache import UpdateCache, recipe_with
+from primerge.tuning.genome import MethodSearch, method_search
 from primerge.tuning.settings import TuneSettings
-from primerge.tuning.spaces import (Choice, Dimension, MethodSpace, defaults_in_space, describe_dimensions,
-                                   space_for)
+from primerge.tuning.spaces import Choice, Dimension, MethodSpace, space_for
 from primerge.tuning.suites import Suite
 
 PAVE_PREFIX = "purify."
@@ -71,7 +75,13 @@ class MethodResult:
     merges: int
     study: Any = None  # the optuna.Study, for the plots
     confirmed_value: float | None = None  # the written recipe, merged for real, on validation
+    confirmed_scores: dict[str, float] = field(default_factory=dict)  # its validation accuracy per task
     recipe_path: Any = None
+
+
+def normalized(scores: Mapping[str, float], individual: Mapping[str, float]) -> float:
+    """Mean over the tasks in ``scores`` of score / the task's own fine-tune's score."""
+    return sum(scores[t] / individual[t] for t in scores) / len(scores)
 
 
 def optuna_module():
@@ -101,27 +111,28 @@ def pave_defaults(method: str, labels: list[str], targets: tuple[str, ...]) -> d
     return point
 
 
-def split_point(point: dict[str, Any], labels: list[str], settings: TuneSettings,
-                fixed_purify: dict | None) -> tuple[dict[str, Any], dict | None]:
-    """(method parameters, purify block) of a trial's point."""
-    params = {k: v for k, v in point.items() if not k.startswith(PAVE_PREFIX)}
+def split_point(point: dict[str, Any], search: MethodSearch, labels: list[str], settings: TuneSettings,
+                fixed_purify: dict | None) -> tuple[dict[str, Any], dict | None, dict[str, float] | None]:
+    """(method parameters, purify block, the models' weights or ``None``) of a trial's point."""
+    own = {k: v for k, v in point.items() if not k.startswith(PAVE_PREFIX)}
+    params, weights = search.parameters(own), search.weights(own)
     if not settings.pave:
-        return params, fixed_purify
+        return params, fixed_purify, weights
     chosen = [label for label in labels if point[f"{SWITCH_PREFIX}{label}"]]
     if not chosen:
-        return params, None
+        return params, None, weights
     purify = {**(fixed_purify or {}), "rank_ratio": point[f"{PAVE_PREFIX}rank_ratio"],
               "target": point.get(f"{PAVE_PREFIX}target", settings.pave_targets[0]), "tasks": chosen,
               "data": {label: settings.pave_data[label] for label in chosen}}
-    return params, purify
+    return params, purify, weights
 
 
 class Objective:
     """Optuna's objective for one method (module docstring); keeps a record of every trial."""
 
-    def __init__(self, spec: MethodSpec, dims: dict[str, Dimension], fixed: dict[str, Any], suite: Suite,
-                 cache: UpdateCache, settings: TuneSettings, fixed_purify: dict | None, log: Callable):
-        self.spec, self.dims, self.fixed, self.suite, self.cache = spec, dims, fixed, suite, cache
+    def __init__(self, spec: MethodSpec, search: MethodSearch, dims: dict[str, Dimension], fixed: dict[str, Any],
+                 suite: Suite, cache: UpdateCache, settings: TuneSettings, fixed_purify: dict | None, log: Callable):
+        self.spec, self.search, self.dims, self.fixed, self.suite, self.cache = spec, search, dims, fixed, suite, cache
         self.settings, self.fixed_purify, self.log = settings, fixed_purify, log
         self.individual = suite.individual()
         self.records: list[TrialRecord] = []
@@ -143,20 +154,17 @@ class Objective:
             raise
 
     def _run(self, trial, point: dict, key: str, scores: dict, start: float) -> float:
-        params, purify = split_point(point, self.suite.labels, self.settings, self.fixed_purify)
-        built = self.cache.build({**self.fixed, **params}, purify)
+        params, purify, weights = split_point(point, self.search, self.suite.labels, self.settings, self.fixed_purify)
+        built = self.cache.build({**self.fixed, **params}, purify, weights)
         for step, label in enumerate(self.suite.labels):
             scores[label] = self.suite.score(built.model, label)
-            value = self._normalized(scores)
+            value = normalized(scores, self.individual)
             trial.report(value, step)
             if step < len(self.suite.labels) - 1 and trial.should_prune():
                 self._record(trial.number, "pruned", None, point, scores, start, built.merged, key)
                 raise optuna_module().TrialPruned()
         self._record(trial.number, "complete", value, point, scores, start, built.merged, key)
         return value
-
-    def _normalized(self, scores: dict[str, float]) -> float:
-        return sum(scores[t] / self.individual[t] for t in scores) / len(scores)
 
     def _repeat(self, trial, point: dict, earlier: TrialRecord, start: float) -> float:
         self._record(trial.number, "repeat", earlier.value, point, earlier.scores, start, False, None)
@@ -196,14 +204,17 @@ def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSe
     start = time.perf_counter()
     labels = suite.labels
     base, fixed = method_recipe(recipe, spec)
-    space: MethodSpace = space_for(spec, fixed)
-    first = defaults_in_space(spec, space, len(labels), fixed) if settings.method_params else {}
-    dims = space.dimensions(len(labels), first) if settings.method_params else {}
+    shared = recipe.settings.uniform() if recipe.method == spec.name else {}  # a gradient has no one value
+    space: MethodSpace = space_for(spec, shared)
+    search = method_search(spec, space, recipe, shared, labels, settings.method_params, settings.genome)
+    for note in search.notes:
+        log(f"  {spec.name}: {note}")
+    first, dims = dict(search.first), dict(search.dims)
     if settings.pave:
         dims.update(pave_dimensions(labels, settings.pave_targets))
         first.update(pave_defaults(spec.name, labels, settings.pave_targets))
     cache = UpdateCache(base, space.scale.name if space.scale else None, settings.cache_bytes, log=log)
-    objective = Objective(spec, dims, fixed, suite, cache, settings, recipe.purify, log)
+    objective = Objective(spec, search, dims, fixed, suite, cache, settings, recipe.purify, log)
     study = optuna.create_study(
         direction="maximize", study_name=spec.name,
         sampler=optuna.samplers.TPESampler(seed=derive_seed(settings.seed, spec.name) % 2**32),
@@ -213,9 +224,9 @@ def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSe
     if objective.records[0].state == "failed":  # the defaults themselves fail: bad input, not a bad setting
         raise objective.errors[0]
     best = study.best_trial
-    params, purify = split_point(dict(best.params), labels, settings, recipe.purify)
-    tuned = recipe_with(base, {**fixed, **params}, purify)
-    return MethodResult(spec.name, f"{describe_dimensions(dims)} ({space.source})", objective.records[0].value,
+    params, purify, weights = split_point(dict(best.params), search, labels, settings, recipe.purify)
+    tuned = recipe_with(base, {**fixed, **params}, purify, weights)
+    return MethodResult(spec.name, search.describe(dims), objective.records[0].value,
                         dict(best.params), best.value, tuned, objective.records, time.perf_counter() - start,
                         cache.merges, study)
 

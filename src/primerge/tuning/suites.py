@@ -20,7 +20,8 @@ from torch import nn
 
 from primerge.util.errors import InputError
 from primerge.util.cache_dirs import cache_root
-from primerge.evaluation.demo import cached_scores, head_of, state_digest
+from primerge.evaluation.demo import cached_scores, head_of
+from primerge.util.hashing import state_digest
 from primerge.evaluation.evaluate import MAX_LENGTH, evaluate_heads
 from primerge.evaluation.model import body_from_state, load_body
 from primerge.io.hf import load_tokenizer
@@ -35,6 +36,7 @@ class Suite(Protocol):
     """What the tuner needs from a benchmark."""
 
     labels: list[str]
+    sets: dict[str, ValidationSet]  # each task's validation examples, by model label
 
     def individual(self) -> dict[str, float]:
         """Each fine-tune's own validation score, by model label."""
@@ -132,7 +134,9 @@ class LastModel:
     model: nn.Module | None = None
 
 
-SuiteFactory = Callable[[Recipe, Sequence[str], int, "str | Path | None"], Suite]
+#: (recipe, task specs, validation size, cache, suite options) -> Suite. The options are the suite's own
+#: settings from the command line (the LLM suite's prompt budget and device); a suite refuses any it lacks.
+SuiteFactory = Callable[..., Suite]
 
 
 def encoder_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | Path | None) -> Suite:
@@ -140,10 +144,10 @@ def encoder_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | 
     return EncoderSuite(recipe, load_splits(tasks), size, cache)
 
 
-def _llm_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | Path | None) -> Suite:
+def _llm_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | Path | None, **options) -> Suite:
     from primerge.tuning.llm_suite import llm_suite  # lm-eval and peft: imported when asked for
 
-    return llm_suite(recipe, tasks, size, cache)
+    return llm_suite(recipe, tasks, size, cache, **options)
 
 
 #: Suites ``primerge tune --suite`` can use, by name.

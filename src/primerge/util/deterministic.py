@@ -13,12 +13,10 @@ bits are those of one-thread decompositions whatever their number. The engine me
 it, so a recipe and seed give byte-identical files whatever ``torch.set_num_threads``,
 ``OMP_NUM_THREADS`` or the machine's core count.
 
-A single large decomposition (an exact SVD of one big matrix) loses LAPACK's own threading.
-Measured on the 2-core bench zoo (8 models, 100M parameters): exact TSV took 53.5 s with
-LAPACK's threads (not reproducible), 78–81 s with every decomposition on one thread, and
-55 s with large batches spread over the threads as here; PRIME's decompositions are thin
-(m × T·r) or small batches, which stay one call (:data:`SPLIT_WORK`). Bits still differ between CPU instruction sets
-(AVX2 vs AVX-512) and between CPU and GPU.
+A single large decomposition (an exact SVD of one big matrix) loses LAPACK's own threading, which
+is why large batches are spread over the threads (docs/benchmarks.md, "Measurements behind design
+decisions", has the cost); PRIME's decompositions are thin (m × T·r) or small batches, which stay one
+call (:data:`SPLIT_WORK`). Bits still differ between machine kinds (:mod:`primerge.util.platform`).
 """
 
 from __future__ import annotations

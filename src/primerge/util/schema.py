@@ -8,7 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ValidationError
 
-from primerge.util.errors import RecipeError, closest
+from primerge.util.errors import QUOTE_LIMIT, RecipeError, closest, quoted
 from primerge.util.patterns import checked
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,7 +44,7 @@ def validate(model: type[M], data: dict[str, Any], what: str, prefix: str = "") 
     for key in data:
         if key not in names:
             raise RecipeError(
-                f"{what}: unknown field '{prefix}{key}'.{closest(key, names)} "
+                f"{what}: unknown field {quoted(f'{prefix}{key}')}.{closest(str(key), names)} "
                 f"Fields: {', '.join(model.model_fields) or 'none'}."
             )
         if names[key] in given:
@@ -77,8 +77,13 @@ def _phrase(err: dict) -> str:
     range error, the validator's own sentence for a value error."""
     message = err["msg"]
     if err["type"] == "value_error":
-        return message.removeprefix("Value error, ")
+        return _clipped(message.removeprefix("Value error, "))
     return "it must be " + re.sub(r", unable to parse .*$", "", message.removeprefix("Input should be "))
+
+
+def _clipped(sentence: str) -> str:
+    """A validator's sentence, which may hold the user's value, cut to a few hundred characters."""
+    return sentence if len(sentence) <= 2 * QUOTE_LIMIT else sentence[:2 * QUOTE_LIMIT - 3] + "..."
 
 
 def _problems(exc: ValidationError, prefix: str) -> list[str]:
@@ -96,5 +101,5 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
         phrases = list(dict.fromkeys(_phrase(e) for e in errors))
         wanted = "it must be " + " or ".join(p.removeprefix("it must be ") for p in phrases) if all(
             p.startswith("it must be ") for p in phrases) else "; or ".join(phrases)
-        problems.append(f"'{prefix}{path}' = {given!r} is not accepted: {wanted}")
+        problems.append(f"'{prefix}{path}' = {quoted(given)} is not accepted: {wanted}")
     return problems

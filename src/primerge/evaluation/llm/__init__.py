@@ -5,6 +5,7 @@ lm-evaluation-harness, offline.
 Modules: :mod:`.convert` (GGUF -> Hugging Face folder, causal-LM checks), :mod:`.prompts` (tasks as
 prompts, label words), :mod:`.harness` (lm-eval task files and runs), :mod:`.models` (loading
 folders, adapters, merged states), :mod:`.training` and :mod:`.zoo` (the cached zoos),
-:mod:`.scores` (cached accuracies), :mod:`.demo` and :mod:`.report` (``primerge demo --suite llm``),
-:mod:`.cli` (the ``--suite llm`` / ``--harness lm-eval`` options).
+:mod:`.estimates` (n, standard error, 95% interval), :mod:`.scores` (cached scores), :mod:`.demo` and
+:mod:`.report` (``primerge demo --suite llm``); the ``--suite llm`` / ``--harness lm-eval`` options are
+:mod:`primerge.cli.llm`.
 """

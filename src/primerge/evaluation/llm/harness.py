@@ -11,6 +11,13 @@ one of lm-eval's own tasks (which then must be available locally).
 
 The task files live under ``<cache>/llm/tasks/<name>-<fingerprint>/`` (and the datasets' Arrow
 cache under ``<cache>/llm/datasets``), so ``lm_eval --include_path`` can rerun them by hand.
+
+The harness runs through its public ``lm_eval.evaluate`` on the tasks a ``TaskManager`` loads,
+with what ``simple_evaluate`` would set on them (zero-shot unless a task says otherwise, lm-eval's
+few-shot seed) and without what it adds around them: the run's environment record, which runs
+``git describe`` in the working folder (printing ``fatal: not a git repository`` outside one)
+and collects torch's environment report (about 2 s per call, on every tuning trial). Each task's
+score carries n and lm-eval's standard error (:mod:`primerge.evaluation.llm.estimates`).
 """
 
 from __future__ import annotations
@@ -23,12 +30,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from primerge.util.errors import InputError
+from primerge.evaluation.llm.estimates import Score
 from primerge.evaluation.llm.prompts import TARGET_DELIMITER, PromptTask
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_EVALUATE_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 TASK_PREFIX = "primerge_"
 METRIC = "acc,none"
+STDERR = "acc_stderr,none"
+#: lm-eval computes standard errors only when this is positive; ``acc``'s is closed-form (no resampling),
+#: the count matters only for the resampled metrics of a user's own tasks, which primerge does not report.
+STDERR_ITERATIONS = 100
+#: lm-eval's default seed of the few-shot sampler (``simple_evaluate``'s ``fewshot_random_seed``).
+FEWSHOT_SEED = 1234
 
 
 def go_offline() -> None:
@@ -127,36 +141,44 @@ def check_task_names(manager, names: Sequence[str]) -> None:
 
 def run_harness(model, tokenizer, names: Sequence[str], manager, batch_size: int = 32,
                 log_samples: bool = False) -> dict:
-    """``lm_eval.simple_evaluate`` on an in-memory causal LM (HFLM); returns its result dict."""
+    """``lm_eval.evaluate`` on an in-memory causal LM (HFLM) and the named tasks (module docstring);
+    returns lm-eval's result dict."""
     lm_eval = lm_eval_module()
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(names), task_manager=manager, bootstrap_iters=0, log_samples=log_samples,
-            num_fewshot=None, verbosity="ERROR", random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        loaded = manager.load(list(names))
+        for task in loaded["tasks"].values():
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        return lm_eval.evaluate(lm=lm, task_dict=loaded, bootstrap_iters=STDERR_ITERATIONS, log_samples=log_samples,
+                                verbosity="ERROR")
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as exc:
         raise InputError(f"lm-eval could not run tasks {list(names)} offline ({exc}).") from exc
-    return results
 
 
-def accuracies(results: dict, names: Sequence[str]) -> dict[str, float]:
-    """``acc`` of every task in ``names`` from an lm-eval result dict (a task without it is an error)."""
-    scores = {}
+def scores(results: dict, names: Sequence[str]) -> dict[str, Score]:
+    """``acc``, its standard error and n of every task in ``names`` from an lm-eval result dict (a
+    task without ``acc`` is an error)."""
+    found = {}
     for name in names:
         metrics = results["results"].get(name, {})
         if METRIC not in metrics:
             raise InputError(f"lm-eval task '{name}' reports no 'acc' metric (it has {sorted(metrics)}); "
                              "primerge tabulates multiple-choice accuracy only.")
-        scores[name] = float(metrics[METRIC])
-    return scores
+        stderr = metrics.get(STDERR)
+        found[name] = Score(float(metrics[METRIC]), int(results["n-samples"][name]["effective"]),
+                            float(stderr) if isinstance(stderr, (int, float)) else None)
+    return found
 
 
-def evaluate_prompt_tasks(model, tokenizer, tasks: Sequence[PromptTask], root: Path, batch_size: int = 32) -> dict[str, float]:
-    """Accuracy (fraction) of an in-memory causal LM on cast tasks, keyed by primerge task name."""
+def evaluate_prompt_tasks(model, tokenizer, tasks: Sequence[PromptTask], root: Path,
+                          batch_size: int = 32) -> dict[str, Score]:
+    """Accuracy, n and standard error of an in-memory causal LM on cast tasks, by primerge task name."""
     folders = [write_task(t, root) for t in tasks]
     names = [harness_name(t.name) for t in tasks]
     results = run_harness(model, tokenizer, names, task_manager(folders, defaults=False), batch_size=batch_size)
-    scores = accuracies(results, names)
-    return {t.name: scores[harness_name(t.name)] for t in tasks}
+    found = scores(results, names)
+    return {t.name: found[harness_name(t.name)] for t in tasks}

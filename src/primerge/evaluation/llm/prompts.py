@@ -17,7 +17,9 @@ Label words are checked against the tokenizer (:func:`label_tokens`):
   forward per class instead of one per example (the one-token continuation cache no longer
   applies), so the packaged tasks use single-token words.
 
-Texts are cut at a word boundary so that a whole prompt is at most ``max_prompt_tokens`` tokens.
+Texts are cut at a word boundary so that a whole prompt is at most ``max_prompt_tokens`` tokens
+(:func:`fit_text`); a text that would be cut to nothing is an error naming the example and the
+option that raises the budget, never a blank prompt.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from primerge.data.tasks import TaskData, TaskSplit
 TEXT_FIELD = "{text}"
 TARGET_DELIMITER = " "
 MIN_TEXT_TOKENS = 4
+#: The option that sets ``max_prompt_tokens`` on every command that casts prompts (eval, demo, tune).
+BUDGET_OPTION = "--max-prompt-tokens"
 
 
 @dataclass(frozen=True)
@@ -117,26 +121,50 @@ def label_tokens(task: str, verbaliser: Verbaliser, tokenizer, classes: Sequence
     return tuple(ids)
 
 
-def fit_text(text: str, verbaliser: Verbaliser, tokenizer, max_prompt_tokens: int) -> str:
-    """The longest word-boundary prefix of ``text`` (a mid-word cut only if the first word alone is
-    too long) whose prompt has at most ``max_prompt_tokens`` tokens."""
-    def fits(candidate: str) -> bool:
-        return len(encode(tokenizer, verbaliser.prompt(candidate))) <= max_prompt_tokens
+def prompt_length(tokenizer, verbaliser: Verbaliser, text: str) -> int:
+    """Tokens of ``text``'s prompt as lm-eval encodes it (the BOS token included where the tokenizer
+    adds one)."""
+    return len(encode(tokenizer, verbaliser.prompt(text)))
 
-    if fits(text):
+
+def word_ends(text: str) -> list[int]:
+    """Every ``i`` such that ``text[:i]`` ends a word: ``text[i]`` is whitespace, ``text[i - 1]`` is not."""
+    return [i for i in range(1, len(text)) if text[i].isspace() and not text[i - 1].isspace()]
+
+
+def longest_fitting(lengths: Sequence[int], fits) -> int:
+    """Bisection for the last of the ascending ``lengths`` with ``fits(length)`` (0 when the first
+    does not fit). Only a length that was tested and fits is returned; when ``fits`` is monotone
+    (it is false after its first false) the result is the longest that fits."""
+    lo, hi = -1, len(lengths)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(lengths[mid]) else (lo, mid)
+    return lengths[lo] if lo >= 0 else 0
+
+
+def fit_text(text: str, verbaliser: Verbaliser, tokenizer, max_prompt_tokens: int) -> str:
+    """The longest prefix of ``text`` ending at a word end whose prompt has at most
+    ``max_prompt_tokens`` tokens; when not even the first word fits, the longest prefix of the first
+    word that does (a mid-word cut); ``""`` when not even its first character fits.
+
+    Token counts come from encoding whole prompts (never from decoding ids back to text, which
+    differs from the text wherever a tokenizer adds a BOS token, a space prefix or normalizes).
+    A prompt's token count grows with its words (pre-tokenizers split at spaces; a word is at
+    least one token), so bisection over the word ends finds the longest prefix with
+    O(log words) encodings.
+    """
+    def fits(length: int) -> bool:
+        return prompt_length(tokenizer, verbaliser, text[:length]) <= max_prompt_tokens
+
+    if fits(len(text)):
         return text
-    overhead = len(encode(tokenizer, verbaliser.prompt("")))
-    decoded = tokenizer.decode(encode(tokenizer, text)[:max(1, max_prompt_tokens - overhead)])
-    cut = text[:next((i for i, (a, b) in enumerate(zip(text, decoded)) if a != b), min(len(text), len(decoded)))]
-    words = cut.split(" ")
-    if len(cut) < len(text) and not text[len(cut)].isspace() and len(words) > 1:
-        words = words[:-1]  # drop the word the token budget cut through
-    while len(words) > 1 and not fits(" ".join(words).rstrip()):
-        words = words[:-1]
-    cut = " ".join(words).rstrip()
-    while cut and not fits(cut):
-        cut = cut[:-1]
-    return cut
+    ends = word_ends(text)
+    cut = longest_fitting(ends, fits)
+    if not cut:
+        first_word = range(1, ends[0] if ends else len(text))
+        cut = longest_fitting([i for i in first_word if not text[i - 1].isspace()], fits)
+    return text[:cut]
 
 
 @dataclass(frozen=True)
@@ -172,24 +200,44 @@ class PromptTask:
         return ", ".join(f"{w!r} ({len(ids)} token{'s' * (len(ids) > 1)})" for w, ids in zip(self.words, self.answer_ids))
 
 
+def scored_examples(task: PromptTask, split: TaskSplit) -> str:
+    """'the first 100 of the 1000 test examples (<how the split was made>)'."""
+    used, total = len(task.test_prompts), len(split.test_texts)
+    which = f"all {total}" if used == total else f"the first {used} of the {total}"
+    return f"{which} test examples ({split.origin})"
+
+
 def cast_task(split: TaskSplit, tokenizer, max_prompt_tokens: int, train_size: int, test_size: int,
-              verbaliser: Verbaliser | None = None) -> PromptTask:
+              verbaliser: Verbaliser | None = None, test_part: str = "test") -> PromptTask:
     """Cast the first ``train_size`` training and ``test_size`` test examples of ``split`` (already
-    shuffled with the split seed) as prompts of at most ``max_prompt_tokens`` tokens."""
+    shuffled with the split seed) as prompts of at most ``max_prompt_tokens`` tokens; ``test_part``
+    names the test slot's examples in errors (the tuner puts validation examples there)."""
     verbaliser = verbaliser or verbaliser_for(split)
     if TEXT_FIELD not in verbaliser.template:
         raise InputError(f"task '{split.name}': the prompt template has no {TEXT_FIELD} field.")
-    overhead = len(encode(tokenizer, verbaliser.prompt("")))
+    overhead = prompt_length(tokenizer, verbaliser, "")
     if max_prompt_tokens - overhead < MIN_TEXT_TOKENS:
         raise InputError(f"task '{split.name}': the prompt template alone is {overhead} tokens, leaving fewer than "
-                         f"{MIN_TEXT_TOKENS} of {max_prompt_tokens} for the text; raise max_prompt_tokens.")
+                         f"{MIN_TEXT_TOKENS} of {max_prompt_tokens} for the text; raise {BUDGET_OPTION}.")
     answer_ids = label_tokens(split.name, verbaliser, tokenizer, split.classes)
 
-    def prompts(texts: Sequence[str]) -> tuple[str, ...]:
-        return tuple(verbaliser.prompt(fit_text(t, verbaliser, tokenizer, max_prompt_tokens)) for t in texts)
+    def prompts(texts: Sequence[str], part: str) -> tuple[str, ...]:
+        return tuple(verbaliser.prompt(fitted_text(split.name, part, i, text, verbaliser, tokenizer,
+                                                   max_prompt_tokens)) for i, text in enumerate(texts))
 
     return PromptTask(
         name=split.name, classes=tuple(split.classes), verbaliser=verbaliser, answer_ids=answer_ids,
-        train_prompts=prompts(split.train_texts[:train_size]), train_labels=tuple(split.train_labels[:train_size]),
-        test_prompts=prompts(split.test_texts[:test_size]), test_labels=tuple(split.test_labels[:test_size]),
+        train_prompts=prompts(split.train_texts[:train_size], "training"),
+        train_labels=tuple(split.train_labels[:train_size]),
+        test_prompts=prompts(split.test_texts[:test_size], test_part), test_labels=tuple(split.test_labels[:test_size]),
     )
+
+
+def fitted_text(task: str, part: str, index: int, text: str, verbaliser: Verbaliser, tokenizer,
+                max_prompt_tokens: int) -> str:
+    """:func:`fit_text`, refusing a text it would empty (a blank prompt scores the template, not the text)."""
+    cut = fit_text(text, verbaliser, tokenizer, max_prompt_tokens)
+    if text.strip() and not cut:
+        raise InputError(f"task '{task}': {part} example {index} ({text[:40]!r}) does not fit in a prompt of "
+                         f"{max_prompt_tokens} tokens even cut to its first character; raise {BUDGET_OPTION}.")
+    return cut

@@ -15,8 +15,8 @@ KINDS = ("lora", "full")
 
 @dataclass(frozen=True)
 class LLMProtocol:
-    """Every setting of the LLM suite. The CPU defaults are sized by measurement (README, "LLM
-    track"); :data:`GPU_PROTOCOL` is the larger configuration for ``--device cuda``."""
+    """Every setting of the LLM suite. The CPU defaults are sized by measurement (docs/benchmarks.md,
+    "LLM results"); :data:`GPU_PROTOCOL` is the larger configuration for ``--device cuda``."""
 
     max_prompt_tokens: int = 32
     test_size: int = 100

@@ -1,7 +1,8 @@
 """The LLM demo's tables and report: ``llm-results.md``, ``.csv``, ``.png`` and ``.json``.
 
-One table per zoo (LoRA adapters, full fine-tunes): accuracy per task (%), Avg, Normalized (mean
-over tasks of accuracy / the zoo's Individual accuracy) and the merge time in seconds.
+One table per zoo (LoRA adapters, full fine-tunes): accuracy per task (%, ± lm-eval's standard
+error; the Markdown and CSV add Wilson's 95% interval and n), Avg, Normalized (mean over tasks of
+accuracy / the zoo's Individual accuracy) and the merge time in seconds.
 """
 
 from __future__ import annotations
@@ -15,29 +16,31 @@ from pathlib import Path
 import torch
 
 import primerge
-from primerge.evaluation.demo import Row, table_cells
+from primerge.evaluation.demo import percent
 
 ZOO_TITLES = {"lora": "LoRA adapters", "full": "Full fine-tunes"}
 PREFIX = "llm-results"
 
 
-def frame(rows: Sequence[Row], tasks: Sequence[str]):
-    """The encoder demo's cells (accuracy %, Avg, Normalized) plus a ``merge s`` column, as a DataFrame."""
+def frame(rows: Sequence, tasks: Sequence[str], interval: bool = False):
+    """Accuracy per task (% ± standard error, and the 95% interval if ``interval``; n in the header),
+    Avg, Normalized and ``merge s``, as a DataFrame."""
     import pandas as pd
 
-    header, body = table_cells(rows, tasks)
-    merge = ["" if r.merge_seconds is None else f"{r.merge_seconds:.1f}" for r in rows]
-    return pd.DataFrame([[*line, m] for line, m in zip(body, merge)], columns=["row", *header[1:], "merge s"])
+    sizes = {t: rows[0].scores[t].n for t in tasks}
+    body = [[r.label, *(r.scores[t].cell(interval) for t in tasks), percent(r.average), percent(r.normalized),
+             "" if r.merge_seconds is None else f"{r.merge_seconds:.1f}"] for r in rows]
+    return pd.DataFrame(body, columns=["row", *(f"{t} (n={sizes[t]})" for t in tasks), "Avg", "Normalized", "merge s"])
 
 
-def text_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+def text_table(rows: Sequence, tasks: Sequence[str]) -> str:
     table = frame(rows, tasks)
     width = max(len(label) for label in table["row"])
     return table.to_string(index=False, justify="left", formatters={"row": lambda label: label.ljust(width)})
 
 
-def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
-    return frame(rows, tasks).to_markdown(index=False, disable_numparse=True)
+def markdown_table(rows: Sequence, tasks: Sequence[str]) -> str:
+    return frame(rows, tasks, interval=True).to_markdown(index=False, disable_numparse=True)
 
 
 def text_tables(result) -> str:
@@ -45,13 +48,22 @@ def text_tables(result) -> str:
     return "\n\n".join(f"{ZOO_TITLES[kind]}\n{text_table(rows, result.tasks)}" for kind, rows in result.tables.items())
 
 
+def spread_cells(score) -> list:
+    """n, standard error and 95% interval (%) of one score: the CSV's columns after the accuracies."""
+    stderr = "" if score.stderr is None else f"{100 * score.stderr:.2f}"
+    return [score.n, stderr, *(f"{100 * bound:.2f}" for bound in score.interval())]
+
+
 def write_csv(result, path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["zoo", "row", *result.tasks, "avg", "normalized", "merge_seconds", "eval_seconds", "parameters"])
+        spread = [f"{t}_{part}" for t in result.tasks for part in ("n", "stderr", "ci95_low", "ci95_high")]
+        writer.writerow(["zoo", "row", *result.tasks, *spread, "avg", "normalized", "merge_seconds", "eval_seconds",
+                         "parameters"])
         for kind, rows in result.tables.items():
             for r in rows:
                 writer.writerow([kind, r.label, *(f"{100 * r.accuracy[t]:.2f}" for t in result.tasks),
+                                 *(cell for t in result.tasks for cell in spread_cells(r.scores[t])),
                                  f"{100 * r.average:.2f}", f"{100 * r.normalized:.2f}",
                                  "" if r.merge_seconds is None else f"{r.merge_seconds:.2f}",
                                  "" if r.eval_seconds is None else f"{r.eval_seconds:.1f}",
@@ -98,12 +110,15 @@ def write_llm_report(result, protocol, seed: int) -> None:
     params = "\n".join(f"- **{kind} / {r.label}**: `{json.dumps(r.parameters, sort_keys=True)}`"
                        for kind, rows in result.tables.items() for r in rows if r.parameters is not None)
     timings = "\n".join(f"- {k}: {v:.0f} s" for k, v in result.timings.items())
+    examples = "\n".join(f"- {task}: {how}" for task, how in result.examples.items())
     (folder / f"{PREFIX}.md").write_text(
         "# primerge demo --suite llm: merged decoders vs. individual fine-tunes (lm-eval accuracy)\n\n"
-        "Accuracy (%) per task; Avg = mean over tasks; Normalized = mean over tasks of accuracy / the zoo's "
-        "Individual accuracy; merge s = wall time of the merge.\n\n"
+        "Accuracy (%) per task ± lm-eval's standard error [Wilson's 95% interval], n test prompts per task; "
+        "Avg = mean over tasks; Normalized = mean over tasks of accuracy / the zoo's Individual accuracy; "
+        "merge s = wall time of the merge.\n\n"
         f"{tables}\n\nBase model: `{result.base}`; merge seed {seed}; protocol "
-        f"`{json.dumps(protocol.as_dict(), sort_keys=True)}`.\n\n## Label words\n{words}\n\n"
+        f"`{json.dumps(protocol.as_dict(), sort_keys=True)}`.\n\n## Test examples\n{examples}\n\n"
+        f"## Label words\n{words}\n\n"
         f"## Method parameters (registered defaults)\n{params}\n\n## Timings\n{timings}\n")
     write_csv(result, folder / f"{PREFIX}.csv")
     bar_chart(result, folder / f"{PREFIX}.png")
@@ -111,7 +126,8 @@ def write_llm_report(result, protocol, seed: int) -> None:
         "tasks": result.tasks,
         "tables": {kind: [r.as_dict() for r in rows] for kind, rows in result.tables.items()},
         "timings": result.timings, "seed": seed, "protocol": protocol.as_dict(), "base": str(result.base),
-        "label_words": result.label_words, "primerge": primerge.__version__, "torch": torch.__version__,
+        "label_words": result.label_words, "examples": result.examples, "primerge": primerge.__version__,
+        "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
     (folder / f"{PREFIX}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Accuracies cached by content, so a rerun evaluates only what changed.
+"""Scores (accuracy, n, lm-eval's standard error) cached by content, so a rerun evaluates only what changed.
 
 A score is keyed by the model's identity and the task's fingerprint (every prompt, label and label
 word): the identity of a folder is the SHA-256 of its files (an adapter's also covers its base),
@@ -11,26 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 
+from primerge.evaluation.llm.estimates import Score
 from primerge.evaluation.llm.prompts import PromptTask
 from primerge.evaluation.model import FINGERPRINT_SKIP, folder_fingerprint
 from primerge.io.manifest import MANIFEST
+from primerge.util.hashing import state_digest
 
-SCORE_FORMAT = "llm-eval-v1"
-
-
-def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes (sorted by name)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+SCORE_FORMAT = "llm-eval-v2"  # v2: n and standard error with the accuracy
 
 
 #: Files that do not change what a folder computes: documentation, and primerge's manifest (hashes of
@@ -49,24 +40,27 @@ def score_path(root: Path, identity: str, task: PromptTask) -> Path:
     return root / "llm" / "scores" / f"{key}.json"
 
 
-def cached_accuracies(root: Path, identity: str, tasks: Sequence[PromptTask],
-                      evaluate: Callable[[list[PromptTask]], dict[str, float]]) -> dict[str, float]:
-    """Accuracy per task from the cache; ``evaluate`` runs once on the tasks not cached yet."""
-    scores: dict[str, float] = {}
+def cached_scores(root: Path, identity: str, tasks: Sequence[PromptTask],
+                  evaluate: Callable[[list[PromptTask]], dict[str, Score]]) -> dict[str, Score]:
+    """The score of every task from the cache; ``evaluate`` runs once on the tasks not cached yet."""
+    scores: dict[str, Score] = {}
     missing = []
     for task in tasks:
         path = score_path(root, identity, task)
         if path.is_file():
-            scores[task.name] = float(json.loads(path.read_text())["accuracy"])
+            record = json.loads(path.read_text())
+            scores[task.name] = Score(float(record["accuracy"]), int(record["n"]), record["stderr"])
         else:
             missing.append(task)
     if missing:
         fresh = evaluate(missing)
         for task in missing:
+            score = fresh[task.name]
             path = score_path(root, identity, task)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"task": task.name, "accuracy": fresh[task.name]}) + "\n")
+            tmp.write_text(json.dumps({"task": task.name, "accuracy": score.accuracy, "n": score.n,
+                                       "stderr": score.stderr}) + "\n")
             tmp.replace(path)
-            scores[task.name] = fresh[task.name]
+            scores[task.name] = score
     return {t.name: scores[t.name] for t in tasks}

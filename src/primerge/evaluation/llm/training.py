@@ -18,7 +18,7 @@ forward cost per position, runs on one position per prompt instead of ~30.
 - **Full**: every decoder-layer weight and norm trains; the token embedding (tied to the output
   head: 28M of SmolLM2's 134.5M parameters) stays frozen. Merging methods treat the embedding as a
   non-matrix tensor (averaged), and freezing it saves its AdamW state and update; that it is what
-  fits the CPU budget is stated in the README.
+  fits the CPU budget is measured in docs/benchmarks.md, "LLM results".
 
 AdamW (weight decay 0), linear warm-up over the first 10% of steps then linear decay to 0, one pass
 over ``steps × batch_size`` training examples in a seeded order. Deterministic on CPU for a seed.

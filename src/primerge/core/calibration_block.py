@@ -1,0 +1,95 @@
+"""Each task's data for a merge: what the ``calibration:`` block of a data-aware method (RegMean,
+RegMean++) and the ``purify:`` block (PAVE, :mod:`primerge.core.purify_block`) share, validated with
+the recipe so ``primerge plan`` refuses a bad block before any checkpoint is opened.
+
+::
+
+    method: regmean
+    calibration:
+      data: {task-a: a.csv, task-b: rt_sentiment}   # model label -> CSV/JSONL file or packaged task
+      samples: 4096             # token rows of each task's training texts run through the models
+      max_length: 64            # tokens per text (truncation)
+      batch_size: 32            # texts per forward pass
+
+A method that reads its inputs' Gram matrices (registered with ``reads_grams``) needs the block
+with an entry for every model; a method that reads no data leaves it unused (so one recipe serves
+``primerge tune`` over data-aware and data-free methods alike), but it is validated all the same.
+The texts are each task's training split (:func:`task_texts`), so the test split is never read. Problems raise
+:class:`primerge.util.errors.RecipeError` naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from primerge.util.errors import RecipeError, closest
+from primerge.util.schema import validate
+
+if TYPE_CHECKING:
+    from primerge.core.recipe import Recipe
+
+
+class TaskDataConfig(BaseModel):
+    """Which data each model's task is, and how much of it is run through the models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int = Field(4096, ge=1, description="token rows per task run through the models")
+    max_length: int = Field(64, ge=2, description="tokens per text (truncation)")
+    batch_size: int = Field(32, ge=1, description="texts per forward pass")
+    data: dict[str, str] = Field(default_factory=dict, description="model label -> task data")
+
+
+class CalibrationConfig(TaskDataConfig):
+    """The ``calibration:`` block of a data-aware method (module docstring)."""
+
+
+def check_labels(block: str, field: str, keys: Iterable[str], labels: list[str]) -> None:
+    """Every key names a model of the recipe, else a RecipeError on ``<block>.<field>``."""
+    for key in keys:
+        if key not in labels:
+            raise RecipeError(
+                f"{block}.{field}: '{key}' is not a model of the recipe.{closest(key, labels)} "
+                f"Models: {', '.join(labels)}."
+            )
+
+
+def parse_calibration(recipe: Recipe) -> CalibrationConfig | None:
+    """The validated ``calibration:`` block (None when the recipe has none); data for every model.
+
+    A method registered with ``reads_grams`` needs the block (module docstring)."""
+    spec = recipe.spec
+    if recipe.calibration is None:
+        if spec.reads_grams is not None:
+            raise RecipeError(
+                f"method '{spec.name}' solves for each matrix from its inputs on every task's data; add "
+                f"calibration: {{data: {{<model>: <file.csv|file.jsonl|task name>, ...}}}} to the recipe.")
+        return None
+    raw: dict[str, Any] = dict(recipe.calibration)
+    config = validate(CalibrationConfig, raw, "calibration block", prefix="calibration.")
+    labels = recipe.model_labels()
+    check_labels("calibration", "data", config.data, labels)
+    missing = [label for label in labels if label not in config.data]
+    if missing:
+        raise RecipeError(f"calibration.data: no data for model '{missing[0]}'; the block names each model's "
+                          "task data (a .csv/.jsonl file or a packaged task name).")
+    return config
+
+
+def resolve_data(spec: str, folder: Path | None) -> str:
+    """A relative ``.csv``/``.jsonl`` path resolved against ``folder``; task names unchanged."""
+    if folder is None or not spec.lower().endswith((".csv", ".jsonl")):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path if path.is_absolute() else folder / path)
+
+
+def task_texts(spec: str, folder: Path | None) -> list[str]:
+    """The training texts of the task ``spec`` (a file resolved against ``folder``, or a packaged task)."""
+    from primerge.data.tasks import load_task
+
+    return list(load_task(resolve_data(spec, folder)).split().train_texts)
