@@ -114,20 +114,6 @@ def loaded(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return model.state_dict(), model.config.to_dict()
 
 
-def relative_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """max over tensors of max|a − b| / max|b|, and the tensor where it is reached."""
-    if set(ours) != set(theirs):
-        raise SystemExit(f"tensor names differ: only primerge {sorted(set(ours) - set(theirs))[:5]}, "
-                         f"only mergekit {sorted(set(theirs) - set(ours))[:5]}")
-    worst, where = 0.0, "(every tensor equal)"
-    for name, b in theirs.items():
-        a, b = ours[name].double(), b.double()
-        error = float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-        if error > worst:
-            worst, where = error, name
-    return worst, where
-
-
 def run_case(label: str, config: dict[str, Any], work: Path, mergekit: str) -> tuple[float, str, list[str], float, float]:
     slug = label.replace(" ", "_").replace(",", "")
     file = work / f"{slug}.yml"

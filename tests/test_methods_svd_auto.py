@@ -45,7 +45,8 @@ def attempt(request, monkeypatch):
     """``auto`` as it chooses, or with the block Krylov attempt forced for every shape."""
     if request.param == "forced":
         monkeypatch.setattr(truncated_module, "choose_svd",
-                            lambda shape, rank: SVDChoice("randomized", 0.0, 0.0, 0, "forced by the test"))
+                            lambda shape, rank, tolerant=False: SVDChoice("randomized", 0.0, 0.0, 0,
+                                                                          "forced by the test"))
     return request.param
 
 

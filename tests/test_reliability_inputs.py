@@ -437,17 +437,18 @@ def test_workers_without_the_ray_backend_says_what_to_add(zoo, tmp_path, capsys)
 def test_the_plans_treatment_counts_add_up_to_the_tensor_count(zoo, capsys):
     """The rows of the treatments partition the output's tensors (their total is that count); the
     vocabulary-aligned and task-specific counts are apart from it."""
-    from primerge.core.plan import KINDS, build_plan
+    from primerge.core.plan import build_plan
     from primerge.core.recipe import build_recipe
-    from primerge.engine.preflight import TREATMENTS, preflight
+    from primerge.core.sources import TREATMENTS
+    from primerge.engine.preflight import ROW_LABELS, preflight
 
     plan = build_plan(build_recipe(zoo_recipe(zoo)))
     text = preflight(plan, None, torch.device("cpu"), calibrate_time=False).to_text()
-    rows = {key: int(line.split()[-1]) for key in (*KINDS, "total") for line in text.splitlines()
-            if line.strip().startswith(TREATMENTS[key])}
-    assert rows["total"] == len(plan.entries) == sum(rows[k] for k in KINDS) == len(load_file(
+    rows = {key: int(line.split()[-1]) for key in (*TREATMENTS, "total") for line in text.splitlines()
+            if line.strip().startswith(ROW_LABELS[key])}
+    assert rows["total"] == len(plan.entries) == sum(rows[k] for k in TREATMENTS) == len(load_file(
         str(zoo["paths"]["base"] / "model.safetensors")))
-    assert f"{TREATMENTS['task_specific']:<42} {3 * 2:>6}" in text  # 2 head tensors per model, counted apart
+    assert f"{ROW_LABELS['task_specific']:<42} {3 * 2:>6}" in text  # 2 head tensors per model, counted apart
 
 
 def test_a_listing_into_a_closed_pipe_ends_quietly():

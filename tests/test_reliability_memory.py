@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 
 import primerge
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM reset")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM reset")]
 
 WIDTH = 512
 T = 4

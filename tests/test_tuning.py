@@ -327,10 +327,10 @@ def test_a_failing_setting_fails_its_trial_only(tuning_zoo, recipe, tmp_path, mo
 
     build = UpdateCache.build
 
-    def refuse_dense(self, parameters, purify=None):
+    def refuse_dense(self, parameters, purify=None, weights=None):
         if parameters.get("density", 0.2) >= 0.3:
             raise RecipeError("density refused here")
-        return build(self, parameters, purify)
+        return build(self, parameters, purify, weights)
 
     monkeypatch.setattr(UpdateCache, "build", refuse_dense)
     suite = EncoderSuite(recipe, tuning_zoo["splits"], size=20, cache=tmp_path / "c")
@@ -338,6 +338,6 @@ def test_a_failing_setting_fails_its_trial_only(tuning_zoo, recipe, tmp_path, mo
     states = [t.state for t in result.results[0].trials]
     assert "failed" in states and states[0] == "complete"
     assert result.results[0].best_params["density"] < 0.3
-    monkeypatch.setattr(UpdateCache, "build", lambda self, p, purify=None: (_ for _ in ()).throw(RecipeError("bad")))
+    monkeypatch.setattr(UpdateCache, "build", lambda self, p, purify=None, weights=None: (_ for _ in ()).throw(RecipeError("bad")))
     with pytest.raises(RecipeError, match="bad"):
         tune(recipe, suite, ["ties"], TuneSettings(trials=3), log=lambda m: None)

@@ -37,8 +37,12 @@ def write_task(path, rows) -> str:
 
 @pytest.fixture(scope="session")
 def tuning_zoo(tmp_path_factory) -> dict:
-    """Base, task files, splits, the zoo and a recipe dict marking the heads task-specific."""
-    root = tmp_path_factory.mktemp("tuning-zoo")
+    """Base, task files, splits, the zoo and a recipe dict marking the heads task-specific.
+
+    Every module that imports this fixture gets its own session instance; they share one folder, so
+    the second finds the fine-tunes in the zoo's cache (same base, tasks and protocol) and trains none."""
+    root = tmp_path_factory.getbasetemp() / "tuning-zoo"
+    root.mkdir(exist_ok=True)
     vocab = root / "vocab.txt"
     words = SPECIAL + FILLER + [w for keys in TASKS.values() for w in keys]
     vocab.write_text("\n".join(words) + "\n")

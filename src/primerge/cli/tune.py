@@ -111,7 +111,8 @@ def cmd_tune(args) -> int:
     if args.suite not in SUITES:
         raise RecipeError(f"unknown suite '{args.suite}'; choose one of: {', '.join(sorted(SUITES))}.")
     suite = SUITES[args.suite](recipe, tasks, args.validation_size, args.cache, **suite_options(args))
-    settings = replace(settings_from(args, args.pave, tuple(args.pave_targets), dict(zip(recipe.model_labels(), tasks))),
+    data = dict(zip(recipe.model_labels(), tasks))
+    settings = replace(settings_from(args, args.pave, tuple(args.pave_targets), data),
                        method_params=method_params, genome=genome)
     result = tune(recipe, suite, methods or None, settings, args.out, log=(lambda m: None) if args.quiet else print)
     print()

@@ -268,7 +268,7 @@ class Parameters:
 # ----------------------------------------------------------------------------------- models
 
 
-def _reference(value: Any, where: str) -> str:
+def model_reference(value: Any, where: str) -> str:
     """A model reference (path or hub id, ``@revision`` allowed) as text."""
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{where}: a model is a path or a hub id (org/name[@revision]), not {value!r:.60}.")
@@ -343,7 +343,7 @@ def _tokenizer(data: dict[str, Any], base: str, refs: list[str], notes: Notes) -
         return ({"source": "base", **options} if options else None), None
     named = None
     if source not in ("base", "union"):
-        source = _reference(source, "tokenizer_source")
+        source = model_reference(source, "tokenizer_source")
         if source == base:
             source = "base"
         elif source in refs:
@@ -430,8 +430,8 @@ def translate_config(data: dict[str, Any], *, text: str = "", file: str | None =
     peer = _peer(name)
     models, base, slice_parameters, layers = _inputs(data, notes)
     for i, model in enumerate(models):
-        model["model"] = _reference(model.get("model"), f"models[{i}].model")
-    base = None if base is None else _reference(base, "base_model")
+        model["model"] = model_reference(model.get("model"), f"models[{i}].model")
+    base = None if base is None else model_reference(base, "base_model")
     base_path, models, has_base = _layout(peer, name, models, base, notes)
     parameters = dict(data.get("parameters") or {})
     for key, raw in (slice_parameters or {}).items():

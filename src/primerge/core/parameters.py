@@ -229,6 +229,8 @@ class ParameterSettings:
         shared, verbatim = {}, {}
         for key, raw in parameters.items():
             name = _field(key, fields, spec, "parameters")
+            if raw is None:  # unset (``scale: null``, as earlier primerge versions wrote it): the default
+                continue
             if name in verbatim_names:
                 verbatim[name] = raw
             else:

@@ -40,6 +40,7 @@ from primerge.core.architectures import check_architecture
 from primerge.core.recipe import Recipe
 from primerge.core.support_files import OutputFile, output_files
 from primerge.core.sources import (
+    TREATMENTS,
     FullFineTune,
     PlanEntry,
     TaskVectorSource,
@@ -54,7 +55,6 @@ from primerge.core.units import WorkUnit, shard_units
 from primerge.core.vocabulary import VocabularyAlignment, align_vocabulary
 
 #: the plan's treatments, in the order reports list them
-KINDS = ("matrix", "experts", "reshaped", "fallback", "copy")
 #: (tensor name) -> the (T, n, n) float64 Gram matrices of the tensor's inputs on each model's data,
 #: in model order, or ``None`` where the data did not reach it (:mod:`primerge.calibration`).
 InputGrams = Callable[[str], Tensor | None]
@@ -109,7 +109,7 @@ class Plan:
     def counts(self) -> dict[str, int]:
         """Entries per treatment, the task-specific tensors of all models, the matrices inside
         ``experts`` tensors and the vocabulary tensors whose rows are aligned by token string."""
-        counts = dict.fromkeys(KINDS, 0)
+        counts = dict.fromkeys(TREATMENTS, 0)
         for e in self.entries:
             counts[e.kind] += 1
         counts["task_specific"] = sum(len(s.task_specific) for s in self.sources)
@@ -245,8 +245,7 @@ def _support(sources: tuple[TaskVectorSource, ...]) -> list[list]:
     return [s.checkpoint.support if isinstance(s, FullFineTune) else [] for s in sources]
 
 
-def build_plan(recipe: Recipe, *, shard_size: int = DEFAULT_SHARD_SIZE,
-               transform: TaskVectorTransform | None = None) -> Plan:
+def build_plan(recipe: Recipe, *, shard_size: int = DEFAULT_SHARD_SIZE) -> Plan:
     """Open every checkpoint lazily and check it against the base; no tensor is read (except the
     heads a model may store as tied duplicates, compared with its embedding)."""
     if hasattr(recipe, "assemble"):  # an output assembled from several models' tensors: primerge.core.assembly
@@ -287,7 +286,7 @@ def build_plan(recipe: Recipe, *, shard_size: int = DEFAULT_SHARD_SIZE,
         stored = "FP8 again (the base's blocks)" if written.storage else str(written.dtype)
         notes += (f"base: {len(schemes)} FP8 block-scaled weights dequantized for the merge, written as "
                   f"{stored.removeprefix('torch.')}",)
-    return Plan(recipe, base, sources, tuple(entries), tuple(shard_units(entries, shard_size)), transform, scales,
+    return Plan(recipe, base, sources, tuple(entries), tuple(shard_units(entries, shard_size)), None, scales,
                 vocabulary, files, notes, parameters=table)
 
 

@@ -350,7 +350,7 @@ class Recipe(BaseModel):
         for key, default in (("output", OutputConfig()), ("execution", ExecutionConfig())):
             if data.get(key) == default.model_dump(mode="json", exclude_none=True):
                 del data[key]
-        data["parameters"] = {**self.params.model_dump(mode="json"),
+        data["parameters"] = {**self.params.model_dump(mode="json", exclude_none=True),
                               **{n: s.raw for n, s in self.settings.shared.items() if s.varies or n == "weight"}}
         data["models"] = [m.model_dump(mode="json", exclude_unset=True, exclude_none=True) for m in self.models]
         options = data.pop("tokenizer_options", None)

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from primerge.core.assembly import (BASE, PASSTHROUGH, AssembledPlan, AssembledRecipe, Merged, Origin, TensorRef,
                                     assembled_plan, input_config, open_inputs)
+from primerge.core.mergekit import model_reference
 from primerge.core.parameters import Place, parse_setting
 from primerge.core.tensor_names import TIED, input_embedding, tensor_class
 from primerge.io.files import load_json
@@ -446,16 +447,6 @@ def slice_plan(recipe: SliceRecipe, inputs: Mapping[str, Checkpoint], shard_size
 # ------------------------------------------------------------------------------------ mergekit
 
 
-def _reference(reference: object) -> str:
-    """A mergekit model reference primerge reads: a path or hub id (no ``model+lora``)."""
-    if not isinstance(reference, str) or not reference:
-        raise RecipeError(f"slices: model {reference!r:.60} is not a path or hub id.")
-    if "+" in reference:
-        raise RecipeError(f"slices: model '{reference}' applies a LoRA (mergekit's model+lora); merge the adapter "
-                          f"into its model first (peft's merge_and_unload) and name that folder.")
-    return reference
-
-
 def _label(reference: str, taken: set[str]) -> str:
     """A name for the model at ``reference``: its last path part, made unique among ``taken``."""
     stem = Path(reference.split("@")[0]).name or "model"
@@ -507,8 +498,9 @@ def from_mergekit(config: Mapping[str, Any]) -> dict[str, Any]:
                               f"translated; give parameters under the recipe's parameters (filtered by tensor "
                               f"name) and one base_model for the whole merge.")
         pieces.append(piece)
-    models = [_reference(s.get("model")) for p in pieces for s in p["sources"] if isinstance(s, dict)]
-    base = _reference(config.get("base_model") or models[0])
+    models = [model_reference(s.get("model"), "slices: model")
+              for p in pieces for s in p["sources"] if isinstance(s, dict)]
+    base = model_reference(config.get("base_model") or models[0], "slices: model")
     taken = {BASE}
     labels = {base: BASE, **{m: _label(m, taken) for m in dict.fromkeys(models) if m != base}}
     native = [{"sources": [_source(s, f"slices[{i}].sources[{j}]", labels, passthrough)

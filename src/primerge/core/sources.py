@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -42,8 +42,14 @@ from primerge.io.readers import Checkpoint, open_checkpoint
 from primerge.methods.stack import LowRank, TaskStack
 from primerge.core.tensor_names import map_names, prefix_map, rows_differ
 
-#: A tensor's treatment (:mod:`primerge.core.treatments`).
-EntryKind = Literal["matrix", "experts", "reshaped", "fallback", "copy"]
+#: What happens to one output tensor: the one vocabulary of the plan, pre-flight, the card and the CLI's
+#: counts. ``matrix``: the method's matrix merge; ``experts``: a stack of E matrices, each merged as a
+#: matrix; ``reshaped``: flattened to one matrix; ``fallback``: the method's non-matrix merge; ``copy``:
+#: the base's tensor as it is. The recipe's ``matrices:`` words choose among the first four
+#: (``matrix``, ``experts``, ``flatten`` -> reshaped, ``mean`` -> fallback: :func:`primerge.core.treatments.classify`).
+Treatment = Literal["matrix", "experts", "reshaped", "fallback", "copy"]
+#: Every treatment, in the order reports list them.
+TREATMENTS: tuple[Treatment, ...] = get_args(Treatment)
 
 #: (model label, tensor name, θ₀ in float32, τ_t in float32) -> replacement τ_t, applied to every
 #: mergeable tensor before model weights (e.g. PAVE purification, :mod:`primerge.purify`).
@@ -57,7 +63,7 @@ class PlanEntry:
     merged value is encoded in (:class:`~primerge.io.quantized.Fp8Blocks`), else a cast to ``dtype``."""
 
     name: str
-    kind: EntryKind
+    kind: Treatment
     shape: tuple[int, ...]
     dtype: torch.dtype
     view: tuple[int, int, int] | None = None

@@ -32,12 +32,12 @@ from primerge.methods.base import MergeFn, MethodSpec, PerTaskUpdate, TensorCont
 from primerge.methods.stack import TaskStack
 from primerge.core.recipe import Recipe
 from primerge.util.seeding import derive_seed
-from primerge.core.sources import EntryKind, PlanEntry
+from primerge.core.sources import PlanEntry, Treatment
 
 View = tuple[int, int, int]
 
 
-def classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[EntryKind, View | None]:
+def classify(recipe: Recipe, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Treatment, View | None]:
     """The treatment of one base tensor and, for ``experts`` / ``reshaped``, its (B, m, n) view."""
     if recipe.is_task_specific(name) or not dtype.is_floating_point or 0 in shape:
         return "copy", None

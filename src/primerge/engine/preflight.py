@@ -46,13 +46,14 @@ from primerge.util.errors import InputError, OutputError
 from primerge.io.quantized import describe, read_config, scheme_of
 from primerge.io.readers import Checkpoint
 from primerge.methods.base import is_sum_merge
-from primerge.core.plan import KINDS, Plan, WorkUnit
+from primerge.core.plan import Plan, WorkUnit
+from primerge.core.sources import TREATMENTS
 from primerge.core.sources import FullFineTune, LoraAdapter, PlanEntry, TaskVectorSource, VocabAligned
 from primerge.core.assembly import ComposedCheckpoint
 from primerge.core.vocabulary import AlignedBase, embedding_rows
 
 CALIBRATION_LIMIT = 4 * 1024**2  # elements of the largest tensor a calibration merges
-TREATMENTS = {"matrix": "matrix (the method's matrix merge)", "experts": "expert tensors (E matrices each)",
+ROW_LABELS = {"matrix": "matrix (the method's matrix merge)", "experts": "expert tensors (E matrices each)",
               "reshaped": "flattened to one matrix", "fallback": "fallback (non-matrix merge)",
               "copy": "copied from the base", "total": "all tensors of the output",
               "task_specific": "task-specific (kept per model)",
@@ -203,7 +204,7 @@ def cost(plan: Plan, entry: PlanEntry) -> float:
 def calibration_entries(plan: Plan) -> list[PlanEntry]:
     """The smallest and the median-cost tensor of each kind (at most :data:`CALIBRATION_LIMIT` elements)."""
     chosen: list[PlanEntry] = []
-    for kind in KINDS[:-1]:
+    for kind in TREATMENTS[:-1]:
         group = sorted((e for e in plan.mergeable() if e.kind == kind), key=lambda e: cost(plan, e))
         small = [e for e in group if math.prod(e.shape) <= CALIBRATION_LIMIT] or group[:1]
         chosen += list(dict.fromkeys(small[:1] + small[len(small) // 2:][:1]))
@@ -297,16 +298,16 @@ class Preflight:
         return "\n".join(lines)
 
     def _treatment_rows(self) -> list[str]:
-        """One row per treatment of :data:`KINDS` (a partition of the output's tensors) and their
+        """One row per treatment of :data:`~primerge.core.sources.TREATMENTS` (a partition of the output's tensors) and their
         total, then the counts that are not part of that partition: the vocabulary-aligned tensors
         (already counted above) and the models' task-specific tensors (not in the output's merge)."""
         def row(key: str, count: int, note: str = "") -> str:
-            return f"  {TREATMENTS[key]:<42} {count:>6}" + (f"  ({note})" if note else "")
+            return f"  {ROW_LABELS[key]:<42} {count:>6}" + (f"  ({note})" if note else "")
 
         matrices = self.counts.get("expert_matrices", 0)
         rows = [row(k, self.counts.get(k, 0), f"{matrices} matrices" if k == "experts" and matrices else "")
-                for k in KINDS]
-        rows += [row("total", sum(self.counts.get(k, 0) for k in KINDS)), "Counted apart",
+                for k in TREATMENTS]
+        rows += [row("total", sum(self.counts.get(k, 0) for k in TREATMENTS)), "Counted apart",
                  row("vocab_aligned", self.counts.get("vocab_aligned", 0), "among the tensors above"),
                  row("task_specific", self.counts.get("task_specific", 0), "the models' own, outside the merge")]
         return rows

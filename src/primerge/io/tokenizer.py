@@ -52,7 +52,11 @@ class Vocabulary:
 
 def _load(file: Path):
     """The tokenizer of ``file`` (read within bounds) and its JSON as the file states it."""
-    text = read_bounded(file, "tokenizer", "tokenizer").decode("utf-8", "replace")
+    try:
+        text = read_bounded(file, "tokenizer", "tokenizer").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file}: the tokenizer is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         f"re-save it.") from None
     data = parse_json(text, file, "tokenizer", object_pairs_hook=lambda pairs: _unique_keys(file, pairs))
     try:
         return _tokenizers().Tokenizer.from_str(text), data

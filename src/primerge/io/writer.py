@@ -354,17 +354,3 @@ def write_index(folder: Path, stem: str, weight_map: dict[str, str], total_size:
     index = folder / f"{stem}.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
     return index
-
-
-def copy_support_files(files: list[Path], target: Path) -> list[str]:
-    """Copy a model folder's checked support files (config, tokenizer, ...) into ``target``.
-
-    ``files`` is :attr:`primerge.io.readers.Checkpoint.support` (already vetted:
-    no links out of the folder, JSON that parses). Returns the names copied.
-    """
-    for item in files:
-        try:
-            shutil.copyfile(item, target / item.name)
-        except OSError as exc:
-            raise OutputError(f"{target / item.name}: copy failed ({exc}); check free space.") from None
-    return [item.name for item in files]

@@ -25,8 +25,8 @@ A (I − V_kV_kᵀ) and ρ_i = ‖r_i‖:
    own (k+1)-th, the hypothesis of every residual-based Krylov stopping test; for a Gaussian start
    block of ℓ ≥ k + 10 columns it fails only if the block is nearly orthogonal to such a
    direction, and after ≥ ``CERTIFIED_STEPS`` steps that direction's weight has been amplified
-   by the Krylov polynomial (Musco & Musco 2015, Lemma 4 and Theorem 1, the gap-independent
-   analysis of block Krylov). Raising θ_i to θ̂_i = max(θ_i, θ_{k+1} + ρ_{k+1}) (ζ_i = θ̂_i − θ_i)
+   by the Krylov polynomial (the gap-independent analysis of block Krylov, Musco & Musco 2015,
+   Theorem 1). Raising θ_i to θ̂_i = max(θ_i, θ_{k+1} + ρ_{k+1}) (ζ_i = θ̂_i − θ_i)
    gives Â = U_k Θ̂ V_kᵀ + D whose exact top-k triplets are (u_i, θ̂_i, v_i), and since
    A − Â = (R_k − U_k diag(ζ)) V_kᵀ with U_kᵀ R_k = 0 (Pythagoras, column by column),
 
@@ -50,6 +50,13 @@ mantissas (Hamming 1970) E[1/m²] = 3/(8 ln 2), so ‖fl(θ) − θ‖_F ≈ u �
 rounding reaches the merged update averaged over the T tasks (the mean residual; ≈ β/√T for
 independent perturbations): a small fraction of what the cast itself does to the tensor.
 float32 and float64 outputs keep the residual check only (:attr:`OutputPrecision.tolerant`).
+
+Not bounded, and not meant to be: the distance to the exact path's output. On a gap-free cut the
+exact noise-edge directions are one choice among equally good ones; measured on the bench's
+realistic zoo (hidden 1024, noise floor ½, rank 1%: six strong directions, four from the edge),
+a certified PRIME merge differs from the exact one by ~22% of the update (13× the bf16 rounding
+of the output), all of it in which edge directions were kept, while the exact path itself moves
+by ~2–4% when its inputs are perturbed by 1% at random.
 """
 
 from __future__ import annotations
@@ -166,4 +173,5 @@ def certify(S: Tensor, residual: Tensor, spectral: Tensor, frobenius: Tensor, ra
                                         epsilon / ENERGY_EPSILON)
     strict = strict_ratio <= 1
     accepted = strict | ((certified_ratio <= 1) & (steps >= CERTIFIED_STEPS))
-    return Certificate(strict, relative, floor, backward, epsilon, accepted, torch.minimum(strict_ratio, certified_ratio))
+    excess = torch.minimum(strict_ratio, certified_ratio)
+    return Certificate(strict, relative, floor, backward, epsilon, accepted, excess)

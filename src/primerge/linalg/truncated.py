@@ -99,8 +99,8 @@ def _rejection(found: KrylovSVD, precision: OutputPrecision | None) -> str:
     """Why ``auto`` redid members exactly: the tests their Ritz triplets failed."""
     if precision is not None and precision.tolerant:
         return f"residual check and certificate failed after {found.passes} passes"
-    written = precision.dtype if precision is not None else "unknown dtype"
-    return f"residual check failed after {found.passes} passes ({written} output: strict)"
+    written = f"{precision.dtype} output" if precision is not None else "output precision not given"
+    return f"residual check failed after {found.passes} passes ({written}: strict)"
 
 
 def _exact_where(x: Tensor, rank: int, factors: SVD, redo: Tensor) -> SVD:

@@ -70,6 +70,9 @@ from primerge.linalg import OutputPrecision, SVDMode
 from primerge.methods.stack import TaskStack
 from primerge.util.schema import validate
 
+#: Which of its functions a method applies to a tensor: the two treatments of the plan
+#: (:data:`primerge.core.sources.Treatment`) a method sees; experts and reshaped tensors reach it as
+#: matrices, copies not at all.
 Kind = Literal["matrix", "fallback"]
 #: (matrix shape, T, parameters) -> the (batch shape, rank) of every truncated SVD the merge asks for.
 SVDRequests = Callable[[tuple[int, int], int, Any, Any], list[tuple[tuple[int, ...], int]]]

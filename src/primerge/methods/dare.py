@@ -34,14 +34,11 @@ from torch import Tensor
 
 from primerge.methods.base import (MethodParams, Normalize, PerTaskFraction, TensorContext, along_tasks,
                                    merge_method, scale_field, task_values)
-from primerge.methods.rescale import l1_rescaled
+from primerge.methods.rescale import Rescale, l1_rescaled, normalize_field, rescale_field
 from primerge.methods.stack import TaskStack
 from primerge.methods.task_arithmetic import combined_sum
 from primerge.methods.ties import tensor_thresholds, ties_merge
 
-#: How survivors of a random drop are rescaled: by 1/keep-probability (the papers), to the task
-#: vector's L1 norm (mergekit ``rescale: true``), or not at all.
-Rescale = Literal["keep_probability", "l1", "none"]
 
 
 class DareParams(MethodParams):
@@ -51,10 +48,8 @@ class DareParams(MethodParams):
     ties_density: float = Field(
         1.0, ge=0.0, le=1.0, description="combine: ties — magnitude fraction kept after the drop"
     )
-    rescale: Rescale = Field("keep_probability", description="survivors times 1/(1-p) (paper), rescaled to "
-                             "τ_t's L1 norm (l1: mergekit rescale: true) or kept as they are (none)")
-    normalize: Normalize | None = Field(None, description="unset: the combine's own (ties: count, linear: none); "
-                                        "weights: divide by the models' weights (mergekit normalize: true)")
+    rescale: Rescale = rescale_field("1/(1-p)")
+    normalize: Normalize | None = normalize_field()
 
     @model_validator(mode="after")
     def _keep_probability_positive(self) -> DareParams:

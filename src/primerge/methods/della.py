@@ -41,8 +41,8 @@ from torch import Tensor
 
 from primerge.methods.base import (MethodParams, Normalize, PerTask, PerTaskFraction, TensorContext, along_tasks,
                                    merge_method, per_task, scale_field, task_pairs)
-from primerge.methods.dare import Rescale, uniform_draws
-from primerge.methods.rescale import l1_rescaled
+from primerge.methods.dare import uniform_draws
+from primerge.methods.rescale import Rescale, l1_rescaled, normalize_field, rescale_field
 from primerge.methods.stack import TaskStack
 from primerge.methods.task_arithmetic import combined_sum
 from primerge.methods.ties import disjoint_mean
@@ -54,10 +54,8 @@ class DellaParams(MethodParams):
     scale: float = scale_field(1.0, "λ applied to the merged update (alias: alpha)")
     combine: Literal["ties", "linear"] = Field("ties", description="sign election and disjoint mean (paper), or a "
                                                "plain sum (mergekit's della_linear)")
-    rescale: Rescale = Field("keep_probability", description="survivors times 1/p_i (paper), rescaled to τ_t's L1 "
-                             "norm (l1: mergekit rescale: true) or kept as they are (none)")
-    normalize: Normalize | None = Field(None, description="unset: the combine's own (ties: count, linear: none); "
-                                        "weights: divide by the models' weights (mergekit normalize: true)")
+    rescale: Rescale = rescale_field("1/p_i")
+    normalize: Normalize | None = normalize_field()
 
     @model_validator(mode="after")
     def _probabilities_in_range(self) -> DellaParams:

@@ -57,18 +57,22 @@ class LayerTerms(NamedTuple):
     G: Tensor
     energy: Tensor
     total: Tensor
-    factors: SVD
 
 
 def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed: int = 0,
                 precision: OutputPrecision | None = None) -> LayerTerms:
-    """Σ_i J_i(r) and Σ_i G_i(r) of one matrix for each per-layer rank in ``ranks`` (all ≥ 1), and the
-    top-max(ranks) triplets of the task vectors themselves (``precision``: how finely the merge is
-    written, for ``svd: auto``'s certificate). τ̄_t = τ_t / ‖τ_t‖ has τ_t's singular vectors and
-    values σ / ‖τ_t‖, so one SVD of τ serves F(r) and, reused, the merge (:class:`ExactMemo`)."""
+    """Σ_i J_i(r) and Σ_i G_i(r) of one matrix for each per-layer rank in ``ranks`` (all ≥ 1)
+    (``precision``: how finely the merge is written, for ``svd: auto``'s certificate)."""
+    factors = truncated_svd(taus, max(ranks), mode=mode, seed=seed, precision=precision)
+    return terms_of(taus, factors, ranks)
+
+
+def terms_of(taus: Tensor, factors: SVD, ranks: list[int]) -> LayerTerms:
+    """:func:`layer_terms` from the task vectors' own top-max(ranks) triplets: τ̄_t = τ_t / ‖τ_t‖ has
+    τ_t's singular vectors and values σ / ‖τ_t‖, so one SVD of τ serves F(r) and, reused, the merge
+    (:class:`ExactMemo`)."""
     T = taus.shape[0]
     norms = taus.reshape(T, -1).norm(dim=1)
-    factors = truncated_svd(taus, max(ranks), mode=mode, seed=seed, precision=precision)
     U, S, V = factors.U, factors.S / torch.where(norms > 0, norms, 1.0).unsqueeze(-1), factors.V
     gram = torch.einsum("ima,jmb->ijab", U, U) * torch.einsum("ina,jnb->ijab", V, V)
     weighted = gram * S[:, None, :, None] * S[None, :, None, :]
@@ -82,7 +86,7 @@ def layer_terms(taus: Tensor, ranks: list[int], *, mode: SVDMode = "auto", seed:
         J.append(cross.square().sum())
         G.append((total - head[:, r - 1]).clamp_min(0).square().sum())
     squared_norms = norms.square()
-    return LayerTerms(torch.stack(J), torch.stack(G), head * squared_norms[:, None], squared_norms, factors)
+    return LayerTerms(torch.stack(J), torch.stack(G), head * squared_norms[:, None], squared_norms)
 
 
 class ExactMemo:
@@ -206,10 +210,12 @@ class AutoRankPrepass:
         ranks = [self.rank_of(c, r_full, T) for c in self.candidates]
         if min(ranks) == 0:
             return []  # T > r_full: this matrix has no principal part at any rank
+        dense = taus.dense()
         with recording() as outcomes:
-            terms = layer_terms(taus.dense(), ranks, mode=self.mode, seed=ctx.seed, precision=ctx.precision)
+            factors = truncated_svd(dense, max(ranks), mode=self.mode, seed=ctx.seed, precision=ctx.precision)
+        terms = terms_of(dense, factors, ranks)
         if not taus.factored and takes_exact(tuple(taus.shape), max(ranks), self.mode, ctx.precision):
-            self.memo.keep(ctx.name, terms.factors)
+            self.memo.keep(ctx.name, factors)
         spectrum = (r_full, T, terms.energy.double().cpu(), terms.total.double().cpu())
         return [(terms.J.double().cpu(), terms.G.double().cpu(), spectrum, outcomes)]
 

@@ -35,10 +35,10 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from torch import Tensor
 
-from primerge.methods.base import MethodParams, TensorContext, merge_method, scaled_mean
+from primerge.methods.base import MethodParams, TensorContext, merge_method, scale_field, scaled_mean
 from primerge.methods.stack import TaskStack
 from primerge.util.errors import InputError
 
@@ -50,10 +50,10 @@ RIDGES = tuple(10.0 ** k for k in range(-8, 1))
 
 class RegMeanParams(MethodParams):
     off_diagonal: float = Field(0.9, ge=0.0, le=1.0, json_schema_extra={"tune": [0.5, 0.7, 0.9, 1.0]},
-                                description="α: weight of the Grams' off-diagonal entries, αG + (1−α)diag G "
-                                            "(the papers' α; 0: a diagonal-weighted mean)")
-    scale: float = Field(1.0, validation_alias=AliasChoices("scale", "lambda"),
-                         description="λ scaling the merged update (1: the papers' merge; alias: lambda)")
+                                description="the papers' α: weight of the Grams' off-diagonal entries, "
+                                            "αG + (1−α)diag G (0: a diagonal-weighted mean; primerge's alpha "
+                                            "is scale)")
+    scale: float = scale_field(1.0, "λ scaling the merged update (1: the papers' merge; aliases: alpha, lambda)")
 
 
 def damped(grams: Tensor, alpha: float) -> Tensor:

@@ -48,13 +48,26 @@ def md_fence(text: str, info: str = "") -> list[str]:
 CARD = "README.md"
 
 
+_HASHES: dict[tuple, str] = {}
+
+
+def _sha256(file: Path) -> str:
+    """:func:`file_sha256`, remembered per process by the file's (path, size, mtime): a tuning run
+    merges the same inputs many times."""
+    info = file.stat()
+    key = (str(file), info.st_size, info.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(file)
+    return _HASHES[key]
+
+
 def input_records(plan) -> list[dict]:
     """Each input (the base, then every model) with the files the merge read from it and their
     SHA-256, by file name: what the card's front matter records, so a reader can check the inputs
     (``sha256sum``) without any local path. Hashing reads every input file once more."""
     weights = [1.0, *(entry.weight for entry in plan.recipe.models)]
     return [{"role": "base" if i == 0 else "model", "name": label, **({"weight": weights[i]} if i else {}),
-             "files": {file.name: file_sha256(file) for file in files}}
+             "files": {file.name: _sha256(file) for file in files}}
             for i, (label, files) in enumerate(plan.input_files())]
 
 

@@ -13,6 +13,8 @@
   λ(t) = (1 − (s − i)) a_i + (s − i) a_{min(i+1, K−1)} (mergekit's interpolation, the parameter
   language's :class:`~primerge.core.parameters.Gradient`); tensors outside the blocks take a_0.
   Each anchor ranges over the scalar scale's range; the recipe says ``parameters: {scale: [a_0, …]}``.
+  With K ≤ L every anchor moves some block; with more, an anchor may fall between two blocks and
+  change nothing (the study notes which).
 
 Together these are the genome of mergekit-evolve (a weight per model and a few anchors of a
 per-layer gradient) with primerge's validation suites as the objective. The first trial is the
@@ -29,8 +31,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from primerge.core.parameters import WEIGHT, Gradient
+from primerge.core.parameters import WEIGHT, Gradient, block_count, place_of
 from primerge.core.recipe import Recipe
+from primerge.io.readers import open_checkpoint
 from primerge.methods.base import MethodSpec
 from primerge.tuning.spaces import (INNER_PREFIX, Dimension, MethodSpace, Range, defaults_in_space,
                                     describe_dimensions, including)
@@ -76,6 +79,14 @@ class ScaleGradient:
         gradient = Gradient(tuple(value) if isinstance(value, list) else (value,))
         return [float(gradient.at(k / (self.anchors - 1))) for k in range(self.anchors)]
 
+    def idle(self, names: Sequence[str]) -> list[int]:
+        """The anchors that no tensor of ``names`` (a network's) takes any part of: with more anchors
+        than blocks, some fall between two blocks' depths (K = 3 over 2 blocks: anchor 1)."""
+        blocks = block_count(names)
+        depths = {place_of(name, blocks).depth for name in names}
+        unit = [tuple(float(k == j) for j in range(self.anchors)) for k in range(self.anchors)]
+        return [k for k in range(self.anchors) if all(Gradient(unit[k]).at(d) < 1e-9 for d in depths)]
+
     def describe(self) -> str:
         return f"{GRADIENT}:{self.anchors}"
 
@@ -86,10 +97,6 @@ class Genome:
 
     weights: WeightSpace | None = None
     gradient: ScaleGradient | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.weights is None and self.gradient is None
 
 
 def search_parts(method_params: bool, genome: Genome | None) -> list[str]:
@@ -181,6 +188,11 @@ def method_search(spec: MethodSpec, space: MethodSpace, recipe: Recipe, fixed: d
             notes.append(f"no {GRADIENT}: {spec.name} has no linear scale of its own")
         else:
             scale, anchors = space.scale.name, genome.gradient.anchors
+            names = base_names(recipe)
+            idle = genome.gradient.idle(names)
+            if idle:
+                notes.append(f"anchor(s) {', '.join(map(str, idle))} of {genome.gradient.describe()} fall between "
+                             f"the base's {block_count(names)} blocks and change nothing")
             start = genome.gradient.resampled(_scale_start(spec, space, recipe, fixed, tasks))
             dims.pop(scale, None)
             first.pop(scale, None)
@@ -194,6 +206,15 @@ def method_search(spec: MethodSpec, space: MethodSpace, recipe: Recipe, fixed: d
             first[weight_name(label)] = weight
     source = f"{space.source}, method parameters {'searched' if method_params else 'as given'}"
     return MethodSearch(dims, first, source, scale, anchors, tuple(labels) if genome.weights else (), tuple(notes))
+
+
+def base_names(recipe: Recipe) -> list[str]:
+    """The tensor names of the recipe's base (no tensor is read)."""
+    checkpoint = open_checkpoint(recipe.base, allow_pickle=recipe.allow_pickle)
+    try:
+        return list(checkpoint.names)
+    finally:
+        checkpoint.close()
 
 
 def _scale_start(spec: MethodSpec, space: MethodSpace, recipe: Recipe, fixed: dict[str, Any],

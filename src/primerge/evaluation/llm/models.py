@@ -8,17 +8,17 @@ model built from the base's config; tied weights (``lm_head`` = ``embed_tokens``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from primerge.io.adapters import CONFIG_NAME, is_adapter
+from primerge.io.files import load_json
 from primerge.util.errors import InputError
 from primerge.evaluation.llm.convert import check_causal_lm
 from primerge.io.hf import load_tokenizer, transformers_module
 
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def checked_device(device: str) -> str:
@@ -28,19 +28,12 @@ def checked_device(device: str) -> str:
     return str(resolve_device(device))
 
 
-def is_adapter(folder: Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
 def adapter_base(folder: Path, base: Path | None = None) -> Path:
     """The base an adapter applies to: ``base`` if given, else its config's ``base_model_name_or_path``
     (which must be a local folder: nothing is downloaded)."""
     if base is not None:
         return Path(base)
-    try:
-        config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise InputError(f"{folder / ADAPTER_CONFIG} is not valid JSON ({exc}).") from exc
+    config = load_json(Path(folder) / CONFIG_NAME, "adapter config")
     named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not named or not Path(named).is_dir():
         raise InputError(f"{folder} is a LoRA adapter whose base {named!r} is not a local folder; "
