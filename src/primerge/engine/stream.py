@@ -318,7 +318,8 @@ def run(plan: Plan, sink: Sink, executor: Executor, quiet: bool = True) -> Merge
                 outcomes += unit_outcomes
             result.execution = executor.describe()
             result.svd, result.prepass_svd = outcomes, getattr(prepass, "svd_outcomes", SVDOutcomes())
-            _announce(result.svd.lines() + result.prepass_svd.lines("pre-pass"), quiet)
+            _announce(result.svd.lines() + result.svd.timing() + result.prepass_svd.lines("pre-pass")
+                      + result.prepass_svd.timing("pre-pass"), quiet)
             sink.finish(result)
     result.seconds = time.perf_counter() - start
     return result

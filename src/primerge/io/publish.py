@@ -2,7 +2,7 @@
 the earlier output or the new one at the destination, or a journal that the next run (and
 ``primerge verify``) completes.
 
-:func:`publish` moves a complete temporary folder to the destination:
+:func:`move_into_place` moves a complete temporary folder to the destination:
 
 * nothing there, or an empty folder: one ``rename`` (POSIX renames a folder over an empty one), atomic;
 * an earlier output (``--force``): on Linux, one ``renameat2(RENAME_EXCHANGE)`` swaps the two

@@ -58,6 +58,13 @@ class SVDOutcomes:
     def matrices(self, path: Path) -> int:
         return sum(count for (p, _), count in self.counts.items() if p == path)
 
+    def timing(self, what: str = "merge") -> list[str]:
+        """The seconds spent on each path (for the terminal: the model card holds no times, so that a
+        merge run again writes the same card)."""
+        if not self.seconds:
+            return []
+        return [f"svd ({what}): " + ", ".join(f"{path} {s:.2f}s" for path, s in sorted(self.seconds.items()))]
+
     def lines(self, what: str = "merge") -> list[str]:
         """One summary line, then one line per (path, reason), largest first; none when empty."""
         if not self.counts:
@@ -66,9 +73,8 @@ class SVDOutcomes:
         per = f", {self.passes / krylov:.1f} passes over each" if krylov else ""
         factored = self.matrices("factored")
         extra = f", {factored} from LoRA factors" if factored else ""
-        time = ", ".join(f"{path} {seconds:.2f}s" for path, seconds in sorted(self.seconds.items()))
         lines = [f"svd ({what}): {krylov} matrices by block Krylov{per}, {self.matrices('exact')} by exact SVD{extra}"
-                 f" ({self.flops / 1e9:.1f} GFLOP; {time or 'no time'})"]
+                 f" ({self.flops / 1e9:.1f} GFLOP)"]
         for (path, reason), count in sorted(self.counts.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"svd ({what}): {path}: {count} ({reason})")
         if self.epsilon > 0:

@@ -65,10 +65,11 @@ def input_records(plan) -> list[dict]:
     """Each input (the base, then every model) with the files the merge read from it and their
     SHA-256, by file name: what the card's front matter records, so a reader can check the inputs
     (``sha256sum``) without any local path. Hashing reads every input file once more."""
-    weights = [1.0, *(entry.weight for entry in plan.recipe.models)]
-    return [{"role": "base" if i == 0 else "model", "name": label, **({"weight": weights[i]} if i else {}),
+    weights = [None, *(entry.weight for entry in plan.recipe.models)]
+    names = [Path(plan.recipe.base).name, *plan.labels]  # the base by its folder's name, never its path
+    return [{"role": "base" if i == 0 else "model", "name": names[i], **({"weight": weights[i]} if i else {}),
              "files": {file.name: _sha256(file) for file in files}}
-            for i, (label, files) in enumerate(plan.input_files())]
+            for i, (_, files) in enumerate(plan.input_files())]
 
 
 def _front_matter(recipe, result) -> str:
