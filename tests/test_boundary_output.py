@@ -327,12 +327,13 @@ def test_the_guarantees_list_exactly_the_copied_files():
 
 def test_every_tensor_of_an_output_is_written_by_the_checking_writer():
     """The finite check lives in io.writer.save_tensors: no other module of the merge path calls
-    safetensors' writer (only the zoo builders and PAVE's covariance and decomposition caches, which
-    write no merge)."""
+    safetensors' writer (only the zoo builders, PAVE's covariance and decomposition caches, RegMean++'s
+    per-stage Gram matrices and the method contract's input files, which write no merge)."""
     src = Path(primerge.__file__).parent
     writers = {p.relative_to(src).as_posix() for p in src.rglob("*.py")
                if re.search(r"\bsave_file\(|safetensors\.torch\.save\(|torch\.save\(", p.read_text())}
-    assert writers == {"io/writer.py", "evaluation/model.py", "purify/covariance.py", "purify/store.py"}, writers
+    assert writers == {"io/writer.py", "evaluation/model.py", "purify/covariance.py", "purify/store.py",
+                       "calibration/merged.py", "testing/checks.py"}, writers
 
 
 @pytest.mark.parametrize("what", ["folder", "fifo"])

@@ -94,12 +94,12 @@ def test_della_moves_a_models_epsilon_with_its_density():
 
 
 @pytest.mark.parametrize("config, key", [
-    ({"merge_method": "ties", "base_model": "b",
-      "slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}, {"model": "b", "layer_range": [2, 4]}]}]},
-     "slices: layer ranges"),
-    ({"merge_method": "ties", "base_model": "b", "slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}]},
-                                                            {"sources": [{"model": "x", "layer_range": [2, 4]}]}]},
-     "slices: 2 output slices"),
+    ({"merge_method": "ties", "base_model": "b", "slices": [
+        {"sources": [{"model": "x", "layer_range": [0, 2]}, {"model": "b", "layer_range": [2, 4]}], "residual_weight": 0.5}]},
+     r"slices\[0\]: residual_weight"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "x+adapter", "layer_range": [0, 2]}]},
+                                                {"sources": [{"model": "x", "layer_range": [2, 4]}]}]},
+     "applies a LoRA"),
     ({"merge_method": "ties", "modules": {"text": {"models": [{"model": "x"}]}}}, "modules:"),
     ({"merge_method": "passthrough", "models": [{"model": "x"}]}, "merge_method passthrough"),
     ({"merge_method": "magic", "models": [{"model": "x"}]}, "merge_method 'magic'"),

@@ -34,7 +34,8 @@ def _entries(sizes: list[int]) -> list[PlanEntry]:
 def _check_split(shards: list[WorkUnit], units: tuple[WorkUnit, ...], workers: int, per_worker: int) -> None:
     """Every property the split promises, on any input."""
     assert [u.index for u in units] == list(range(len(units)))
-    assert [e for u in units for e in u.entries] == [e for s in shards for e in s.entries]  # every tensor once, in order
+    # every tensor once, in order
+    assert [e for u in units for e in u.entries] == [e for s in shards for e in s.entries]
     assert all(u.entries for u in units)
     size = sum(s.nbytes for s in shards) // (workers * per_worker)
     for shard in shards:
@@ -140,23 +141,19 @@ def zoo(tmp_path_factory):
     return build_zoo(tmp_path_factory.mktemp("units") / "zoo")
 
 
-@pytest.fixture
-def split_executor(monkeypatch):
-    """Every merge of the test runs on :class:`SplitInProcess` (3 workers)."""
-    executor = SplitInProcess(3)
-    monkeypatch.setattr(primerge.api, "make_executor", lambda config, device: executor)
-    return executor
-
-
-def _merge_both(zoo, tmp_path, monkeypatch, method, **kw):
-    """The same merge by the local executor (``local``) and on split units (``split``)."""
-    models = [zoo["t0"], zoo["t1"], zoo["t2"]]
-    primerge.merge(zoo["base"], models, method, out=tmp_path / "local", task_specific=HEAD, **kw)
-    executor = SplitInProcess(3)
+def _merged(zoo, monkeypatch, executor, method, **kw):
+    """The zoo's merge with ``executor`` running its units."""
     with monkeypatch.context() as patch:
         patch.setattr(primerge.api, "make_executor", lambda config, device: executor)
-        primerge.merge(zoo["base"], models, method, out=tmp_path / "split", task_specific=HEAD, **kw)
-    return executor
+        return primerge.merge(zoo["base"], [zoo["t0"], zoo["t1"], zoo["t2"]], method, task_specific=HEAD, **kw)
+
+
+def _merge_both(zoo, tmp_path, monkeypatch, method, **kw) -> SplitInProcess:
+    """The same merge into ``local`` by the local executor and into ``split`` on split units."""
+    _merged(zoo, monkeypatch, LocalExecutor(torch.device("cpu")), method, out=tmp_path / "local", **kw)
+    split = SplitInProcess(3)
+    _merged(zoo, monkeypatch, split, method, out=tmp_path / "split", **kw)
+    return split
 
 
 CASES = {"task_arithmetic": {}, "ties": {"trim_scope": "model"}, "prime": {"rank": "auto"}, "emr": {},
@@ -176,7 +173,8 @@ def test_split_units_write_the_bytes_of_a_local_merge(zoo, tmp_path, monkeypatch
     assert (tmp_path / "split" / manifest).read_bytes() == (tmp_path / "local" / manifest).read_bytes()
     shards = len(list((tmp_path / "local").glob("model*.safetensors")))
     assert executor.counts[0] > shards
-    assert sorted(p.name for p in (tmp_path / "split").rglob("*")) == sorted(p.name for p in (tmp_path / "local").rglob("*"))
+    names = {side: sorted(p.name for p in (tmp_path / side).rglob("*")) for side in ("split", "local")}
+    assert names["split"] == names["local"]  # no part file left
 
 
 def test_split_units_write_the_local_lora_adapter(zoo, tmp_path, monkeypatch):
@@ -184,14 +182,12 @@ def test_split_units_write_the_local_lora_adapter(zoo, tmp_path, monkeypatch):
     assert folder_hashes(tmp_path / "split", tmp_path) == folder_hashes(tmp_path / "local", tmp_path)
 
 
-def test_split_units_give_the_local_tensors_in_memory(zoo, split_executor):
-    models = [zoo["t0"], zoo["t1"], zoo["t2"]]
-    split = primerge.merge(zoo["base"], models, "emr", task_specific=HEAD)
-    assert split_executor.counts[0] > 1
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(primerge.api, "make_executor", lambda config, device: LocalExecutor(torch.device("cpu")))
-        local = primerge.merge(zoo["base"], models, "emr", task_specific=HEAD)
-    assert list(split.state_dict) == list(local.state_dict)
-    assert all(torch.equal(split.state_dict[k], local.state_dict[k]) for k in local.state_dict)
+def test_split_units_give_the_local_tensors_in_memory(zoo, monkeypatch):
+    split = SplitInProcess(3)
+    merged = _merged(zoo, monkeypatch, split, "emr")
+    local = _merged(zoo, monkeypatch, LocalExecutor(torch.device("cpu")), "emr")
+    assert split.counts[0] > 1
+    assert list(merged.state_dict) == list(local.state_dict)
+    assert all(torch.equal(merged.state_dict[k], local.state_dict[k]) for k in local.state_dict)
     for task, tensors in local.task_states.items():
-        assert all(torch.equal(split.task_states[task][k], v) for k, v in tensors.items())
+        assert all(torch.equal(merged.task_states[task][k], v) for k, v in tensors.items())

@@ -87,7 +87,8 @@ def _unit_statistics(plan: Plan, prepass: Any, pass_index: int, unit: WorkUnit, 
         return prepass_statistics(plan, prepass, pass_index, unit.entries, torch.device(device))
 
 
-def _unit(plan: Plan, unit: WorkUnit, prepass: Any, writer: UnitWriter, device: str) -> tuple[Any, str, float, float, str]:
+def _unit(plan: Plan, unit: WorkUnit, prepass: Any, writer: UnitWriter,
+          device: str) -> tuple[Any, str, float, float, str]:
     """Task: merge ``unit`` and hand its tensors to the output's unit writer, here; returns the
     receipt, the worker, the seconds it took, the worker's peak RSS (MiB) and its machine kind."""
     start = time.perf_counter()

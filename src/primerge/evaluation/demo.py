@@ -105,13 +105,17 @@ class DemoResult:
     pave_targets: list[str] = field(default_factory=list)
 
 
-def select_methods(names: Sequence[str] | None) -> list:
-    """Registered method specs, all of them or those named (unknown names raise RecipeError)."""
+def select_methods(names: Sequence[str] | None, tasks: int) -> list:
+    """Registered method specs for merging ``tasks`` fine-tunes: every method that merges that many
+    (two-model methods such as slerp do not join a larger zoo's table), or those named (an unknown
+    name, or one that cannot merge ``tasks`` models, raises RecipeError)."""
     if not names:
-        return primerge.list_methods()
+        return [spec for spec in primerge.list_methods() if spec.admits(tasks)]
     specs = [primerge.get_method(name) for name in names]
     if len({s.name for s in specs}) != len(specs):
         raise RecipeError("a method is named twice in --methods.")
+    for spec in specs:
+        spec.check_models(tasks)
     return specs
 
 
@@ -214,7 +218,7 @@ def run_demo(
     task's own training split as calibration data)."""
     timings: dict[str, float] = {}
     protocol = protocol or Protocol()
-    specs = select_methods(methods)
+    specs = select_methods(methods, len(tasks))
     target = report_destination(report, tasks, base, cache)  # checked before the long work
     clock = started = time.perf_counter()
     splits = load_splits(tasks)
@@ -234,7 +238,7 @@ def run_demo(
         log(f"{spec.name}: avg {100 * row.average:.1f}%, merge {row.merge_seconds:.0f}s, "
             f"evaluation {row.eval_seconds:.0f}s")
         rows.append(row)
-    for spec in select_methods(pave) if pave else []:
+    for spec in select_methods(pave, len(tasks)) if pave else []:
         for pave_target in pave_targets:
             log(f"merging with {spec.name} on PAVE-purified task vectors ({pave_target}) and evaluating ...")
             row = merged_row(spec, zoo, splits, tokenizer, zoo_heads, seed, protocol.max_length,

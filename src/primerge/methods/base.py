@@ -271,11 +271,16 @@ class MethodSpec:
         """Validate ``values`` against the parameter model, defaults filled in."""
         return validate(self.params_model, dict(values or {}), f"parameters of method '{self.name}'")
 
+    def admits(self, count: int) -> bool:
+        """Whether the method merges ``count`` models (its ``models`` range)."""
+        least, most = self.models
+        return least <= count and (most is None or count <= most)
+
     def check_models(self, count: int) -> None:
         """A :class:`RecipeError` unless the method merges ``count`` models (its ``models`` range)."""
-        least, most = self.models
-        if least <= count and (most is None or count <= most):
+        if self.admits(count):
             return
+        least, most = self.models
         wanted = (f"exactly {least}" if least == most else f"at least {least}" if most is None
                   else f"{least} to {most}")
         raise RecipeError(f"method '{self.name}' merges {wanted} model{'s' if (most or least) > 1 else ''} "

@@ -125,7 +125,8 @@ class ShardFiles:
                 parts.append((merged.name, merged.unified, merged.task_tensors))
         shard = shard_name("model", unit.shard, self.shards)
         name = group_file(shard, unit.part, unit.parts)
-        temp = self.folder / f".{name.lstrip('.')}{PART_MARK}{os.getpid()}"  # a worker killed mid-write leaves only this
+        # a worker killed mid-write leaves only this
+        temp = self.folder / f".{name.lstrip('.')}{PART_MARK}{os.getpid()}"
         save_tensors(temp, values, SHARD_METADATA)
         os.replace(temp, self.folder / name)
         return ShardReceipt(name, {k: tensor_record(v) for k, v in values.items()}, parts, shard)

@@ -76,7 +76,7 @@ def add_tuned_rows(demo: DemoResult, settings: TuneSettings, methods: Sequence[s
                            "task_specific": HEAD_REGEX, "seed": demo.seed})
     suite = EncoderSuite(recipe, demo.splits, settings.validation_size, zoo.root, protocol.max_length)
     started = time.perf_counter()
-    names = [s.name for s in select_methods(methods)]
+    names = [s.name for s in select_methods(methods, len(zoo.paths))]
     runs: list[tuple[TuneResult, str | None]] = [(tune(recipe, suite, names, settings, folder, log), None)]
     data = dict(zip(suite.labels, demo.task_specs))
     for target in demo.pave_targets if demo.pave else ():

@@ -93,13 +93,12 @@ class Suite:
         return cached_scores(self.root, identity, list(tasks or self.tasks), evaluate)
 
 
-def method_names(names: Sequence[str] | None) -> list[str]:
-    """``None`` -> the four headline methods; ``['all']`` -> every registered method."""
+def method_names(names: Sequence[str] | None, tasks: int) -> list[str]:
+    """``None`` -> the four headline methods; ``['all']`` -> every registered method that merges
+    ``tasks`` models (:func:`~primerge.evaluation.demo.select_methods`)."""
     if not names:
         return list(LLM_DEFAULT_METHODS)
-    if list(names) == ["all"]:
-        return [spec.name for spec in primerge.list_methods()]
-    return [spec.name for spec in select_methods(names)]
+    return [spec.name for spec in select_methods(None if list(names) == ["all"] else names, tasks)]
 
 
 def merged_row(suite: Suite, zoo: LLMZoo, method: str, individual: dict, seed: int, quiet: bool) -> LLMRow:
@@ -205,7 +204,8 @@ def run_llm_demo(
     unknown = [z for z in zoos if z not in KINDS]
     if unknown or not zoos:
         raise RecipeError(f"unknown zoo kind {unknown[0] if unknown else '(none)'}; choose from {', '.join(KINDS)}.")
-    names, lora_names = method_names(methods), method_names(as_lora) if as_lora else []
+    names = method_names(methods, len(tasks))
+    lora_names = method_names(as_lora, len(tasks)) if as_lora else []
     device = checked_device(device)
     timings: dict[str, float] = {}
     clock = started = time.perf_counter()
