@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mergekit_parity import relative_difference  # the sibling script (benchmarks/ is on sys.path)
 import yaml
 
 from primerge.cli.main import main as primerge_cli

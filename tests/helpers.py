@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
 from primerge.methods import get_method
 from primerge.methods.base import Prepass, TensorContext, fold_statistics
 from primerge.methods.stack import TaskStack
+from primerge.util.deterministic import ThreadIndependent
 
 MATRIX = TensorContext("layer.weight", "matrix", seed=3)
 
@@ -56,3 +61,32 @@ def np_ties(taus: np.ndarray, density: float) -> np.ndarray:
             keep = (np.abs(row) >= thr) & (row != 0)
             trimmed[t, keep] = row[keep]
     return np_elect_disjoint_mean(trimmed).reshape(taus.shape[1:])
+
+
+def on_thread_counts(compute: Callable[[], torch.Tensor], counts: tuple[int, ...] = (1, 2, 2)) -> list[torch.Tensor]:
+    """``compute()`` under ThreadIndependent with each torch thread count in turn (the count restored)."""
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            with ThreadIndependent():
+                outputs.append(compute())
+    finally:
+        torch.set_num_threads(threads)
+    return outputs
+
+
+@contextmanager
+def fails_after(seconds: int) -> Iterator[None]:
+    """An AssertionError instead of a blocked suite when the block hangs (a FIFO, an unbounded input)."""
+    def hung(*_):
+        raise AssertionError(f"hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -12,10 +12,10 @@ import json
 import math
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
+from helpers import fails_after
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,14 +40,8 @@ NESTED = "[" * 100_000 + "]" * 100_000
 @pytest.fixture(autouse=True)
 def no_hang():
     """Fail (instead of blocking the suite) if a case blocks on a FIFO or loops for a minute."""
-    def hung(*_):
-        raise AssertionError("hung for 60 s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with fails_after(60):
+        yield
 
 
 def make_adapter(folder: Path, config: dict | None = None, raw: str | None = None, rank: int = 2,

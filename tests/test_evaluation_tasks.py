@@ -11,7 +11,7 @@ import torch
 from primerge.util.errors import InputError
 from primerge.evaluation.evaluate import Scores, accuracy, average, normalized_accuracy, pad_batch
 from primerge.data.tasks import TaskData, TaskSplit, deduplicate, load_splits, load_table, load_task
-from primerge.evaluation.zoo import Protocol, batches_per_epoch, bucketed_batches, task_key, warmup_linear
+from primerge.evaluation.zoo import TrainingProtocol, batches_per_epoch, bucketed_batches, task_key, warmup_linear
 from primerge.util.cache_dirs import cache_root
 
 
@@ -266,23 +266,23 @@ def test_warmup_then_linear_decay():
 
 
 def test_epochs_for_small_tasks_and_task_seeds():
-    protocol = Protocol(epochs=2, small_task_epochs=4, small_task_threshold=1000)
+    protocol = TrainingProtocol(epochs=2, small_task_epochs=4, small_task_threshold=1000)
     assert protocol.epochs_for(999) == 4 and protocol.epochs_for(1000) == 2
-    assert protocol.task_seed("a") == Protocol().task_seed("a") != protocol.task_seed("b")
-    assert Protocol(seed=1).task_seed("a") != protocol.task_seed("a")
+    assert protocol.task_seed("a") == TrainingProtocol().task_seed("a") != protocol.task_seed("b")
+    assert TrainingProtocol(seed=1).task_seed("a") != protocol.task_seed("a")
 
 
 def test_task_key_reuse_and_invalidation():
     big, small = make_task(3000, name="big").split(), make_task(100, name="small").split()
     base = "f" * 64
-    protocol = Protocol()
-    assert task_key(protocol, base, big) == task_key(Protocol(), base, big)
-    assert task_key(Protocol(learning_rate=2e-4), base, big) != task_key(protocol, base, big)
-    assert task_key(Protocol(seed=1), base, big) != task_key(protocol, base, big)
+    protocol = TrainingProtocol()
+    assert task_key(protocol, base, big) == task_key(TrainingProtocol(), base, big)
+    assert task_key(TrainingProtocol(learning_rate=2e-4), base, big) != task_key(protocol, base, big)
+    assert task_key(TrainingProtocol(seed=1), base, big) != task_key(protocol, base, big)
     assert task_key(protocol, "e" * 64, big) != task_key(protocol, base, big)
     assert task_key(protocol, base, make_task(3001, name="big").split()) != task_key(protocol, base, big)
     # the small-task rule only re-keys the tasks it changes
-    changed = Protocol(small_task_epochs=protocol.small_task_epochs + 1)
+    changed = TrainingProtocol(small_task_epochs=protocol.small_task_epochs + 1)
     assert task_key(changed, base, big) == task_key(protocol, base, big)
     assert task_key(changed, base, small) != task_key(protocol, base, small)
 

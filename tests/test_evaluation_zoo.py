@@ -19,9 +19,9 @@ from primerge.util.errors import InputError  # noqa: E402
 from primerge.evaluation.demo import run_demo  # noqa: E402
 from primerge.evaluation.model import HEAD_REGEX, read_tensors  # noqa: E402
 from primerge.data.tasks import load_splits  # noqa: E402
-from primerge.evaluation.zoo import Protocol, build_zoo, evaluate_model, fine_tune  # noqa: E402
+from primerge.evaluation.zoo import TrainingProtocol, build_zoo, evaluate_model, fine_tune  # noqa: E402
 
-PROTOCOL = Protocol(epochs=1, small_task_epochs=1)
+PROTOCOL = TrainingProtocol(epochs=1, small_task_epochs=1)
 CLI_PROTOCOL = ["--epochs", "1", "--small-task-epochs", "1"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = "the a of to and is it on in at with this that very quite".split()
@@ -113,7 +113,7 @@ def test_zoo_is_reused_and_rekeyed(zoo, tiny_base, splits, cache):
     assert again.paths == zoo.paths
     assert (again.entries[0].path / "model.safetensors").stat().st_mtime_ns == stamp
     assert again.individual == zoo.individual
-    changed = build_zoo(splits[:1], base=tiny_base, protocol=Protocol(epochs=1, small_task_epochs=1, seed=5),
+    changed = build_zoo(splits[:1], base=tiny_base, protocol=TrainingProtocol(epochs=1, small_task_epochs=1, seed=5),
                         cache=cache, progress=False, log=lambda m: None)
     assert not changed.entries[0].reused
     assert changed.entries[0].path != zoo.entries[0].path
@@ -132,7 +132,7 @@ def test_fine_tuning_is_deterministic(zoo, splits):
 
 
 def test_a_fine_tune_learns_an_easy_task(tiny_base, splits, tmp_path):
-    protocol = Protocol(epochs=10, small_task_epochs=10, learning_rate=3e-3, batch_size=16)
+    protocol = TrainingProtocol(epochs=10, small_task_epochs=10, learning_rate=3e-3, batch_size=16)
     zoo = build_zoo(splits[:1], base=tiny_base, protocol=protocol, cache=tmp_path, progress=False,
                     log=lambda m: None)
     assert zoo.entries[0].individual_accuracy >= 0.9
@@ -172,7 +172,7 @@ def test_merge_then_cli_eval(zoo, task_files, tiny_base, cache, tmp_path, capsys
 
 def test_eval_without_a_head_is_an_input_error(zoo, task_files, tiny_base, cache, capsys):
     with pytest.raises(InputError, match="no classification head for task"):
-        evaluate_model(zoo.base, load_splits(task_files), base=tiny_base, protocol=Protocol(seed=9), cache=cache)
+        evaluate_model(zoo.base, load_splits(task_files), base=tiny_base, protocol=TrainingProtocol(seed=9), cache=cache)
     code = main(["eval", str(zoo.base), "--tasks", task_files[0], "--base", str(tiny_base), "--cache", str(cache),
                  "--train-seed", "9"])
     assert code == 2

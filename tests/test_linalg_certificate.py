@@ -25,7 +25,7 @@ from primerge.linalg.truncated import exact_top
 from primerge.methods.base import TensorContext
 from primerge.util.deterministic import ThreadIndependent
 
-from helpers import run
+from helpers import on_thread_counts, run
 
 T, M, N, K = 3, 384, 768, 4
 #: θ₀'s element RMS over the task vectors' (the bench zoo's 0.02 / 1e-3).
@@ -132,15 +132,7 @@ def test_a_matrix_the_iteration_cannot_certify_in_time_is_rejected():
 def test_prime_with_a_bf16_precision_gives_the_same_bytes_on_every_thread_count():
     taus = gap_free(5)
     ctx = TensorContext("layer.weight", "matrix", seed=3, precision=precision(torch.bfloat16, taus))
-    threads = torch.get_num_threads()
-    outputs = []
-    try:
-        for count in (1, 2, 2):
-            torch.set_num_threads(count)
-            with ThreadIndependent():
-                outputs.append(run("prime", taus, ctx, rank=0.01))
-    finally:
-        torch.set_num_threads(threads)
+    outputs = on_thread_counts(lambda: run("prime", taus, ctx, rank=0.01))
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])
 
 

@@ -17,7 +17,7 @@ from primerge.util.deterministic import ThreadIndependent
 from primerge.linalg import SVDChoice
 from primerge.linalg import truncated as truncated_module
 
-from helpers import run
+from helpers import on_thread_counts, run
 
 T, M, N = 4, 384, 768
 TRUNCATING = {"tsv": {}, "prime": {"rank": 0.01}, "iso_c": {}, "iso_cts": {}}
@@ -83,13 +83,5 @@ def test_methods_without_a_truncated_svd_always_take_the_exact_one(method, monke
 @pytest.mark.parametrize("method", TRUNCATING)
 def test_auto_gives_the_same_bytes_on_repeats_and_thread_counts(method, attempt):
     taus = torch.cat([power_law(24)[:2], gaussian(25)[:2]])  # some members converge, some fall back
-    threads = torch.get_num_threads()
-    outputs = []
-    try:
-        for count in (1, 2, 2):
-            torch.set_num_threads(count)
-            with ThreadIndependent():
-                outputs.append(run(method, taus, svd="auto", **TRUNCATING[method]))
-    finally:
-        torch.set_num_threads(threads)
+    outputs = on_thread_counts(lambda: run(method, taus, svd="auto", **TRUNCATING[method]))
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])

@@ -13,12 +13,12 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import fails_after
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -44,14 +44,8 @@ MESSAGE_BOUND = 1500
 @pytest.fixture(autouse=True)
 def no_hang():
     """Fail instead of blocking the suite if a case waits on a FIFO or expands without bound."""
-    def hung(*_):
-        raise AssertionError("hung for 300 s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(300)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with fails_after(300):
+        yield
 
 
 # ------------------------------------------------------------------ 1. bounded reads: YAML aliases

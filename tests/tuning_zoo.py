@@ -16,10 +16,10 @@ transformers = pytest.importorskip("transformers")
 
 from primerge.evaluation.model import HEAD_REGEX  # noqa: E402
 from primerge.data.tasks import load_splits  # noqa: E402
-from primerge.evaluation.zoo import Protocol, build_zoo  # noqa: E402
+from primerge.evaluation.zoo import TrainingProtocol, build_zoo  # noqa: E402
 from test_evaluation_zoo import FILLER, SPECIAL, sentences  # noqa: E402  (the same text generator)
 
-PROTOCOL = Protocol(epochs=10, small_task_epochs=10, learning_rate=3e-3, batch_size=16)
+PROTOCOL = TrainingProtocol(epochs=10, small_task_epochs=10, learning_rate=3e-3, batch_size=16)
 TASKS = {"colors": ["red", "blue"], "animals": ["cat", "dog", "bird"], "sizes": ["big", "small"]}
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from primerge.data.tasks import DEFAULT_TASKS, PACKAGED
 from primerge.cli import llm as llm_cli
 from primerge.cli import tune as tuning_cli
-from primerge.evaluation.protocol import Protocol
+from primerge.evaluation.protocol import TrainingProtocol
 
-DEFAULTS = Protocol()
+DEFAULTS = TrainingProtocol()
 
 
 def _names(values: list[str] | None) -> list[str]:
@@ -45,8 +45,8 @@ def _add_common(parser: argparse.ArgumentParser, tasks_default: bool = True) -> 
                         help=f"fine-tuning seed (default {DEFAULTS.seed})")
 
 
-def _protocol(args) -> Protocol:
-    return Protocol(epochs=args.epochs, small_task_epochs=args.small_task_epochs, seed=args.train_seed)
+def _protocol(args) -> TrainingProtocol:
+    return TrainingProtocol(epochs=args.epochs, small_task_epochs=args.small_task_epochs, seed=args.train_seed)
 
 
 def register(subparsers) -> None:

@@ -12,7 +12,7 @@ _LAZY = {
     **dict.fromkeys(["DemoResult", "Row", "run_demo"], "primerge.evaluation.demo"),
     **dict.fromkeys(["DEFAULT_TASKS", "TaskData", "TaskSplit", "load_splits", "load_table", "load_task"],
                     "primerge.data.tasks"),
-    **dict.fromkeys(["Protocol", "Zoo", "ZooEntry", "build_zoo", "evaluate_model"], "primerge.evaluation.zoo"),
+    **dict.fromkeys(["TrainingProtocol", "Zoo", "ZooEntry", "build_zoo", "evaluate_model"], "primerge.evaluation.zoo"),
 }
 __getattr__ = lazy_attributes(__name__, _LAZY)
 __all__ = sorted(_LAZY)

@@ -41,7 +41,7 @@ from primerge.evaluation.model import HEAD_PREFIX, HEAD_REGEX, body_from_state, 
 from primerge.io.hf import load_tokenizer
 from primerge.evaluation.probe import base_probe
 from primerge.data.tasks import DEFAULT_TASKS, TaskSplit, load_splits
-from primerge.evaluation.zoo import Protocol, Zoo, build_zoo
+from primerge.evaluation.zoo import TrainingProtocol, Zoo, build_zoo
 from primerge.io.destination import Destination, destination
 from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
@@ -98,7 +98,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     zoo: Zoo | None = None
     splits: list[TaskSplit] = field(default_factory=list)
-    protocol: Protocol | None = None
+    protocol: TrainingProtocol | None = None
     seed: int = MERGE_SEED
     task_specs: list[str] = field(default_factory=list)  # the tasks as named (packaged names or files)
     pave: list[str] = field(default_factory=list)  # methods with PAVE rows
@@ -204,7 +204,7 @@ def run_demo(
     base: str | Path | None = None,
     cache: str | Path | None = None,
     report: str | Path | None = "demo-report",
-    protocol: Protocol | None = None,
+    protocol: TrainingProtocol | None = None,
     seed: int = MERGE_SEED,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -217,7 +217,7 @@ def run_demo(
     vectors are purified by PAVE (the authors' ρ for the method, every task purified, each
     task's own training split as calibration data)."""
     timings: dict[str, float] = {}
-    protocol = protocol or Protocol()
+    protocol = protocol or TrainingProtocol()
     specs = select_methods(methods, len(tasks))
     target = report_destination(report, tasks, base, cache)  # checked before the long work
     clock = started = time.perf_counter()
@@ -382,7 +382,7 @@ def bar_chart(rows: Sequence[Row], tasks: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: DemoResult, zoo: Zoo, protocol: Protocol, seed: int) -> None:
+def write_report(result: DemoResult, zoo: Zoo, protocol: TrainingProtocol, seed: int) -> None:
     """results.md, results.csv, results.png and results.json in the report folder."""
     folder = result.report
     folder.mkdir(parents=True, exist_ok=True)

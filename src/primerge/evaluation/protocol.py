@@ -8,7 +8,7 @@ from primerge.util.seeding import derive_seed
 
 
 @dataclass(frozen=True)
-class Protocol:
+class TrainingProtocol:
     """Every setting that changes a fine-tune; its hash keys the cache."""
 
     learning_rate: float = 1e-4

@@ -45,7 +45,7 @@ from primerge.evaluation.model import (
 )
 from primerge.io.hf import load_pretrained_body, load_tokenizer
 from primerge.data.tasks import TaskSplit
-from primerge.evaluation.protocol import Protocol  # noqa: F401  (re-exported)
+from primerge.evaluation.protocol import TrainingProtocol  # noqa: F401  (re-exported)
 from primerge.util.cache_dirs import cache_root
 
 ZOO_FORMAT = 1
@@ -53,7 +53,7 @@ ZOO_FORMAT = 1
 
 
 
-def task_key(protocol: Protocol, base_fingerprint: str, split: TaskSplit) -> str:
+def task_key(protocol: TrainingProtocol, base_fingerprint: str, split: TaskSplit) -> str:
     """Hex key of one fine-tune: SHA-256 of the protocol, base and task fingerprints."""
     payload = {
         "format": ZOO_FORMAT,
@@ -145,7 +145,7 @@ def read_entry(path: Path, key: str) -> ZooEntry | None:
     )
 
 
-def find_entry(split: TaskSplit, base_fingerprint: str, protocol: Protocol, root: Path) -> ZooEntry | None:
+def find_entry(split: TaskSplit, base_fingerprint: str, protocol: TrainingProtocol, root: Path) -> ZooEntry | None:
     """The cached fine-tune of ``split`` under this protocol and base, or None if not built."""
     key = task_key(protocol, base_fingerprint, split)
     return read_entry(entry_path(root, key, split.name), key)
@@ -185,7 +185,7 @@ def warmup_linear(total_steps: int, warmup_fraction: float) -> Callable[[int], f
 def fine_tune(
     base: Path,
     split: TaskSplit,
-    protocol: Protocol,
+    protocol: TrainingProtocol,
     progress: bool = True,
 ) -> tuple[Classifier, object, dict]:
     """Fine-tune the body of ``base`` with a fresh head on ``split``'s training set.
@@ -234,7 +234,7 @@ def build_entry(
     base: Path,
     base_fingerprint: str,
     split: TaskSplit,
-    protocol: Protocol,
+    protocol: TrainingProtocol,
     root: Path,
     progress: bool = True,
 ) -> ZooEntry:
@@ -264,7 +264,7 @@ def build_entry(
 def build_zoo(
     splits: Sequence[TaskSplit],
     base: str | Path | None = None,
-    protocol: Protocol | None = None,
+    protocol: TrainingProtocol | None = None,
     cache: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -272,7 +272,7 @@ def build_zoo(
     """Build (or reuse) the base copy and one fine-tune per split; returns the Zoo."""
     from primerge.evaluation.model import default_base
 
-    protocol = protocol or Protocol()
+    protocol = protocol or TrainingProtocol()
     root = cache_root(cache)
     base_copy, fingerprint = prepare_base(base if base is not None else default_base(), root, log=log)
     zoo = Zoo(base_copy, fingerprint, root)
@@ -294,7 +294,7 @@ def evaluate_model(
     model: str | Path,
     splits: Sequence[TaskSplit],
     base: str | Path | None = None,
-    protocol: Protocol | None = None,
+    protocol: TrainingProtocol | None = None,
     cache: str | Path | None = None,
     batch_size: int = 128,
 ):
@@ -309,7 +309,7 @@ def evaluate_model(
     model = Path(model)
     if not model.is_dir():
         raise InputError(f"model folder {model} does not exist.")
-    protocol = protocol or Protocol()
+    protocol = protocol or TrainingProtocol()
     root = cache_root(cache)
     fingerprint = folder_fingerprint(Path(base) if base is not None else default_base())
     entries = {s.name: find_entry(s, fingerprint, protocol, root) for s in splits}
