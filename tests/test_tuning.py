@@ -238,7 +238,8 @@ def test_demo_tuned_adds_the_tuned_table(tuning_zoo, tmp_path):
     merged = primerge.merge_recipe(report / "tuning" / "task_arithmetic.yaml")
     assert row.parameters == merged.parameters and tuned.params.scale == merged.parameters["scale"]
     pave = load_recipe(report / "tuning" / "pave-delta" / "task_arithmetic.yaml")
-    assert pave.parameters == {"scale": None}  # the method at its defaults: only PAVE was tuned
+    defaults = primerge.get_method(pave.method).parameters().model_dump(mode="json", exclude_none=True)
+    assert pave.parameters == defaults  # the method at its defaults: only PAVE was tuned
     assert pave.purify is None or pave.purify["target"] == "delta"
     markdown = (report / "results.md").read_text()
     assert "## Tuned on validation data" in markdown and "| task_arithmetic (tuned) |" in markdown

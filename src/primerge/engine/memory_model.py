@@ -11,7 +11,8 @@ update and θ₀ + update. That count is affine in T: the working set is
 
 with (a, b) per method (:data:`COPIES`) and r the copies reading adds for how the inputs store the
 tensor (:func:`reading_copies`: a 16-bit tensor's float32 copy; FP8's float32 values, expanded
-scales and product; a vocabulary-aligned tensor's rows gathered from the base and every model).
+scales and product; a vocabulary-aligned tensor's rows gathered from the base and every model; a
+LoRA input's dense product).
 A whole-model pre-pass (TIES ``trim_scope: model``, PRIME ``rank: auto``, EMR) observes one tensor
 at a time with the same stack, so its peak is within the same count (its statistics are bounded
 by construction, e.g. TIES's at most 2^17 values per task).
@@ -51,8 +52,9 @@ FAMILY_COPIES: dict[str, tuple[float, float]] = {
 }
 #: Copies reading adds: a 16-bit tensor's float32 copy (1/2 of a float32 copy beyond the raw bytes
 #: the table counts); an FP8 tensor's float32 values, expanded scales and their product (3); the
-#: rows of a vocabulary-aligned tensor gathered from the base and each model (3).
-SIXTEEN_BIT, FP8, VOCABULARY = 0.5, 3.0, 3.0
+#: rows of a vocabulary-aligned tensor gathered from the base and each model (3); a LoRA input's
+#: product B·A formed in float32 where the method reads dense task vectors (1).
+SIXTEEN_BIT, FP8, VOCABULARY, FACTORED = 0.5, 3.0, 3.0, 1.0
 
 
 def method_copies(name: str, family: str, tasks: int) -> float:
@@ -61,8 +63,9 @@ def method_copies(name: str, family: str, tasks: int) -> float:
     return a + b * tasks
 
 
-def reading_copies(itemsizes: list[int], quantized: bool, aligned: bool) -> float:
+def reading_copies(itemsizes: list[int], quantized: bool, aligned: bool, factored: bool = False) -> float:
     """r: the copies reading adds for inputs storing the tensor with ``itemsizes`` (bytes per element),
-    any of them FP8 block-scaled (``quantized``), its rows aligned by token string (``aligned``)."""
+    any of them FP8 block-scaled (``quantized``), its rows aligned by token string (``aligned``), any
+    of them LoRA factors (``factored``)."""
     return (FP8 if quantized else SIXTEEN_BIT if min(itemsizes, default=4) < 4 else 0.0) + (
-        VOCABULARY if aligned else 0.0)
+        VOCABULARY if aligned else 0.0) + (FACTORED if factored else 0.0)

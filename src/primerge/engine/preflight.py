@@ -126,7 +126,8 @@ def working_set(plan: Plan, entry: PlanEntry) -> int:
     stored = [c.info(entry.name) for c in inputs if entry.name in c]
     quantized = any(scheme_of(c, entry.name) is not None for c in inputs if entry.name in c)
     aligned = plan.vocabulary is not None and entry.name in plan.vocabulary.tensors and plan.vocabulary.aligned
-    copies += reading_copies([info.dtype.itemsize for info in stored], quantized, aligned)
+    factored = any(isinstance(s.inner if isinstance(s, VocabAligned) else s, LoraAdapter) for s in plan.sources)
+    copies += reading_copies([info.dtype.itemsize for info in stored], quantized, aligned, factored)
     extra = tasks * numel if spec.per_task else 0
     return math.ceil(4 * numel * copies) + extra
 
