@@ -144,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_torch() -> None:
+    """Import torch with SIGINT/SIGTERM/SIGHUP held back until it is done: its C++ start-up calls
+    back into Python, and an exception a signal handler raises there aborts the process (SIGABRT)
+    instead of unwinding. A signal that arrives meanwhile lands right after, as usual."""
+    from primerge.io.publish import signals_deferred
+
+    with signals_deferred():
+        import torch  # noqa: F401
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(signal, name):
             previous[name] = signal.signal(getattr(signal, name), handler)
     try:
+        _import_torch()
         return args.func(args)
     except PrimergeError as exc:
         print(f"primerge: error: {exc}", file=sys.stderr)
