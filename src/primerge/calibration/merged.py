@@ -166,7 +166,7 @@ def prefix_modules(bench: Bench, first: Batch) -> set[str]:
     handles.append(bench.blocks[0].register_forward_pre_hook(_raise_stop))
     try:
         bench.forward(first)
-    except _Stop:
+    except _Stop:  # the forward pass stopped at the first block, as intended
         pass
     finally:
         for h in handles:
@@ -215,7 +215,7 @@ def block_inputs(bench: Bench, batches: list[Batch]) -> list[BlockInput]:
         for batch in batches:
             try:
                 bench.forward(batch)
-            except _Stop:
+            except _Stop:  # stopped at the first block once its inputs were captured
                 pass
             if "call" not in captured:
                 raise InputError(f"{bench.blocks_name}.0: the base model's forward pass never reached its first "
@@ -292,7 +292,7 @@ class Walk:
                 stats.mask = batch[1]
                 try:
                     self.bench.forward(batch)
-                except _Stop:
+                except _Stop:  # stopped after the stage whose inputs were recorded
                     pass
         finally:
             if handle is not None:

@@ -54,7 +54,7 @@ def stop(token: str, spare: set[int]) -> None:
         for pid in pids:
             try:
                 os.kill(pid, sig)
-            except OSError:
+            except OSError:  # the process exited meanwhile (or is not ours to signal): nothing to stop
                 pass
         deadline = time.monotonic() + GRACE
         while sig == signal.SIGTERM and pids and time.monotonic() < deadline:

@@ -81,7 +81,7 @@ def _sync_folder(folder: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # a file system that cannot sync folders: the rename is still atomic
         pass
     finally:
         os.close(fd)

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from primerge.io.user_paths import components
-from primerge.util.hashing import file_sha256
+from primerge.util.hashing import input_sha256
 from primerge.util.platform import mixed_kinds_note
 from primerge.version import __version__
 
@@ -48,19 +48,6 @@ def md_fence(text: str, info: str = "") -> list[str]:
 CARD = "README.md"
 
 
-_HASHES: dict[tuple, str] = {}
-
-
-def _sha256(file: Path) -> str:
-    """:func:`file_sha256`, remembered per process by the file's (path, size, mtime): a tuning run
-    merges the same inputs many times."""
-    info = file.stat()
-    key = (str(file), info.st_size, info.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(file)
-    return _HASHES[key]
-
-
 def input_records(plan) -> list[dict]:
     """Each input (the base, then every model) with the files the merge read from it and their
     SHA-256, by file name: what the card's front matter records, so a reader can check the inputs
@@ -68,7 +55,7 @@ def input_records(plan) -> list[dict]:
     weights = [None, *(entry.weight for entry in plan.recipe.models)]
     names = [Path(plan.recipe.base).name, *plan.labels]  # the base by its folder's name, never its path
     return [{"role": "base" if i == 0 else "model", "name": names[i], **({"weight": weights[i]} if i else {}),
-             "files": {file.name: _sha256(file) for file in files}}
+             "files": {file.name: input_sha256(file) for file in files}}
             for i, (_, files) in enumerate(plan.input_files())]
 
 

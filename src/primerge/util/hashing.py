@@ -31,23 +31,38 @@ def file_sha256(path: Path) -> str:
 _DIGESTS: dict[tuple, str] = {}
 
 
+def _memoized(signature: tuple, compute) -> str:
+    """``compute()``, remembered per process under ``signature`` (paths with their sizes and mtimes):
+    a tuning run or a demo hashes the same inputs many times and reads each once. Only for inputs:
+    an integrity check (``primerge verify``) must read the bytes every time."""
+    if signature not in _DIGESTS:
+        _DIGESTS[signature] = compute()
+    return _DIGESTS[signature]
+
+
+def input_sha256(path: Path) -> str:
+    """:func:`file_sha256` of an input file, memoised (:func:`_memoized`)."""
+    info = Path(path).stat()
+    return _memoized(("file", str(Path(path).resolve()), info.st_size, info.st_mtime_ns), lambda: file_sha256(path))
+
+
 def content_digest(path: Path, skip: Iterable[str] = ()) -> str:
     """SHA-256 of a file, or of a folder's files (sorted relative names and bytes), leaving out
     files named in ``skip``; a changed weight, config or vocabulary gives another digest.
 
-    Memoised per process on every file's (name, size, mtime): a tuning run or a demo hashes the
-    same models many times and reads each once."""
+    Memoised per process on every file's (name, size, mtime) (:func:`_memoized`)."""
     path, skip = Path(path), frozenset(skip)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip) if path.is_dir() else [path]
     signature = (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    if signature not in _DIGESTS:
+
+    def compute() -> str:
         digest = hashlib.sha256()
         for file in files:
             digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\x00")
             _update_from_file(digest, file)
             digest.update(b"\x01")
-        _DIGESTS[signature] = digest.hexdigest()
-    return _DIGESTS[signature]
+        return digest.hexdigest()
+    return _memoized(signature, compute)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
