@@ -252,3 +252,19 @@ def test_per_task_merge_folder_scores_like_the_demo(zoo, task_files, tiny_base, 
     assert (out / "per_task" / "per_task.json").is_file()
     scores = evaluate_model(out, load_splits(task_files), base=tiny_base, protocol=PROTOCOL, cache=cache)
     assert scores.accuracy == pytest.approx(row.accuracy, abs=1e-9)
+
+
+def test_reading_a_models_tensors_refuses_a_shard_outside_its_folder(tmp_path):
+    """A shard index is user text: a shard named outside the folder is refused, never read."""
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.zeros(2)}, str(outside))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
+    with pytest.raises(InputError, match="outside the model folder"):
+        read_tensors(folder)
+    save_file({"w": torch.ones(2)}, str(folder / "part.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "part.safetensors"}}))
+    assert read_tensors(folder)["w"].tolist() == [1.0, 1.0]

@@ -12,7 +12,6 @@ model) and ``scale-gradient:K`` (the scale as K anchors over depth) — :mod:`pr
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 from primerge.cli import llm as llm_cli
@@ -27,23 +26,40 @@ def _names(values: list[str] | None) -> list[str]:
     return [v for value in values or [] for v in value.split(",") if v]
 
 
+#: The options of a tuning run (``tune``; ``demo`` takes them with ``--tuned`` only).
+TUNING_OPTIONS = ("--trials", "--budget", "--validation-size", "--tune-seed", "--search")
+
+
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
-    """Trials, budget, validation size and TPE seed (shared by ``tune`` and ``demo --tuned``)."""
-    parser.add_argument("--trials", type=int, default=DEFAULTS.trials,
+    """Trials, budget, validation size, TPE seed and ``--search`` (shared by ``tune`` and ``demo --tuned``,
+    both suites). Each defaults to ``None``: :func:`settings_from` applies :class:`TuneSettings`' defaults,
+    and ``demo`` refuses them without ``--tuned`` (:func:`primerge.cli.llm.options_given`)."""
+    parser.add_argument("--trials", type=int,
                         help=f"trials per method, the defaults included (default {DEFAULTS.trials})")
     parser.add_argument("--budget", type=float, metavar="MIN",
                         help="time budget in minutes for all methods together (default: none)")
-    parser.add_argument("--validation-size", type=int, default=DEFAULT_SIZE,
+    parser.add_argument("--validation-size", type=int,
                         help=f"validation examples per task, carved from the training data (default {DEFAULT_SIZE})")
-    parser.add_argument("--tune-seed", type=int, default=DEFAULTS.seed,
-                        help=f"seed of Optuna's TPE sampler (default {DEFAULTS.seed})")
+    parser.add_argument("--tune-seed", type=int, help=f"seed of Optuna's TPE sampler (default {DEFAULTS.seed})")
+    parser.add_argument("--search", nargs="+", metavar="PART",
+                        help="what each study searches (default params): params (each method's own parameters), "
+                             "weights or weights:LOW:HIGH (one weight per model, default range 0 to 1), "
+                             "scale-gradient:K (the method's scale as K anchors over depth, interpolated per layer "
+                             "as mergekit does); e.g. --search params weights scale-gradient:3")
 
 
 def settings_from(args, pave: bool = False, targets: tuple[str, ...] = ("weight", "delta"),
                   data: dict[str, str] | None = None) -> TuneSettings:
-    return TuneSettings(trials=args.trials, budget_minutes=args.budget, seed=args.tune_seed,
-                        validation_size=args.validation_size, pave=pave, pave_targets=targets,
-                        pave_data=dict(data or {}))
+    """The run's settings from :func:`add_budget_options`' options; :class:`TuneSettings`' defaults for
+    those not given (``--search``: the methods' own parameters, no genome)."""
+    from primerge.tuning.genome import parse_search
+
+    given = {"trials": args.trials, "budget_minutes": args.budget, "seed": args.tune_seed,
+             "validation_size": args.validation_size}
+    if args.search is not None:
+        given["method_params"], given["genome"] = parse_search(_names(args.search))
+    return TuneSettings(**{name: value for name, value in given.items() if value is not None}, pave=pave,
+                        pave_targets=targets, task_data=dict(data or {}))
 
 
 def register(subparsers) -> None:
@@ -56,11 +72,6 @@ def register(subparsers) -> None:
     tune.add_argument("--methods", nargs="+", metavar="METHOD",
                       help="methods to tune (default: the recipe's method; 'all': every registered method)")
     add_budget_options(tune)
-    tune.add_argument("--search", nargs="+", default=["params"], metavar="PART",
-                      help="what each study searches (default params): params (each method's own parameters), "
-                           "weights or weights:LOW:HIGH (one weight per model, default range 0 to 1), "
-                           "scale-gradient:K (the method's scale as K anchors over depth, interpolated per layer "
-                           "as mergekit does); e.g. --search params weights scale-gradient:3")
     tune.add_argument("--pave", action="store_true",
                       help="also tune PAVE: ρ, target and which models are purified (the tasks are the data)")
     tune.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"], default=["weight", "delta"],
@@ -80,10 +91,8 @@ def suite_options(args) -> dict:
     """The suite's own options: the LLM suite's protocol and device; none for the encoder suite
     (which refuses the LLM suite's options rather than ignore them)."""
     if args.suite == "llm":
-        return {"protocol": llm_cli.protocol_of(args), "device": args.device}
-    given = llm_cli.prompt_options_given(args)
-    if given:
-        raise RecipeError(f"{', '.join(given)}: option(s) of the LLM suite; add --suite llm or drop them.")
+        return {"protocol": llm_cli.protocol_of(args), "device": llm_cli.device_of(args)}
+    llm_cli.refuse_options(args, llm_cli.PROMPT_OPTIONS, "the LLM suite", "add --suite llm or drop them")
     return {}
 
 
@@ -98,22 +107,18 @@ def cmd_tune(args) -> int:
     from primerge.methods import list_methods
     from primerge.core.recipe import load_recipe
     from primerge.tuning.report import genome_rows, summary_rows, text_table, validation_rows
-    from primerge.tuning.genome import parse_search
     from primerge.tuning.run import tune
     from primerge.tuning.suites import SUITES
 
-    method_params, genome = parse_search(_names(args.search))
     recipe = load_recipe(args.recipe)
     tasks = task_specs(args.tasks)
+    settings = settings_from(args, args.pave, tuple(args.pave_targets), dict(zip(recipe.model_labels(), tasks)))
     methods = _names(args.methods)
     if methods == ["all"]:
         methods = [spec.name for spec in list_methods()]
     if args.suite not in SUITES:
         raise RecipeError(f"unknown suite '{args.suite}'; choose one of: {', '.join(sorted(SUITES))}.")
-    suite = SUITES[args.suite](recipe, tasks, args.validation_size, args.cache, **suite_options(args))
-    data = dict(zip(recipe.model_labels(), tasks))
-    settings = replace(settings_from(args, args.pave, tuple(args.pave_targets), data),
-                       method_params=method_params, genome=genome)
+    suite = SUITES[args.suite](recipe, tasks, settings.validation_size, args.cache, **suite_options(args))
     result = tune(recipe, suite, methods or None, settings, args.out, log=(lambda m: None) if args.quiet else print)
     print()
     print(text_table(*summary_rows(result.results)))

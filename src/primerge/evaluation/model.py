@@ -28,6 +28,7 @@ from primerge.io.destination import destination
 from primerge.util.hashing import content_digest
 from primerge.io.hf import transformers_module
 from primerge.io.manifest import Ledger
+from primerge.io.readers import member
 from primerge.io.writer import atomic_folder
 
 HEAD_PREFIX = "classifier."
@@ -44,7 +45,8 @@ def default_base() -> Path:
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's ``model.safetensors`` or of its sharded index."""
+    """Every tensor of a folder's ``model.safetensors`` or of its sharded index (each shard a regular
+    file inside the folder: :func:`primerge.io.readers.member`)."""
     folder = Path(folder)
     index = folder / WEIGHTS_INDEX
     try:
@@ -52,7 +54,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             tensors: dict[str, torch.Tensor] = {}
             for shard in shards:
-                tensors.update(load_file(folder / shard))
+                tensors.update(load_file(member(folder, shard, "shard", index)))
             return tensors
         if (folder / WEIGHTS).is_file():
             return load_file(folder / WEIGHTS)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from primerge.tuning.genome import Genome
@@ -26,5 +26,6 @@ class TuneSettings:
     method_params: bool = True  # False: the method's own parameters as the recipe gives them (--search without params)
     genome: Genome | None = None  # per-model weights and the scale's gradient over depth (--search)
     pave_targets: tuple[str, ...] = ("weight", "delta")
-    pave_data: dict[str, str] = field(default_factory=dict)  # model label -> task data (PAVE)
+    task_data: dict[str, str] = field(default_factory=dict)  # model label -> task data (PAVE, calibration)
+    calibration: dict[str, Any] = field(default_factory=dict)  # more settings of a calibration block the tuner adds
     cache_bytes: int = DEFAULT_CACHE_BYTES

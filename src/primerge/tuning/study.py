@@ -16,6 +16,13 @@ With ``--search`` (:mod:`primerge.tuning.genome`) a trial also sets each model's
 scale as a gradient of K anchors over depth (in place of one λ), and the method's own parameters
 may be left as the recipe gives them; the first trial is then the recipe as given.
 
+A method that reads its inputs' Gram matrices (RegMean, RegMean++) merges with the recipe's
+``calibration:`` block; a recipe without one gets ``calibration: {data: {<model>: <task>}}`` from the
+run's tasks (``settings.task_data``, with ``settings.calibration``'s further settings), so every
+trial and the best recipe written (which must merge from its YAML alone) carry it
+(:func:`method_recipe`). The calibration reads each task's training texts, from which the
+validation examples are carved too: the merge sees their inputs, never their labels.
+
 A setting that repeats an earlier trial's (TPE may propose it again on categorical spaces) takes
 that trial's result without merging.
 """
@@ -29,7 +36,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from primerge.util.errors import InputError, PrimergeError
+from primerge.evaluation.demo import calibration_block
+from primerge.util.errors import InputError, PrimergeError, RecipeError
 from primerge.methods.base import MethodSpec
 from primerge.core.purify_block import paper_rank_ratio
 from primerge.core.recipe import Recipe
@@ -123,7 +131,7 @@ def split_point(point: dict[str, Any], search: MethodSearch, labels: list[str], 
         return params, None, weights
     purify = {**(fixed_purify or {}), "rank_ratio": point[f"{PAVE_PREFIX}rank_ratio"],
               "target": point.get(f"{PAVE_PREFIX}target", settings.pave_targets[0]), "tasks": chosen,
-              "data": {label: settings.pave_data[label] for label in chosen}}
+              "data": {label: settings.task_data[label] for label in chosen}}
     return params, purify, weights
 
 
@@ -190,11 +198,21 @@ def _point_text(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
 
-def method_recipe(recipe: Recipe, spec: MethodSpec) -> tuple[Recipe, dict[str, Any]]:
+def method_recipe(recipe: Recipe, spec: MethodSpec, settings: TuneSettings) -> tuple[Recipe, dict[str, Any]]:
     """The recipe with ``spec`` as its method, and the parameters the study keeps fixed: the
-    recipe's own parameters when it names this method, else none (the registered defaults)."""
+    recipe's own parameters when it names this method, else none (the registered defaults). A
+    recipe's own ``calibration:`` block is kept; without one, a method that reads Gram matrices
+    gets the run's tasks as its block (module docstring)."""
     fixed = dict(recipe.parameters) if recipe.method == spec.name else {}
-    return recipe.replace(method=spec.name, parameters=fixed), fixed
+    calibration = recipe.calibration
+    if calibration is None and spec.reads_grams is not None:
+        missing = [label for label in recipe.model_labels() if label not in settings.task_data]
+        if missing:
+            raise RecipeError(f"method '{spec.name}' reads each model's task data, but the tuning run has no task for "
+                              f"model '{missing[0]}'; give one task per model (--tasks) or a calibration: block.")
+        data = {label: settings.task_data[label] for label in recipe.model_labels()}
+        calibration = calibration_block(spec, data, **settings.calibration)
+    return recipe.replace(method=spec.name, parameters=fixed, calibration=calibration), fixed
 
 
 def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSettings, timeout: float | None,
@@ -203,7 +221,7 @@ def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSe
     optuna = optuna_module()
     start = time.perf_counter()
     labels = suite.labels
-    base, fixed = method_recipe(recipe, spec)
+    base, fixed = method_recipe(recipe, spec, settings)
     shared = recipe.settings.uniform() if recipe.method == spec.name else {}  # a gradient has no one value
     space: MethodSpace = space_for(spec, shared)
     search = method_search(spec, space, recipe, shared, labels, settings.method_params, settings.genome)
