@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from llm_fixtures import byte_level_tokenizer, tiny_llama
 from tokenizer_families import FAMILIES, family_tokenizer
 from primerge.util.errors import InputError
+from primerge.data.prompts import word_ends
 from primerge.evaluation.llm.prompts import (MIN_TEXT_TOKENS, PACKAGED_PROMPTS, Verbaliser, cast_task, fit_text,
                                              fitted_text, label_tokens, options, prompt_length, split_answer,
-                                             verbaliser_for, word_ends)
+                                             verbaliser_for)
 from primerge.data.tasks import PACKAGED, TaskData
 
 TEXTS = tuple(f"the pot {i} is on a nose at it and the other one is here too" for i in range(20))

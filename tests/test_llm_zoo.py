@@ -144,7 +144,7 @@ def test_answer_tokens_follow_the_prompt():
 
 @pytest.mark.parametrize("extra, message", [
     (["--zoos", "partial"], "unknown zoo kind partial"),
-    (["--pave", "prime"], "--pave rows belong to the encoder suite"),
+    (["--pave", "prime"], "--pave: option(s) of the encoder suite; drop them or use --suite encoder."),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--methods", "primo"], "Did you mean 'prime'"),
     pytest.param(["--device", "cuda"], "no CUDA device is available",

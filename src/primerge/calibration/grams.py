@@ -5,8 +5,10 @@ safetensors files (one matrix at a time, never the whole file), so it holds only
 carries it pickles to a remote worker, which reads the same files.
 
 RegMean's Grams (``reads_grams: own``, :func:`own_grams`) are the covariances of PAVE's data pass
-(:func:`primerge.purify.covariance.covariance_file`): task t's training texts through model t,
-C = XᵀX / rows per linear layer, computed once per model, data and settings and cached. A checkpoint
+(:func:`primerge.purify.covariance.covariance_file`): task t's training texts (as the block's
+prompt template for model t makes them, when it has one) through model t, C = XᵀX / rows per linear
+layer, computed once per model, data and settings and cached. A LoRA adapter runs as the recipe's
+base folder with the adapter merged in by peft, so its Grams are those of the adapted model. A checkpoint
 tensor ``<module>.weight`` is matched to its hooked module as PAVE matches them
 (:func:`primerge.purify.pave.match_modules`: a wrapper prefix such as ``bert.`` on either side).
 """
@@ -69,7 +71,7 @@ def own_grams(plan: Plan, *, relative_to: Path | None = None, cache: Path | None
     for label, entry in zip(recipe.model_labels(), recipe.models):
         path, _ = covariance_file(Path(entry.path), calibration_texts(config, label, relative_to), base=base_folder,
                                   samples=config.samples, max_length=config.max_length,
-                                  batch_size=config.batch_size, cache=cache)
+                                  batch_size=config.batch_size, cache=cache, template=config.template_for(label))
         with safe_open(str(path), framework="pt") as handle:
             modules = [k[:-len("|cov")] for k in handle.keys() if k.endswith("|cov")]
         found = match_modules(matrices, modules)

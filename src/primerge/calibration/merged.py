@@ -17,7 +17,10 @@ modules after it (the suffix: a pooler, a final norm). At stage s, for each task
 3. task t's hidden states advance through the merged stage.
 
 Every tensor of the model is merged once before the walk (the method's mean where no Gram is known
-yet), so the only weights that change later are those of the stage being merged. A block runs on
+yet), so the only weights that change later are those of the stage being merged. Model t's weights
+come from the plan's task vectors, so a LoRA adapter is θ₀ + s·B A as the merge reads it (no peft
+load), and the texts run as the block's prompt template for model t makes them, when it has one
+(:func:`~primerge.purify.covariance.token_batches`). A block runs on
 its own from the inputs captured at the first block (hidden states and the keyword arguments the
 model passes every block: attention mask, rotary embeddings), so the pass costs two block forwards
 per block and task; the prefix and the suffix run the whole model (the prefix stops at the first
@@ -365,7 +368,8 @@ def merged_grams(plan: Plan, *, relative_to: Path | None = None, cache: Path | N
 
     bench = open_bench(plan)
     tokenizer = load_tokenizer(Path(plan.recipe.base))
-    batches = {label: list(token_batches(tokenizer, items, config.samples, config.max_length, config.batch_size))
+    batches = {label: list(token_batches(tokenizer, items, config.samples, config.max_length, config.batch_size,
+                                         config.template_for(label)))
                for label, items in texts.items()}
     empty = [label for label, items in batches.items() if not items]
     if empty:

@@ -6,6 +6,11 @@ Errors are raised as primerge errors and turned into exit code 2 by :mod:`primer
 Tasks are named on the command line as packaged task names or ``.csv`` / ``.jsonl`` files with
 ``text`` and ``label`` columns; the base is the packaged all-MiniLM-L6-v2 unless ``--base`` names
 another Hugging Face encoder folder.
+
+``demo`` and ``eval`` refuse, in one line, every option the chosen suite would ignore: the encoder's
+training options with ``--suite llm`` / ``--harness lm-eval``, the LLM suite's without them, the
+tuning options without ``--tuned`` and ``--pave-targets`` without ``--pave``
+(:func:`primerge.cli.llm.refuse_options`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from primerge.cli import tune as tuning_cli
 from primerge.evaluation.protocol import TrainingProtocol
 
 DEFAULTS = TrainingProtocol()
+#: How the encoder zoo is trained: options of the encoder suite alone (``zoo build``, ``eval``, ``demo``).
+TRAINING_OPTIONS = ("--epochs", "--small-task-epochs", "--train-seed")
+#: The options of the encoder ``demo`` alone (``--train-seed`` also seeds the LLM suite's fine-tunes).
+ENCODER_DEMO_OPTIONS = ("--epochs", "--small-task-epochs", "--pave", "--pave-targets")
 
 
 def _names(values: list[str] | None) -> list[str]:
@@ -36,17 +45,17 @@ def _add_common(parser: argparse.ArgumentParser, tasks_default: bool = True) -> 
     parser.add_argument("--base", type=Path, help="base Hugging Face encoder folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--cache", type=Path,
                         help="cache folder (default: $PRIMERGE_CACHE, else ~/.cache/primerge)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
-                        help=f"fine-tuning epochs (default {DEFAULTS.epochs})")
-    parser.add_argument("--small-task-epochs", type=int, default=DEFAULTS.small_task_epochs,
+    parser.add_argument("--epochs", type=int, help=f"fine-tuning epochs (default {DEFAULTS.epochs})")
+    parser.add_argument("--small-task-epochs", type=int,
                         help=f"epochs for tasks with < {DEFAULTS.small_task_threshold} training examples "
                              f"(default {DEFAULTS.small_task_epochs})")
-    parser.add_argument("--train-seed", type=int, default=DEFAULTS.seed,
-                        help=f"fine-tuning seed (default {DEFAULTS.seed})")
+    parser.add_argument("--train-seed", type=int, help=f"fine-tuning seed (default {DEFAULTS.seed})")
 
 
 def _protocol(args) -> TrainingProtocol:
-    return TrainingProtocol(epochs=args.epochs, small_task_epochs=args.small_task_epochs, seed=args.train_seed)
+    """The encoder's training protocol: the options given, :class:`TrainingProtocol`'s defaults for the rest."""
+    given = {"epochs": args.epochs, "small_task_epochs": args.small_task_epochs, "seed": args.train_seed}
+    return TrainingProtocol(**{name: value for name, value in given.items() if value is not None})
 
 
 def register(subparsers) -> None:
@@ -74,12 +83,13 @@ def register(subparsers) -> None:
                       help="methods to compare (default: every registered method at its defaults)")
     demo.add_argument("--report", type=Path, default=Path("demo-report"),
                       help="report folder: results.md, results.csv, results.png (default demo-report)")
-    demo.add_argument("--pave", nargs="+", metavar="METHOD", default=[],
+    demo.add_argument("--pave", nargs="+", metavar="METHOD",
                       help="also merge these methods on PAVE-purified task vectors (e.g. prime ties)")
-    demo.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"], default=["weight"],
+    demo.add_argument("--pave-targets", nargs="+", choices=["weight", "delta"],
                       help="PAVE rows per target: weight (the paper's Eq. 6, default) and/or delta")
     demo.add_argument("--tuned", action="store_true",
-                      help="also tune every method on validation data (primerge tune) and add the tuned table")
+                      help="also tune every method on validation data (primerge tune) and add the tuned table "
+                           "(both suites; --trials, --budget, --validation-size, --tune-seed and --search set it)")
     tuning_cli.add_budget_options(demo)
     demo.add_argument("--seed", type=int, default=42, help="merge seed (default 42)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -102,7 +112,10 @@ def cmd_zoo_build(args) -> int:
 
 def cmd_eval(args) -> int:
     if args.harness:
+        llm_cli.refuse_options(args, TRAINING_OPTIONS, "the encoder zoo's training",
+                               "drop them (lm-eval scores the model as it is)")
         return llm_cli.cmd_eval(args)
+    llm_cli.refuse_options(args, llm_cli.LLM_EVAL_OPTIONS, "--harness lm-eval", "add --harness lm-eval or drop them")
     from primerge.data.tasks import load_splits
     from primerge.evaluation.zoo import evaluate_model
 
@@ -122,13 +135,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def check_demo_options(args) -> None:
+    """Refuse every option the chosen demo would ignore (module docstring)."""
+    if args.suite == "llm":
+        llm_cli.refuse_options(args, ENCODER_DEMO_OPTIONS, "the encoder suite", "drop them or use --suite encoder")
+    else:
+        llm_cli.refuse_options(args, llm_cli.LLM_DEMO_OPTIONS, "the LLM suite", "add --suite llm or drop them")
+    if not args.pave:
+        llm_cli.refuse_options(args, ("--pave-targets",), "--pave", "add --pave METHOD ... or drop it")
+    if not args.tuned:
+        llm_cli.refuse_options(args, tuning_cli.TUNING_OPTIONS, "--tuned", "add --tuned or drop them")
+
+
 def cmd_demo(args) -> int:
+    check_demo_options(args)
     if args.suite == "llm":
         return llm_cli.cmd_demo(args)
     from primerge.evaluation.demo import run_demo, text_table
 
     options = dict(
-        tasks=_names(args.tasks) or list(DEFAULT_TASKS),
+        tasks=tuning_cli.task_specs(args.tasks) or list(DEFAULT_TASKS),
         methods=_names(args.methods) or None,
         base=args.base,
         cache=args.cache,
@@ -137,8 +163,9 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         progress=not args.quiet,
         pave=_names(args.pave),
-        pave_targets=tuple(args.pave_targets),
     )
+    if args.pave_targets:
+        options["pave_targets"] = tuple(args.pave_targets)
     if args.tuned:
         from primerge.cli.tune import settings_from
         from primerge.tuning.demo import run_tuned_demo

@@ -12,6 +12,7 @@ model) and ``scale-gradient:K`` (the scale as K anchors over depth) — :mod:`pr
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from primerge.cli import llm as llm_cli
@@ -48,8 +49,7 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
                              "as mergekit does); e.g. --search params weights scale-gradient:3")
 
 
-def settings_from(args, pave: bool = False, targets: tuple[str, ...] = ("weight", "delta"),
-                  data: dict[str, str] | None = None) -> TuneSettings:
+def settings_from(args, pave: bool = False, targets: tuple[str, ...] = ("weight", "delta")) -> TuneSettings:
     """The run's settings from :func:`add_budget_options`' options; :class:`TuneSettings`' defaults for
     those not given (``--search``: the methods' own parameters, no genome)."""
     from primerge.tuning.genome import parse_search
@@ -59,7 +59,7 @@ def settings_from(args, pave: bool = False, targets: tuple[str, ...] = ("weight"
     if args.search is not None:
         given["method_params"], given["genome"] = parse_search(_names(args.search))
     return TuneSettings(**{name: value for name, value in given.items() if value is not None}, pave=pave,
-                        pave_targets=targets, task_data=dict(data or {}))
+                        pave_targets=targets)
 
 
 def register(subparsers) -> None:
@@ -110,9 +110,10 @@ def cmd_tune(args) -> int:
     from primerge.tuning.run import tune
     from primerge.tuning.suites import SUITES
 
+    settings = settings_from(args, args.pave, tuple(args.pave_targets))  # --search checked before anything is read
     recipe = load_recipe(args.recipe)
     tasks = task_specs(args.tasks)
-    settings = settings_from(args, args.pave, tuple(args.pave_targets), dict(zip(recipe.model_labels(), tasks)))
+    settings = replace(settings, task_data=dict(zip(recipe.model_labels(), tasks)))
     methods = _names(args.methods)
     if methods == ["all"]:
         methods = [spec.name for spec in list_methods()]

@@ -10,26 +10,32 @@ the recipe so ``primerge plan`` refuses a bad block before any checkpoint is ope
       samples: 4096             # token rows of each task's training texts run through the models
       max_length: 64            # tokens per text (truncation)
       batch_size: 32            # texts per forward pass
+      template: "Review: {text}\\nAnswer:"   # optional: each text as this prompt (or model label -> prompt)
 
 A method that reads its inputs' Gram matrices (registered with ``reads_grams``) needs the block
 with an entry for every model; a method that reads no data leaves it unused (so one recipe serves
 ``primerge tune`` over data-aware and data-free methods alike), but it is validated all the same.
-The texts are each task's training split (:func:`task_texts`), so the test split is never read. Problems raise
+The texts are each task's training split (:func:`task_texts`), so the test split is never read. A
+``template`` (one for every model, or one per model label; a model without one reads its raw texts)
+runs each text as the prompt the model is used with, the text cut at a word end so the prompt has
+at most ``max_length`` tokens (:func:`primerge.data.prompts.fit_text`). Problems raise
 :class:`primerge.util.errors.RecipeError` naming the field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from primerge.data.prompts import TEXT_FIELD
 from primerge.util.errors import RecipeError, closest
 from primerge.util.schema import validate
 
 if TYPE_CHECKING:
+    from primerge.methods.base import MethodSpec
     from primerge.core.recipe import Recipe
 
 
@@ -46,6 +52,22 @@ class TaskDataConfig(BaseModel):
 
 class CalibrationConfig(TaskDataConfig):
     """The ``calibration:`` block of a data-aware method (module docstring)."""
+
+    template: str | dict[str, str] | None = Field(
+        None, description="a prompt with one {text} field each text runs as: one for every model, or model label -> "
+                          "prompt (the text cut at a word end so the prompt has at most max_length tokens)")
+
+    def template_for(self, label: str) -> str | None:
+        """Model ``label``'s prompt template, None for its raw texts."""
+        return self.template.get(label) if isinstance(self.template, dict) else self.template
+
+
+def block_for(spec: MethodSpec, data: Mapping[str, str], **settings: Any) -> dict | None:
+    """The ``calibration:`` block a merge with ``spec`` needs: each model's task (model label -> a
+    packaged task name or a .csv/.jsonl file; its *training* texts are read, never its test split)
+    and ``settings`` (e.g. the LLM track's prompt templates), when the method reads its inputs'
+    Gram matrices (``spec.reads_grams``: RegMean, RegMean++); None for a method that reads no data."""
+    return {"data": dict(data), **settings} if spec.reads_grams is not None else None
 
 
 def check_labels(block: str, field: str, keys: Iterable[str], labels: list[str]) -> None:
@@ -77,6 +99,13 @@ def parse_calibration(recipe: Recipe) -> CalibrationConfig | None:
     if missing:
         raise RecipeError(f"calibration.data: no data for model '{missing[0]}'; the block names each model's "
                           "task data (a .csv/.jsonl file or a packaged task name).")
+    templates = config.template if isinstance(config.template, dict) else {"": config.template or TEXT_FIELD}
+    check_labels("calibration", "template", (k for k in templates if k), labels)
+    for label, template in templates.items():
+        if TEXT_FIELD not in template:
+            where = f"calibration.template.{label}" if label else "calibration.template"
+            raise RecipeError(f"{where}: {template[:60]!r} has no {TEXT_FIELD} field; write where the text goes, "
+                              f"e.g. 'Review: {TEXT_FIELD}\\nAnswer:'.")
     return config
 
 

@@ -47,6 +47,7 @@ from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
 from primerge.util.cache_dirs import cache_root
 from primerge.util.hashing import state_digest, tensor_bytes
+from primerge.core.calibration_block import block_for
 from primerge.core.purify_block import paper_rank_ratio
 
 #: The report files as the demo wrote them before it wrote a manifest (such a folder is replaced).
@@ -125,12 +126,11 @@ def merged_row(spec, zoo: Zoo, splits: Sequence[TaskSplit], tokenizer, zoo_heads
 
     With ``purify`` the task vectors are PAVE-purified first (recipe field ``purify``) and the row
     is labelled so (``+ PAVE``, ``+ PAVE delta`` for ``target: delta``). A data-aware method
-    (RegMean) gets ``data`` (model label -> task) as its calibration data."""
+    (RegMean) gets ``data`` (model label -> task) as its calibration data (:func:`primerge.core.calibration_block.block_for`)."""
     start = time.perf_counter()
-    calibration = {"data": data} if spec.reads_grams is not None else None
     result = primerge.merge(zoo.base, [str(p) for p in zoo.paths], method=spec.name,
                             task_specific=HEAD_REGEX, seed=seed, quiet=quiet, purify=purify,
-                            calibration=calibration)
+                            calibration=block_for(spec, data or {}))
     label = f"{spec.name} (per-task)" if result.per_task else spec.name
     if purify is not None:
         label += " + PAVE" + (" delta" if purify.get("target") == "delta" else "")
@@ -256,13 +256,14 @@ def run_demo(
 
 
 def report_destination(report: str | Path | None, tasks: Sequence[str], base: str | Path | None,
-                       cache: str | Path | None) -> Destination | None:
+                       cache: str | Path | None, legacy: Sequence[str] = REPORT_FILES) -> Destination | None:
     """The checked report folder (never over the cache, the base or a task file; replaces only an
-    earlier demo report), or ``None`` without a report."""
+    earlier demo report, or a folder of ``legacy`` files, a report written without a manifest), or
+    ``None`` without a report."""
     if report is None:
         return None
     inputs = [cache_root(cache), *([base] if base is not None else []), *(t for t in tasks if Path(t).suffix)]
-    return destination(report, inputs, force=True, kind="demo-report", legacy=REPORT_FILES)
+    return destination(report, inputs, force=True, kind="demo-report", legacy=legacy)
 
 
 @contextmanager

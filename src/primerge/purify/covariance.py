@@ -6,13 +6,20 @@ forward hook on every linear layer accumulates, over the real (non-padding) toke
 input, C = Σ x xᵀ / rows and the mean |x| per input feature (ASVD's scaling), in float64. Batches
 are fed until ``samples`` token rows have been seen (the last batch is cut to the remainder).
 
+A PEFT LoRA adapter folder is run as its base (the ``base`` folder) with the adapter merged into
+the weights by peft (:func:`primerge.io.hf.load_adapted_body`: W + s·B A), so its covariances are
+those of the adapted model, the same as of that model saved in full. With a ``template`` (a
+prompt with one ``{text}`` field) each text runs as its prompt, cut at a word end so the prompt
+has at most ``max_length`` tokens (:func:`primerge.data.prompts.fit_text`, the LLM track's rule).
+
 The same pass gives RegMean its Gram matrices (:mod:`primerge.calibration`, which reads a cached
 file one matrix at a time), and its pieces (:func:`token_batches`, :class:`InputStatistics`) run the
 RegMean++ pass through the merged model.
 
 Results are cached under ``<cache>/covariances/<key>.safetensors`` (cache = ``$PRIMERGE_CACHE``,
-else ``~/.cache/primerge``); the key hashes the model folder's files, the tokenizer folder's files,
-the texts and the settings, so a changed model or data set computes anew.
+else ``~/.cache/primerge``); the key hashes the model folder's files (an adapter's and its base's),
+the tokenizer folder's files, the texts, the template and the settings, so a changed model, base or
+data set computes anew.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from primerge.data.prompts import Verbaliser, fit_text, prompt_length
+from primerge.io.adapters import is_adapter
 from primerge.util.errors import InputError
 from primerge.util.hashing import content_digest
 from primerge.util.cache_dirs import cache_root
@@ -51,19 +60,26 @@ class Covariances:
 
 
 def cache_key(model: Path, tokenizer: Path, texts: Sequence[str], samples: int, max_length: int,
-              batch_size: int) -> str:
-    """SHA-256 of the model files, tokenizer files, texts and settings."""
+              batch_size: int, base: Path | None = None, template: str | None = None) -> str:
+    """SHA-256 (32 hex digits) of the model files, tokenizer files, texts and settings; of the base's
+    files too when ``base`` is given (an adapter's), and of the template when there is one."""
     digest = hashlib.sha256(f"pave-cov/{FORMAT}/{samples}/{max_length}/{batch_size}".encode())
     digest.update(content_digest(model).encode() + b"\x02" + content_digest(tokenizer).encode() + b"\x03")
+    if base is not None:
+        digest.update(b"adapter-on\x00" + content_digest(base).encode() + b"\x03")
+    if template is not None:
+        digest.update(b"template\x00" + template.encode() + b"\x03")
     for text in texts:
         digest.update(text.encode() + b"\x00")
     return digest.hexdigest()[:32]
 
 
-def _load_model(folder: Path) -> nn.Module:
-    from primerge.io.hf import load_pretrained_body
+def _load_model(folder: Path, adapter_base: Path | None) -> nn.Module:
+    """The full model of ``folder``, or the adapter of ``folder`` applied to ``adapter_base``."""
+    from primerge.io.hf import load_adapted_body, load_pretrained_body
 
-    return load_pretrained_body(folder).eval()
+    body = load_pretrained_body(folder) if adapter_base is None else load_adapted_body(folder, adapter_base)
+    return body.eval()
 
 
 def _tokenizer_folder(model: Path, base: Path | None) -> Path:
@@ -74,18 +90,39 @@ def _tokenizer_folder(model: Path, base: Path | None) -> Path:
     return base
 
 
-def token_batches(tokenizer, texts: Sequence[str], samples: int, max_length: int,
-                  batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def prompts(tokenizer, texts: Sequence[str], template: str, max_length: int) -> list[str]:
+    """Each text as ``template``'s prompt of it, the text cut at a word end so the prompt has at
+    most ``max_length`` tokens (:func:`~primerge.data.prompts.fit_text`); a template that leaves
+    no room for a text, or a text cut to nothing, is an error (the prompt would not hold the text)."""
+    frame = Verbaliser(template)
+    overhead = prompt_length(tokenizer, frame, "")
+    if overhead >= max_length:
+        raise InputError(f"the calibration template {template[:60]!r} is {overhead} tokens on its own, leaving no room "
+                         f"for a text in max_length {max_length}; raise calibration.max_length.")
+    out = []
+    for text in texts:
+        cut = fit_text(text, frame, tokenizer, max_length)
+        if text.strip() and not cut:
+            raise InputError(f"the calibration text {text[:40]!r} does not fit in a prompt of {max_length} tokens "
+                             f"even cut to its first character; raise calibration.max_length.")
+        out.append(frame.prompt(cut))
+    return out
+
+
+def token_batches(tokenizer, texts: Sequence[str], samples: int, max_length: int, batch_size: int,
+                  template: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, mask) of ``batch_size`` texts at a time (right-padded with the tokenizer's pad
     id, else 0; mask true on real tokens) until ``samples`` token rows (the last text cut to the
-    remainder)."""
+    remainder). With a ``template`` each text is its :func:`prompts` (fitted as its batch comes)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = 0
     for start in range(0, len(texts), batch_size):
         if rows >= samples:
             return
-        ids = tokenizer(list(texts[start:start + batch_size]), truncation=True,
-                        max_length=max_length)["input_ids"]
+        batch = list(texts[start:start + batch_size])
+        if template is not None:
+            batch = prompts(tokenizer, batch, template, max_length)
+        ids = tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]
         kept, budget = [], samples - rows
         for seq in ids:
             if budget <= 0:
@@ -156,11 +193,12 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def collect(model: nn.Module, tokenizer, texts: Sequence[str], samples: int, max_length: int,
-            batch_size: int) -> Covariances:
-    """Run ``texts`` through ``model`` until ``samples`` token rows, hooking every nn.Linear."""
+            batch_size: int, template: str | None = None) -> Covariances:
+    """Run ``texts`` (as ``template``'s prompts, when given) through ``model`` until ``samples``
+    token rows, hooking every nn.Linear."""
     rows = 0
     with InputStatistics().hooked(linear_modules(model)) as stats, torch.inference_mode():
-        for input_ids, mask in token_batches(tokenizer, texts, samples, max_length, batch_size):
+        for input_ids, mask in token_batches(tokenizer, texts, samples, max_length, batch_size, template):
             stats.mask = mask
             model(input_ids=input_ids, attention_mask=mask.long())
             rows += int(mask.sum())
@@ -194,24 +232,39 @@ def _load(path: Path) -> Covariances:
 
 
 def covariance_file(model: Path, texts: Sequence[str], *, base: Path | None = None, samples: int = 4096,
-                    max_length: int = 64, batch_size: int = 32, cache: Path | None = None) -> tuple[Path, str]:
-    """The cache file of ``model``'s covariances on ``texts`` and its key, computed first when it
-    is missing or damaged. The file holds ``<module>|cov`` and ``<module>|abs`` per linear module."""
+                    max_length: int = 64, batch_size: int = 32, cache: Path | None = None,
+                    template: str | None = None) -> tuple[Path, str]:
+    """The cache file of ``model``'s covariances on ``texts`` (as ``template``'s prompts, when
+    given) and its key, computed first when it is missing or damaged. ``model`` is a model folder,
+    or a LoRA adapter folder applied to the ``base`` folder. The file holds ``<module>|cov`` and
+    ``<module>|abs`` per linear module."""
     model = Path(model)
     if not model.is_dir():
         raise InputError(f"{model}: running the task's data through this model needs its folder (config and "
                          "tokenizer files, or a base folder with the tokenizer).")
+    adapter_base = _adapter_base(model, base)
     if not texts:
         raise InputError(f"{model}: the task data has no texts.")
     tok_folder = _tokenizer_folder(model, base)
-    key = cache_key(model, tok_folder, texts, samples, max_length, batch_size)
+    key = cache_key(model, tok_folder, texts, samples, max_length, batch_size, adapter_base, template)
     path = (cache or cache_root()) / "covariances" / f"{key}.safetensors"
     if not _readable(path):
         from primerge.io.hf import load_tokenizer
 
         tokenizer = load_tokenizer(tok_folder)
-        _save(path, collect(_load_model(model), tokenizer, texts, samples, max_length, batch_size))
+        _save(path, collect(_load_model(model, adapter_base), tokenizer, texts, samples, max_length, batch_size,
+                            template))
     return path, key
+
+
+def _adapter_base(model: Path, base: Path | None) -> Path | None:
+    """The folder the LoRA adapter ``model`` is applied to (``base``); None for a full model."""
+    if not is_adapter(model):
+        return None
+    if base is None or not Path(base).is_dir():
+        raise InputError(f"{model}: running the task's data through a LoRA adapter applies it to the recipe's base, "
+                         f"which must then be a model folder (config.json and weights), not {base}.")
+    return Path(base)
 
 
 def _readable(path: Path) -> bool:

@@ -2,7 +2,8 @@
 
 Each model of the recipe (a causal-LM fine-tune or LoRA adapter of the recipe's base) has one task;
 the task's validation set is carved from its *training* split by the tuner's rule
-(:func:`primerge.tuning.holdout.carve`) and cast as prompts with verbalised labels as the LLM
+(:func:`primerge.tuning.holdout.carve`; with ``trained_on = m``, from the training examples after
+the first m, which the fine-tunes trained on: ``primerge demo --suite llm --tuned``) and cast as prompts with verbalised labels as the LLM
 track casts them (:func:`primerge.evaluation.llm.prompts.cast_task`, its validation examples in the
 test slot). lm-evaluation-harness scores every model (multiple choice over the label words by
 log-likelihood, ``acc``), as ``primerge demo --suite llm`` does: a fine-tune from its folder (an
@@ -31,13 +32,14 @@ class LLMSuite:
     """Validation accuracy from lm-eval for each model's task (module docstring).
 
     ``splits`` are the tasks in the recipe's model order; ``protocol`` gives the prompt budget and the
-    evaluation batch size; ``device`` is where models are scored.
+    evaluation batch size; ``device`` is where models are scored; ``trained_on`` is how many leading
+    training examples of each split the fine-tunes trained on (none of them is a validation example).
     """
 
     def __init__(self, recipe: Recipe, splits: Sequence, size: int = DEFAULT_SIZE, cache: str | Path | None = None,
-                 protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu"):
+                 protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu", trained_on: int = 0):
         from primerge.evaluation.llm.models import checked_device
-        from primerge.evaluation.llm.prompts import cast_task
+        from primerge.evaluation.llm.prompts import cast_task, prompt_calibration
         from primerge.io.hf import load_tokenizer
 
         self.labels = one_task_per_model(recipe, splits)
@@ -45,9 +47,10 @@ class LLMSuite:
         self.device = checked_device(device)
         self.batch_size = protocol.eval_batch_size
         self.tokenizer = load_tokenizer(self.base)
-        self.sets = {label: carve(split, size) for label, split in zip(self.labels, splits)}
+        self.sets = {label: carve(split, size, trained_on=trained_on) for label, split in zip(self.labels, splits)}
         self.tasks = {label: cast_task(self.sets[label].as_split(), self.tokenizer, protocol.max_prompt_tokens, 0, size,
                                        test_part="validation") for label in self.labels}
+        self.calibration = prompt_calibration(self.tasks, protocol.max_prompt_tokens)
         self.root = cache_root(cache)
         self._individual: dict[str, float] | None = None
         self._current: LastModel | None = None

@@ -6,7 +6,8 @@ and that merge is scored on validation (``confirmed``): what a user gets from
 ``primerge merge <method>.yaml`` is what was measured. The test split is never touched here.
 
 A recipe's relative paths are relative to the file they are written in: the best recipe keeps
-the input recipe's absolute paths and re-expresses its relative ones from the report folder
+the input recipe's absolute paths and re-expresses its relative ones (base, models, and the
+.csv/.jsonl task files of its ``calibration:`` and ``purify:`` data) from the report folder
 (:func:`relocated`), so it merges from the report wherever the input recipe lived.
 """
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from primerge.api import merge_recipe
+from primerge.data.tasks import is_table_spec
 from primerge.evaluation.llm.estimates import Score
 from primerge.util.errors import OutputError
 from primerge.io.destination import destination
@@ -69,8 +71,17 @@ def relocated(recipe: Recipe, folder: Path) -> Recipe:
     def moved(path: Path) -> Path:
         return path if path.is_absolute() else relative_from(path, folder)
 
+    def moved_data(block: dict | None) -> dict | None:
+        """A calibration or purify block with its .csv/.jsonl task files moved (task names stay)."""
+        if block is None or "data" not in block:
+            return block
+        data = {label: str(moved(Path(spec).expanduser())) if is_table_spec(spec) else spec
+                for label, spec in block["data"].items()}
+        return {**block, "data": data}
+
     models = [entry.model_copy(update={"path": moved(entry.path)}) for entry in recipe.models]
-    return recipe.model_copy(update={"base": moved(recipe.base), "models": models})
+    return recipe.model_copy(update={"base": moved(recipe.base), "models": models, "purify": moved_data(recipe.purify),
+                                     "calibration": moved_data(recipe.calibration)})
 
 
 def confirm(result: MethodResult, suite: Suite, out: Path | None) -> None:
@@ -114,6 +125,7 @@ def tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None = None, set
 def _tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None, settings: TuneSettings, out: Path | None,
           log: Callable[[str], None]) -> TuneResult:
     specs = [get_method(name) for name in methods] if methods else [recipe.spec]
+    settings = replace(settings, calibration={**suite.calibration, **settings.calibration})
     started = time.perf_counter()
     sizes = {label: len(suite.sets[label].texts) for label in suite.labels}
     log(suite.describe())

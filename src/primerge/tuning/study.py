@@ -36,9 +36,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from primerge.evaluation.demo import calibration_block
 from primerge.util.errors import InputError, PrimergeError, RecipeError
 from primerge.methods.base import MethodSpec
+from primerge.core.calibration_block import block_for
 from primerge.core.purify_block import paper_rank_ratio
 from primerge.core.recipe import Recipe
 from primerge.util.seeding import derive_seed
@@ -211,7 +211,7 @@ def method_recipe(recipe: Recipe, spec: MethodSpec, settings: TuneSettings) -> t
             raise RecipeError(f"method '{spec.name}' reads each model's task data, but the tuning run has no task for "
                               f"model '{missing[0]}'; give one task per model (--tasks) or a calibration: block.")
         data = {label: settings.task_data[label] for label in recipe.model_labels()}
-        calibration = calibration_block(spec, data, **settings.calibration)
+        calibration = block_for(spec, data, **settings.calibration)
     return recipe.replace(method=spec.name, parameters=fixed, calibration=calibration), fixed
 
 

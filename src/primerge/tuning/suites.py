@@ -37,6 +37,7 @@ class Suite(Protocol):
 
     labels: list[str]
     sets: dict[str, ValidationSet]  # each task's validation examples, by model label
+    calibration: dict  # how a data-aware method's calibration block reads these tasks (e.g. prompt templates)
 
     def individual(self) -> dict[str, float]:
         """Each fine-tune's own validation score, by model label."""
@@ -78,6 +79,7 @@ class EncoderSuite:
         except InputError:  # a base saved without its tokenizer: the fine-tunes carry one
             self.tokenizer = load_tokenizer(Path(recipe.models[0].path))
         self.max_length = max_length
+        self.calibration: dict = {}  # the block's defaults: each task's raw training texts
         self.root = cache_root(cache)
         self._current: LastModel | None = None
         self._individual: dict[str, float] | None = None

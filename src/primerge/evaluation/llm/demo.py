@@ -7,7 +7,8 @@
    own task (Individual), and one merged model per method through the public ``primerge.merge``
    (in memory; LoRA inputs take the factored path where the method has one). On the LoRA zoo, the
    methods named in ``as_lora`` also get a row for their ``--as-lora`` output: a PEFT adapter of rank
-   ``as_lora_rank`` written by primerge and applied to the base with peft.
+   ``as_lora_rank`` written by primerge and applied to the base with peft. A data-aware method
+   (RegMean, RegMean++) calibrates on each model's task as the user named it (:func:`merge_inputs`).
 4. Every model is scored by lm-evaluation-harness on every task (scores cached by content), each
    accuracy with its n and lm-eval's standard error (:class:`LLMRow`).
 
@@ -24,17 +25,18 @@ from pathlib import Path
 
 import primerge
 from primerge.util.errors import RecipeError
+from primerge.core.calibration_block import block_for
 from primerge.evaluation.demo import Row, select_methods
 from primerge.evaluation.llm.convert import resolve_base
 from primerge.evaluation.llm.estimates import Score
 from primerge.evaluation.llm.harness import evaluate_prompt_tasks
-from primerge.evaluation.llm.models import apply_adapter, checked_device, load_model, model_from_state
-from primerge.evaluation.llm.prompts import PromptTask, cast_task, scored_examples
+from primerge.evaluation.llm.models import checked_device, load_model, model_from_state
+from primerge.evaluation.llm.prompts import PromptTask, cast_task, prompt_calibration, scored_examples
 from primerge.evaluation.llm.scores import cached_scores, folder_identity
 from primerge.util.hashing import state_digest
 from primerge.evaluation.llm.zoo import CPU_PROTOCOL, KINDS, LLMProtocol, LLMZoo, build_llm_zoo
 from primerge.evaluation.model import folder_fingerprint
-from primerge.io.hf import load_tokenizer
+from primerge.io.hf import apply_adapter, load_tokenizer
 from primerge.data.tasks import load_splits
 from primerge.util.cache_dirs import cache_root
 
@@ -83,6 +85,8 @@ class Suite:
     batch_size: int
     tokenizer: object
     examples: dict[str, str]  # the test examples scored, per task, in words
+    specs: dict[str, str]  # task name -> the task as the user named it (packaged name or file)
+    max_prompt_tokens: int  # the prompts' token budget
 
     def score(self, identity: str, load: Callable[[], object],
               tasks: Sequence[PromptTask] | None = None) -> dict[str, Score]:
@@ -101,12 +105,21 @@ def method_names(names: Sequence[str] | None, tasks: int) -> list[str]:
     return [spec.name for spec in select_methods(None if list(names) == ["all"] else names, tasks)]
 
 
+def merge_inputs(suite: Suite, zoo: LLMZoo, method: str) -> dict:
+    """``primerge.merge``'s models (labelled with their task names) and, for a data-aware method,
+    its calibration block: each model's task as the user named it, read as :func:`~primerge.evaluation.llm.prompts.prompt_calibration`."""
+    models = [{"path": str(entry.path), "name": entry.name} for entry in zoo.entries]
+    data = {entry.name: suite.specs[entry.name] for entry in zoo.entries}
+    settings = prompt_calibration({task.name: task for task in suite.tasks}, suite.max_prompt_tokens)
+    return {"models": models, "calibration": block_for(primerge.get_method(method), data, **settings)}
+
+
 def merged_row(suite: Suite, zoo: LLMZoo, method: str, individual: dict, seed: int, quiet: bool) -> LLMRow:
     """Merge the zoo with ``method`` at its defaults (in memory) and score the merged model; a per-task
     method (EMR) is scored task by task with each task's own rebuilt state."""
     start = time.perf_counter()
-    result = primerge.merge(suite.base, [str(p) for p in zoo.paths], method=method, seed=seed,
-                            device=suite.device, quiet=quiet)
+    result = primerge.merge(suite.base, method=method, seed=seed, device=suite.device, quiet=quiet,
+                            **merge_inputs(suite, zoo, method))
     merge_seconds = time.perf_counter() - start
     start = time.perf_counter()
     per_task = bool(result.per_task and result.task_states)
@@ -130,8 +143,8 @@ def as_lora_row(suite: Suite, zoo: LLMZoo, method: str, rank: int, individual: d
     with tempfile.TemporaryDirectory(dir=suite.root / "llm") as tmp:
         out = Path(tmp) / f"{method}-lora-r{rank}"
         start = time.perf_counter()
-        result = primerge.merge(suite.base, [str(p) for p in zoo.paths], method=method, seed=seed,
-                                device=suite.device, quiet=quiet, out=out, lora_rank=rank)
+        result = primerge.merge(suite.base, method=method, seed=seed, device=suite.device, quiet=quiet, out=out,
+                                lora_rank=rank, **merge_inputs(suite, zoo, method))
         merge_seconds = time.perf_counter() - start
         start = time.perf_counter()
 
@@ -182,7 +195,9 @@ def prepare_suite(tasks: Sequence[str], base, cache, protocol: LLMProtocol, devi
     for task in cast:
         log(f"task {task.name}: {len(task.train_prompts)} train / {len(task.test_prompts)} test prompts, "
             f"label words {task.describe_labels()}; scored on {examples[task.name]}")
-    return Suite(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer, examples)
+    specs = {task.name: str(spec) for task, spec in zip(cast, tasks)}
+    return Suite(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer, examples, specs,
+                 protocol.max_prompt_tokens)
 
 
 def run_llm_demo(

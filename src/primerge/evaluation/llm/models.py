@@ -17,7 +17,7 @@ from primerge.io.adapters import CONFIG_NAME, is_adapter
 from primerge.io.files import load_json
 from primerge.util.errors import InputError
 from primerge.evaluation.llm.convert import check_causal_lm
-from primerge.io.hf import load_tokenizer, transformers_module
+from primerge.io.hf import apply_adapter, load_tokenizer, transformers_module
 
 
 
@@ -50,18 +50,6 @@ def load_causal_lm(folder: Path, device: str = "cpu"):
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{folder}: cannot load it as a causal LM ({exc}).") from exc
     return model.to(device).eval()
-
-
-def apply_adapter(model, folder: Path):
-    """``model`` with the LoRA adapter of ``folder`` merged into its weights (peft)."""
-    try:
-        from peft import PeftModel
-    except ImportError as exc:
-        raise InputError("loading a LoRA adapter needs peft: pip install 'primerge[llm]'") from exc
-    try:
-        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InputError(f"{folder}: cannot apply this adapter to its base ({exc}).") from exc
 
 
 def load_model(folder: Path, base: Path | None = None, device: str = "cpu"):

@@ -18,38 +18,23 @@ Label words are checked against the tokenizer (:func:`label_tokens`):
   applies), so the packaged tasks use single-token words.
 
 Texts are cut at a word boundary so that a whole prompt is at most ``max_prompt_tokens`` tokens
-(:func:`fit_text`); a text that would be cut to nothing is an error naming the example and the
+(:func:`~primerge.data.prompts.fit_text`, which the calibration pass of RegMean shares); a text that would be cut to nothing is an error naming the example and the
 option that raises the budget, never a blank prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from primerge.util.errors import InputError
+from primerge.data.prompts import TARGET_DELIMITER, TEXT_FIELD, Verbaliser, encode, fit_text, prompt_length
 from primerge.data.tasks import TaskData, TaskSplit
 
-TEXT_FIELD = "{text}"
-TARGET_DELIMITER = " "
 MIN_TEXT_TOKENS = 4
 #: The option that sets ``max_prompt_tokens`` on every command that casts prompts (eval, demo, tune).
 BUDGET_OPTION = "--max-prompt-tokens"
-
-
-@dataclass(frozen=True)
-class Verbaliser:
-    """``template`` (with one ``{text}``) and one answer word per class, in class order."""
-
-    template: str
-    words: tuple[str, ...]
-
-    def prompt(self, text: str) -> str:
-        return self.template.replace(TEXT_FIELD, text)
-
-    def answer(self, label: int) -> str:
-        return TARGET_DELIMITER + self.words[label]
 
 
 def options(words: Sequence[str]) -> str:
@@ -79,11 +64,6 @@ def verbaliser_for(task: TaskData | TaskSplit) -> Verbaliser:
     if task.name in PACKAGED_PROMPTS and len(PACKAGED_PROMPTS[task.name].words) == len(task.classes):
         return PACKAGED_PROMPTS[task.name]
     return question("Text", "Is this", tuple(task.classes))
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids as lm-eval's HFLM encodes a string (the tokenizer's own special-token default)."""
-    return list(tokenizer.encode(text))
 
 
 def split_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -119,52 +99,6 @@ def label_tokens(task: str, verbaliser: Verbaliser, tokenizer, classes: Sequence
                 f"(label word {word!r}), so the model cannot tell them apart; give them distinct label words.")
         seen[answer] = cls
     return tuple(ids)
-
-
-def prompt_length(tokenizer, verbaliser: Verbaliser, text: str) -> int:
-    """Tokens of ``text``'s prompt as lm-eval encodes it (the BOS token included where the tokenizer
-    adds one)."""
-    return len(encode(tokenizer, verbaliser.prompt(text)))
-
-
-def word_ends(text: str) -> list[int]:
-    """Every ``i`` such that ``text[:i]`` ends a word: ``text[i]`` is whitespace, ``text[i - 1]`` is not."""
-    return [i for i in range(1, len(text)) if text[i].isspace() and not text[i - 1].isspace()]
-
-
-def longest_fitting(lengths: Sequence[int], fits) -> int:
-    """Bisection for the last of the ascending ``lengths`` with ``fits(length)`` (0 when the first
-    does not fit). Only a length that was tested and fits is returned; when ``fits`` is monotone
-    (it is false after its first false) the result is the longest that fits."""
-    lo, hi = -1, len(lengths)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(lengths[mid]) else (lo, mid)
-    return lengths[lo] if lo >= 0 else 0
-
-
-def fit_text(text: str, verbaliser: Verbaliser, tokenizer, max_prompt_tokens: int) -> str:
-    """The longest prefix of ``text`` ending at a word end whose prompt has at most
-    ``max_prompt_tokens`` tokens; when not even the first word fits, the longest prefix of the first
-    word that does (a mid-word cut); ``""`` when not even its first character fits.
-
-    Token counts come from encoding whole prompts (never from decoding ids back to text, which
-    differs from the text wherever a tokenizer adds a BOS token, a space prefix or normalizes).
-    A prompt's token count grows with its words (pre-tokenizers split at spaces; a word is at
-    least one token), so bisection over the word ends finds the longest prefix with
-    O(log words) encodings.
-    """
-    def fits(length: int) -> bool:
-        return prompt_length(tokenizer, verbaliser, text[:length]) <= max_prompt_tokens
-
-    if fits(len(text)):
-        return text
-    ends = word_ends(text)
-    cut = longest_fitting(ends, fits)
-    if not cut:
-        first_word = range(1, ends[0] if ends else len(text))
-        cut = longest_fitting([i for i in first_word if not text[i - 1].isspace()], fits)
-    return text[:cut]
 
 
 @dataclass(frozen=True)
@@ -241,3 +175,16 @@ def fitted_text(task: str, part: str, index: int, text: str, verbaliser: Verbali
         raise InputError(f"task '{task}': {part} example {index} ({text[:40]!r}) does not fit in a prompt of "
                          f"{max_prompt_tokens} tokens even cut to its first character; raise {BUDGET_OPTION}.")
     return cut
+
+
+def prompt_calibration(tasks: Mapping[str, PromptTask], max_prompt_tokens: int) -> dict:
+    """The settings of a ``calibration:`` block that runs each model's training texts as the prompts
+    the LLM track fine-tunes on and scores: its task's template (``tasks``: model label -> cast task)
+    and the prompt budget, so each text is cut as :func:`cast_task`
+    cuts it. The LLM suite of the tuner (:mod:`primerge.tuning.llm_suite`) gives it as its ``calibration``.
+
+    [decision] An LLM calibrates on its prompts, not on raw texts: RegMean fits each layer's outputs
+    on the inputs X_t the layer sees in use (RegMean Section 3), and every scored prediction is read
+    at the prompt's last token, after the template's question and ``Answer:``, whose activations raw
+    texts never produce. The answer word is left out: lm-eval reads the prediction before it."""
+    return {"template": {label: t.verbaliser.template for label, t in tasks.items()}, "max_length": max_prompt_tokens}
