@@ -1,17 +1,19 @@
-"""``svd: auto``'s acceptance of a block Krylov SVD (primerge.linalg.certificate) and what a merge
-reports about its SVDs (primerge.linalg.outcomes).
+"""``svd: auto``'s acceptance of a block Krylov SVD (primerge.linalg.certificate), how the methods'
+members share it (TSV, PRIME, Iso-CTS) and what a merge reports about its SVDs (primerge.linalg.outcomes).
 
 The matrices are gap-free the way fine-tune deltas are: three strong directions over a Gaussian
-noise floor holding half the energy, cut at k = 4, inside the floor's Marchenko–Pastur edge, where
-the residual check cannot pass. Every bound is checked against float64 references. Margins: the
-float32 iteration perturbs β, θ and ρ by O(2^-24·‖A‖·√n) ≈ 1e-5 of ‖A‖ on any CPU or thread
-count, while the accepted cases sit ≥ 10% below their allowance and the rejected ones ≥ 10× above.
+noise floor holding half the energy (a tenth where a method's cut lies deep in the floor), cut
+inside the floor's Marchenko–Pastur edge, where the residual check cannot pass. Every bound is
+checked against float64 references. Margins: the float32 iteration perturbs β, θ and ρ by
+O(2^-24·‖A‖·√n) ≈ 1e-5 of ‖A‖ on any CPU or thread count, while the accepted cases sit ≥ 10% below
+their allowance and the rejected ones ≥ 10× above.
 """
 
 from __future__ import annotations
 
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -19,10 +21,30 @@ from safetensors.torch import save_file
 
 from primerge.api import merge_recipe
 from primerge.core.recipe import build_recipe
-from primerge.linalg import OutputPrecision, SVDOutcomes, block_krylov_svd, recording, truncated_svd
-from primerge.linalg.certificate import CERTIFIED_STEPS, ENERGY_EPSILON, ROUNDING_RMS, unit_roundoff
+from primerge.linalg import (
+    SVD,
+    KrylovSVD,
+    OutputPrecision,
+    SVDOutcomes,
+    block_krylov_svd,
+    project_out,
+    recording,
+    truncated_svd,
+)
+from primerge.linalg import truncated as truncated_module
+from primerge.linalg.certificate import (
+    CERTIFIED_STEPS,
+    ENERGY_EPSILON,
+    ROUNDING_FRACTION,
+    ROUNDING_RMS,
+    Combination,
+    combined,
+    unit_roundoff,
+)
 from primerge.linalg.truncated import exact_top
+from primerge.methods import iso as iso_module
 from primerge.methods.base import TensorContext
+from primerge.methods.tsv import concat_factors, summed_parts, whiten, whitened_merge
 from primerge.util.deterministic import ThreadIndependent
 
 from helpers import on_thread_counts, run
@@ -73,7 +95,7 @@ def test_gap_free_spectrum_is_certified_for_bf16_and_the_bounds_hold_in_float64(
     verdict = found.certificate
     assert not verdict.strict.any() and verdict.certified.all()
     assert found.passes >= 2 * CERTIFIED_STEPS + 3
-    assert (verdict.backward <= 0.9 * allowance).all() and (verdict.epsilon <= ENERGY_EPSILON).all()
+    assert (verdict.backward <= 0.9 * allowance.budget).all() and (verdict.epsilon <= ENERGY_EPSILON).all()
     for t in range(2):  # two members: the float64 SVDs below are the test's cost
         U, S, V = (part[t].double() for part in found.factors)
         A, U, V = taus[t].double().mT, V, U  # M < N: the iteration runs on Aᵀ (p ≥ q), where Aᵀu_i = θ_i v_i
@@ -149,20 +171,28 @@ def test_outcomes_pickle_and_reduce_in_any_order():
     assert total.lines()[0].startswith("svd (merge): 5 matrices by block Krylov")
 
 
+def write_fine_tunes(root, dtype: torch.dtype, tasks: int = T, noise: float = 0.5) -> list[str]:
+    """A base and ``tasks`` fine-tunes of two 384 × 768 matrices stored as ``dtype``: θ₀ ~ N(0, 0.02²),
+    gap-free deltas of element RMS 1e-3 (the bench zoo's scales). Returns the folders, base first."""
+    g = torch.Generator().manual_seed(6)
+    names = ["layers.0.mlp.up_proj.weight", "layers.1.mlp.up_proj.weight"]
+    base = {n: 0.02 * torch.randn(M, N, generator=g) for n in names}
+    deltas = {n: 1e-3 * math.sqrt(M * N) * gap_free(7 + i, tasks=tasks, noise=noise) for i, n in enumerate(names)}
+    folders = []
+    states = [("base", base)] + [(f"ft{t}", {n: base[n] + deltas[n][t] for n in names}) for t in range(tasks)]
+    for label, state in states:
+        folder = root / label
+        folder.mkdir()
+        save_file({n: v.to(dtype).contiguous() for n, v in state.items()}, str(folder / "model.safetensors"))
+        folders.append(str(folder))
+    return folders
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_merge_reports_its_svd_paths_on_stderr_and_in_the_card(tmp_path, capsys, dtype):
     """Two 384 × 768 matrices, three bf16 (or float32) fine-tunes with gap-free deltas: PRIME's
     1% rank is 4, where ``auto`` tries block Krylov; bf16 keeps it (certified), float32 redoes it."""
-    g = torch.Generator().manual_seed(6)
-    names = ["layers.0.mlp.up_proj.weight", "layers.1.mlp.up_proj.weight"]
-    base = {n: 0.02 * torch.randn(M, N, generator=g) for n in names}
-    deltas = {n: 1e-3 * math.sqrt(M * N) * gap_free(7 + i) for i, n in enumerate(names)}
-    folders = []
-    for label, state in [("base", base)] + [(f"ft{t}", {n: base[n] + deltas[n][t] for n in names}) for t in range(T)]:
-        folder = tmp_path / label
-        folder.mkdir()
-        save_file({n: v.to(dtype).contiguous() for n, v in state.items()}, str(folder / "model.safetensors"))
-        folders.append(str(folder))
+    folders = write_fine_tunes(tmp_path, dtype)
     recipe = build_recipe({"base": folders[0], "models": folders[1:], "method": "prime"})
     result = merge_recipe(recipe, out=tmp_path / "out", quiet=False)
     krylov, exact = result.svd.matrices("krylov"), result.svd.matrices("exact")
@@ -172,6 +202,33 @@ def test_a_merge_reports_its_svd_paths_on_stderr_and_in_the_card(tmp_path, capsy
     for line in result.svd.lines():
         assert line in err and line in card
     assert "## Truncated SVDs" in card
+
+
+def announced(decisions: list[str]) -> dict[str, int]:
+    """Matrices that the plan's ``svd: auto`` lines send to each path: {exact|randomized: members}
+    ("svd: auto: MODE SVD of T×m×n at rank r (K matrices): why")."""
+    paths = {"exact": 0, "randomized": 0}
+    for line in decisions:
+        if match := re.match(r"svd: auto: (\w+) SVD of ([\d×]+) at rank \d+ \((\d+) matri", line):
+            shape = [int(d) for d in match.group(2).split("×")]
+            paths[match.group(1)] += int(match.group(3)) * math.prod(shape[:-2])
+    return paths
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_cts", "prime"])
+def test_the_plan_announces_what_a_bf16_merge_then_does(tmp_path, method):
+    """Six bf16 fine-tunes: the plan's ``svd: auto`` lines (decided from the shapes and the output dtype)
+    send as many members to block Krylov as the merge then tries it on, kept or redone exactly after
+    failing its tests; the others are exact by the cost model. TSV's 6 × 384 × 768 SVD at rank 64 is
+    tried only because the output is 16-bit, so a method that did not hand its output precision to its
+    SVDs would take them exact (cost model) while the plan said otherwise."""
+    folders = write_fine_tunes(tmp_path, torch.bfloat16, tasks=METHOD_TASKS, noise=METHOD_NOISE)
+    recipe = build_recipe({"base": folders[0], "models": folders[1:], "method": method})
+    result = merge_recipe(recipe, out=tmp_path / "out")
+    paths = announced(result.decisions)
+    tried = sum(count for (path, reason), count in result.svd.counts.items() if reason != "cost model")
+    assert paths["randomized"] == tried > 0
+    assert paths["exact"] == result.svd.counts.get(("exact", "cost model"), 0)
 
 
 def test_rank_auto_merge_reuses_the_pre_pass_exact_svds_with_the_same_bits():
@@ -196,3 +253,214 @@ def test_rank_auto_merge_reuses_the_pre_pass_exact_svds_with_the_same_bits():
             assert torch.equal(kept, again)
             assert reused.flops == 0 < computed.flops
     assert not auto.memo.kept  # each matrix's factors are freed once the merge took them
+
+
+# ---------------------------------------------------------------- how the members of a method combine
+
+#: Six tasks with a tenth of their energy in the floor: TSV cuts at k = 64, deep inside it, PRIME at 4
+#: (the edge) and Iso-CTS's task-specific SVDs at 13 of the projected task vectors; each method's
+#: members are certified for a bf16 output sharing its allowance (≥ 10% below their shares).
+METHOD_TASKS, METHOD_NOISE = 6, 0.1
+#: Iso-CTS's projected task vectors have rank ≤ r_full − k_c = 78, which the Krylov basis spans (and
+#: the residual check accepts) from its fourth block: certified before that with θ₀ 200× τ (fine-tunes
+#: with small deltas), not with the bench's 20× (BASE_RATIO, TSV's and PRIME's cases).
+ISO_BASE_RATIO = 200.0
+
+
+def perturbed(x: torch.Tensor, factors: SVD, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The certificate's Â of every member, built as its docstring does (float64): on A = x (or xᵀ, the
+    side where the iteration ran, p ≥ q), Â = U_k Θ̂ V_kᵀ + D with D = (I − U_kU_kᵀ) A (I − V_kV_kᵀ)
+    and θ̂ = max(θ, floor). Returns (Â in x's orientation, ζ = θ̂ − θ, θ̂_k − ‖D‖₂: Â's gap at the cut)."""
+    flip = x.shape[-2] < x.shape[-1]
+    A = x.mT if flip else x
+    U, V = (factors.V, factors.U) if flip else (factors.U, factors.V)
+    zeta = (floor.unsqueeze(-1) - factors.S).clamp_min(0)
+    outside = A - U @ (U.mT @ A)
+    D = outside - (outside @ V) @ V.mT
+    lifted = factors.S + zeta
+    hat = (U * lifted.unsqueeze(-2)) @ V.mT + D
+    gap = lifted[..., -1] - torch.linalg.eigvalsh(D.mT @ D)[..., -1].clamp_min(0).sqrt()
+    return (hat.mT if flip else hat), zeta, gap
+
+
+def round_off_bound(gap: torch.Tensor, theta: torch.Tensor, bases: torch.Tensor) -> float:
+    """Relative float64 round-off of an exact-path merge of Â: LAPACK's backward error n·2^-53·‖Â‖₂
+    (n = N) moves the kept subspace by at most that over Â's gap at the cut (Wedin), and Whitening's
+    polar factor multiplies a change of its argument by at most 1/σ_min (Higham 2008, Theorem 8.9)."""
+    sigma_min = float(torch.linalg.svdvals(bases)[-1])
+    return N * 2.0**-53 * float((theta[:, 0] / gap).max()) / sigma_min
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def method_case(ratio: float = BASE_RATIO) -> tuple[torch.Tensor, TensorContext]:
+    """Float64 task vectors (so that the Ritz triplets are exact to float64 for the comparison) and a
+    bf16 output's context."""
+    taus = gap_free(31, tasks=METHOD_TASKS, noise=METHOD_NOISE).double()
+    return taus, TensorContext("layer.weight", "matrix", seed=3, precision=precision(torch.bfloat16, taus, ratio))
+
+
+def certified_merge(method: str, taus: torch.Tensor, ctx: TensorContext, monkeypatch) -> tuple[torch.Tensor, KrylovSVD]:
+    """The method's merge under ``svd: auto`` for a bf16 output, whose decomposed members must all be
+    certified (Iso-CTS's common SVD, at rank 0.8·r_full, is exact by the cost model), and the block
+    Krylov SVD that found them."""
+    found = []
+
+    def kept(*args, **options):
+        found.append(block_krylov_svd(*args, **options))
+        return found[-1]
+
+    monkeypatch.setattr(truncated_module, "block_krylov_svd", kept)
+    with ThreadIndependent(), recording() as outcomes:
+        merged = run(method, taus, ctx)
+    monkeypatch.undo()
+    assert outcomes.matrices("krylov") == taus.shape[0] == outcomes.counts[("krylov", "certified for bfloat16 output")]
+    assert outcomes.counts.get(("exact", "cost model"), 0) == (method == "iso_cts")
+    [krylov] = found
+    return merged, krylov
+
+
+def test_tsv_merge_of_certified_triplets_is_the_exact_merge_of_task_vectors_within_beta(monkeypatch):
+    """TSV on a bf16 output: the Ritz triplets are certified, and the merge written from them is the
+    exact-SVD TSV merge of the Â_t (‖A_t − Â_t‖_F = β_t, within each member's share) with its values
+    lowered by ζ: α Û diag(ζ) V̂ᵀ, to float64 round-off (:func:`round_off_bound`); without the ζ
+    term it is ≥ 10× the bound off."""
+    taus, ctx = method_case()
+    merged, found = certified_merge("tsv", taus, ctx, monkeypatch)
+    hat, zeta, gap = perturbed(taus, found.factors, found.certificate.floor)
+    assert torch.allclose((taus - hat).flatten(1).norm(dim=1), found.certificate.backward, rtol=1e-9)
+    assert (found.certificate.share <= 0.9).all() and (gap > 0).all() and (zeta > 0).any()
+    with ThreadIndependent():
+        exact = run("tsv", hat, svd="exact")
+    stacked = concat_factors(found.factors)
+    U_hat, V_hat = whiten(stacked)
+    expected = exact - (U_hat * zeta.reshape(-1)) @ V_hat.mT
+    bound = round_off_bound(gap, found.factors.S, stacked.U)
+    assert relative(merged, expected) <= bound
+    assert relative(merged, exact) >= 10 * bound
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_prime_merge_of_certified_triplets_is_the_exact_merge_of_task_vectors_within_beta(transposed, monkeypatch):
+    """PRIME on a bf16 output: the merge from the Ritz triplets is the exact-SVD PRIME merge of the Â_t,
+    less α Û diag(ζ) V̂ᵀ (its values) and plus α P⊥ mean_t(A_t − Â_t) (its residual term takes the given
+    A_t), to float64 round-off. For m < n the last term vanishes (A_t − Â_t = U_k(·)ᵀ there, and
+    P⊥U_k = 0); for m > n it does not, and leaving it out is ≥ 10× the round-off bound."""
+    taus, ctx = method_case()
+    taus = taus.mT.contiguous() if transposed else taus
+    merged, found = certified_merge("prime", taus, ctx, monkeypatch)
+    hat, zeta, gap = perturbed(taus, found.factors, found.certificate.floor)
+    assert (found.certificate.share <= 0.9).all() and (gap > 0).all()
+    with ThreadIndependent():
+        exact = run("prime", hat, svd="exact")
+    stacked = concat_factors(found.factors)
+    U_hat, V_hat = whiten(stacked)
+    lowered = exact - (U_hat * zeta.reshape(-1)) @ V_hat.mT
+    residual_term = project_out(U_hat, (taus - hat).mean(0))
+    bound = round_off_bound(gap, found.factors.S, stacked.U)
+    assert relative(merged, lowered + residual_term) <= bound
+    assert (relative(merged, lowered) >= 10 * bound) == transposed
+
+
+def test_iso_cts_merge_of_certified_triplets_is_the_exact_merge_of_projected_task_vectors_within_beta(monkeypatch):
+    """Iso-CTS on a bf16 output: its task-specific members (the task vectors projected off the common
+    subspace, w_t) are certified, and its merge equals Iso-CTS with those SVDs replaced by the exact SVDs
+    of the ŵ_t (‖w_t − ŵ_t‖_F = β_t), rescaled by s̄_θ̂ / s̄_θ = 1 + Σζ / ΣS (the flat value is the mean
+    of the kept values; ΣS = √r_full ‖merge‖_F, Û V̂ᵀ having r_full orthonormal columns), to float64
+    round-off of the whitened [U_1 … U_T | U_c]; the given task vectors' exact path is ≥ 10× further."""
+    taus, ctx = method_case(ISO_BASE_RATIO)
+    merged, _ = certified_merge("iso_cts", taus, ctx, monkeypatch)
+    exact_path = run("iso_cts", taus, svd="exact")
+    seen = {}
+
+    def exact_of_perturbed(x, rank, **options):
+        if x.dim() == 2:  # the common SVD: exact in both merges (cost model)
+            seen["common"] = truncated_svd(x, rank, **options)
+            return seen["common"]
+        found = block_krylov_svd(x, rank, seed=options["seed"], allowance=options["precision"].allowance(x.shape))
+        hat, zeta, gap = perturbed(x, found.factors, found.certificate.floor)
+        seen.update(found=found, zeta=zeta, gap=gap, backward=(x - hat).flatten(1).norm(dim=1))
+        return exact_top(hat, rank)
+
+    monkeypatch.setattr(iso_module, "truncated_svd", exact_of_perturbed)
+    with ThreadIndependent():
+        replaced = run("iso_cts", taus, ctx)
+    found = seen["found"]
+    assert torch.allclose(seen["backward"], found.certificate.backward, rtol=1e-9)
+    assert (found.certificate.share <= 0.9).all() and (seen["gap"] > 0).all()
+    rescaled = merged * (1 + float(seen["zeta"].sum()) / (math.sqrt(M) * float(merged.norm())))
+    bases = torch.cat([concat_factors(found.factors).U, seen["common"].U], dim=1)
+    bound = round_off_bound(seen["gap"], found.factors.S, bases)
+    assert relative(rescaled, replaced) <= bound
+    assert relative(merged, exact_path) >= 10 * bound
+
+
+@pytest.mark.parametrize("method", ["tsv", "prime", "iso_cts"])
+def test_float32_outputs_keep_the_strict_residual_check(method):
+    """The same task vectors written in float32: nothing is certified. Every member either fails the
+    residual check (a gap-free cut: ≥ 100× above its tolerance) or is exact by the cost model, so the
+    merge has the exact path's bits."""
+    taus, _ = method_case()
+    ctx = TensorContext("layer.weight", "matrix", seed=3, precision=precision(torch.float32, taus))
+    with ThreadIndependent(), recording() as outcomes:
+        merged = run(method, taus, ctx)
+    with ThreadIndependent():
+        exact = run(method, taus, svd="exact")
+    assert outcomes.matrices("krylov") == 0 and outcomes.epsilon == 0
+    assert torch.equal(merged, exact)
+
+
+def gapped(tasks: int, m: int, n: int, seed: int) -> torch.Tensor:
+    """m × n task vectors with a clear gap at TSV's cut k = m/T: k values from 1 down to 0.5 on random
+    subspaces over a floor of spectral norm ≈ 0.1 (σ_{k+1}/θ_k ≈ 0.2), float64."""
+    g = torch.Generator().manual_seed(seed)
+    k, out = m // tasks, []
+    for _ in range(tasks):
+        U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+        floor = torch.randn(m, n, generator=g, dtype=torch.float64) / (math.sqrt(m) + math.sqrt(n))
+        out.append((U * torch.linspace(1.0, 0.5, k, dtype=torch.float64)) @ V.mT + 0.1 * floor)
+    return torch.stack(out)
+
+
+def test_tsv_sums_its_members_errors_so_a_per_member_allowance_would_exceed_the_bound():
+    """Where the exact path is well defined (a gap at the cut), TSV's merge from unconverged Ritz
+    triplets (one Krylov step) moves the written update by Σ_t δP_t, δP_t ≈ −R_{k,t}V_tᵀ: eight terms on
+    independent random row spaces, nearly Frobenius-orthogonal, so ‖Σ_t δP_t‖ ≈ (Σ_t β_t²)^½ ≈ √8·β —
+    above 1.5·max_t β_t and below Σ_t β_t, each by a factor ≥ 1.5 at first order. So an allowance given
+    to each member alone (the certificate's default combination, which PRIME used) accepts members
+    whose merge exceeds ROUNDING_FRACTION × the output's rounding; TSV's own combination
+    (:func:`summed_parts`) rejects them."""
+    tasks, m, n = 8, 192, 384
+    taus = gapped(tasks, m, n, 41)
+    found = block_krylov_svd(taus, m // tasks, seed=3, steps=1)
+    beta = found.certificate.backward
+    moved = float((whitened_merge(concat_factors(found.factors))
+                   - whitened_merge(concat_factors(exact_top(taus, m // tasks)))).norm())
+    assert 1.5 * float(beta.max()) <= moved <= float(beta.sum())
+    # an output whose allowance, ROUNDING_FRACTION × its rounding, is just above every member's β
+    total = 1.05 * float(beta.max())
+    rms = total / (ROUNDING_FRACTION * ROUNDING_RMS * unit_roundoff(torch.bfloat16) * math.sqrt(m * n))
+    written = OutputPrecision("bfloat16", unit_roundoff(torch.bfloat16), rms)
+    kept = found.factors.S.double()
+    assert (written.allowance(taus.shape).share(beta, kept) <= 1).all()  # each member alone: within
+    assert moved > total  # ... yet together beyond the allowance
+    summed = combined(written, summed_parts(tasks, 1.0)).allowance(taus.shape)
+    assert (summed.share(beta, kept) > 1).all()
+
+
+def test_combinations_share_the_allowance_and_scale_by_their_gain():
+    """members split the allowance equally; the gain is |α|, or |α|·hypot(level/θ_k, 1) on the smallest
+    live kept value when the values are flattened (a null member's gain is |α|)."""
+    written = precision(torch.bfloat16, gap_free(1))
+    whole = written.allowance((M, N)).budget
+    flat = combined(written, Combination(4, 2.0, level=3.0)).allowance((M, N))
+    assert flat.budget == pytest.approx(whole / 4, rel=1e-12)
+    kept = torch.tensor([[6.0, 1.5, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    beta = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(flat.share(beta, kept) * flat.budget,
+                          torch.tensor([2.0 * math.sqrt(5.0), 2.0], dtype=torch.float64))
+    summed = combined(written, summed_parts(4, -2.0)).allowance((M, N))
+    assert torch.allclose(summed.share(beta, kept) * summed.budget, torch.full((2,), 2.0, dtype=torch.float64))

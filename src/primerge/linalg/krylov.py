@@ -14,8 +14,8 @@ r_i = A v_i − σ_i u_i = [X_0 … X_j] w_i / σ_i − σ_i u_i come from produ
 step is checked for free against the acceptance tests of :mod:`primerge.linalg.certificate`: the
 residual check ‖r_i‖ ≤ ``tol`` · σ_1 on the top k + 1 triplets (the extra one makes sure the k-th
 direction is separated from the (k+1)-th, so a small gap at the cut cannot hide a mixed
-direction), or, given an ``allowance`` (16-bit outputs), the certificate's backward error and
-(1 + ε) energy bound. Triplets whose σ is numerically null
+direction), or, given an ``allowance`` (16-bit outputs), the certificate's backward error, as it
+reaches the written tensor, and (1 + ε) energy bound. Triplets whose σ is numerically null
 (:func:`primerge.linalg.core.null_mask`) need no check.
 
 The iteration stops as soon as every member is accepted (the certificate usually allows fewer
@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from primerge.linalg.certificate import TOLERANCE, Certificate, certify
+from primerge.linalg.certificate import TOLERANCE, Allowance, Certificate, certify
 from primerge.linalg.core import SVD
 
 #: Oversampling columns (docs/algorithms.md, "Truncated SVDs").
@@ -78,11 +78,29 @@ def sketch(q: int, width: int, seed: int, like: Tensor) -> Tensor:
 
 def orthonormal_complement(basis: Tensor | None, block: Tensor) -> Tensor:
     """Orthonormal columns spanning ``block`` with span(``basis``) removed (Gram–Schmidt twice;
-    each ``block − K (Kᵀ block)`` one fused multiply-add)."""
-    if basis is not None:
-        for _ in range(2):
-            block = torch.baddbmm(block, basis, basis.mT @ block, alpha=-1)
-    return torch.linalg.qr(block).Q
+    each ``block − K (Kᵀ block)`` one fused multiply-add).
+
+    Twice is enough while the block keeps as many independent directions as columns. Once A's
+    range is exhausted (a member of rank below the basis width, e.g. Iso-CTS's task vectors projected
+    off the common subspace) the block is numerically rank-deficient and QR completes it with
+    arbitrary directions that are not orthogonal to K; a member whose new columns overlap K by more
+    than √ε is orthogonalised once more (its new columns then lie outside A's range, so Z = AᵀQ ≈ 0
+    and they leave the Ritz triplets as they are). The others keep their bits.
+    """
+    if basis is None:
+        return torch.linalg.qr(block).Q
+    Q = torch.linalg.qr(_without(basis, block)).Q
+    lost = (basis.mT @ Q).abs().amax(dim=(-2, -1)) > torch.finfo(Q.dtype).eps ** 0.5
+    if bool(lost.any()):
+        Q = torch.where(lost[..., None, None], torch.linalg.qr(_without(basis, Q)).Q, Q)
+    return Q
+
+
+def _without(basis: Tensor, block: Tensor) -> Tensor:
+    """(I − K Kᵀ) applied twice to ``block``."""
+    for _ in range(2):
+        block = torch.baddbmm(block, basis, basis.mT @ block, alpha=-1)
+    return block
 
 
 class _Ritz(NamedTuple):
@@ -127,9 +145,9 @@ def hopeless(history: list[Tensor], steps_left: int) -> bool:
 
 
 def block_krylov_svd(x: Tensor, rank: int, *, seed: int = 0, tol: float = TOLERANCE,
-                     steps: int = MAX_STEPS, allowance: float | None = None) -> KrylovSVD:
+                     steps: int = MAX_STEPS, allowance: Allowance | None = None) -> KrylovSVD:
     """Top-``rank`` triplets of ``x`` (..., m, n) by block Krylov iteration (module docstring);
-    ``allowance``: the certificate's largest backward error per member (None: residual check only)."""
+    ``allowance``: the certificate's, per member (None: residual check only)."""
     batch = x.shape[:-2]
     if len(batch) != 1:  # the iteration runs on one batch axis (batched BLAS calls)
         found = block_krylov_svd(x.reshape(-1, *x.shape[-2:]), rank, seed=seed, tol=tol, steps=steps,

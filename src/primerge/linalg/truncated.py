@@ -70,7 +70,7 @@ def truncated_svd(x: Tensor, rank: int, *, mode: SVDMode = "auto", seed: int = 0
         record("krylov", "svd: randomized, unchecked", members, passes=members * found.passes, flops=flops,
                seconds=time.perf_counter() - start)
         return found.factors
-    _record_krylov(found, members, precision, allowance, flops, time.perf_counter() - start)
+    _record_krylov(found, members, precision, flops, time.perf_counter() - start)
     if bool(found.converged.all()):
         return found.factors
     start = time.perf_counter()
@@ -81,7 +81,7 @@ def truncated_svd(x: Tensor, rank: int, *, mode: SVDMode = "auto", seed: int = 0
     return kept
 
 
-def _record_krylov(found: KrylovSVD, members: int, precision: OutputPrecision | None, allowance: float | None,
+def _record_krylov(found: KrylovSVD, members: int, precision: OutputPrecision | None,
                    flops: float, seconds: float) -> None:
     """Record the members ``auto``'s Krylov attempt kept, by the test that accepted them, with their
     passes (the attempt's flops and seconds go to the Krylov path, whatever happened to its members)."""
@@ -92,7 +92,7 @@ def _record_krylov(found: KrylovSVD, members: int, precision: OutputPrecision | 
         chosen = verdict.certified
         record("krylov", f"certified for {precision.dtype} output", certified, passes=certified * found.passes,
                epsilon=float(verdict.epsilon[chosen].max()),
-               backward=float(verdict.backward[chosen].max()) / max(allowance, 1e-300))
+               backward=float(verdict.share[chosen].max()))
 
 
 def _rejection(found: KrylovSVD, precision: OutputPrecision | None) -> str:

@@ -27,15 +27,24 @@ projection off the common space is not mistaken for a direction.
 Iso-C keeps LoRA task vectors factored: when every task is low-rank, the SVD of Σ_t τ_t comes
 from the concatenated factors (:meth:`primerge.methods.stack.TaskStack.sum_svd`). Iso-CTS
 materialises the stack (its task-specific SVDs follow a projection of every task vector).
+
+Under ``svd: auto`` a 16-bit output lets Iso-CTS's block Krylov triplets be certified
+(:mod:`primerge.linalg.certificate`). The flat spectrum writes every kept direction with mean(S),
+so a member's backward error reaches the update through its polar factor, with gain
+|α|·hypot(s̄/θ_k, 1); the common SVD and the T task-specific ones share the allowance, and s̄ is
+bounded before each SVD from what is known then (:func:`mean_ceiling`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from primerge.linalg import SVD, drop_null, live_polar, project_out, truncated_svd
+from primerge.linalg import SVD, OutputPrecision, drop_null, live_polar, project_out, truncated_svd
+from primerge.linalg.certificate import Combination, combined
 from primerge.methods.base import SVDParams, TensorContext, merge_method
 from primerge.methods.stack import TaskStack
 from primerge.methods.tsv import concat_factors
@@ -72,21 +81,40 @@ def iso_cts_svds(shape: tuple[int, int], tasks: int, params: IsoCTSParams,
     return [(batch, rank) for batch, rank in ((shape, k_c), ((tasks, *shape), n)) if rank > 0]
 
 
+def mean_ceiling(r_full: int, known: float, *pending: tuple[int, Tensor]) -> float:
+    """A bound on s̄ = mean(S) over the r_full flat values before every SVD has run: ``known`` is the
+    sum of the values found so far, and each ``pending`` (rank, norms) adds matrices whose top-rank
+    values are still to come, Σ_{j≤rank} σ_j ≤ √rank · ‖X‖_F (Cauchy–Schwarz). Ritz values lie
+    below the singular values, so the bound holds whichever SVD path finds them."""
+    return (known + sum(math.sqrt(rank) * float(norms.sum()) for rank, norms in pending)) / r_full
+
+
 @merge_method("iso_cts", IsoCTSParams, "Iso-CTS: common + task-specific subspaces, whitened, with a flat spectrum",
               svd_requests=iso_cts_svds)
 def iso_cts(stack: TaskStack, ctx: TensorContext, params: IsoCTSParams) -> Tensor:
     """α · mean(S) · Û V̂ᵀ over the whitened task-specific and common bases (docs/algorithms.md, "iso_cts")."""
     taus, T = stack.dense(), stack.T
-    k_c, n = iso_cts_ranks(min(taus.shape[-2:]), T, params.common_ratio)
+    r_full = min(taus.shape[-2:])
+    k_c, n = iso_cts_ranks(r_full, T, params.common_ratio)
+    norms = taus.reshape(T, -1).norm(dim=1)
+
+    def written(level: float) -> OutputPrecision | None:
+        """The output precision for SVD members written flat at s̄ ≤ ``level`` (certificate docstring, 3)."""
+        return combined(ctx.precision, Combination((k_c > 0) + T * (n > 0), abs(params.scale), level))
+
     blocks: list[SVD] = []  # task-specific blocks first, then the common one
     common = None
     if k_c > 0:
         total = taus.sum(0)
-        common = drop_null(truncated_svd(total, k_c, mode=params.svd, seed=ctx.seed), total.shape)
+        level = mean_ceiling(r_full, 0.0, (k_c, total.norm()), (n, norms))
+        common = drop_null(truncated_svd(total, k_c, mode=params.svd, seed=ctx.seed, precision=written(level)),
+                           total.shape)
     if n > 0:
         specific = taus if common is None else project_out(common.U, taus)
-        own = drop_null(truncated_svd(specific, n, mode=params.svd, seed=ctx.seed), taus.shape,
-                        taus.reshape(T, -1).norm(dim=1))
+        known = 0.0 if common is None else float(common.S.sum())
+        level = mean_ceiling(r_full, known, (n, specific.reshape(T, -1).norm(dim=1)))
+        own = drop_null(truncated_svd(specific, n, mode=params.svd, seed=ctx.seed, precision=written(level)),
+                        taus.shape, norms)
         blocks.append(concat_factors(own))
     if common is not None:
         blocks.append(common)

@@ -32,11 +32,12 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from primerge.linalg import SVD, OutputPrecision, drop_null, flatten_spectrum, project_out, svd
+from primerge.linalg.certificate import combined
 from primerge.methods.base import SVDParams, TensorContext, merge_method
 from primerge.methods.prime_rank import AutoRank, AutoRankPrepass, candidate_ranks
 from primerge.methods.stack import TaskStack
 from primerge.methods.ties import tensor_thresholds, ties_merge
-from primerge.methods.tsv import concat_factors, whiten
+from primerge.methods.tsv import concat_factors, summed_parts, whiten
 
 
 class PrimeParams(SVDParams):
@@ -120,8 +121,11 @@ class PrimeParts(NamedTuple):
 def decompose(taus: TaskStack, r: int, params: PrimeParams, seed: int = 0,
               precision: OutputPrecision | None = None, exact: SVD | None = None) -> PrimeParts:
     """Principal triplets, whitened principal merge and merged residual of one matrix at rank r ≥ 1
-    (``precision``: how finely the merge is written, for ``svd: auto``'s certificate; ``exact``: the
-    task vectors' exact top-r₀ triplets, r₀ ≥ r, when the rank pre-pass computed them)."""
+    (``precision``: how finely the merge is written, for ``svd: auto``'s certificate, whose members
+    reach it as TSV's do: M_p is their whitened sum, and M_r⊥ = P⊥ τ̄ sees them only through P⊥
+    (:func:`primerge.methods.tsv.summed_parts`); ``exact``: the task vectors' exact top-r₀
+    triplets, r₀ ≥ r, when the rank pre-pass computed them)."""
+    precision = combined(precision, summed_parts(taus.T, params.scale))
     factors = taus.truncated_svd(r, mode=params.svd, seed=seed, precision=precision, exact=exact)
     stacked = concat_factors(factors)
     U_hat, V_hat = whiten(stacked)

@@ -11,6 +11,11 @@ Task vectors arrive as a :class:`primerge.methods.stack.TaskStack`: LoRA task ve
 their factors, and their top-k triplets come from the factored thin SVD (O((m + n) k²) each)
 instead of an SVD of the m × n delta. Null triplets (σ = 0: a task of rank below k) are zero
 columns of U_s and V_s and of the whitened bases, so they contribute nothing.
+
+Under ``svd: auto`` a 16-bit output lets block Krylov triplets be certified
+(:mod:`primerge.linalg.certificate`): the update is the SUM of the T whitened principal parts,
+so each task's backward error reaches it with gain |α| and the T share the allowance
+(:func:`summed_parts`, also PRIME's).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from primerge.linalg import SVD, live_polar
+from primerge.linalg.certificate import Combination, combined
 from primerge.methods.base import SVDParams, TensorContext, merge_method
 from primerge.methods.stack import TaskStack
 
@@ -54,6 +60,12 @@ def whitened_merge(stacked: SVD) -> Tensor:
     return (U_hat * stacked.S) @ V_hat.mT
 
 
+def summed_parts(tasks: int, scale: float) -> Combination:
+    """How T tasks' truncated SVDs reach α Û Σ_s V̂ᵀ, the sum of their whitened principal parts
+    (TSV Eq. 4; PRIME's M_p): gain |α| each, the T sharing the allowance (certificate docstring, 3)."""
+    return Combination(tasks, abs(scale))
+
+
 def tsv_svds(shape: tuple[int, int], tasks: int, params: TSVParams, prepass: None = None) -> list[tuple[tuple[int, ...], int]]:
     """TSV's one truncated SVD: the T task vectors at rank ⌊r_full/T⌋ (none when that is 0)."""
     k = min(shape) // tasks
@@ -71,5 +83,6 @@ def merge(taus: TaskStack, ctx: TensorContext, params: TSVParams) -> Tensor:
     k = min(taus.shape[-2:]) // taus.shape[0]
     if k == 0:
         return params.scale * taus.mean()
-    factors = taus.truncated_svd(k, mode=params.svd, seed=ctx.seed)
+    precision = combined(ctx.precision, summed_parts(taus.T, params.scale))
+    factors = taus.truncated_svd(k, mode=params.svd, seed=ctx.seed, precision=precision)
     return params.scale * whitened_merge(concat_factors(factors))
