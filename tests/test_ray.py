@@ -98,6 +98,28 @@ class TestOnAJoinedCluster:
             assert all(torch.equal(local.task_states[task][k], remote.task_states[task][k]) for k in local.task_states[task])
 
 
+    def test_a_session_over_the_callers_connection_keeps_it_open(self, zoo, connected, tmp_path):
+        """A session opened where the caller holds a Ray connection uses it, warms its workers on
+        the two nodes, runs the merge there and leaves the connection open when it closes."""
+        kw = dict(task_specific=HEAD, shard_size=3000)
+        local = primerge.merge(zoo["base"], _models(zoo), "tsv", out=tmp_path / "local", **kw).out
+        with primerge.ray_session(workers=2) as session:
+            assert session.where() == "this process's Ray connection" and len(session.warm_workers) == 2
+            result = primerge.merge(zoo["base"], _models(zoo), "tsv", out=tmp_path / "ray", execution=session, **kw)
+        assert set(result.execution["units_per_worker"]) <= set(session.warm_workers)
+        assert folder_hashes(result.out, tmp_path) == folder_hashes(local, tmp_path)
+        assert ray.is_initialized()
+
+
+def test_a_session_joined_by_address_disconnects_and_leaves_the_cluster_running(zoo, cluster, tmp_path):
+    with primerge.ray_session(cluster, workers=2) as session:
+        result = primerge.merge(zoo["base"], _models(zoo), "task_arithmetic", task_specific=HEAD, shard_size=3000,
+                                out=tmp_path / "ray", execution={"backend": "ray", "address": cluster})
+        assert set(result.execution["units_per_worker"]) <= set(session.warm_workers)
+    assert not ray.is_initialized()
+    wait_nodes(cluster, 2, timeout=60)  # both nodes still answer
+
+
 def test_joining_by_address_leaves_ray_as_it_was_found(zoo, cluster, tmp_path):
     kw = dict(task_specific=HEAD, shard_size=3000)
     primerge.merge(zoo["base"], _models(zoo), "ties", out=tmp_path / "local", **kw)

@@ -130,8 +130,7 @@ import sys, time
 from primerge.core.recipe import ExecutionConfig
 from primerge.engine.ray import RayExecutor
 executor = RayExecutor(ExecutionConfig(backend="ray", workers=1), "cpu")
-executor.connect()
-print(executor.runtime.reaper.args[2], flush=True)
+print(executor.connect().runtime.reaper.args[2], flush=True)
 time.sleep(600)
 """
 

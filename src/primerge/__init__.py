@@ -1,6 +1,7 @@
 """primerge: streaming merges of fine-tuned checkpoints (PRIME, TSV, TIES, Task Arithmetic, ...).
 
-Public API: :func:`merge`, :func:`merge_recipe`, :func:`dry_run` (``primerge plan``), :func:`load_recipe`,
+Public API: :func:`merge`, :func:`merge_recipe`, :func:`dry_run` (``primerge plan``), :func:`ray_session`
+(many Ray merges on warm workers), :func:`load_recipe`,
 :func:`list_methods`, :func:`get_method`, :func:`load_task_state` (per-task methods),
 :func:`load_task_model` (a task's head on the merged body), :class:`MergeResult`,
 :class:`Recipe`, and the errors in :mod:`primerge.util.errors`. Everything but the errors is imported
@@ -19,6 +20,7 @@ _LAZY = {
     "merge": "primerge.api",
     "merge_recipe": "primerge.api",
     "dry_run": "primerge.api",
+    "ray_session": "primerge.api",
     "MergeResult": "primerge.output.base",
     "get_method": "primerge.methods",
     "list_methods": "primerge.methods",

@@ -3,12 +3,19 @@
 >>> import primerge
 >>> result = primerge.merge(base="base/", models=["ft-a/", "ft-b/"], method="prime",
 ...                         rank=0.01, out="merged/")                  # doctest: +SKIP
+
+Many merges on Ray pay the start-up of Ray's workers once in a session (:func:`ray_session`):
+
+>>> with primerge.ray_session(workers=4) as ray:                       # doctest: +SKIP
+...     for w in (0.3, 0.5, 0.7):
+...         primerge.merge("base/", ["ft-a/", "ft-b/"], "task_arithmetic", scale=w,
+...                        out=f"merged-{w}/", execution=ray)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from primerge.engine.stream import resolve_device, run
 from primerge.util.errors import RecipeError
@@ -19,7 +26,11 @@ from primerge.output.base import MergeResult
 from primerge.output.formats import open_sink
 from primerge.core.plan import build_plan
 from primerge.engine.preflight import Preflight, check_fits, preflight
-from primerge.core.recipe import Recipe, build_recipe, load_recipe
+from primerge.core.recipe import ExecutionConfig, Recipe, build_recipe, load_recipe
+from primerge.util.schema import validate
+
+if TYPE_CHECKING:
+    from primerge.engine.ray_session import RaySession
 
 
 def merge(
@@ -37,7 +48,7 @@ def merge(
     calibration: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     lora_rank: int | None = None,
-    execution: dict[str, Any] | None = None,
+    execution: dict[str, Any] | RaySession | None = None,
     tokenizer: str = "base",
     output: dict[str, Any] | None = None,
     device: str = "cpu",
@@ -56,7 +67,8 @@ def merge(
     ``result.state_dict`` and the task-specific ones in ``result.task_tensors``.
     ``lora_rank=R`` (with ``out``) writes a PEFT LoRA adapter of rank R instead of a full
     model (:mod:`primerge.output.lora`); ``models`` may be LoRA adapter folders too.
-    ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.engine.ray`).
+    ``execution={"backend": "ray", ...}`` runs the units on Ray (:mod:`primerge.engine.ray`);
+    ``execution=session`` runs them in an open :func:`ray_session`, on its warm workers.
     ``tokenizer`` (base | union | a model's name) chooses the output vocabulary
     (:mod:`primerge.core.vocabulary`); ``output`` is the recipe's output block (e.g. ``{"dtype": "bfloat16"}``).
     ``calibration={"data": {label: task}}`` names each model's task data for a data-aware method
@@ -80,11 +92,42 @@ def merge(
         "calibration": calibration,
         "allow_pickle": allow_pickle,
         "output": {**(output or {}), **({"lora_rank": lora_rank} if lora_rank is not None else {})} or None,
-        "execution": execution,
+        "execution": _execution_block(execution),
         "tokenizer": tokenizer,
     })
     return merge_recipe(recipe, out=out, device=device, force=force, quiet=quiet, shard_size=shard_size,
                         max_memory=max_memory)
+
+
+def ray_session(address: str | None = None, *, workers: int | None = None, cpus_per_worker: float | None = None,
+                gpus_per_worker: float | None = None) -> RaySession:
+    """A Ray session for many merges in this process (:mod:`primerge.engine.ray_session`), to use as
+    ``with primerge.ray_session(...) as ray:`` and pass as ``execution=ray``: it connects once (joins
+    ``address``, ``auto`` or ``HOST:PORT``, else starts a local runtime, or uses this process's own
+    ``ray.init``), starts ``workers`` worker processes (default: one per CPU, or per
+    ``gpus_per_worker`` GPUs) that import the engine once, and runs every Ray merge of the process on
+    them until it closes; closing leaves Ray as it was found. The settings mean what the recipe's
+    ``execution`` block says (:class:`~primerge.core.recipe.ExecutionConfig`)."""
+    from primerge.engine.ray_session import RaySession
+
+    given = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
+             "gpus_per_worker": gpus_per_worker}
+    config = validate(ExecutionConfig, {"backend": "ray", **{k: v for k, v in given.items() if v is not None}},
+                      "ray_session()")
+    return RaySession(config)
+
+
+def _execution_block(execution: Any) -> Any:
+    """``execution`` as the recipe's block: an open Ray session stands for ``{"backend": "ray"}``
+    (the session gives the rest); a closed one is refused."""
+    from primerge.engine.ray_session import RaySession  # torch-free
+
+    if not isinstance(execution, RaySession):
+        return execution
+    if RaySession.current() is not execution:
+        raise RecipeError("execution= names a Ray session that is not open; merge inside "
+                          "`with primerge.ray_session(...) as ray:`.")
+    return {"backend": "ray"}
 
 
 #: The execution settings that only mean something on Ray (the CLI's distributed-execution options).
@@ -126,7 +169,7 @@ def merge_recipe(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     allow_pickle: bool = False,
     lora_rank: int | None = None,
-    execution: dict[str, Any] | None = None,
+    execution: dict[str, Any] | RaySession | None = None,
     max_memory: int | str | None = None,
     download: bool = False,
 ) -> MergeResult:
@@ -134,7 +177,8 @@ def merge_recipe(
     card, :func:`primerge.core.recipe.load_recipe`); see :func:`merge`.
 
     ``lora_rank`` overrides the recipe's output with a LoRA adapter of that rank; ``execution``
-    overrides fields of the recipe's ``execution`` block (e.g. ``{"backend": "ray", "workers": 4}``);
+    overrides fields of the recipe's ``execution`` block (e.g. ``{"backend": "ray", "workers": 4}``),
+    or is an open :func:`ray_session` to run in;
     ``allow_pickle=True`` opts in to pickle checkpoints even if the recipe does not; ``max_memory``
     replaces the machine's available memory in the pre-flight check; ``download`` fetches hub ids
     missing from the local Hugging Face cache (:mod:`primerge.io.hub`).
@@ -142,7 +186,7 @@ def merge_recipe(
     resolve_device(device)  # the call's own arguments first: a wrong type is one clear error
     size = parse_size(shard_size)
     limit = parse_size(max_memory) if max_memory is not None else None
-    recipe, folder = _resolve(recipe, allow_pickle, lora_rank, execution, download)
+    recipe, folder = _resolve(recipe, allow_pickle, lora_rank, _execution_block(execution), download)
     executor = make_executor(recipe.execution, device)
     sink = open_sink(recipe, out, force=force, shard_size=size)
     plan = build_plan(recipe, shard_size=size)

@@ -13,16 +13,23 @@ wall time, CPU time (user + system) and peak RSS come from ``os.wait4`` (the
 child's own ``rusage``), and the engine's own merge time from its last output
 line. Runs are interleaved over methods, each statistic is the median of
 ``--repeats`` runs, and ratios are taken against ``task_arithmetic`` measured in
-the same session. Scaling rows compare T = 4 with T = 8 models and the zoo at
+the same session. With ``--ray-workers N`` every method also runs on a private Ray
+cluster, cold (a fresh driver per merge, start-up included) and warm (in one driver
+holding a Ray session, :mod:`~primerge.bench.warm`), each against the same method run
+locally. Scaling rows compare T = 4 with T = 8 models and the zoo at
 half depth with full depth; an accuracy row compares PRIME's automatic
 (randomized) truncated SVD with its exact path on the float32 merged updates.
 
 Modules: :mod:`~primerge.bench.zoo` (the synthetic zoo), :mod:`~primerge.bench.runs` (recipes and
-measured child merges), :mod:`~primerge.bench.accuracy`, :mod:`~primerge.bench.report` (table, CSV),
+measured child merges), :mod:`~primerge.bench.warm` (the warm Ray rows' driver),
+:mod:`~primerge.bench.accuracy`, :mod:`~primerge.bench.report` (table, CSV),
 :mod:`~primerge.cli.bench` (the command). Floors: above the engine and the API, below the CLI;
 nothing in the core imports it.
 """
 
 DEFAULT_METHODS = "task_arithmetic,ties,tsv,tsv:svd=exact,prime,prime:svd=exact"
+#: The Ray rows' groups: a fresh driver per merge (``primerge merge --backend ray``), and merges in
+#: one driver holding a Ray session whose workers are already started (:mod:`primerge.bench.warm`).
+RAY_COLD, RAY_WARM = "ray-cold", "ray-warm"
 #: Every ratio is taken against this method measured in the same session (the read-compute-write floor).
 BASELINE = "task_arithmetic"

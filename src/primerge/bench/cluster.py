@@ -26,13 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_node(args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
-    """``ray start ARGS --block`` on 127.0.0.1, in a process group of its own; its output goes to
-    an unnamed temporary file (``proc.log``) that :func:`wait_nodes` reads."""
+def start_node(args: list[str], prefix: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``ray start ARGS --block`` on 127.0.0.1 (with ``env`` added to its environment), in a process
+    group of its own; its output goes to an unnamed temporary file (``proc.log``) that
+    :func:`wait_nodes` reads."""
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([*(prefix or []), RAY, "start", *args, "--node-ip-address", "127.0.0.1", "--block",
                              "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **RAY_ENV})
+                            start_new_session=True, env={**os.environ, **RAY_ENV, **(env or {})})
     proc.log = log
     return proc
 
@@ -86,19 +87,22 @@ def wait_nodes(address: str, count: int, timeout: float = 600, nodes: list[subpr
 
 
 @contextmanager
-def local_cluster(cpus_per_node: list[float], gpus: float = 0) -> Iterator[str]:
+def local_cluster(cpus_per_node: list[float], gpus: float = 0, idle_workers: int | None = None) -> Iterator[str]:
     """A head and ``len(cpus_per_node) - 1`` more nodes with these CPUs; yields ``127.0.0.1:PORT``.
-    The environment of this process gets :data:`RAY_ENV` while the cluster runs."""
+    The environment of this process gets :data:`RAY_ENV` while the cluster runs. ``idle_workers``
+    is how many worker processes a node keeps before it stops idle ones (Ray's
+    ``num_workers_soft_limit``; default one per CPU)."""
+    limit = {"RAY_num_workers_soft_limit": str(idle_workers)} if idle_workers is not None else {}
     previous = {k: os.environ.get(k) for k in RAY_ENV}
     os.environ.update(RAY_ENV)
     address = f"127.0.0.1:{free_port()}"
     port = address.rsplit(":", 1)[1]
     nodes = [start_node(["--head", "--port", port, "--num-cpus", f"{cpus_per_node[0]:g}", "--num-gpus", f"{gpus:g}",
-                         "--include-dashboard=false"])]  # :g, as `ray start` takes "0", not "0.0"
+                         "--include-dashboard=false"], env=limit)]  # :g, as `ray start` takes "0", not "0.0"
     try:
         wait_nodes(address, 1, nodes=nodes)
         for cpus in cpus_per_node[1:]:
-            nodes.append(start_node(["--address", address, "--num-cpus", f"{cpus:g}", "--num-gpus", "0"]))
+            nodes.append(start_node(["--address", address, "--num-cpus", f"{cpus:g}", "--num-gpus", "0"], env=limit))
         wait_nodes(address, len(cpus_per_node), nodes=nodes)
         yield address
     finally:

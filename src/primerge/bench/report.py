@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from primerge.bench import BASELINE
+from primerge.bench import BASELINE, RAY_COLD, RAY_WARM
 from primerge.bench.runs import Inputs, Row
 
 COLUMNS = ["group", "inputs", "method", "T", "runs", "wall_s", "cpu_s", "merge_s", "svd_s", "rss_mib",
@@ -56,14 +56,14 @@ def _find(rows: Sequence[Row], group: str, label: str) -> Row | None:
 
 def summarize(rows: Sequence[Row], error: tuple[float, ...] | None, inputs: Inputs | None = None,
               floors: Floors | None = None) -> list[dict]:
-    """Result dicts: method rows against ``task_arithmetic``, Ray rows against the same method run
-    locally, scaling rows against the first row of their pair (same method, T = 4 or half depth),
-    each with its floors when measured, then the accuracy row."""
+    """Result dicts: method rows against ``task_arithmetic``, Ray rows (cold and warm) against the
+    same method run locally, scaling rows against the first row of their pair (same method, T = 4
+    or half depth), each with its floors when measured, then the accuracy row."""
     result: list[dict] = []
     for row in rows:
         if row.group == "methods":
             base = _find(rows, "methods", BASELINE)
-        elif row.group == "ray":
+        elif row.group in (RAY_COLD, RAY_WARM):
             base = _find(rows, "methods", row.label)
         else:
             base = next(r for r in rows if r.group == row.group and r.label.split()[0] == row.label.split()[0])

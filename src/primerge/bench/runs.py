@@ -3,7 +3,10 @@
 Every merge runs as ``python -m primerge.bench RECIPE OUT DEVICE`` (the same merge as ``primerge merge
 --force --quiet``); its wall time and CPU time (user + system) come from ``os.wait4`` (the child's
 own ``rusage``), its peak RSS and the engine's own merge time from its last output lines (the
-child's ``VmHWM``: ``ru_maxrss`` would include the parent's size at fork).
+child's ``VmHWM``: ``ru_maxrss`` would include the parent's size at fork). A Ray merge also
+prints when its first unit started, so the start-up is measured from the moment the merge was
+launched. The warm Ray rows' merges run instead in one driver holding a Ray session
+(:mod:`primerge.bench.warm`), which prints the same lines.
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+from primerge.bench import RAY_WARM
+from primerge.util.errors import ExecutionError, PrimergeError
+
+if TYPE_CHECKING:
+    from primerge.output.base import MergeResult
+
 
 @dataclass(frozen=True)
 class MethodRun:
@@ -91,8 +102,9 @@ class Inputs:
 @dataclass(frozen=True)
 class Measurement:
     """One merge in a child process: seconds, CPU seconds, peak RSS (MiB), engine seconds, on Ray
-    the mean over workers of each worker's units per second of its own merging time and the units
-    each worker merged (most first), and the flops and seconds of its truncated SVDs
+    the mean over workers of each worker's units per second of its own merging time, the units
+    each worker merged (most first) and the start-up (seconds from launching the merge to its
+    first unit starting on a worker), and the flops and seconds of its truncated SVDs
     (:class:`primerge.linalg.SVDOutcomes`, pre-pass included)."""
 
     wall_s: float
@@ -103,6 +115,7 @@ class Measurement:
     svd_flops: float = 0.0
     svd_s: float = 0.0
     worker_units: tuple[int, ...] = ()
+    first_unit_s: float = float("nan")
 
 
 MERGED_LINE = re.compile(r"merged with \S+ in ([0-9.]+)s")
@@ -110,6 +123,8 @@ SVD_LINE = re.compile(r"svd work: ([0-9.e+]+) flop in ([0-9.]+)s")
 UNITS_LINE = re.compile(r"units/s per worker: ([0-9.e+ -]+)")
 WORKER_UNITS_LINE = re.compile(r"units per worker: ([0-9 ]+)")
 PEAK_LINE = re.compile(r"peak rss: (\d+) kB")
+FIRST_UNIT_LINE = re.compile(r"first unit at: ([0-9.]+)")
+ERROR_LINE = re.compile(r"^primerge: error: .*$", re.M)
 
 
 #: The child command: this module's runner (``primerge merge`` with a precise time line).
@@ -118,24 +133,41 @@ RUNNER = [sys.executable, "-m", "primerge.bench"]
 
 def child_merge(argv: Sequence[str]) -> int:
     """``RECIPE OUT DEVICE [SHARD_SIZE]``: the whole merge as ``primerge merge --force --quiet`` does
-    it, then one line ``merged with METHOD in SECONDSs`` (the engine's time, to the microsecond)."""
+    it, then its lines (:func:`report_merge`); a primerge error is one line and exit code 2."""
+    recipe, out, device, *shard = argv
+    try:
+        report_merge(recipe, out, device, shard[0] if shard else None)
+    except PrimergeError as exc:
+        print(f"primerge: error: {exc}", flush=True)
+        return 2
+    return 0
+
+
+def report_merge(recipe: str, out: str, device: str, shard_size: str | None) -> MergeResult:
+    """Merge ``recipe`` into ``out`` and print what the parent reads: on Ray the units/s and units
+    of each worker and the epoch time its first unit started; the peak RSS, the SVD work, and last
+    ``merged with METHOD in SECONDSs`` (the engine's time, to the microsecond)."""
     from primerge.api import merge_recipe
 
-    recipe, out, device, *shard = argv
-    size = {"shard_size": shard[0]} if shard else {}
+    called = time.time()
+    size = {"shard_size": shard_size} if shard_size else {}
     result = merge_recipe(recipe, out=out, device=device, force=True, quiet=True, **size)
-    rates = (result.execution or {}).get("units_per_second", {})
+    execution = result.execution or {}
+    rates = execution.get("units_per_second", {})
     if rates:
         print(f"units/s per worker: {' '.join(f'{rate:g}' for rate in rates.values())}")
-        counts = list(result.execution["units_per_worker"].values())
-        counts += [0] * (result.execution["workers"] - len(counts))  # workers that merged no unit
+        counts = list(execution["units_per_worker"].values())
+        counts += [0] * (execution["workers"] - len(counts))  # workers that merged no unit
         print(f"units per worker: {' '.join(map(str, counts))}")
+    if "first_unit_after_s" in execution:
+        print(f"first unit at: {called + execution['first_unit_after_s']:.3f}")
     peak = own_peak_kib()
     if peak is not None:
         print(f"peak rss: {peak} kB")
     svds = result.svd + result.prepass_svd
     print(f"svd work: {svds.flops:.6g} flop in {sum(svds.seconds.values()):.6f}s")
-    print(f"merged with {result.method} in {result.seconds:.6f}s")
+    print(f"merged with {result.method} in {result.seconds:.6f}s", flush=True)
+    return result
 
 
 def own_peak_kib() -> int | None:
@@ -149,7 +181,6 @@ def own_peak_kib() -> int | None:
         return None
     found = re.search(r"^VmHWM:\s+(\d+) kB", status, flags=re.M)
     return int(found.group(1)) if found else None
-    return 0
 
 
 def measure_merge(recipe: Path, out: Path, device: str = "cpu", runner: Sequence[str] | None = None,
@@ -158,7 +189,7 @@ def measure_merge(recipe: Path, out: Path, device: str = "cpu", runner: Sequence
     ``shard_size`` when set); measure it with the child's own rusage from ``os.wait4``."""
     cmd = [*(runner or RUNNER), str(recipe), str(out), device, *([shard_size] if shard_size else [])]
     with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
+        launched, start = time.time(), time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
@@ -166,17 +197,33 @@ def measure_merge(recipe: Path, out: Path, device: str = "cpu", runner: Sequence
         log.seek(0)
         text = log.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"merge of {recipe} failed (exit {proc.returncode}):\n{text[-2000:]}")
+        raise merge_failed(f"the merge of {recipe}", proc.returncode, text)
+    # Linux reports ru_maxrss in KiB, macOS in bytes: the fallback where the child printed no peak line
+    rss = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    return parse_measurement(text, wall, usage.ru_utime + usage.ru_stime, rss, launched)
+
+
+def merge_failed(what: str, code: int, text: str) -> ExecutionError:
+    """One line for a child process (``what``) that failed: its own error line, else its last line."""
+    found = ERROR_LINE.findall(text)
+    last = found[-1] if found else next((ln for ln in reversed(text.splitlines()) if ln.strip()), "no output")
+    return ExecutionError(f"bench: {what} failed (exit {code}): {last.strip()[:1000]}")
+
+
+def parse_measurement(text: str, wall: float, cpu: float, rss_fallback: float, launched: float) -> Measurement:
+    """A :class:`Measurement` from a child's lines (:func:`report_merge`): ``launched`` is the epoch
+    time the merge was launched, from which the start-up to the first unit is counted; the peak RSS
+    is the child's own line, else ``rss_fallback`` (MiB)."""
     found = MERGED_LINE.findall(text)
     merge_s = float(found[-1]) if found else float("nan")
     rates = [float(r) for line in UNITS_LINE.findall(text)[-1:] for r in line.split()]
     peak = PEAK_LINE.findall(text)
-    # the child's own VmHWM (child_merge); else rusage (Linux reports ru_maxrss in KiB, macOS in bytes)
-    rss = int(peak[-1]) / 1024 if peak else usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    rss = int(peak[-1]) / 1024 if peak else rss_fallback
     svd = [(float(f), float(t)) for f, t in SVD_LINE.findall(text)[-1:]] or [(0.0, 0.0)]
     units = tuple(sorted((int(n) for line in WORKER_UNITS_LINE.findall(text)[-1:] for n in line.split()), reverse=True))
-    return Measurement(wall, usage.ru_utime + usage.ru_stime, rss, merge_s,
-                       statistics.fmean(rates) if rates else float("nan"), *svd[0], units)
+    first = [float(t) - launched for t in FIRST_UNIT_LINE.findall(text)[-1:]]
+    return Measurement(wall, cpu, rss, merge_s, statistics.fmean(rates) if rates else float("nan"), *svd[0], units,
+                       first[0] if first else float("nan"))
 
 
 @dataclass
@@ -206,20 +253,27 @@ class Row:
         rate = f"units/s per worker {statistics.median(rates):.3g}" if rates else ""
         spread = [m.worker_units for m in self.runs if m.worker_units]
         units = f"units per worker {'/'.join(map(str, spread[-1]))}" if spread else ""
-        d["note"] = "; ".join(filter(None, (self.note, rate, units)))
+        starts = [m.first_unit_s for m in self.runs if m.first_unit_s == m.first_unit_s]
+        start = f"first unit after {statistics.median(starts):.2f}s" if starts else ""
+        d["note"] = "; ".join(filter(None, (self.note, start, rate, units)))
         return d
 
 
 def run_interleaved(configs: Sequence[tuple[Row, Path]], repeats: int, workdir: Path, device: str,
                     log: Callable[[str], None] = print, runner: Sequence[str] | None = None,
-                    shard_size: str | None = None) -> None:
-    """``repeats`` rounds, each merging every configuration once (interleaved)."""
+                    shard_size: str | None = None, warm=None) -> None:
+    """``repeats`` rounds, each merging every configuration once (interleaved); the warm Ray rows
+    in ``warm`` (a :class:`primerge.bench.warm.WarmDriver`), every other in a child process of its own."""
     out = workdir / "merged"
     for rep in range(repeats):
         for row, recipe in configs:
-            m = measure_merge(recipe, out, device, runner, shard_size)
+            if row.group == RAY_WARM:
+                m = warm.measure(recipe, out, device, shard_size)
+                row.note = warm.reuse_note(recipe)
+            else:
+                m = measure_merge(recipe, out, device, runner, shard_size)
             row.runs.append(m)
-            log(f"  [{rep + 1}/{repeats}] {row.inputs:<14} {row.label:<24} wall {m.wall_s:7.2f}s  "
-                f"cpu {m.cpu_s:7.2f}s  merge {m.merge_s:7.2f}s  svd {m.svd_s:7.2f}s  rss {m.rss_mib:7.0f} MiB")
+            start = f"  first unit {m.first_unit_s:5.2f}s" if m.first_unit_s == m.first_unit_s else ""
+            log(f"  [{rep + 1}/{repeats}] {row.inputs:<14} {row.group:<8} {row.label:<24} wall {m.wall_s:7.2f}s  "
+                f"cpu {m.cpu_s:7.2f}s  merge {m.merge_s:7.2f}s  svd {m.svd_s:7.2f}s  rss {m.rss_mib:7.0f} MiB{start}")
     shutil.rmtree(out, ignore_errors=True)
-

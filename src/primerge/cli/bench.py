@@ -11,22 +11,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from primerge import bench
-from primerge.bench import BASELINE, DEFAULT_METHODS
+from primerge.bench import BASELINE, DEFAULT_METHODS, RAY_COLD, RAY_WARM
 
 
 def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: Callable[[str], None],
              ray_address: str | None) -> list:
-    """(Row, recipe path) of every configuration: the methods, the same on Ray (with ``ray_address``),
-    then the T and depth scaling pairs."""
+    """(Row, recipe path) of every configuration: the methods, the same on Ray (with ``ray_address``:
+    a fresh driver per merge, then merges in the warm driver, both from the same recipe), then the T
+    and depth scaling pairs."""
     from primerge.bench.runs import Inputs, Row, parse_method, write_recipe
     from primerge.bench.zoo import build_zoo
 
     configs: list = []
 
-    def add(group: str, inp: Inputs, run, label: str) -> None:
-        recipe = workdir / f"recipe-{len(configs)}.yaml"
-        configs.append((Row(group, inp.name, label, len(inp.models), paths=tuple(_paths(inp))),
-                        write_recipe(recipe, inp.base, inp.models, run, inp.extra)))
+    def add(group: str, inp: Inputs, run, label: str, recipe: Path | None = None) -> Path:
+        if recipe is None:
+            recipe = write_recipe(workdir / f"recipe-{len(configs)}.yaml", inp.base, inp.models, run, inp.extra)
+        configs.append((Row(group, inp.name, label, len(inp.models), paths=tuple(_paths(inp))), recipe))
+        return recipe
 
     for run in runs:
         add("methods", inputs, run, run.label)
@@ -35,7 +37,7 @@ def _configs(args: argparse.Namespace, runs: list, inputs, workdir: Path, log: C
                      "gpus_per_worker": args.gpus_per_worker}
         on_ray = Inputs(inputs.name, inputs.base, inputs.models, {**inputs.extra, "execution": execution})
         for run in runs:
-            add("ray", on_ray, run, run.label)
+            add(RAY_WARM, on_ray, run, run.label, add(RAY_COLD, on_ray, run, run.label))
     if args.scaling and args.recipe is None:
         spec = zoo_spec(args)
         pair = (parse_method(BASELINE), parse_method("prime"))
@@ -90,8 +92,9 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> l
     if args.sweep:
         return _run_sweeps(args, runs, log)
     inputs = _inputs(args, log)
-    with _ray_cluster(args, log) as address:
-        rows = _measure(args, _paths(inputs), lambda workdir: _configs(args, runs, inputs, workdir, log, address), log)
+    with _ray_cluster(args, log) as address, _warm_driver(args, address, log) as warm:
+        rows = _measure(args, _paths(inputs), lambda workdir: _configs(args, runs, inputs, workdir, log, address), log,
+                        warm)
     floors = _floors(args, rows, log) if args.floors else None
     error = _accuracy(inputs, runs, log) if args.accuracy else None
     return summarize(rows, error, inputs, floors)
@@ -138,9 +141,10 @@ def _paths(inputs) -> list[Path]:
 
 
 def _measure(args: argparse.Namespace, paths: list[Path], make_configs: Callable[[Path], list],
-             log: Callable[[str], None]) -> list:
+             log: Callable[[str], None], warm=None) -> list:
     """Write the configurations' recipes into a scratch folder outside every input, run them
-    interleaved ``--repeats`` times, remove the folder; returns the measured rows."""
+    interleaved ``--repeats`` times (the warm Ray rows in ``warm``), remove the folder; returns the
+    measured rows."""
     from primerge.bench.runs import run_interleaved
     from primerge.io.writer import make_scratch, remove_scratch
 
@@ -149,7 +153,7 @@ def _measure(args: argparse.Namespace, paths: list[Path], make_configs: Callable
         configs = make_configs(workdir)
         log(f"running {len(configs)} configurations x {args.repeats} repeats (interleaved), "
             f"device {args.device}, {os.cpu_count()} CPUs visible")
-        run_interleaved(configs, args.repeats, workdir, args.device, log, shard_size=args.shard_size)
+        run_interleaved(configs, args.repeats, workdir, args.device, log, shard_size=args.shard_size, warm=warm)
     finally:
         remove_scratch(workdir, created)
     return [row for row, _ in configs]
@@ -173,17 +177,36 @@ def _accuracy(inputs, runs: list, log: Callable[[str], None]):
 @contextmanager
 def _ray_cluster(args: argparse.Namespace, log: Callable[[str], None]) -> Iterator[str | None]:
     """With ``--ray-workers N``: a private one-node Ray cluster of N CPUs for the Ray rows (started
-    once, so the rows measure merging on Ray, not starting it); else nothing."""
+    once, so the rows measure merging on Ray, not starting a cluster); else nothing. Its node keeps
+    up to 4N idle workers (Ray's default keeps one per CPU and stops the oldest idle ones beyond
+    that as soon as another job starts its own: each cold row's driver would stop the warm
+    driver's workers)."""
     if not args.ray_workers:
         yield None
         return
     from primerge.bench.cluster import local_cluster
 
     start = time.perf_counter()
-    with local_cluster([args.ray_workers], gpus=args.ray_workers * args.gpus_per_worker) as address:
+    with local_cluster([args.ray_workers], gpus=args.ray_workers * args.gpus_per_worker,
+                       idle_workers=4 * args.ray_workers) as address:
         log(f"ray: a local cluster at {address} ({args.ray_workers} CPUs) started in "
             f"{time.perf_counter() - start:.1f}s")
         yield address
+
+
+@contextmanager
+def _warm_driver(args: argparse.Namespace, address: str | None, log: Callable[[str], None]):
+    """With a Ray cluster: the warm driver of the warm Ray rows (:mod:`primerge.bench.warm`), its
+    session open; else nothing."""
+    if address is None:
+        yield None
+        return
+    from primerge.bench.warm import WarmDriver
+
+    with WarmDriver(address, args.ray_workers, args.gpus_per_worker) as warm:
+        log(f"ray: the warm driver started in {warm.started_s:.1f}s (its session opened in {warm.opened_s:.1f}s, "
+            f"{warm.warm_workers} workers warm)")
+        yield warm
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -235,7 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compute floor (each merge's SVD flops at the machine's measured GEMM rate)")
     parser.add_argument("--ray-workers", type=int, default=0, metavar="N",
                         help="also run every method on a local Ray cluster with N workers (pip install "
-                             "'primerge[ray]'); ratios against the same method run locally")
+                             "'primerge[ray]'), cold (a fresh driver per merge, start-up included) and warm (in "
+                             "one driver holding a Ray session); ratios against the same method run locally")
     parser.add_argument("--shard-size", help="output shard size of every merge (default primerge's, 2GiB); Ray "
                         "rows split the shards into units sized for the workers whatever this size")
     parser.add_argument("--sweep", action="append", type=_sweep, metavar="AXIS=V1,V2,...",

@@ -23,7 +23,8 @@ vocabularies) and three estimates:
 
 :func:`check_fits` raises with the numbers when the peak memory exceeds what is available (or
 ``max_memory``) or the output exceeds the free disk; the API calls it before every merge, local or
-on Ray (where each node's memory is measured by a task there, :func:`ray_problems`).
+on Ray (where each node's memory is measured by a task there and compared with the units that run
+there, :func:`ray_problems`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,21 +364,34 @@ def disk_problems(output: int | None, free: int | None, where: Path | None) -> l
             f"(--out) or free space."]
 
 
-def ray_problems(plan: Plan, nodes: list[tuple[str, int, int | None, int]], max_memory: int | None) -> list[str]:
-    """Why the units would not fit on the Ray nodes: on each node (name, units at once, available
-    memory, a worker's resident bytes) every unit running at once holds a worker's baseline, the
-    largest tensor's working set and one unit's output buffer; ``max_memory`` replaces each node's
-    available memory."""
-    per_unit = max((working_set(plan, e) for e in plan.mergeable()), default=0) + max(
-        (u.nbytes for u in plan.units), default=0)
+def unit_memory(plan: Plan, unit: WorkUnit) -> int:
+    """Bytes a worker holds for ``unit`` beyond its baseline: the largest working set among the
+    unit's tensors (they merge one after the other) and the unit's stored bytes, which its writer
+    buffers (a shard, or a tensor group's part of one)."""
+    work = max((working_set(plan, e) for e in unit.entries if e.kind != "copy"), default=0)
+    return work + unit.nbytes
+
+
+def ray_problems(plan: Plan, units: Sequence[WorkUnit], nodes: list[tuple[str, int, int | None, int]],
+                 max_memory: int | None) -> list[str]:
+    """Why the ``units`` that run (the plan's shards split for the workers,
+    :class:`~primerge.core.units.WorkerUnits`) would not fit on the Ray nodes: on a node (name,
+    units at once k, available memory, a worker's resident bytes) any k units may run at the same
+    time, so the node needs k worker baselines plus the sum of the k largest
+    :func:`unit_memory` of all units (an upper bound that the k largest units reach when they meet
+    there); ``max_memory`` replaces each node's available memory."""
+    needs = sorted((unit_memory(plan, u) for u in units), reverse=True)
     problems = []
     for name, slots, available, worker in nodes:
         have, where = (max_memory, "allowed (--max-memory)") if max_memory is not None else (available, "available")
-        need = max(slots, 1) * (max(worker, baseline_memory()) + per_unit)
+        at_once = max(slots, 1)
+        need = at_once * max(worker, baseline_memory()) + sum(needs[:at_once])
         if have is not None and need > have:
-            problems.append(f"on Ray node {name}, {max(slots, 1)} units at once need ~{size(need)} of memory at their "
-                            f"peak, {size(have)} {where} there. Fix: fewer --workers, more --cpus-per-worker, a "
-                            f"smaller --shard-size, or more memory (--max-memory raises the allowance).")
+            problems.append(f"on Ray node {name}, {at_once} units at once need ~{size(need)} of memory at their "
+                            f"peak (the largest unit: {size(needs[0] if needs else 0)} beside a worker's "
+                            f"baseline), {size(have)} {where} there. Fix: fewer --workers, more "
+                            f"--cpus-per-worker, a smaller --shard-size, or more memory (--max-memory raises the "
+                            f"allowance).")
     return problems
 
 
@@ -393,6 +408,6 @@ def check_fits(plan: Plan, out: Path | None, device: torch.device, max_memory: i
         if out is None:  # the driver collects every merged tensor
             allowed = (max_memory, "allowed (--max-memory)") if max_memory is not None else (available_memory(), "available")
             problems += memory_problems(baseline_memory() + sum(e.nbytes for e in plan.entries), *allowed)
-        problems += ray_problems(plan, executor.node_memory(), max_memory)
+        problems += ray_problems(plan, executor.work_units(plan), executor.node_memory(), max_memory)
     if problems:
         raise (InputError if "memory" in problems[0] else OutputError)(" ".join(problems))
