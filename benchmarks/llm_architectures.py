@@ -17,7 +17,7 @@ runs, through primerge's command line:
 Each output is scored with ``primerge eval --harness lm-eval`` on the four tasks' test prompts (as
 the demo scores its rows), and the table of accuracies (± lm-eval's standard error) is printed with
 the zero-shot base beside them. Nothing here is a test: it documents a measurement
-(docs/benchmarks.md).
+(docs/benchmarks.md, "Layer stacks and mixtures of experts on SmolLM2").
 """
 
 from __future__ import annotations
