@@ -21,6 +21,9 @@ from primerge.linalg import (
     choose_svd,
     truncated_svd,
 )
+from primerge.linalg.certificate import CERTIFIED_STEPS
+from primerge.linalg.choice import MARGIN, affordable_steps, certificate_steps, exact_seconds, randomized_seconds
+from primerge.linalg.krylov import FLOOR_RESIDUAL, gap_free_floor, marchenko_pastur, max_steps
 
 
 def task_vector_like(m: int, n: int, seed: int, decay: float = 0.97, batch: tuple = ()) -> torch.Tensor:
@@ -98,6 +101,65 @@ def test_auto_mode_chooses_from_the_cost_model_of_the_shapes():
     assert choose_svd((384, 1536), 4) == choose_svd((384, 1536), 4)  # a function of the shape alone
     small = torch.randn(12, 9, dtype=torch.float64)
     assert torch.allclose(truncated_svd(small, 3).S, torch.linalg.svdvals(small)[:3])
+
+
+@pytest.mark.parametrize("shape, rank", [((8, 1024, 1024), 128), ((8, 2816, 1024), 10), ((8, 256, 1024), 32),
+                                         ((8, 768, 768), 96), ((3, 384, 768), 4), ((40, 40), 4)])
+def test_a_16_bit_output_budgets_the_most_steps_within_the_margin(shape, rank):
+    """For a 16-bit output the attempt's budget J is the largest number of steps whose modelled cost
+    c(J) stays within MARGIN of the exact SVDs (c(J + 1) above it, or the basis out of room), and the
+    Krylov branch is taken exactly when J ≥ CERTIFIED_STEPS; float32's choice is unchanged by it."""
+    budget = affordable_steps(shape, rank)
+    limit = MARGIN * exact_seconds(shape)
+    if budget >= 0:
+        assert randomized_seconds(shape, rank, budget) <= limit
+    room = max_steps(rank, shape, limit=min(shape[-2:]))
+    assert budget == room or randomized_seconds(shape, rank, budget + 1) > limit
+    choice = choose_svd(shape, rank, True)
+    assert (choice.mode == "randomized") == (budget >= CERTIFIED_STEPS and max_steps(rank, shape) >= CERTIFIED_STEPS)
+    if choice.mode == "randomized":
+        assert choice.steps == budget
+    strict = choose_svd(shape, rank)
+    assert strict.steps == max_steps(rank, shape)
+    assert (strict.mode == "randomized") == (randomized_seconds(shape, rank, strict.steps) <= limit
+                                               and strict.steps >= CERTIFIED_STEPS)
+
+
+def test_marchenko_pastur_quantiles_match_the_closed_form_and_the_mean():
+    """y = 1: with λ(φ) = 2(1 + cos φ) the law's mass above λ(φ) is (φ − sin φ)/π exactly, so the
+    quantiles must invert it (to the 2048-point midpoint rule's O(10⁻⁶) plus the linear interpolation's
+    O(h²) = 2·10⁻⁶, against a 10⁻⁴ tolerance). Any y: the law has mean 1 and support [(1 − √y)², (1 + √y)²];
+    the average of 2000 quantiles at midpoint shares is the mean to O(2000^-5/3) ≈ 3·10⁻⁶ (the quantile
+    function's √-type end points) plus the quadrature's, against 10⁻³."""
+    for phi in (0.3, 1.0, 2.0, 2.9):
+        share = (phi - math.sin(phi)) / math.pi
+        (value, lowest) = marchenko_pastur(1.0, (share,))
+        assert value == pytest.approx(2 * (1 + math.cos(phi)), abs=1e-4) and lowest == 0.0
+    for ratio in (1.0, 0.36, 0.25):
+        *values, lowest = marchenko_pastur(ratio, tuple((i + 0.5) / 2000 for i in range(2000)))
+        assert sum(values) / len(values) == pytest.approx(1.0, abs=1e-3)
+        assert lowest == pytest.approx((1 - math.sqrt(ratio)) ** 2)
+        assert (1 + math.sqrt(ratio)) ** 2 >= values[0] >= values[-1] >= lowest
+        assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_the_gap_free_model_needs_more_steps_for_larger_demands_and_deeper_cuts():
+    """n̂ = max(CERTIFIED_STEPS, 1 + ⌈ln(lead·D)/μ⌉) (choice module docstring): CERTIFIED_STEPS for a
+    demand the first step already meets, one more step each time D grows by e^μ (ln 10/μ = 5.1: far
+    from an integer), and, at the same first-step excess, more steps where the cut lies deeper in
+    the floor (k = 128: a smaller relative gap to the (ℓ + 1)-th value, a slower rate)."""
+    shape, rank = (8, 1024, 1024), 10
+    floor = gap_free_floor(rank, shape)
+    _, cut, block, lowest = marchenko_pastur(1.0, tuple((i - 0.5) / 1024 for i in (rank, rank + 1, rank + 11)))
+    assert floor.rate == pytest.approx(math.acosh(1 + 2 * (cut - block) / (block - lowest)))
+    assert floor.lead == pytest.approx(FLOOR_RESIDUAL * math.sqrt(rank * cut / 1024))
+    easy = torch.tensor([0.5 / floor.lead], dtype=torch.float64)
+    assert certificate_steps(shape, rank, easy).item() == CERTIFIED_STEPS
+    demand = torch.tensor([10.0, 10.0 * math.exp(floor.rate)], dtype=torch.float64) / floor.lead
+    first, second = certificate_steps(shape, rank, demand).tolist()
+    assert first == 1 + math.ceil(math.log(10.0) / floor.rate) and second == first + 1
+    deeper = certificate_steps(shape, 128, demand[:1] * floor.lead / gap_free_floor(128, shape).lead)
+    assert deeper.item() > first
 
 
 def test_auto_keeps_converged_members_and_redoes_the_others_exactly():

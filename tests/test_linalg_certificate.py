@@ -41,6 +41,8 @@ from primerge.linalg.certificate import (
     combined,
     unit_roundoff,
 )
+from primerge.linalg.choice import MARGIN, choose_svd, exact_seconds, randomized_seconds
+from primerge.linalg.krylov import gap_free_floor, hopeless
 from primerge.linalg.truncated import exact_top
 from primerge.methods import iso as iso_module
 from primerge.methods.base import TensorContext
@@ -126,21 +128,98 @@ def test_auto_keeps_the_certified_krylov_triplets_and_records_why():
     assert outcomes.passes == T * found.passes and outcomes.flops > 0 and outcomes.epsilon > 0
 
 
-@pytest.mark.parametrize("dtype, ratio", [(torch.float32, BASE_RATIO), (torch.float16, 1.0)])
-def test_strict_outputs_and_unreachable_allowances_get_the_exact_svd(dtype, ratio):
-    """float32 output: residual check only, which a gap-free cut fails. fp16 with θ₀ no larger than
-    τ: an allowance of 0.5·0.42·2^-11 ≈ 1e-4 of ‖τ‖, which the noise edge's Ritz vectors are ≥ 10×
-    away from after every step (adversarial: gap-free, no structure to converge to). Both give the
-    exact SVD's bits."""
+@pytest.mark.parametrize("dtype, ratio", [(torch.float32, BASE_RATIO), (torch.float16, 0.1)])
+def test_strict_outputs_and_unreachable_allowances_get_the_exact_svd(dtype, ratio, monkeypatch):
+    """float32 output: residual check only, which a gap-free cut fails after an attempt. fp16 with θ₀
+    a tenth of τ: an allowance of 0.5·0.42·2^-11·0.1 ≈ 10⁻⁵ of ‖τ‖, for which the gap-free model
+    expects the certificate after 1 + ln(lead·D)/μ = 14.4 steps, beyond the 11 the budget affords
+    (a margin of e^{3.4μ} ≈ 8× in D): those members get the exact SVD without an attempt. Both give
+    the exact SVD's bits."""
     taus = gap_free(3)
     given = precision(dtype, taus, ratio)
+    attempts = []
+    monkeypatch.setattr(truncated_module, "block_krylov_svd",
+                        lambda x, *args, **options: attempts.append(x) or block_krylov_svd(x, *args, **options))
     with recording() as outcomes:
         got = truncated_svd(taus, K, seed=3, precision=given)
     exact = exact_top(taus, K)
     assert all(torch.equal(a, b) for a, b in zip(got, exact))
     assert outcomes.matrices("exact") == T and outcomes.matrices("krylov") == 0
     [(path, reason)] = outcomes.counts
-    assert ("strict" in reason) == (dtype == torch.float32)
+    assert ("strict" in reason) == (dtype == torch.float32) == bool(attempts)
+    expected = "certificate expected after 15 Krylov steps, beyond the 11 budgeted (gap-free model)"
+    assert dtype == torch.float32 or reason == expected
+
+
+def test_members_the_model_puts_beyond_the_budget_get_the_exact_svd_without_an_attempt(monkeypatch):
+    """One member 1000× larger than its share of the allowance allows for the others: its demand
+    D = g‖A‖_F/b is 1000× theirs, so the gap-free model expects its certificate ln(1000)/μ ≈ 11 steps
+    later (1 + ln(lead·D)/μ = 13.7 against their 2.5: ⌈·⌉ = 14, 0.3 from a step either way), beyond
+    the budget of 11; it gets the exact SVD's bits and the attempt runs on the other two alone, whose
+    Ritz triplets are kept as that attempt gives them."""
+    taus = gap_free(8)
+    given = precision(torch.bfloat16, taus)
+    taus[1] *= 1000
+    attempts = []
+
+    def attempt(x, *args, **options):
+        attempts.append((x, block_krylov_svd(x, *args, **options)))
+        return attempts[-1][1]
+
+    monkeypatch.setattr(truncated_module, "block_krylov_svd", attempt)
+    with recording() as outcomes:
+        got = truncated_svd(taus, K, seed=3, precision=given)
+    [(tried, found)] = attempts
+    assert torch.equal(tried, taus[[0, 2]]) and found.converged.all()
+    for part, ritz, full in zip(got, found.factors, exact_top(taus[1:2], K)):
+        assert torch.equal(part[[0, 2]], ritz) and torch.equal(part[1], full[0])
+    budget = choose_svd(tuple(taus.shape), K, True).steps
+    assert outcomes.counts == {("krylov", "certified for bfloat16 output"): 2,
+                               ("exact", f"certificate expected after 14 Krylov steps, beyond the {budget} "
+                                         "budgeted (gap-free model)"): 1}
+
+
+def test_the_stopping_rule_extrapolates_at_the_faster_of_the_last_step_and_the_floor():
+    """Hand trajectories (excess per step): without the floor's rate (the residual check) a member stops
+    when its last step's contraction cannot bring it to 1 in the steps left, and a single step proves
+    nothing; with it, a slow last step (0.95) is extrapolated at e^{−μ} = ½ instead, so it still needs
+    ln 9.5 / ln 2 = 3.25 steps: kept with 4 left, given up with 3. Accepted members (≤ 1) never stop it."""
+    history = [torch.tensor([10.0, 0.5]), torch.tensor([9.5, 0.4])]
+    assert hopeless(history, 10) and not hopeless(history[:1], 0)
+    assert not hopeless(history, 4, rate=math.log(2)) and hopeless(history, 3, rate=math.log(2))
+    assert not hopeless([torch.tensor([10.0]), torch.tensor([2.0])], 1)  # 2 → 0.4 at the last rate
+    assert not hopeless([torch.tensor([3.0]), torch.tensor([1.0])], 0)
+
+
+def test_a_trajectory_that_cannot_reach_acceptance_within_its_budget_stops_after_two_certified_steps():
+    """θ₀ twice τ (bf16): the certificate accepts at step 6 (15 passes). Within a budget of 3 steps the
+    excesses after steps 1 and 2, extrapolated at the faster of their ratio and e^{−μ}, need ≥ 2.1
+    more steps where 1 is left: the iteration stops after step 2 (7 passes), its members rejected. Its
+    cost, c(2), is within MARGIN of the exact SVDs (the waste bound of a given-up member)."""
+    taus = gap_free(6)
+    allowance = precision(torch.bfloat16, taus, 2.0).allowance(taus.shape)
+    floor = gap_free_floor(K, tuple(taus.shape))
+    first, second = (block_krylov_svd(taus, K, seed=3, allowance=allowance, steps=s).certificate.excess for s in (1, 2))
+    contraction = torch.minimum(second / first, torch.full_like(first, math.exp(-floor.rate)))
+    assert (torch.log(second) / -torch.log(contraction) >= 2).all()
+    stopped = block_krylov_svd(taus, K, seed=3, allowance=allowance, steps=3)
+    assert stopped.passes == 7 and not stopped.converged.any()
+    assert block_krylov_svd(taus, K, seed=3, allowance=allowance, steps=11).passes == 15
+    assert randomized_seconds(tuple(taus.shape), K, 2) <= MARGIN * exact_seconds(tuple(taus.shape))
+
+
+def test_a_member_the_model_misjudges_is_given_up_and_redone_exactly(monkeypatch):
+    """θ₀ a hundredth of τ: the model is made to admit the members (as if it had misjudged them); their
+    trajectory, 200× the one above, needs ≥ 9.4 more steps after step 2 at the faster of its last
+    contraction and e^{−μ} where the budget of 11 leaves 9 (a margin of 1.3× in the excess), so the
+    attempt stops there and every member gets the exact SVD's bits."""
+    taus = gap_free(6)
+    monkeypatch.setattr(truncated_module, "certificate_steps",
+                        lambda shape, rank, demand: torch.full_like(demand, float(CERTIFIED_STEPS)))
+    with recording() as outcomes:
+        got = truncated_svd(taus, K, seed=3, precision=precision(torch.bfloat16, taus, 0.01))
+    assert all(torch.equal(a, b) for a, b in zip(got, exact_top(taus, K)))
+    assert outcomes.counts == {("exact", "residual check and certificate failed after 7 passes"): T}
 
 
 def test_a_matrix_the_iteration_cannot_certify_in_time_is_rejected():
@@ -218,10 +297,12 @@ def announced(decisions: list[str]) -> dict[str, int]:
 @pytest.mark.parametrize("method", ["tsv", "iso_cts", "prime"])
 def test_the_plan_announces_what_a_bf16_merge_then_does(tmp_path, method):
     """Six bf16 fine-tunes: the plan's ``svd: auto`` lines (decided from the shapes and the output dtype)
-    send as many members to block Krylov as the merge then tries it on, kept or redone exactly after
-    failing its tests; the others are exact by the cost model. TSV's 6 × 384 × 768 SVD at rank 64 is
-    tried only because the output is 16-bit, so a method that did not hand its output precision to its
-    SVDs would take them exact (cost model) while the plan said otherwise."""
+    send as many members to the Krylov branch as the merge then handles there: tried (kept, or redone
+    exactly after failing its tests) or sent to the exact SVD by their own certificate estimate; the
+    others are exact by the cost model of the shapes. TSV's 6 × 384 × 768 SVD at rank 64 enters the
+    branch only because the output is 16-bit (whose two budgeted steps the estimate then finds too few),
+    so a method that did not hand its output precision to its SVDs would take them exact (cost model)
+    while the plan said otherwise."""
     folders = write_fine_tunes(tmp_path, torch.bfloat16, tasks=METHOD_TASKS, noise=METHOD_NOISE)
     recipe = build_recipe({"base": folders[0], "models": folders[1:], "method": method})
     result = merge_recipe(recipe, out=tmp_path / "out")
@@ -257,10 +338,15 @@ def test_rank_auto_merge_reuses_the_pre_pass_exact_svds_with_the_same_bits():
 
 # ---------------------------------------------------------------- how the members of a method combine
 
-#: Six tasks with a tenth of their energy in the floor: TSV cuts at k = 64, deep inside it, PRIME at 4
-#: (the edge) and Iso-CTS's task-specific SVDs at 13 of the projected task vectors; each method's
-#: members are certified for a bf16 output sharing its allowance (≥ 10% below their shares).
+#: Six tasks with a tenth of their energy in the floor: PRIME cuts at 4 (the edge) and Iso-CTS's
+#: task-specific SVDs at 13 of the projected task vectors; each method's members are certified for a
+#: bf16 output sharing its allowance (≥ 10% below their shares).
 METHOD_TASKS, METHOD_NOISE = 6, 0.1
+#: TSV cuts at k = r_full/T: with six tasks at 64 of 384, where the budget (c(J) ≤ MARGIN·E) affords
+#: two Krylov steps and its ε bound alone needs four, so its members go exact. Sixteen tasks (k = 24,
+#: budget 5) of θ₀ 400× τ: the model expects the certificate at 1 + ln(lead·D)/μ = 3.85 → 4 steps,
+#: where it comes.
+TSV_TASKS, TSV_BASE_RATIO = 16, 400.0
 #: Iso-CTS's projected task vectors have rank ≤ r_full − k_c = 78, which the Krylov basis spans (and
 #: the residual check accepts) from its fourth block: certified before that with θ₀ 200× τ (fine-tunes
 #: with small deltas), not with the bench's 20× (BASE_RATIO, TSV's and PRIME's cases).
@@ -295,10 +381,10 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def method_case(ratio: float = BASE_RATIO) -> tuple[torch.Tensor, TensorContext]:
+def method_case(ratio: float = BASE_RATIO, tasks: int = METHOD_TASKS) -> tuple[torch.Tensor, TensorContext]:
     """Float64 task vectors (so that the Ritz triplets are exact to float64 for the comparison) and a
     bf16 output's context."""
-    taus = gap_free(31, tasks=METHOD_TASKS, noise=METHOD_NOISE).double()
+    taus = gap_free(31, tasks=tasks, noise=METHOD_NOISE).double()
     return taus, TensorContext("layer.weight", "matrix", seed=3, precision=precision(torch.bfloat16, taus, ratio))
 
 
@@ -327,7 +413,7 @@ def test_tsv_merge_of_certified_triplets_is_the_exact_merge_of_task_vectors_with
     exact-SVD TSV merge of the Â_t (‖A_t − Â_t‖_F = β_t, within each member's share) with its values
     lowered by ζ: α Û diag(ζ) V̂ᵀ, to float64 round-off (:func:`round_off_bound`); without the ζ
     term it is ≥ 10× the bound off."""
-    taus, ctx = method_case()
+    taus, ctx = method_case(TSV_BASE_RATIO, TSV_TASKS)
     merged, found = certified_merge("tsv", taus, ctx, monkeypatch)
     hat, zeta, gap = perturbed(taus, found.factors, found.certificate.floor)
     assert torch.allclose((taus - hat).flatten(1).norm(dim=1), found.certificate.backward, rtol=1e-9)

@@ -4,8 +4,8 @@ gap (issue 18), and gives the same bytes on every repeat and thread count.
 The spectra are the hard case for a randomized SVD: a slow power law σ_j ∝ j^-0.5 and Gaussian
 matrices (the flat Marchenko–Pastur top). Each case runs twice: with ``auto``'s own choice
 (:func:`primerge.linalg.choose_svd`) and with the randomized attempt forced on every truncated
-SVD, so the residual check and the exact fallback of the members that fail it are exercised
-whatever the cost model picks for these shapes.
+SVD (``MAX_STEPS`` steps), so the residual check and the exact fallback of the members that fail it
+are exercised whatever the cost model picks for these shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from primerge.util.deterministic import ThreadIndependent
 from primerge.linalg import SVDChoice
 from primerge.linalg import truncated as truncated_module
+from primerge.linalg.krylov import MAX_STEPS
 
 from helpers import on_thread_counts, run
 
@@ -45,7 +46,7 @@ def attempt(request, monkeypatch):
     """``auto`` as it chooses, or with the block Krylov attempt forced for every shape."""
     if request.param == "forced":
         monkeypatch.setattr(truncated_module, "choose_svd",
-                            lambda shape, rank, tolerant=False: SVDChoice("randomized", 0.0, 0.0, 0,
+                            lambda shape, rank, tolerant=False: SVDChoice("randomized", 0.0, 0.0, MAX_STEPS,
                                                                           "forced by the test"))
     return request.param
 

@@ -18,17 +18,61 @@ direction), or, given an ``allowance`` (16-bit outputs), the certificate's backw
 reaches the written tensor, and (1 + ε) energy bound. Triplets whose σ is numerically null
 (:func:`primerge.linalg.core.null_mask`) need no check.
 
-The iteration stops as soon as every member is accepted (the certificate usually allows fewer
-passes than the residual check on gap-free spectra), when the basis would outgrow p, after
-``max_steps`` steps, or early when no member still pending approaches acceptance fast enough to
-reach it by then (each one's geometric rate of the last step, extrapolated). Each step costs two
-passes over A, so the whole call makes 2·steps + 3 passes. Products are batched over the members
-(one BLAS call per pass for the T task vectors) on A as it is stored: a transposed view is passed
-to BLAS as such, never copied.
+**Stopping rule.** Each step costs two passes over A, so a call of j steps makes 2·j + 3 passes.
+The iteration stops as soon as every member is accepted, when the basis would outgrow p, after
+``steps`` steps — for ``svd: auto`` the budget of its cost model
+(:func:`primerge.linalg.choice.affordable_steps`: the steps that cost at most ``MARGIN`` of the
+exact SVD; ``MAX_STEPS`` without an allowance) — or as soon as no pending member (excess > 1,
+:class:`primerge.linalg.certificate.Certificate`) can reach acceptance (excess ≤ 1) by then:
+with e_j its excess after step j and J the budget, a member is given up when
+
+    e_j · ϱ^(J − j) > 1,     ϱ = its best contraction per step,
+
+extrapolated geometrically. Without an allowance (the residual check) ϱ is the last step's
+e_j / e_{j−1}: the residual check passes only where the spectrum has a gap, where Krylov
+convergence is geometric at a rate the last step measures. With an allowance, ϱ = min(e_j /
+e_{j−1}, e^{−μ}), the faster of the last step's and the gap-free floor's rate μ (below: one slow
+step does not condemn a trajectory the model expects to go faster). The excess is compared from
+step 1 on (step 0 cannot be accepted, and its (1 + ε) bound rarely has room), so a trajectory is
+judged at its second certified step: one point would not do, as the ε part of the excess can
+fall 30-fold in a step where most of A's energy lies above the cut. Before the iteration,
+:func:`primerge.linalg.choice.certificate_steps` sends to the exact SVD the members the same
+model puts beyond J, so a member given up is one the model misjudged; it wastes the passes made
+until then, c(j) ≤ c(J) ≤ ``MARGIN`` of its exact SVD as the cost model prices them
+(docs/algorithms.md, "Truncated SVDs").
+
+**Gap-free floor model** (:class:`GapFreeFloor`: the certificate's trajectory where it is
+slowest). Let all of A's energy lie in a Gaussian floor, p × q i.i.d. entries (p ≥ q, y = q/p).
+The eigenvalues of AᵀA are λ ‖A‖_F² / q with λ Marchenko–Pastur distributed on [λ₋, λ₊] =
+[(1 − √y)², (1 + √y)²] (mean 1); σ_i² ≈ λ_i ‖A‖_F² / q with λ_i the quantile that leaves
+(i − ½)/q of the law above it. Block Krylov with ℓ columns resolves the i-th direction against
+the (ℓ + 1)-th at the Chebyshev rate of their gap (Saad 1980, "On the rates of convergence of
+the Lanczos and the block-Lanczos methods"; the same Chebyshev amplification, T_j(1 + γ) ≥
+2^{j√γ − 1}, gives Musco & Musco 2015 their gap-independent bound ε ~ 1/j²): tan ∠(u_i, K_j)
+≤ C / T_j(1 + 2γ), γ = (λ_{k+1} − λ_{ℓ+1}) / (λ_{ℓ+1} − λ₋) for the
+last checked direction i = k + 1, and T_j(1 + 2γ) grows as e^{jμ}, μ = arccosh(1 + 2γ) ≈ 2√γ.
+The residuals ρ_i, hence β and the excess e = g β / b (b the member's share of the allowance, g
+its gain), contract by e^{−μ} per step, from about ``FLOOR_RESIDUAL`` · σ_{k+1} per kept
+direction after the first step:
+
+    e_j ≈ κ √(k λ_{k+1} / q) · D · e^{−μ (j − 1)},     D = g ‖A‖_F / b  (the member's demand),
+
+the rate and the form derived, κ measured: on Gaussian floors (p × q ∈ {1024², 2816 × 1024,
+1024 × 256}, k ∈ {3, 10, 32, 64, 128}, 1/D ∈ {2·10⁻³, 2.5·10⁻⁴}) e_j over the model with κ = 1
+lies in 0.19–0.32 from step 1 until the basis nears q (then lower: it exhausts A's range; one
+case, 1024 × 256 at k = 3 and the larger 1/D, rose to 0.7 over its last steps); with half the
+energy in six strong directions above the floor 0.12–0.18, with a fifth 0.07–0.11. So the floor
+holding all the energy is the slow case the model prices (κ = ¼), and strong directions above
+the cut bring the certificate sooner. Measured e^{−μ}: 0.64 per step at 1024², k = 10, against
+the model's 0.638. Not modelled: a member of rank below q (e.g. Iso-CTS's k/v task vectors
+projected off the common subspace), whose basis exhausts its range, and so is certified, sooner.
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -39,8 +83,13 @@ from primerge.linalg.core import SVD
 
 #: Oversampling columns (docs/algorithms.md, "Truncated SVDs").
 OVERSAMPLE = 10
-#: Largest number of Krylov steps (each adds one block of ℓ columns to the basis).
+#: Krylov steps (each adds one block of ℓ columns to the basis) without a budget from the cost model.
 MAX_STEPS = 8
+#: κ: the gap-free floor's residual per kept direction after the first step, over σ_{k+1} (module
+#: docstring: 0.19–0.32 measured on Gaussian floors holding all the energy).
+FLOOR_RESIDUAL = 0.25
+#: Midpoints of the quadrature over the Marchenko–Pastur law (its integrand is smooth in φ).
+_QUADRATURE = 2048
 
 
 class KrylovSVD(NamedTuple):
@@ -67,6 +116,61 @@ def max_steps(rank: int, shape: tuple[int, ...], limit: int = MAX_STEPS) -> int:
     """Steps after the first block while the basis (steps + 1)·ℓ still fits in min(m, n)."""
     width = block_width(rank, shape)
     return max(0, min(limit, min(shape[-2:]) // width - 1))
+
+
+class GapFreeFloor(NamedTuple):
+    """The certificate's trajectory on a gap-free floor (module docstring): the excess after step j ≥ 1
+    is about ``lead`` · D · e^{−``rate``·(j − 1)} for a member of demand D, and the floor's k-th
+    singular value is ``kept`` · ‖A‖_F."""
+
+    lead: float  # κ √(k λ_{k+1} / q)
+    rate: float  # μ = arccosh(1 + 2γ)
+    kept: float  # √(λ_k / q)
+
+    def excess(self, demand: Tensor) -> Tensor:
+        """e₁, the excess the model expects after the first step, of members of ``demand`` D."""
+        return self.lead * demand
+
+
+def gap_free_floor(rank: int, shape: tuple[int, ...]) -> GapFreeFloor:
+    """:class:`GapFreeFloor` of top-``rank`` SVDs of m × n matrices (shape (..., m, n)) by blocks of
+    ℓ = :func:`block_width` columns."""
+    p, q = sorted(shape[-2:], reverse=True)
+    return _floor(rank, block_width(rank, shape), p, q)
+
+
+@lru_cache(maxsize=256)
+def _floor(rank: int, width: int, p: int, q: int) -> GapFreeFloor:
+    kth, cut, block, lowest = marchenko_pastur(q / p, tuple((i - 0.5) / q for i in (rank, rank + 1, width + 1)))
+    gap = (cut - block) / max(block - lowest, 1e-300) if width < q else math.inf
+    return GapFreeFloor(FLOOR_RESIDUAL * math.sqrt(rank * cut / q), math.acosh(1 + 2 * gap),
+                        math.sqrt(kth / q))
+
+
+def marchenko_pastur(ratio: float, above: tuple[float, ...]) -> tuple[float, ...]:
+    """λ with the share ``above`` of the Marchenko–Pastur law of ratio y = ``ratio`` ≤ 1 (mean 1,
+    support [λ₋, λ₊] = [(1 − √y)², (1 + √y)²]) above it, one per share, then λ₋.
+
+    With λ(φ) = λ₊ − (λ₊ − λ₋)(1 − cos φ)/2, the density √((λ₊ − λ)(λ − λ₋)) / (2π y λ) dλ becomes
+    (λ₊ − λ₋)² sin²φ / (8π y λ(φ)) dφ on [0, π], smooth (y = 1: (1 − cos φ)/π), integrated by
+    midpoints and inverted by linear interpolation."""
+    lo, hi = (1 - math.sqrt(ratio)) ** 2, (1 + math.sqrt(ratio)) ** 2
+    h = math.pi / _QUADRATURE
+
+    def at(phi: float) -> float:
+        return hi - (hi - lo) * (1 - math.cos(phi)) / 2
+
+    mass = [0.0]
+    for j in range(_QUADRATURE):
+        phi = (j + 0.5) * h
+        mass.append(mass[-1] + h * (hi - lo) ** 2 * math.sin(phi) ** 2 / (8 * math.pi * ratio * at(phi)))
+    out = []
+    for share in above:
+        target = min(max(share, 0.0), 1.0) * mass[-1]
+        j = min(_QUADRATURE - 1, bisect_left(mass, target, 1) - 1)
+        frac = (target - mass[j]) / max(mass[j + 1] - mass[j], 1e-300)
+        out.append(at((j + min(max(frac, 0.0), 1.0)) * h))
+    return (*out, lo)
 
 
 def sketch(q: int, width: int, seed: int, like: Tensor) -> Tensor:
@@ -130,69 +234,104 @@ def ritz(basis: Tensor, X: Tensor, gram: Tensor, checked: int, rank: int) -> _Ri
     return _Ritz(W, S, R.norm(dim=-2).double(), spectral)
 
 
-def hopeless(history: list[Tensor], steps_left: int) -> bool:
+def hopeless(history: list[Tensor], steps_left: int, rate: float | None = None) -> bool:
     """Whether no member still pending (excess > 1) can reach acceptance (excess ≤ 1) in
-    ``steps_left`` more steps at its excess' last geometric rate of decrease."""
+    ``steps_left`` more steps at its best contraction per step (module docstring, "Stopping rule"):
+    the last step's e_j / e_{j−1}, or, given the floor's ``rate`` μ, the faster of that and e^{−μ}."""
     if len(history) < 2:
         return False
-    now, before = history[-1].double(), history[-2].double()
+    now = history[-1].double()
     pending = now > 1
     if not bool(pending.any()):
         return False
-    rate = (now[pending] / before[pending].clamp_min(1e-300)).clamp(max=1.0)
-    needed = torch.log(1 / now[pending]) / torch.log(rate.clamp(min=1e-300, max=1 - 1e-12))
+    now = now[pending]
+    contraction = (now / history[-2].double()[pending].clamp_min(1e-300)).clamp(max=1.0)
+    if rate is not None:
+        contraction = contraction.clamp(max=math.exp(-rate))
+    needed = torch.log(1 / now) / torch.log(contraction.clamp(min=1e-300, max=1 - 1e-12))
     return bool((needed > steps_left).all())
 
 
 def block_krylov_svd(x: Tensor, rank: int, *, seed: int = 0, tol: float = TOLERANCE,
-                     steps: int = MAX_STEPS, allowance: Allowance | None = None) -> KrylovSVD:
-    """Top-``rank`` triplets of ``x`` (..., m, n) by block Krylov iteration (module docstring);
-    ``allowance``: the certificate's, per member (None: residual check only)."""
+                     steps: int = MAX_STEPS, allowance: Allowance | None = None,
+                     frobenius: Tensor | None = None) -> KrylovSVD:
+    """Top-``rank`` triplets of ``x`` (..., m, n) by block Krylov iteration (module docstring), at most
+    ``steps`` steps; ``allowance``: the certificate's, per member (None: residual check only);
+    ``frobenius``: the members' :func:`frobenius_norms` when the caller has them."""
     batch = x.shape[:-2]
     if len(batch) != 1:  # the iteration runs on one batch axis (batched BLAS calls)
+        norms = None if frobenius is None else frobenius.reshape(-1)
         found = block_krylov_svd(x.reshape(-1, *x.shape[-2:]), rank, seed=seed, tol=tol, steps=steps,
-                                 allowance=allowance)
+                                 allowance=allowance, frobenius=norms)
         factors = SVD(*(t.reshape(*batch, *t.shape[1:]) for t in found.factors))
         verdict = Certificate(*(t.reshape(batch) for t in found.certificate))
         return KrylovSVD(factors, verdict.accepted, verdict.residual, found.passes, verdict)
-    flip = x.shape[-2] < x.shape[-1]
-    A = x.mT if flip else x  # (..., p, q), p ≥ q: Z = Aᵀ·basis, kept in float64, is on the smaller side
+    A, flip = _oriented(x)  # (..., p, q), p ≥ q: Z = Aᵀ·basis, kept in float64, is on the smaller side
     shape = tuple(A.shape)
     width = block_width(rank, shape)
     checked = min(rank + 1, width)
     limit = max_steps(rank, shape, steps)
-    frobenius = A.norm(dim=(-2, -1)).double() if allowance is not None else None  # no float64 copy of A
-    space = _KrylovSpace(A, (limit + 1) * width)
+    if allowance is not None and frobenius is None:
+        frobenius = frobenius_norms(x)
+    rate = gap_free_floor(rank, shape).rate if allowance is not None else None
+    space = _KrylovSpace(A, (max_steps(rank, shape) + 1) * width, (limit + 1) * width)
     omega = sketch(shape[-1], width, seed, A).expand(*shape[:-2], shape[-1], width)
     Q = orthonormal_complement(None, A @ omega)
-    history: list[Tensor] = []
+    history: list[Tensor] = []  # the excess per step; with an allowance from step 1 on (module docstring)
     for step in range(limit + 1):
         space.extend(Q)
         found = ritz(space.basis, space.X, space.gram, checked, rank)
         norm = frobenius if frobenius is not None else found.S.new_zeros(found.S.shape[:-1])
         verdict = certify(found.S, found.residual, found.spectral, norm, rank, shape, tol=tol,
                           allowance=allowance, steps=step)
-        history.append(verdict.excess)
-        if bool(verdict.accepted.all()) or step == limit or hopeless(history, limit - step):
+        if rate is None or step >= 1:
+            history.append(verdict.excess)
+        if bool(verdict.accepted.all()) or step == limit or hopeless(history, limit - step, rate):
             break
         Q = orthonormal_complement(space.basis, space.X[..., -width:])
     factors = space.triplets(found, rank)
     if flip:
         factors = SVD(factors.V, factors.S, factors.U)
-    return KrylovSVD(factors, verdict.accepted, verdict.residual, 1 + 2 * len(history), verdict)
+    return KrylovSVD(factors, verdict.accepted, verdict.residual, 3 + 2 * step, verdict)
+
+
+def frobenius_norms(x: Tensor) -> Tensor:
+    """‖A‖_F per member of ``x`` (..., m, n) in float64, as the certificate takes it (computed on A as
+    the iteration orients it, without a float64 copy)."""
+    return _oriented(x)[0].norm(dim=(-2, -1)).double()
+
+
+def _oriented(x: Tensor) -> tuple[Tensor, bool]:
+    """(A, flipped): ``x`` or its transposed view, whichever has at least as many rows as columns."""
+    flip = x.shape[-2] < x.shape[-1]
+    return (x.mT if flip else x), flip
 
 
 class _KrylovSpace:
     """The growing basis K (p × c), Z = Aᵀ K (float64, q × c), X = A Z (p × c) and ZᵀZ, in
-    buffers of the largest width (no copy as the basis grows)."""
+    buffers of ``columns`` columns (``MAX_STEPS`` steps' worth, whatever the budget: the same
+    layout, so the same bits, for every budget that fits), enlarged (doubled, up to ``largest``)
+    only when a budget beyond ``MAX_STEPS`` outgrows them."""
 
-    def __init__(self, A: Tensor, columns: int) -> None:
-        batch, (p, q) = A.shape[:-2], A.shape[-2:]
-        self.A, self.c = A, 0
-        self._basis = A.new_empty((*batch, p, columns))
-        self._X = A.new_empty((*batch, p, columns))
-        self._Z = A.new_empty((*batch, q, columns), dtype=torch.float64)
-        self._gram = A.new_empty((*batch, columns, columns), dtype=torch.float64)
+    def __init__(self, A: Tensor, columns: int, largest: int) -> None:
+        self.A, self.c, self.largest = A, 0, max(columns, largest)
+        self._basis, self._X, self._Z, self._gram = self._buffers(columns)
+
+    def _buffers(self, columns: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch, (p, q) = self.A.shape[:-2], self.A.shape[-2:]
+        return (self.A.new_empty((*batch, p, columns)), self.A.new_empty((*batch, p, columns)),
+                self.A.new_empty((*batch, q, columns), dtype=torch.float64),
+                self.A.new_empty((*batch, columns, columns), dtype=torch.float64))
+
+    def _reserve(self, columns: int) -> None:
+        if columns <= self._basis.shape[-1]:
+            return
+        larger = self._buffers(min(max(columns, 2 * self._basis.shape[-1]), self.largest))
+        c = self.c
+        for new, old in zip(larger[:3], (self._basis, self._X, self._Z)):
+            new[..., :c] = old[..., :c]
+        larger[3][..., :c, :c] = self._gram[..., :c, :c]
+        self._basis, self._X, self._Z, self._gram = larger
 
     basis = property(lambda self: self._basis[..., :self.c])
     X = property(lambda self: self._X[..., :self.c])
@@ -200,6 +339,7 @@ class _KrylovSpace:
 
     def extend(self, Q: Tensor) -> None:
         """Add the orthonormal block Q: two passes over A (Z = AᵀQ, X = A Z), the Gram's new rows."""
+        self._reserve(self.c + Q.shape[-1])
         start, self.c = self.c, self.c + Q.shape[-1]
         Z = self.A.mT @ Q
         self._basis[..., start:self.c] = Q

@@ -23,12 +23,15 @@ _ACTIVE: ContextVar[SVDOutcomes | None] = ContextVar("primerge_svd_outcomes", de
 
 @dataclass
 class SVDOutcomes:
-    """Matrices per (path, reason); passes over the Krylov ones; the largest certified ε and β / allowance;
-    the flops of the work (:func:`krylov_flops`, :func:`exact_flops`) and seconds per path.
+    """Matrices per (path, reason); passes over the Krylov ones; the largest certified ε and share
+    g·β / b (a member's backward error through the method's gain g, over its share b of the
+    allowance: :meth:`primerge.linalg.certificate.Allowance.share`); the flops of the work
+    (:func:`krylov_flops`, :func:`exact_flops`) and seconds per path.
 
     ``reason`` says why the path was taken: for ``krylov`` the test that accepted the Ritz triplets
     (residual check, certificate for the output dtype) or ``svd: randomized``; for ``exact`` the
-    recipe, the cost model, or the tests that failed; for ``factored`` the low-rank task vectors.
+    recipe, the cost model (of the shapes, or of a member's certificate steps), or the tests that
+    failed; for ``factored`` the low-rank task vectors.
     A Krylov attempt whose members are redone exactly counts its flops and seconds under ``krylov``
     (the redo's under ``exact``); ``passes`` counts those of the members kept.
     """
@@ -79,7 +82,8 @@ class SVDOutcomes:
             lines.append(f"svd ({what}): {path}: {count} ({reason})")
         if self.epsilon > 0:
             lines.append(f"svd ({what}): certified matrices: energy within (1 + {self.epsilon:.3g}) of the optimum, "
-                         f"backward error ≤ {self.backward:.2f} of the allowance (largest)")
+                         f"backward error × the method's gain ≤ {self.backward:.2f} of the member's share of "
+                         f"the allowance (largest)")
         return lines
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from primerge.linalg.certificate import TOLERANCE, OutputPrecision
-from primerge.linalg.choice import choose_svd
+from primerge.linalg.certificate import TOLERANCE, Allowance, OutputPrecision
+from primerge.linalg.choice import SVDChoice, certificate_steps, choose_svd
 from primerge.linalg.core import SVD, svd
-from primerge.linalg.krylov import KrylovSVD, block_krylov_svd, block_width
+from primerge.linalg.krylov import KrylovSVD, block_krylov_svd, block_width, frobenius_norms, gap_free_floor
 from primerge.linalg.outcomes import exact_flops, krylov_flops, record
 
 SVDMode = Literal["auto", "exact", "randomized"]
@@ -26,9 +26,14 @@ def exact_top(x: Tensor, rank: int) -> SVD:
 
 
 def takes_exact(shape: tuple[int, ...], rank: int, mode: SVDMode, precision: OutputPrecision | None = None) -> bool:
-    """Whether :func:`truncated_svd` takes the exact path for this batch shape, rank, mode and output."""
-    tolerant = precision is not None and precision.tolerant
-    return mode == "exact" or (mode == "auto" and choose_svd(shape, rank, tolerant).mode == "exact")
+    """Whether :func:`truncated_svd` takes the exact path for this batch shape, rank, mode and output
+    before looking at the members (a 16-bit output may still send some of them to it:
+    :func:`primerge.linalg.choice.certificate_steps`)."""
+    return mode == "exact" or (mode == "auto" and _choice(shape, rank, precision).mode == "exact")
+
+
+def _choice(shape: tuple[int, ...], rank: int, precision: OutputPrecision | None) -> SVDChoice:
+    return choose_svd(shape, rank, precision is not None and precision.tolerant)
 
 
 def truncated_svd(x: Tensor, rank: int, *, mode: SVDMode = "auto", seed: int = 0,
@@ -42,7 +47,10 @@ def truncated_svd(x: Tensor, rank: int, *, mode: SVDMode = "auto", seed: int = 0
     prefers it for this output (:func:`primerge.linalg.choice.choose_svd`), the block Krylov SVD,
     kept for every matrix that passes the residual check at ``tol`` or — when ``precision`` says
     the result is written in a 16-bit dtype — the certificate of :mod:`primerge.linalg.certificate`,
-    and the exact SVD for the others. On CPU the result is bit-for-bit reproducible for a given ``seed``.
+    and the exact SVD for the others; for a 16-bit output the members whose certificate the cost
+    model expects beyond the attempt's budget get the exact SVD without an attempt
+    (:func:`primerge.linalg.choice.certificate_steps`). On CPU the result is bit-for-bit
+    reproducible for a given ``seed``.
     ``exact``: x's exact top-r₀ triplets (r₀ ≥ ``rank``, :func:`exact_top`) when an earlier pass
     already computed them; the exact path then slices them, with the bits it would compute.
     Every matrix solved is recorded, with its flops and seconds (:mod:`primerge.linalg.outcomes`).
@@ -63,22 +71,90 @@ def truncated_svd(x: Tensor, rank: int, *, mode: SVDMode = "auto", seed: int = 0
         found = exact_top(x, rank)
         record("exact", why, members, flops=exact_flops(shape), seconds=time.perf_counter() - start)
         return found
-    allowance = precision.allowance(shape) if precision is not None and mode == "auto" else None
-    found = block_krylov_svd(x, rank, seed=seed, tol=tol, allowance=allowance)
-    flops = krylov_flops(shape, block_width(rank, shape), found.passes)
     if mode == "randomized":
-        record("krylov", "svd: randomized, unchecked", members, passes=members * found.passes, flops=flops,
+        found = block_krylov_svd(x, rank, seed=seed, tol=tol)
+        record("krylov", "svd: randomized, unchecked", members, passes=members * found.passes,
+               flops=krylov_flops(shape, block_width(rank, shape), found.passes),
                seconds=time.perf_counter() - start)
         return found.factors
-    _record_krylov(found, members, precision, flops, time.perf_counter() - start)
+    flat = x.reshape(-1, *shape[-2:])
+    choice = _choice(shape, rank, precision)
+    allowance = precision.allowance(shape) if precision is not None else None
+    factors = _auto(flat, _Attempt(rank, seed, tol, precision, allowance, choice.steps))
+    return SVD(*(t.reshape(*shape[:-2], *t.shape[1:]) for t in factors))
+
+
+class _Attempt(NamedTuple):
+    """What ``auto``'s Krylov branch needs: the rank, seed and tolerance, the output's precision and
+    each member's allowance (None: the residual check only), and the budget of Krylov steps."""
+
+    rank: int
+    seed: int
+    tol: float
+    precision: OutputPrecision | None
+    allowance: Allowance | None
+    steps: int
+
+
+def _auto(flat: Tensor, attempt: _Attempt) -> SVD:
+    """``auto``'s Krylov branch for the members of ``flat`` (N, m, n): for a 16-bit output the members
+    that :func:`primerge.linalg.choice.certificate_steps` puts beyond the budget get the exact SVD
+    without an attempt; the others are tried (:func:`_tried`)."""
+    norms = frobenius_norms(flat) if attempt.allowance is not None else None
+    needed = _needed_steps(flat, attempt, norms)
+    beyond = needed > attempt.steps
+    if not bool(beyond.any()):
+        return _tried(flat, attempt, norms)
+    start, count = time.perf_counter(), int(beyond.sum())
+    factors = _exact_where(flat, attempt.rank, _unset(flat, attempt.rank), beyond)
+    record("exact", f"certificate expected after {_steps(needed[beyond])} Krylov steps, beyond the "
+           f"{attempt.steps} budgeted (gap-free model)", count, flops=exact_flops((count, *flat.shape[-2:])),
+           seconds=time.perf_counter() - start)
+    tried = torch.nonzero(~beyond).squeeze(-1)
+    if tried.numel():
+        for part, value in zip(factors, _tried(flat[tried], attempt, norms[tried])):
+            part[tried] = value
+    return factors
+
+
+def _needed_steps(flat: Tensor, attempt: _Attempt, norms: Tensor | None) -> Tensor:
+    """n̂ per member (:func:`primerge.linalg.choice.certificate_steps`) from its demand D = g‖A‖_F / b
+    (:meth:`~primerge.linalg.certificate.Allowance.share` of a backward error of ‖A‖_F, the gain at
+    the floor's θ_k); 0 without an allowance (the residual check: nothing to estimate)."""
+    if attempt.allowance is None:
+        return torch.zeros(flat.shape[0], dtype=torch.float64)
+    shape = tuple(flat.shape)
+    kept = norms * gap_free_floor(attempt.rank, shape).kept
+    return certificate_steps(shape, attempt.rank, attempt.allowance.share(norms, kept.unsqueeze(-1)))
+
+
+def _tried(members: Tensor, attempt: _Attempt, norms: Tensor | None) -> SVD:
+    """The block Krylov attempt on ``members`` (N, m, n) within the budget, kept where accepted, the
+    exact SVD where not; both recorded."""
+    start, shape = time.perf_counter(), tuple(members.shape)
+    found = block_krylov_svd(members, attempt.rank, seed=attempt.seed, tol=attempt.tol, steps=attempt.steps,
+                             allowance=attempt.allowance, frobenius=norms)
+    _record_krylov(found, shape[0], attempt.precision,
+                   krylov_flops(shape, block_width(attempt.rank, shape), found.passes), time.perf_counter() - start)
     if bool(found.converged.all()):
         return found.factors
-    start = time.perf_counter()
-    kept = _exact_where(x, rank, found.factors, ~found.converged)
-    redone = members - int(found.converged.sum())
-    record("exact", _rejection(found, precision), redone, flops=exact_flops((redone, *shape[-2:])),
+    start, redone = time.perf_counter(), int((~found.converged).sum())
+    kept = _exact_where(members, attempt.rank, found.factors, ~found.converged)
+    record("exact", _rejection(found, attempt.precision), redone, flops=exact_flops((redone, *shape[-2:])),
            seconds=time.perf_counter() - start)
     return kept
+
+
+def _steps(needed: Tensor) -> str:
+    """The range of a few members' expected steps, e.g. "13" or "12–14" ("∞" where never)."""
+    low, high = (("∞" if math.isinf(v) else str(int(v))) for v in (float(needed.min()), float(needed.max())))
+    return low if low == high else f"{low}–{high}"
+
+
+def _unset(flat: Tensor, rank: int) -> SVD:
+    """Zero factors for the N members of ``flat`` (N, m, n), to be filled member by member."""
+    N, m, n = flat.shape
+    return SVD(flat.new_zeros(N, m, rank), flat.new_zeros(N, rank), flat.new_zeros(N, n, rank))
 
 
 def _record_krylov(found: KrylovSVD, members: int, precision: OutputPrecision | None,
@@ -103,14 +179,11 @@ def _rejection(found: KrylovSVD, precision: OutputPrecision | None) -> str:
     return f"residual check failed after {found.passes} passes ({written}: strict)"
 
 
-def _exact_where(x: Tensor, rank: int, factors: SVD, redo: Tensor) -> SVD:
-    """``factors`` with the members selected by ``redo`` replaced by their exact top-``rank`` SVD."""
-    if x.dim() == 2:
-        return exact_top(x, rank)
-    batch = x.shape[:-2]
-    flat = [t.reshape(-1, *t.shape[len(batch):]).clone() for t in factors]
-    index = torch.nonzero(redo.reshape(-1)).squeeze(-1)
-    exact = exact_top(x.reshape(-1, *x.shape[-2:])[index], rank)
-    for part, value in zip(flat, exact):
+def _exact_where(flat: Tensor, rank: int, factors: SVD, redo: Tensor) -> SVD:
+    """``factors`` of the members of ``flat`` (N, m, n) with those selected by ``redo`` replaced by
+    their exact top-``rank`` SVD."""
+    kept = [t.clone() for t in factors]
+    index = torch.nonzero(redo).squeeze(-1)
+    for part, value in zip(kept, exact_top(flat[index], rank)):
         part[index] = value
-    return SVD(*(t.reshape(*batch, *t.shape[1:]) for t in flat))
+    return SVD(*kept)
