@@ -50,6 +50,15 @@ def connected(cluster):
     ray.shutdown()
 
 
+def _wait_until_idle(timeout: float = 60.0) -> None:
+    """Until every CPU of the joined cluster is free again (tasks of earlier tests release theirs
+    asynchronously), or fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, f"the cluster's CPUs were not all free within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 def _models(zoo):
     return [zoo["t0"], zoo["t1"], zoo["t2"]]
 
@@ -103,6 +112,7 @@ class TestOnAJoinedCluster:
         the two nodes, runs the merge there and leaves the connection open when it closes."""
         kw = dict(task_specific=HEAD, shard_size=3000)
         local = primerge.merge(zoo["base"], _models(zoo), "tsv", out=tmp_path / "local", **kw).out
+        _wait_until_idle()  # the session warms one worker per free slot: the class's earlier merges' tasks are gone
         with primerge.ray_session(workers=2) as session:
             assert session.where() == "this process's Ray connection" and len(session.warm_workers) == 2
             result = primerge.merge(zoo["base"], _models(zoo), "tsv", out=tmp_path / "ray", execution=session, **kw)
