@@ -80,7 +80,7 @@ def register(subparsers) -> None:
         "demo", help="fine-tune, merge with every method, evaluate, and report the table (offline)")
     _add_common(demo)
     demo.add_argument("--methods", nargs="+", metavar="METHOD",
-                      help="methods to compare (default: every registered method at its defaults)")
+                      help="methods to compare (default: every registered method at its defaults; with --suite llm: task_arithmetic, ties, tsv, prime and regmean, or 'all')")
     demo.add_argument("--report", type=Path, default=Path("demo-report"),
                       help="report folder: results.md, results.csv, results.png (default demo-report)")
     demo.add_argument("--pave", nargs="+", metavar="METHOD",

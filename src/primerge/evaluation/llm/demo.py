@@ -41,7 +41,7 @@ from primerge.data.tasks import load_splits
 from primerge.util.cache_dirs import cache_root
 
 LLM_DEFAULT_TASKS = ("rt_sentiment", "subjectivity", "bbc_topic", "debate_party")
-LLM_DEFAULT_METHODS = ("task_arithmetic", "ties", "tsv", "prime")
+LLM_DEFAULT_METHODS = ("task_arithmetic", "ties", "tsv", "prime", "regmean")
 MERGE_SEED = 42
 
 
@@ -98,7 +98,7 @@ class Suite:
 
 
 def method_names(names: Sequence[str] | None, tasks: int) -> list[str]:
-    """``None`` -> the four headline methods; ``['all']`` -> every registered method that merges
+    """``None`` -> the headline methods (:data:`LLM_DEFAULT_METHODS`: four data-free ones and RegMean); ``['all']`` -> every registered method that merges
     ``tasks`` models (:func:`~primerge.evaluation.demo.select_methods`)."""
     if not names:
         return list(LLM_DEFAULT_METHODS)

@@ -19,8 +19,8 @@ class LLMProtocol:
     "LLM results"); :data:`GPU_PROTOCOL` is the larger configuration for ``--device cuda``."""
 
     max_prompt_tokens: int = 32
-    test_size: int = 100
-    steps: int = 12
+    test_size: int = 300
+    steps: int = 24
     batch_size: int = 8
     lora_rank: int = 16
     lora_learning_rate: float = 3e-3
