@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from primerge.api import merge_recipe
@@ -125,7 +125,6 @@ def tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None = None, set
 def _tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None, settings: TuneSettings, out: Path | None,
           log: Callable[[str], None]) -> TuneResult:
     specs = [get_method(name) for name in methods] if methods else [recipe.spec]
-    settings = replace(settings, calibration={**suite.calibration, **settings.calibration})
     started = time.perf_counter()
     sizes = {label: len(suite.sets[label].texts) for label in suite.labels}
     log(suite.describe())

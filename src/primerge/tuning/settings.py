@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from primerge.tuning.genome import Genome
@@ -27,5 +27,4 @@ class TuneSettings:
     genome: Genome | None = None  # per-model weights and the scale's gradient over depth (--search)
     pave_targets: tuple[str, ...] = ("weight", "delta")
     task_data: dict[str, str] = field(default_factory=dict)  # model label -> task data (PAVE, calibration)
-    calibration: dict[str, Any] = field(default_factory=dict)  # more settings of a calibration block the tuner adds
     cache_bytes: int = DEFAULT_CACHE_BYTES

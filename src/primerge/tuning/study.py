@@ -18,7 +18,7 @@ may be left as the recipe gives them; the first trial is then the recipe as give
 
 A method that reads its inputs' Gram matrices (RegMean, RegMean++) merges with the recipe's
 ``calibration:`` block; a recipe without one gets ``calibration: {data: {<model>: <task>}}`` from the
-run's tasks (``settings.task_data``, with ``settings.calibration``'s further settings), so every
+run's tasks (``settings.task_data``, read as the suite reads its tasks: its ``calibration`` settings), so every
 trial and the best recipe written (which must merge from its YAML alone) carry it
 (:func:`method_recipe`). The calibration reads each task's training texts, from which the
 validation examples are carved too: the merge sees their inputs, never their labels.
@@ -198,11 +198,13 @@ def _point_text(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
 
-def method_recipe(recipe: Recipe, spec: MethodSpec, settings: TuneSettings) -> tuple[Recipe, dict[str, Any]]:
+def method_recipe(recipe: Recipe, spec: MethodSpec, settings: TuneSettings,
+                  reading: Mapping[str, Any]) -> tuple[Recipe, dict[str, Any]]:
     """The recipe with ``spec`` as its method, and the parameters the study keeps fixed: the
     recipe's own parameters when it names this method, else none (the registered defaults). A
     recipe's own ``calibration:`` block is kept; without one, a method that reads Gram matrices
-    gets the run's tasks as its block (module docstring)."""
+    gets the run's tasks as its block, read as the suite reads them (``reading``: the suite's
+    ``calibration`` settings, e.g. the LLM track's prompt templates; module docstring)."""
     fixed = dict(recipe.parameters) if recipe.method == spec.name else {}
     calibration = recipe.calibration
     if calibration is None and spec.reads_grams is not None:
@@ -211,7 +213,7 @@ def method_recipe(recipe: Recipe, spec: MethodSpec, settings: TuneSettings) -> t
             raise RecipeError(f"method '{spec.name}' reads each model's task data, but the tuning run has no task for "
                               f"model '{missing[0]}'; give one task per model (--tasks) or a calibration: block.")
         data = {label: settings.task_data[label] for label in recipe.model_labels()}
-        calibration = block_for(spec, data, **settings.calibration)
+        calibration = block_for(spec, data, **reading)
     return recipe.replace(method=spec.name, parameters=fixed, calibration=calibration), fixed
 
 
@@ -221,7 +223,7 @@ def tune_method(recipe: Recipe, spec: MethodSpec, suite: Suite, settings: TuneSe
     optuna = optuna_module()
     start = time.perf_counter()
     labels = suite.labels
-    base, fixed = method_recipe(recipe, spec, settings)
+    base, fixed = method_recipe(recipe, spec, settings, suite.calibration)
     shared = recipe.settings.uniform() if recipe.method == spec.name else {}  # a gradient has no one value
     space: MethodSpace = space_for(spec, shared)
     search = method_search(spec, space, recipe, shared, labels, settings.method_params, settings.genome)
