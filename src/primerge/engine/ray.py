@@ -34,8 +34,9 @@ runs: the same pure function of (plan, unit, pre-pass result) as a local merge.
 - **Faults**: a task whose worker dies is retried by Ray (up to
   :data:`~primerge.engine.ray_session.RETRIES` times) and, being a pure function of its inputs,
   writes the same bytes; a primerge error inside a unit is raised by
-  the driver as it is (exit 2), never retried; Ctrl-C cancels every running task before the
-  temporary folder is removed.
+  the driver as it is (exit 2), never retried, once the units still running have finished (at
+  most two per worker; they are not cancelled, as Ray's cancellation can race with a task's
+  completion); Ctrl-C cancels every running task before the temporary folder is removed.
 """
 
 from __future__ import annotations
@@ -179,11 +180,23 @@ class RayExecutor:
                     bar.update(unit.nbytes)
                     bar.set_postfix_str(self._throughput(), refresh=False)
                     yield unit, receipt
-        finally:
+        except KeyboardInterrupt:
             for ref in pending:
                 self.ray.cancel(ref, force=True)
+            raise
+        except BaseException:
+            self._drain(pending)
+            raise
         if note := mixed_kinds_note(self.kinds):
             print(f"primerge: warning: {note}", file=sys.stderr)
+
+    def _drain(self, pending: deque) -> None:
+        """Wait for the units still running after a failed one (at most two per worker), so that
+        none writes into the temporary folder once it is removed. They are not cancelled: Ray 2.60's
+        cancellation races with a task's completion and can abort the driver ("Tried to complete task
+        that was not pending", ray-project/ray#54846), which would turn a one-line error into a crash."""
+        if pending:
+            self.ray.wait(list(pending), num_returns=len(pending), fetch_local=False)
 
     def _throughput(self) -> str:
         return ", ".join(f"{w}: {len(s) / sum(s):.2f} units/s" for w, s in sorted(self.stats.items()) if sum(s) > 0)
