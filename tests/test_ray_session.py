@@ -24,6 +24,7 @@ import pytest
 
 import primerge
 from golden.cases import build_zoo, folder_hashes
+from tuning_zoo import tuning_zoo  # noqa: F401  (fixture)
 from primerge.core.plan import build_plan
 from primerge.core.recipe import build_recipe
 from primerge.core.units import WorkerUnits
@@ -182,6 +183,40 @@ def test_merges_in_a_session_run_on_its_warm_workers_and_its_end_stops_what_it_s
     assert _gone(pids, 4 * ray_reaper.GRACE + 30), "the session's warm workers outlived it"
     assert ray_reaper.marked_processes(token, set()) == []
     assert not list(ray_tmp.glob("session_*"))
+
+
+@pytest.mark.slow
+def test_tune_runs_every_trial_of_a_ray_recipe_in_one_session(tuning_zoo, tmp_path, ray_tmp, monkeypatch):
+    """``primerge tune`` on a recipe with ``backend: ray`` holds one session for the whole run: every
+    trial's merge and the confirming merge of the best recipe run their units on the same warm
+    workers (Ray would start a new job's workers for every merge otherwise), and the session is
+    closed when tuning ends."""
+    ray = pytest.importorskip("ray")
+    from primerge.core.recipe import build_recipe
+    from primerge.tuning import EncoderSuite, TuneSettings, tune
+    from primerge.tuning import cache as tuning_cache
+    from primerge.tuning import run as tuning_run
+
+    seen = []
+
+    def recording(merge):
+        def merge_recipe(*args, **kwargs):
+            result = merge(*args, **kwargs)
+            seen.append((RaySession.current(), set(result.execution["units_per_worker"])))
+            return result
+        return merge_recipe
+
+    monkeypatch.setattr(tuning_cache, "merge_recipe", recording(tuning_cache.merge_recipe))
+    monkeypatch.setattr(tuning_run, "merge_recipe", recording(tuning_run.merge_recipe))
+    recipe = build_recipe({**tuning_zoo["recipe"], "method": "ties", "execution": {"backend": "ray", "workers": 2}})
+    suite = EncoderSuite(recipe, tuning_zoo["splits"], size=20, cache=tmp_path / "cache")
+    result = tune(recipe, suite, settings=TuneSettings(trials=3), out=tmp_path / "out", log=lambda m: None)
+    assert result.results[0].confirmed_value is not None
+    sessions = {id(session) for session, _ in seen}
+    assert len(seen) >= 3 and len(sessions) == 1 and seen[0][0] is not None, seen
+    warm = set(seen[0][0].warm_workers)
+    assert len(warm) == 2 and all(workers <= warm for _, workers in seen), (seen, warm)
+    assert RaySession.current() is None and not ray.is_initialized()
 
 
 # ------------------------------------------------------------------------------- bench's cold and warm rows

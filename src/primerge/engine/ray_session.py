@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from primerge.engine.ray_runtime import OwnedRuntime, check_reachable
@@ -170,6 +171,15 @@ class RaySession:
             self.runtime = None
         self.connected = False
         self._tasks.clear()
+
+    @classmethod
+    def held_for(cls, config: ExecutionConfig) -> AbstractContextManager:
+        """A session to hold around a run of many merges with ``config`` (``primerge tune``'s trials):
+        a new one for ``backend: ray`` when none is open, else nothing (an open session stays in
+        charge; a local merge needs none)."""
+        if config.backend != "ray" or _open is not None:
+            return nullcontext()
+        return cls(config)
 
     def __enter__(self) -> RaySession:
         return self.open()

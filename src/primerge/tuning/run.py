@@ -28,6 +28,7 @@ from primerge.io.manifest import Ledger
 from primerge.io.writer import atomic_folder
 from primerge.methods import get_method
 from primerge.core.recipe import Recipe
+from primerge.engine.ray_session import RaySession
 from primerge.tuning.cache import MergedModel
 from primerge.tuning.settings import TuneSettings
 from primerge.tuning.study import MethodResult, normalized, remaining_timeout, tune_method
@@ -105,15 +106,19 @@ def tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None = None, set
 
     With ``out`` the report (best recipes, trials, plots, summary) is written atomically under
     :mod:`primerge.io.destination`'s rules: never over an input, and an existing folder is replaced
-    only when it is an earlier tuning report (its manifest says so) or empty."""
+    only when it is an earlier tuning report (its manifest says so) or empty. A recipe run on Ray
+    runs every trial's merge in one Ray session (:meth:`RaySession.held_for`): its workers start
+    once, not once per trial."""
     settings = settings or TuneSettings()
     if out is None:
-        return _tune(recipe, suite, methods, settings, None, log)
+        with RaySession.held_for(recipe.execution):
+            return _tune(recipe, suite, methods, settings, None, log)
     from primerge.tuning.report import write_report
 
     target = destination(out, recipe.inputs(), force=True, kind="tune-report")
     with atomic_folder(target) as folder:
-        tuned = _tune(recipe, suite, methods, settings, folder, log)
+        with RaySession.held_for(recipe.execution):
+            tuned = _tune(recipe, suite, methods, settings, folder, log)
         write_report(tuned, log)
         Ledger(folder, kind="tune-report").seal()
     for result in tuned.results:
