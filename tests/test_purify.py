@@ -165,7 +165,7 @@ def test_pave_end_to_end_merge_and_cache(pave_zoo, tmp_path, monkeypatch):
 
     recipe["purify"] = {"method": "co_svd", "rank_ratio": 0.75, "samples": 200,
                         "data": {m.name: "data.csv" for m in pave_zoo["models"]}}
-    purifier = build_purifier(build_recipe(recipe, relative_to=pave_zoo["root"]), relative_to=pave_zoo["root"])
+    purifier = build_purifier(build_recipe(recipe, relative_to=pave_zoo["root"]))
     assert set(purifier.ratios) == {"task0", "task1", "task2"}
     ratios = list(purifier.ratios.values())
     assert all(0.625 - 0.05 <= r <= 1.0 for r in ratios) and sum(ratios) / 3 <= 0.75 + 1e-9

@@ -276,7 +276,7 @@ def reference_grams(base: Path, state: dict[str, torch.Tensor], texts: list[str]
 
 def texts_of(csv: str) -> list[str]:
     """The texts the calibration pass reads: the task's training split (its test split is never read)."""
-    texts = task_texts(csv, None)
+    texts = task_texts(csv)
     everything = [line.rsplit(",", 1)[0] for line in Path(csv).read_text().splitlines()[1:]]
     assert set(texts) < set(everything)
     return texts
@@ -350,7 +350,7 @@ def regmean_pp_grams(zoo: dict, cache: Path, parameters: dict):
     plan = zoo_plan(zoo, "regmean_pp", parameters)
     recipe = plan.recipe
     try:
-        texts = {label: calibration_texts(recipe.calibration_config, label, None) for label in recipe.model_labels()}
+        texts = {label: calibration_texts(recipe.calibration_config, label) for label in recipe.model_labels()}
         found = read_index(cache / "regmean_pp" / pass_key(plan, texts))
     finally:
         plan.close()

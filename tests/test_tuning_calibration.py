@@ -81,6 +81,31 @@ def test_a_recipes_own_block_is_kept_and_relative_task_files_move_with_the_repor
     assert kept.calibration == own.calibration
 
 
+def test_a_recipe_files_own_relative_task_files_are_its_folders_wherever_tune_runs(tuning_zoo, tmp_path,
+                                                                                 monkeypatch):
+    """``primerge tune`` on a recipe file whose ``calibration:`` names task files relative to the
+    recipe's folder, run from another working folder: every trial calibrates on those files (read
+    relative to the recipe, as ``primerge merge`` reads them), and the best recipe merges from the
+    report to the same model as the recipe with absolute paths."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    labels = build_recipe(tuning_zoo["recipe"]).model_labels()
+    own = {label: os.path.relpath(f, recipes) for label, f in zip(labels, tuning_zoo["files"][::-1])}
+    (recipes / "recipe.yaml").write_text(yaml.safe_dump({**tuning_zoo["recipe"], "method": "regmean",
+                                                         "calibration": {"data": own}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["tune", "../recipes/recipe.yaml", "--tasks", *tuning_zoo["files"], "--trials", "1",
+                 "--validation-size", "20", "--out", "out", "--cache", str(tmp_path / "scores"), "--quiet"]) == 0
+    absolute = {label: str((recipes / f).resolve()) for label, f in own.items()}
+    best = yaml.safe_load((elsewhere / "out" / "regmean.yaml").read_text())
+    assert {k: str((elsewhere / "out" / v).resolve()) for k, v in best["calibration"]["data"].items()} == absolute
+    same_merge(elsewhere / "out" / "regmean.yaml", primerge.merge_recipe(build_recipe(
+        {**tuning_zoo["recipe"], "method": "regmean", "parameters": best["parameters"],
+         "calibration": {"data": absolute}})).state_dict)
+
+
 def test_a_data_aware_method_without_tasks_is_refused(tuning_zoo, tmp_path):
     recipe = build_recipe(tuning_zoo["recipe"])
     suite = EncoderSuite(recipe, tuning_zoo["splits"], size=20, cache=tmp_path / "scores")

@@ -135,15 +135,13 @@ RAY_ONLY = ("address", "workers", "cpus_per_worker", "gpus_per_worker")
 
 
 def _resolve(recipe: Recipe | str | Path, allow_pickle: bool, lora_rank: int | None,
-             execution: dict[str, Any] | None, download: bool = False) -> tuple[Recipe, Path | None]:
-    """The recipe (read from YAML if a path) with the call's overrides, and its folder."""
+             execution: dict[str, Any] | None, download: bool = False) -> Recipe:
+    """The recipe (read from YAML if a path, its relative paths resolved against its folder) with the
+    call's overrides."""
     if not isinstance(allow_pickle, bool):
         raise RecipeError(f"allow_pickle must be true or false, not {allow_pickle!r:.40}.")
-    folder = None
     if not isinstance(recipe, Recipe):
-        path = user_path(recipe, "recipe")
-        folder = path.parent
-        recipe = load_recipe(path, download=download)
+        recipe = load_recipe(user_path(recipe, "recipe"), download=download)
     if allow_pickle:
         recipe = recipe.replace(allow_pickle=True)
     if lora_rank is not None:
@@ -156,7 +154,7 @@ def _resolve(recipe: Recipe | str | Path, allow_pickle: bool, lora_rank: int | N
             raise RecipeError(f"{options} set how units run on Ray; add --backend ray (or execution: {{backend: ray}} "
                               f"in the recipe), or leave {options} out for a local merge.")
         recipe = recipe.replace(execution=merged)
-    return recipe, folder
+    return recipe
 
 
 def merge_recipe(
@@ -186,7 +184,7 @@ def merge_recipe(
     resolve_device(device)  # the call's own arguments first: a wrong type is one clear error
     size = parse_size(shard_size)
     limit = parse_size(max_memory) if max_memory is not None else None
-    recipe, folder = _resolve(recipe, allow_pickle, lora_rank, _execution_block(execution), download)
+    recipe = _resolve(recipe, allow_pickle, lora_rank, _execution_block(execution), download)
     executor = make_executor(recipe.execution, device)
     sink = open_sink(recipe, out, force=force, shard_size=size)
     plan = build_plan(recipe, shard_size=size)
@@ -196,11 +194,11 @@ def merge_recipe(
         if recipe.purify is not None:
             from primerge.purify import build_purifier  # above the engine: imported only when asked for
 
-            plan = plan.with_transform(build_purifier(recipe, relative_to=folder, quiet=quiet))
+            plan = plan.with_transform(build_purifier(recipe, quiet=quiet))
         if recipe.spec.reads_grams is not None:
             from primerge.calibration import build_grams  # above the engine: imported only when asked for
 
-            plan = plan.with_grams(build_grams(plan, relative_to=folder, quiet=quiet))
+            plan = plan.with_grams(build_grams(plan, quiet=quiet))
         return run(plan, sink, executor, quiet)
     finally:
         plan.close()
@@ -223,7 +221,7 @@ def dry_run(
     (``primerge plan``; :mod:`primerge.engine.preflight`); nothing is written. ``report.problems`` lists
     what would refuse the merge."""
     device = resolve_device(device)
-    recipe, _ = _resolve(recipe, allow_pickle, lora_rank, None, download)
+    recipe = _resolve(recipe, allow_pickle, lora_rank, None, download)
     plan = build_plan(recipe, shard_size=parse_size(shard_size))
     try:
         limit = parse_size(max_memory) if max_memory is not None else None

@@ -83,7 +83,7 @@ def _collect(plan: Plan, dev, quiet: bool) -> tuple:
 
 
 def analyze(recipe: Recipe, out: str | Path, *, method: str | None = None, parameters: dict | None = None,
-            device: str = "cpu", quiet: bool = True, relative_to: Path | None = None, force: bool = False) -> Report:
+            device: str = "cpu", quiet: bool = True, force: bool = False) -> Report:
     """Analyse the task vectors of ``recipe`` and write the report to ``out`` (see module docstring).
 
     The rank-collapse section measures the recipe's method with its parameters, or ``method`` with
@@ -102,7 +102,7 @@ def analyze(recipe: Recipe, out: str | Path, *, method: str | None = None, param
     if recipe.purify is not None:
         from primerge.purify import build_purifier
 
-        plan = plan.with_transform(build_purifier(recipe, relative_to=relative_to, quiet=quiet))
+        plan = plan.with_transform(build_purifier(recipe, quiet=quiet))
     labels = plan.labels
     if len(labels) < 2:
         raise RecipeError("analyze needs at least two models to compare.")

@@ -20,13 +20,13 @@ from primerge.calibration.merged import merged_grams
 from primerge.core.plan import Plan
 
 
-def build_grams(plan: Plan, *, relative_to: Path | None = None, cache: Path | None = None,
+def build_grams(plan: Plan, *, cache: Path | None = None,
                 quiet: bool = True) -> GramFiles:
     """The Gram matrices ``plan``'s method reads: through each model (``own``) or through the
-    merged model (``merged``); relative data paths are resolved against ``relative_to``."""
+    merged model (``merged``), on each model's task texts (``calibration.data``)."""
     if plan.recipe.spec.reads_grams == "merged":
-        return merged_grams(plan, relative_to=relative_to, cache=cache, quiet=quiet)
-    return own_grams(plan, relative_to=relative_to, cache=cache)
+        return merged_grams(plan, cache=cache, quiet=quiet)
+    return own_grams(plan, cache=cache)
 
 
 __all__ = ["GramFiles", "build_grams"]

@@ -54,22 +54,22 @@ class GramFiles:
         return sorted(set.intersection(*(set(w) for w in self.locations))) if self.locations else []
 
 
-def calibration_texts(config: CalibrationConfig, label: str, relative_to: Path | None) -> list[str]:
+def calibration_texts(config: CalibrationConfig, label: str) -> list[str]:
     """Model ``label``'s task texts, an unreadable task named by its field."""
     try:
-        return task_texts(config.data[label], relative_to)
+        return task_texts(config.data[label])
     except InputError as exc:
         raise InputError(f"calibration.data.{label}: {exc}") from None
 
 
-def own_grams(plan: Plan, *, relative_to: Path | None = None, cache: Path | None = None) -> GramFiles:
+def own_grams(plan: Plan, *, cache: Path | None = None) -> GramFiles:
     """RegMean's Grams: each model's covariance file on its own task's texts (module docstring)."""
     recipe, config = plan.recipe, plan.recipe.calibration_config
     base_folder = Path(recipe.base) if Path(recipe.base).is_dir() else None
     matrices = [e.name for e in plan.entries if e.kind == "matrix"]
     locations = []
     for label, entry in zip(recipe.model_labels(), recipe.models):
-        path, _ = covariance_file(Path(entry.path), calibration_texts(config, label, relative_to), base=base_folder,
+        path, _ = covariance_file(Path(entry.path), calibration_texts(config, label), base=base_folder,
                                   samples=config.samples, max_length=config.max_length,
                                   batch_size=config.batch_size, cache=cache, template=config.template_for(label))
         with safe_open(str(path), framework="pt") as handle:

@@ -354,11 +354,11 @@ def write_index(folder: Path, grams: GramFiles) -> None:
     (folder / "index.json").write_text(json.dumps({"format": FORMAT, "locations": locations}))
 
 
-def merged_grams(plan: Plan, *, relative_to: Path | None = None, cache: Path | None = None,
+def merged_grams(plan: Plan, *, cache: Path | None = None,
                  quiet: bool = True) -> GramFiles:
     """RegMean++'s Grams of ``plan`` (module docstring), from the cache when present."""
     config = plan.recipe.calibration_config
-    texts = {label: calibration_texts(config, label, relative_to) for label in plan.recipe.model_labels()}
+    texts = {label: calibration_texts(config, label) for label in plan.recipe.model_labels()}
     root = Path(cache or cache_root()) / "regmean_pp"
     folder = root / pass_key(plan, texts)
     found = read_index(folder)

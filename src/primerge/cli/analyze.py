@@ -40,8 +40,7 @@ def cmd_analyze(args) -> int:
     from primerge.core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    report = analyze(recipe, args.out, method=args.method, device=args.device, quiet=args.quiet,
-                     relative_to=Path(args.recipe).parent, force=args.force)
+    report = analyze(recipe, args.out, method=args.method, device=args.device, quiet=args.quiet, force=args.force)
     prime = report.summary["prime"]
     print(f"PRIME r* = {prime['selected']}; retention: "
           + ", ".join(f"{k} {v:.3f}" for k, v in prime["retention"].items()))

@@ -25,7 +25,6 @@ at most ``max_length`` tokens (:func:`primerge.data.prompts.fit_text`). Problems
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -109,16 +108,10 @@ def parse_calibration(recipe: Recipe) -> CalibrationConfig | None:
     return config
 
 
-def resolve_data(spec: str, folder: Path | None) -> str:
-    """A relative ``.csv``/``.jsonl`` path resolved against ``folder``; task names unchanged."""
-    if folder is None or not spec.lower().endswith((".csv", ".jsonl")):
-        return spec
-    path = Path(spec).expanduser()
-    return str(path if path.is_absolute() else folder / path)
-
-
-def task_texts(spec: str, folder: Path | None) -> list[str]:
-    """The training texts of the task ``spec`` (a file resolved against ``folder``, or a packaged task)."""
+def task_texts(spec: str) -> list[str]:
+    """The training texts of the task ``spec`` (a file, relative to the working folder once the recipe
+    is read (:func:`~primerge.core.recipe.build_recipe` resolves it against the recipe's folder), or a
+    packaged task)."""
     from primerge.data.tasks import load_task
 
-    return list(load_task(resolve_data(spec, folder)).split().train_texts)
+    return list(load_task(spec).split().train_texts)

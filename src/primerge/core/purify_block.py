@@ -72,8 +72,8 @@ def parse_purify(recipe: Recipe) -> PurifyConfig:
     """Validate ``recipe.purify``; data keys and ``tasks`` must be the recipe's model labels.
 
     An unset ``rank_ratio`` becomes :func:`paper_rank_ratio` of the recipe's method and unset
-    ``tasks`` every model. Relative data paths are kept as given (the CLI resolves them against
-    the recipe's folder via :func:`~primerge.core.calibration_block.resolve_data`).
+    ``tasks`` every model. Relative data paths were resolved against the recipe's folder when it
+    was read (:func:`~primerge.core.recipe.build_recipe`).
     """
     raw: dict[str, Any] = dict(recipe.purify or {})
     config = validate(PurifyConfig, raw, "purify block", prefix="purify.")

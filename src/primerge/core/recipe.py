@@ -370,7 +370,8 @@ def _fits(layout: Layout, ndim: int) -> bool:
 
 
 def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None, download: bool = False) -> Recipe:
-    """Validate a recipe dict, resolving relative paths against ``relative_to`` and hub ids that are
+    """Validate a recipe dict, resolving relative paths (``base``, ``models`` and the task files of
+    the ``purify`` and ``calibration`` blocks) against ``relative_to`` and hub ids that are
     no local path from the Hugging Face cache (fetched only with ``download``,
     :mod:`primerge.io.hub`); the method and its parameters are checked too."""
     if not isinstance(data, dict):
@@ -380,7 +381,24 @@ def build_recipe(data: dict[str, Any], *, relative_to: Path | None = None, downl
         located["base"] = _locate(data["base"], relative_to, download, "base")[0]
     if isinstance(data.get("models"), (list, tuple)):
         located["models"] = [_located_model(m, relative_to, download) for m in data["models"]]
+    for block in DATA_BLOCKS:
+        if isinstance(data.get(block), dict) and isinstance(data[block].get("data"), dict):
+            located[block] = {**data[block], "data": {label: resolve_data(spec, relative_to)
+                                                      for label, spec in data[block]["data"].items()}}
     return validate(recipe_kind(located), located, "recipe")
+
+
+#: The blocks whose ``data`` maps model labels to task data (a .csv/.jsonl file or a packaged task).
+DATA_BLOCKS = ("purify", "calibration")
+
+
+def resolve_data(spec: Any, folder: Path | None) -> Any:
+    """A relative ``.csv``/``.jsonl`` path resolved against ``folder`` as ``base`` and ``models`` are;
+    task names (and anything not a string) unchanged."""
+    if folder is None or not isinstance(spec, str) or not spec.lower().endswith((".csv", ".jsonl")):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path if path.is_absolute() else folder / path)
 
 
 def recipe_kind(data: dict[str, Any]) -> type[Recipe]:

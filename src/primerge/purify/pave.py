@@ -250,8 +250,7 @@ class Purifier:
                 f"{self.config.allocation}): {len(self.ranks)} task matrices purified; rank ratios: {ratios}")
 
 
-def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Path | None = None,
-                   quiet: bool = True) -> Purifier:
+def build_purifier(recipe: Recipe, *, cache: Path | None = None, quiet: bool = True) -> Purifier:
     """Validate ``recipe.purify``, collect covariances (cached), decompose (cached) and allocate
     ranks for the models it purifies; return the transform."""
     config = recipe.purify_config
@@ -261,7 +260,7 @@ def build_purifier(recipe: Recipe, *, relative_to: Path | None = None, cache: Pa
     if config.needs_data:
         for label in config.tasks:
             try:
-                texts = task_texts(config.data[label], relative_to)
+                texts = task_texts(config.data[label])
             except InputError as exc:
                 raise InputError(f"purify.data.{label}: {exc}") from None
             covariances[label] = model_covariances(
