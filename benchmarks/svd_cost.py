@@ -3,7 +3,8 @@
 Times (CPU seconds, under primerge.util.deterministic.ThreadIndependent as in a merge) of
 - exact thin SVDs of one matrix on one LAPACK thread, fitted as a·q·p² + b·p³ (p = min(m, n),
   q = max(m, n));
-- one pass of the block Krylov SVD over a batch of T matrices (A Z with Z of ℓ columns), fitted as
+- one pass of the block Krylov SVD over a batch of T matrices (A Z with Z of ℓ columns, as
+  primerge.linalg.krylov.thin_product computes it), fitted as
   m·n·T·(c + d·ℓ).
 
     python benchmarks/svd_cost.py            # prints the fitted constants and the fit's errors
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+from primerge.linalg.krylov import thin_product
 from primerge.util.deterministic import ThreadIndependent
 
 EXACT_SHAPES = [(256, 768), (768, 768), (2048, 768), (1024, 1024), (2736, 1024), (2048, 2048)]
@@ -64,7 +66,7 @@ def main() -> int:
             A = torch.randn(T, m, n)
             for width in WIDTHS:
                 Z = torch.randn(T, n, width)
-                t = cpu_seconds(lambda: A @ Z, args.repeats)
+                t = cpu_seconds(lambda: thin_product(A, Z), args.repeats)
                 pass_rows.append([T * m * n, T * m * n * width])
                 pass_t.append(t)
                 print(f"pass {T}x{m}x{n} width {width}: {t * 1e3:.1f} ms", flush=True)
