@@ -4,6 +4,7 @@ groups these tests started), byte-identical outputs, faults, interrupts and the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -230,20 +231,34 @@ def test_a_model_in_one_shard_gives_every_worker_units(slow_zoo, cluster, tmp_pa
     assert sum(per_worker.values()) == 4 and len(per_worker) == 2, per_worker
 
 
+#: ``python -m primerge`` with Ctrl-C's default disposition (raise KeyboardInterrupt), unblocked, whatever
+#: this test process's: a child inherits an ignored or blocked SIGINT, and Python keeps it so.
+INTERRUPTIBLE = [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); sys.argv[0] = 'primerge'; "
+                 "runpy.run_module('primerge', run_name='__main__')"]
+
+
 def test_ctrl_c_on_the_driver_cancels_the_units_and_leaves_nothing(slow_zoo, cluster, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"base: {slow_zoo['base']}\nmodels: [{slow_zoo['a']}, {slow_zoo['b']}, {slow_zoo['c']}]\n"
                       f"method: tsv\nparameters: {{svd: exact}}\n"
                       f"execution: {{backend: ray, address: '{cluster}', workers: 2}}\n")
     out = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "-m", "primerge", "merge", str(recipe), "--out", str(out), "--quiet",
-                              "--shard-size", "2MB"], stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([*INTERRUPTIBLE, "merge", str(recipe), "--out", str(out), "--quiet", "--shard-size", "2MB"],
+                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    while not _ray_unit_pids():
+    while not (list(tmp_path.glob(".out.primerge-*")) and (running := _ray_unit_pids())):
         assert time.time() < deadline and child.poll() is None, "the merge never started a unit"
         time.sleep(0.05)
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=300)
+    for pid in running:  # hold the running units, so that the Ctrl-C lands while this merge waits for them
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=300)
+    finally:
+        for pid in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     assert child.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out.primerge-*"))

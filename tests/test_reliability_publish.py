@@ -136,6 +136,8 @@ def test_a_signal_at_any_step_lands_after_the_publish(outputs, tmp_path, monkeyp
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)  # as the command line has it
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         for step in range(1, 30):
             folder = tmp_path / f"{sig.name}-{step}"
@@ -158,6 +160,8 @@ def test_a_signal_at_any_step_lands_after_the_publish(outputs, tmp_path, monkeyp
                 break
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, interrupt)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     assert step > 2
 
 
