@@ -109,15 +109,20 @@ class TestOnAJoinedCluster:
 
 
     def test_a_session_over_the_callers_connection_keeps_it_open(self, zoo, connected, tmp_path):
-        """A session opened where the caller holds a Ray connection uses it, warms its workers on
-        the two nodes, runs the merge there and leaves the connection open when it closes."""
+        """A session opened where the caller holds a Ray connection uses it, runs the merge there and
+        leaves the connection open when it closes, every unit merged. That the units run on the
+        session's warm workers is tested on a private runtime (test_ray_session.py): on this cluster,
+        shared with the module's other drivers, Ray may replace an idle worker between the warm-up and
+        the merge (docs/ray.md), and this test, which asserted it, failed once in a full run."""
         kw = dict(task_specific=HEAD, shard_size=3000)
         local = primerge.merge(zoo["base"], _models(zoo), "tsv", out=tmp_path / "local", **kw).out
         _wait_until_idle()  # the session warms one worker per free slot: the class's earlier merges' tasks are gone
         with primerge.ray_session(workers=2) as session:
-            assert session.where() == "this process's Ray connection" and len(session.warm_workers) == 2
+            assert session.where() == "this process's Ray connection" and session.warm_workers
             result = primerge.merge(zoo["base"], _models(zoo), "tsv", out=tmp_path / "ray", execution=session, **kw)
-        assert set(result.execution["units_per_worker"]) <= set(session.warm_workers)
+        assert sum(result.execution["units_per_worker"].values()) == len(WorkerUnits(2).split(build_plan(
+            build_recipe({"base": str(zoo["base"]), "models": [str(m) for m in _models(zoo)], "method": "tsv",
+                          "task_specific": HEAD}), shard_size=3000).units))
         assert folder_hashes(result.out, tmp_path) == folder_hashes(local, tmp_path)
         assert ray.is_initialized()
 
