@@ -73,6 +73,17 @@ def test_harness_matches_direct_loglikelihoods(tmp_path, no_network):
     assert score.stderr == pytest.approx(Score.of(expected, 2).stderr, abs=1e-12)
 
 
+def test_without_progress_lm_eval_writes_nothing_to_stderr(tmp_path, capfd, no_network):
+    """``--quiet`` (``progress=False``) hides lm-eval's progress bars, the task-building ones too, and
+    the scores are those of a run with them."""
+    model, tokenizer = tiny_llama(seed=3), byte_level_tokenizer()
+    task = two_example_task(tokenizer)
+    shown = evaluate_prompt_tasks(model, tokenizer, [task], tmp_path / "a", batch_size=2)
+    assert "Running loglikelihood requests" in capfd.readouterr().err
+    hidden = evaluate_prompt_tasks(model, tokenizer, [task], tmp_path / "b", batch_size=2, progress=False)
+    assert capfd.readouterr().err == "" and hidden == shown
+
+
 def test_standard_error_and_interval_of_a_score():
     """Score.of is lm-eval's mean_stderr on 0/1 scores; Wilson's interval holds the estimate and stays
     in [0, 1]; for 30 of 100 it is (0.21895, 0.39585) (by hand: centre (0.3 + 1.96²/200) / (1 + 1.96²/100)

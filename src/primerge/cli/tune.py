@@ -88,10 +88,11 @@ def register(subparsers) -> None:
 
 
 def suite_options(args) -> dict:
-    """The suite's own options: the LLM suite's protocol and device; none for the encoder suite
-    (which refuses the LLM suite's options rather than ignore them)."""
+    """The suite's own options: the LLM suite's protocol, device and lm-eval's progress bars (off with
+    ``--quiet``); none for the encoder suite (which refuses the LLM suite's options rather than ignore
+    them)."""
     if args.suite == "llm":
-        return {"protocol": llm_cli.protocol_of(args), "device": llm_cli.device_of(args)}
+        return {"protocol": llm_cli.protocol_of(args), "device": llm_cli.device_of(args), "progress": not args.quiet}
     llm_cli.refuse_options(args, llm_cli.PROMPT_OPTIONS, "the LLM suite", "add --suite llm or drop them")
     return {}
 

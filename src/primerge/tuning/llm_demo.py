@@ -71,7 +71,7 @@ def run_tuned_llm_demo(settings: TuneSettings, report: str | Path | None = "demo
         carve(split, settings.validation_size, trained_on=given["protocol"].train_size)
     demo = run_llm_demo(**{**given, "report": None})
     suite = prepare_suite(given["tasks"], given["base"], given["cache"], given["protocol"],
-                          checked_device(given["device"]), silent)
+                          checked_device(given["device"]), silent, given["progress"])
     names = method_names(given["methods"], len(given["tasks"]))
     tuning: dict[str, TuneResult] = {}
     with report_folder(target) if target is not None else nullcontext() as folder:
@@ -104,7 +104,7 @@ def tune_zoo(zoo: LLMZoo, suite: Suite, splits: Sequence, individual: Mapping[st
     started = time.perf_counter()
     log(f"{zoo.kind} zoo: tuning {len(names)} method(s) on validation prompts ...")
     validation = LLMSuite(recipe, splits, settings.validation_size, suite.root, protocol, suite.device,
-                          trained_on=protocol.train_size)
+                          trained_on=protocol.train_size, progress=suite.progress)
     zoo_settings = replace(settings, task_data=dict(zip(validation.labels, given["tasks"])))
     run = tune(recipe, validation, names, zoo_settings, out, log)
     rows = tested_rows([(run, None)], lambda result, label: tested_row(suite, result, label, individual),

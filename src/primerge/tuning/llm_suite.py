@@ -33,11 +33,13 @@ class LLMSuite:
 
     ``splits`` are the tasks in the recipe's model order; ``protocol`` gives the prompt budget and the
     evaluation batch size; ``device`` is where models are scored; ``trained_on`` is how many leading
-    training examples of each split the fine-tunes trained on (none of them is a validation example).
+    training examples of each split the fine-tunes trained on (none of them is a validation example);
+    ``progress``: lm-eval's progress bars.
     """
 
     def __init__(self, recipe: Recipe, splits: Sequence, size: int = DEFAULT_SIZE, cache: str | Path | None = None,
-                 protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu", trained_on: int = 0):
+                 protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu", trained_on: int = 0,
+                 progress: bool = True):
         from primerge.evaluation.llm.models import checked_device
         from primerge.evaluation.llm.prompts import cast_task, prompt_calibration
         from primerge.io.hf import load_tokenizer
@@ -52,6 +54,7 @@ class LLMSuite:
                                        test_part="validation") for label in self.labels}
         self.calibration = prompt_calibration(self.tasks, protocol.max_prompt_tokens)
         self.root = cache_root(cache)
+        self.progress = progress
         self._individual: dict[str, float] | None = None
         self._current: LastModel | None = None
 
@@ -97,11 +100,11 @@ class LLMSuite:
 
         task = self.tasks[label]
         scores = cached_scores(self.root, identity, [task], lambda missing: evaluate_prompt_tasks(
-            build(), self.tokenizer, missing, self.root, batch_size=self.batch_size))
+            build(), self.tokenizer, missing, self.root, batch_size=self.batch_size, progress=self.progress))
         return scores[task.name].accuracy
 
 
 def llm_suite(recipe: Recipe, tasks: Sequence[str], size: int, cache: str | Path | None,
-              protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu") -> LLMSuite:
+              protocol: LLMProtocol = CPU_PROTOCOL, device: str = "cpu", progress: bool = True) -> LLMSuite:
     """The LLM suite from task specs (packaged names or .csv/.jsonl files), one per model."""
-    return LLMSuite(recipe, load_splits(tasks), size, cache, protocol, device)
+    return LLMSuite(recipe, load_splits(tasks), size, cache, protocol, device, progress=progress)

@@ -87,12 +87,14 @@ class Suite:
     examples: dict[str, str]  # the test examples scored, per task, in words
     specs: dict[str, str]  # task name -> the task as the user named it (packaged name or file)
     max_prompt_tokens: int  # the prompts' token budget
+    progress: bool = True  # lm-eval's progress bars
 
     def score(self, identity: str, load: Callable[[], object],
               tasks: Sequence[PromptTask] | None = None) -> dict[str, Score]:
         """Scores of the model ``load()`` builds (called only if some score is not cached)."""
         def evaluate(missing: list[PromptTask]) -> dict[str, Score]:
-            return evaluate_prompt_tasks(load(), self.tokenizer, missing, self.root, batch_size=self.batch_size)
+            return evaluate_prompt_tasks(load(), self.tokenizer, missing, self.root, batch_size=self.batch_size,
+                                         progress=self.progress)
 
         return cached_scores(self.root, identity, list(tasks or self.tasks), evaluate)
 
@@ -185,7 +187,7 @@ def zoo_rows(suite: Suite, zoo: LLMZoo, zero_shot: dict, methods: Sequence[str],
 
 
 def prepare_suite(tasks: Sequence[str], base, cache, protocol: LLMProtocol, device: str,
-                  log: Callable[[str], None]) -> Suite:
+                  log: Callable[[str], None], progress: bool = True) -> Suite:
     root = cache_root(cache)
     base_folder = resolve_base(base, root, log=log)
     tokenizer = load_tokenizer(base_folder)
@@ -197,7 +199,7 @@ def prepare_suite(tasks: Sequence[str], base, cache, protocol: LLMProtocol, devi
             f"label words {task.describe_labels()}; scored on {examples[task.name]}")
     specs = {task.name: str(spec) for task, spec in zip(cast, tasks)}
     return Suite(base_folder, cast, root, device, protocol.eval_batch_size, tokenizer, examples, specs,
-                 protocol.max_prompt_tokens)
+                 protocol.max_prompt_tokens, progress)
 
 
 def run_llm_demo(
@@ -224,7 +226,7 @@ def run_llm_demo(
     device = checked_device(device)
     timings: dict[str, float] = {}
     clock = started = time.perf_counter()
-    suite = prepare_suite(tasks, base, cache, protocol, device, log)
+    suite = prepare_suite(tasks, base, cache, protocol, device, log, progress)
     fingerprint = folder_fingerprint(suite.base)
     timings["base_seconds"] = time.perf_counter() - clock
     clock = time.perf_counter()

@@ -22,6 +22,8 @@ score carries n and lm-eval's standard error (:mod:`primerge.evaluation.llm.esti
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -140,21 +142,24 @@ def check_task_names(manager, names: Sequence[str]) -> None:
 
 
 def run_harness(model, tokenizer, names: Sequence[str], manager, batch_size: int = 32,
-                log_samples: bool = False) -> dict:
+                log_samples: bool = False, progress: bool = True) -> dict:
     """``lm_eval.evaluate`` on an in-memory causal LM (HFLM) and the named tasks (module docstring);
-    returns lm-eval's result dict."""
+    returns lm-eval's result dict. Without ``progress`` nothing lm-eval writes to stderr is shown
+    (its progress bars: building each task's requests has no switch for its own)."""
     lm_eval = lm_eval_module()
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    silenced = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        loaded = manager.load(list(names))
-        for task in loaded["tasks"].values():
-            if task.get_config("num_fewshot") is None:
-                task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        return lm_eval.evaluate(lm=lm, task_dict=loaded, bootstrap_iters=STDERR_ITERATIONS, log_samples=log_samples,
-                                verbosity="ERROR")
+        with silenced:
+            loaded = manager.load(list(names))
+            for task in loaded["tasks"].values():
+                if task.get_config("num_fewshot") is None:
+                    task.set_config(key="num_fewshot", value=0)
+                task.set_fewshot_seed(seed=FEWSHOT_SEED)
+            return lm_eval.evaluate(lm=lm, task_dict=loaded, bootstrap_iters=STDERR_ITERATIONS,
+                                    log_samples=log_samples, verbosity="ERROR")
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as exc:
         raise InputError(f"lm-eval could not run tasks {list(names)} offline ({exc}).") from exc
 
@@ -175,10 +180,12 @@ def scores(results: dict, names: Sequence[str]) -> dict[str, Score]:
 
 
 def evaluate_prompt_tasks(model, tokenizer, tasks: Sequence[PromptTask], root: Path,
-                          batch_size: int = 32) -> dict[str, Score]:
-    """Accuracy, n and standard error of an in-memory causal LM on cast tasks, by primerge task name."""
+                          batch_size: int = 32, progress: bool = True) -> dict[str, Score]:
+    """Accuracy, n and standard error of an in-memory causal LM on cast tasks, by primerge task name
+    (lm-eval's progress bars only with ``progress``)."""
     folders = [write_task(t, root) for t in tasks]
     names = [harness_name(t.name) for t in tasks]
-    results = run_harness(model, tokenizer, names, task_manager(folders, defaults=False), batch_size=batch_size)
+    results = run_harness(model, tokenizer, names, task_manager(folders, defaults=False), batch_size=batch_size,
+                          progress=progress)
     found = scores(results, names)
     return {t.name: found[harness_name(t.name)] for t in tasks}
