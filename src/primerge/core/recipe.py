@@ -393,12 +393,13 @@ DATA_BLOCKS = ("purify", "calibration")
 
 
 def resolve_data(spec: Any, folder: Path | None) -> Any:
-    """A relative ``.csv``/``.jsonl`` path resolved against ``folder`` as ``base`` and ``models`` are;
-    task names (and anything not a string) unchanged."""
-    if folder is None or not isinstance(spec, str) or not spec.lower().endswith((".csv", ".jsonl")):
+    """A ``.csv``/``.jsonl`` task file located as ``base`` and ``models`` are (:func:`_against`); task
+    names (and anything not a string) unchanged."""
+    from primerge.data.tasks import is_table_spec
+
+    if not isinstance(spec, str) or not is_table_spec(spec):
         return spec
-    path = Path(spec).expanduser()
-    return str(path if path.is_absolute() else folder / path)
+    return str(_against(user_path(spec, "task file"), folder))
 
 
 def recipe_kind(data: dict[str, Any]) -> type[Recipe]:
@@ -430,11 +431,15 @@ def _locate(value: Any, folder: Path | None, download: bool, what: str) -> tuple
     the cached snapshot of a hub id where no such local path exists; other values as they are."""
     if not isinstance(value, (str, Path)):
         return value, None
-    path = user_path(value, what)
-    local = path if path.is_absolute() or folder is None else folder / path
+    local = _against(user_path(value, what), folder)
     if local.exists() or not is_hub_id(str(value)):
         return local, None
     return hub_snapshot(str(value), download=download), Path(str(value)).name
+
+
+def _against(path: Path, folder: Path | None) -> Path:
+    """``path`` relative to ``folder`` (the recipe's), unless it is absolute or there is no folder."""
+    return path if path.is_absolute() or folder is None else folder / path
 
 
 def load_recipe(path: str | Path, *, download: bool = False) -> Recipe:

@@ -111,14 +111,12 @@ def tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None = None, set
     once, not once per trial."""
     settings = settings or TuneSettings()
     if out is None:
-        with RaySession.held_for(recipe.execution):
-            return _tune(recipe, suite, methods, settings, None, log)
+        return _tune(recipe, suite, methods, settings, None, log)
     from primerge.tuning.report import write_report
 
     target = destination(out, recipe.inputs(), force=True, kind="tune-report")
     with atomic_folder(target) as folder:
-        with RaySession.held_for(recipe.execution):
-            tuned = _tune(recipe, suite, methods, settings, folder, log)
+        tuned = _tune(recipe, suite, methods, settings, folder, log)
         write_report(tuned, log)
         Ledger(folder, kind="tune-report").seal()
     for result in tuned.results:
@@ -139,14 +137,15 @@ def _tune(recipe: Recipe, suite: Suite, methods: Sequence[str] | None, settings:
     log("fine-tunes on their own validation sets (accuracy ± standard error): "
         + ", ".join(f"{k} {Score.of(v, sizes[k]).text()}" for k, v in individual.items()))
     results = []
-    for i, spec in enumerate(specs):
-        timeout = remaining_timeout(settings.budget_minutes, started, len(specs) - i)
-        log(f"tuning {spec.name} ({settings.trials} trials at most"
-            + (f", {timeout / 60:.1f} min" if timeout is not None else "") + ") ...")
-        result = tune_method(recipe, spec, suite, settings, timeout, log)
-        confirm(result, suite, out)
-        log(f"{spec.name}: defaults {100 * result.default_value:.2f} -> tuned {100 * result.best_value:.2f} "
-            f"(recipe merged from file: {100 * result.confirmed_value:.2f}), {result.seconds:.0f} s")
-        results.append(result)
+    with RaySession.held_for(recipe.execution):  # one Ray start-up for every trial's merge
+        for i, spec in enumerate(specs):
+            timeout = remaining_timeout(settings.budget_minutes, started, len(specs) - i)
+            log(f"tuning {spec.name} ({settings.trials} trials at most"
+                + (f", {timeout / 60:.1f} min" if timeout is not None else "") + ") ...")
+            result = tune_method(recipe, spec, suite, settings, timeout, log)
+            confirm(result, suite, out)
+            log(f"{spec.name}: defaults {100 * result.default_value:.2f} -> tuned {100 * result.best_value:.2f} "
+                f"(recipe merged from file: {100 * result.confirmed_value:.2f}), {result.seconds:.0f} s")
+            results.append(result)
     return TuneResult(results, settings, suite.describe(), individual, time.perf_counter() - started, out, sizes,
                       {label: suite.sets[label].origin for label in suite.labels})
