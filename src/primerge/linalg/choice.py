@@ -30,7 +30,9 @@ path is worth its risk only when it saves at least half the exact SVD).
   Chebyshev's, the gap-dependent form of Musco & Musco 2015's gap-independent ε ~ 1/j² — with the
   member's demand D = g·‖A‖_F / b (its Frobenius norm through the method's gain g, over its share
   b of the allowance: the rank/size ratio and the share enter through the model's lead
-  κ √(k λ_{k+1}/q) and D):
+  κ √(k λ_{k+1}/q) and D; where the certificate's summed test is taken, the members' (Σ_t D_t²)^½ / T
+  when that is lower, their errors taken as uncorrelated:
+  :meth:`primerge.linalg.certificate.Allowance.expected`):
 
       e₁ = κ √(k λ_{k+1} / q) · D,   n̂ = max(CERTIFIED_STEPS, 1 + ⌈ln e₁ / μ⌉)   (n̂ = CERTIFIED_STEPS if e₁ ≤ 1).
 

@@ -78,7 +78,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from primerge.linalg.certificate import TOLERANCE, Allowance, Certificate, certify
+from primerge.linalg.certificate import TOLERANCE, Allowance, Certificate, KeptErrors, certify
 from primerge.linalg.core import SVD
 
 #: Oversampling columns (docs/algorithms.md, "Truncated SVDs").
@@ -212,6 +212,7 @@ class _Ritz(NamedTuple):
     S: Tensor  # (batch..., checked) float64 Ritz values
     residual: Tensor  # (batch..., checked) ‖r_i‖, float64
     spectral: Tensor  # (batch...) ‖[r_1 … r_k]‖₂, float64
+    head: Tensor  # (batch..., p, k) the residuals R_k = [r_1 … r_k], in A's dtype
 
 
 def ritz(basis: Tensor, X: Tensor, gram: Tensor, checked: int, rank: int) -> _Ritz:
@@ -231,7 +232,7 @@ def ritz(basis: Tensor, X: Tensor, gram: Tensor, checked: int, rank: int) -> _Ri
     R = torch.baddbmm(basis @ (W * S.unsqueeze(-2)).to(basis.dtype), X, (W / safe).to(basis.dtype), beta=-1)
     head = R[..., :rank]
     spectral = torch.linalg.eigvalsh((head.mT @ head).double())[..., -1].clamp_min(0).sqrt()
-    return _Ritz(W, S, R.norm(dim=-2).double(), spectral)
+    return _Ritz(W, S, R.norm(dim=-2).double(), spectral, head)
 
 
 def hopeless(history: list[Tensor], steps_left: int, rate: float | None = None) -> bool:
@@ -274,6 +275,7 @@ def block_krylov_svd(x: Tensor, rank: int, *, seed: int = 0, tol: float = TOLERA
     if allowance is not None and frobenius is None:
         frobenius = frobenius_norms(x)
     rate = gap_free_floor(rank, shape).rate if allowance is not None else None
+    summed = allowance is not None and allowance.combination.summed(rank, shape)
     space = _KrylovSpace(A, (max_steps(rank, shape) + 1) * width, (limit + 1) * width)
     omega = sketch(shape[-1], width, seed, A).expand(*shape[:-2], shape[-1], width)
     Q = orthonormal_complement(None, thin_product(A, omega))
@@ -282,14 +284,16 @@ def block_krylov_svd(x: Tensor, rank: int, *, seed: int = 0, tol: float = TOLERA
         space.extend(Q)
         found = ritz(space.basis, space.X, space.gram, checked, rank)
         norm = frobenius if frobenius is not None else found.S.new_zeros(found.S.shape[:-1])
+        kept = space.triplets(found, rank) if summed and step >= 1 else None  # excess compared from step 1
+        errors = None if kept is None else KeptErrors(found.head, kept.U, kept.V)
         verdict = certify(found.S, found.residual, found.spectral, norm, rank, shape, tol=tol,
-                          allowance=allowance, steps=step)
+                          allowance=allowance, steps=step, errors=errors)
         if rate is None or step >= 1:
             history.append(verdict.excess)
         if bool(verdict.accepted.all()) or step == limit or hopeless(history, limit - step, rate):
             break
         Q = orthonormal_complement(space.basis, space.X[..., -width:])
-    factors = space.triplets(found, rank)
+    factors = kept if kept is not None else space.triplets(found, rank)
     if flip:
         factors = SVD(factors.V, factors.S, factors.U)
     return KrylovSVD(factors, verdict.accepted, verdict.residual, 3 + 2 * step, verdict)

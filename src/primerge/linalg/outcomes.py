@@ -23,9 +23,10 @@ _ACTIVE: ContextVar[SVDOutcomes | None] = ContextVar("primerge_svd_outcomes", de
 
 @dataclass
 class SVDOutcomes:
-    """Matrices per (path, reason); passes over the Krylov ones; the largest certified ε and share
-    g·β / b (a member's backward error through the method's gain g, over its share b of the
-    allowance: :meth:`primerge.linalg.certificate.Allowance.share`); the flops of the work
+    """Matrices per (path, reason); passes over the Krylov ones; the largest certified ε and part of
+    the allowance used (:attr:`primerge.linalg.certificate.Certificate.used`: a member's backward
+    error through the method's gain over its share of the allowance, or the members' summed error
+    over the whole allowance, whichever test passed more easily); the flops of the work
     (:func:`krylov_flops`, :func:`exact_flops`) and seconds per path.
 
     ``reason`` says why the path was taken: for ``krylov`` the test that accepted the Ritz triplets
@@ -82,8 +83,8 @@ class SVDOutcomes:
             lines.append(f"svd ({what}): {path}: {count} ({reason})")
         if self.epsilon > 0:
             lines.append(f"svd ({what}): certified matrices: energy within (1 + {self.epsilon:.3g}) of the optimum, "
-                         f"backward error × the method's gain ≤ {self.backward:.2f} of the member's share of "
-                         f"the allowance (largest)")
+                         f"backward error × the method's gain ≤ {self.backward:.2f} of the allowance (largest; "
+                         f"the members' sum, or the member's own share)")
         return lines
 
 

@@ -120,12 +120,15 @@ def _auto(flat: Tensor, attempt: _Attempt) -> SVD:
 def _needed_steps(flat: Tensor, attempt: _Attempt, norms: Tensor | None) -> Tensor:
     """n̂ per member (:func:`primerge.linalg.choice.certificate_steps`) from its demand D = g‖A‖_F / b
     (:meth:`~primerge.linalg.certificate.Allowance.share` of a backward error of ‖A‖_F, the gain at
-    the floor's θ_k); 0 without an allowance (the residual check: nothing to estimate)."""
+    the floor's θ_k), or the members' summed demand where that is lower
+    (:meth:`~primerge.linalg.certificate.Allowance.expected`); 0 without an allowance (the residual
+    check: nothing to estimate)."""
     if attempt.allowance is None:
         return torch.zeros(flat.shape[0], dtype=torch.float64)
     shape = tuple(flat.shape)
     kept = norms * gap_free_floor(attempt.rank, shape).kept
-    return certificate_steps(shape, attempt.rank, attempt.allowance.share(norms, kept.unsqueeze(-1)))
+    demand = attempt.allowance.share(norms, kept.unsqueeze(-1))
+    return certificate_steps(shape, attempt.rank, attempt.allowance.expected(demand, attempt.rank, shape))
 
 
 def _tried(members: Tensor, attempt: _Attempt, norms: Tensor | None) -> SVD:
@@ -168,7 +171,7 @@ def _record_krylov(found: KrylovSVD, members: int, precision: OutputPrecision | 
         chosen = verdict.certified
         record("krylov", f"certified for {precision.dtype} output", certified, passes=certified * found.passes,
                epsilon=float(verdict.epsilon[chosen].max()),
-               backward=float(verdict.share[chosen].max()))
+               backward=float(verdict.used[chosen].max()))
 
 
 def _rejection(found: KrylovSVD, precision: OutputPrecision | None) -> str:
