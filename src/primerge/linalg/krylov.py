@@ -180,9 +180,11 @@ def sketch(q: int, width: int, seed: int, like: Tensor) -> Tensor:
     return torch.randn(q, width, generator=g, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
 
 
-def orthonormal_complement(basis: Tensor | None, block: Tensor) -> Tensor:
+def orthonormal_complement(basis: Tensor | None, block: Tensor, coefficients: Tensor | None = None) -> Tensor:
     """Orthonormal columns spanning ``block`` with span(``basis``) removed (Gram–Schmidt twice;
-    each ``block − K (Kᵀ block)`` one fused multiply-add).
+    each ``block − K (Kᵀ block)`` one fused multiply-add). ``coefficients``: Kᵀ block when the caller
+    already has it (the Krylov block X = A Z: Kᵀ A Z = ZᵀZ, a block of the Gram matrix), used by the
+    first pass instead of a product with K.
 
     Twice is enough while the block keeps as many independent directions as columns. Once A's
     range is exhausted (a member of rank below the basis width, e.g. Iso-CTS's task vectors projected
@@ -193,16 +195,18 @@ def orthonormal_complement(basis: Tensor | None, block: Tensor) -> Tensor:
     """
     if basis is None:
         return torch.linalg.qr(block).Q
-    Q = torch.linalg.qr(_without(basis, block)).Q
+    if coefficients is not None:
+        block = torch.baddbmm(block, basis, coefficients.to(block.dtype), alpha=-1)
+    Q = torch.linalg.qr(_without(basis, block, 1 if coefficients is not None else 2)).Q
     lost = (basis.mT @ Q).abs().amax(dim=(-2, -1)) > torch.finfo(Q.dtype).eps ** 0.5
     if bool(lost.any()):
         Q = torch.where(lost[..., None, None], torch.linalg.qr(_without(basis, Q)).Q, Q)
     return Q
 
 
-def _without(basis: Tensor, block: Tensor) -> Tensor:
-    """(I − K Kᵀ) applied twice to ``block``."""
-    for _ in range(2):
+def _without(basis: Tensor, block: Tensor, times: int = 2) -> Tensor:
+    """(I − K Kᵀ) applied ``times`` times to ``block``."""
+    for _ in range(times):
         block = torch.baddbmm(block, basis, basis.mT @ block, alpha=-1)
     return block
 
@@ -213,6 +217,7 @@ class _Ritz(NamedTuple):
     residual: Tensor  # (batch..., checked) ‖r_i‖, float64
     spectral: Tensor  # (batch...) ‖[r_1 … r_k]‖₂, float64
     head: Tensor  # (batch..., p, k) the residuals R_k = [r_1 … r_k], in A's dtype
+    left: Tensor  # (batch..., p, checked) the Ritz vectors u_i = basis·w_i, in A's dtype
 
 
 def ritz(basis: Tensor, X: Tensor, gram: Tensor, checked: int, rank: int) -> _Ritz:
@@ -228,11 +233,12 @@ def ritz(basis: Tensor, X: Tensor, gram: Tensor, checked: int, rank: int) -> _Ri
     lam, W = lam.flip(-1)[..., :checked], W.flip(-1)[..., :checked]
     S = lam.clamp_min(0).sqrt()
     safe = torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-2)
-    # r = X (w / σ) − basis (w σ): the c × checked coefficients are scaled, not the p × checked products
-    R = torch.baddbmm(basis @ (W * S.unsqueeze(-2)).to(basis.dtype), X, (W / safe).to(basis.dtype), beta=-1)
+    # r = X (w / σ) − u σ, u = basis·w (kept for the triplets)
+    left = basis @ W.to(basis.dtype)
+    R = torch.baddbmm(left * S.unsqueeze(-2).to(basis.dtype), X, (W / safe).to(basis.dtype), beta=-1)
     head = R[..., :rank]
     spectral = torch.linalg.eigvalsh((head.mT @ head).double())[..., -1].clamp_min(0).sqrt()
-    return _Ritz(W, S, R.norm(dim=-2).double(), spectral, head)
+    return _Ritz(W, S, R.norm(dim=-2).double(), spectral, head, left)
 
 
 def hopeless(history: list[Tensor], steps_left: int, rate: float | None = None) -> bool:
@@ -292,7 +298,7 @@ def block_krylov_svd(x: Tensor, rank: int, *, seed: int = 0, tol: float = TOLERA
             history.append(verdict.excess)
         if bool(verdict.accepted.all()) or step == limit or hopeless(history, limit - step, rate):
             break
-        Q = orthonormal_complement(space.basis, space.X[..., -width:])
+        Q = orthonormal_complement(space.basis, space.X[..., -width:], space.gram[..., :, -width:])
     factors = kept if kept is not None else space.triplets(found, rank)
     if flip:
         factors = SVD(factors.V, factors.S, factors.U)
@@ -367,4 +373,4 @@ class _KrylovSpace:
         W, S = found.W[..., :rank], found.S[..., :rank]
         safe = torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-2)
         V = ((self._Z[..., :self.c] @ W) / safe * (S > 0).unsqueeze(-2)).to(self.A.dtype)
-        return SVD(self.basis @ W.to(self.A.dtype), S.to(self.A.dtype), V)
+        return SVD(found.left[..., :rank], S.to(self.A.dtype), V)
