@@ -90,7 +90,7 @@ def merge_residual(taus: TaskStack, stacked: SVD, factors: SVD, params: PrimePar
         residuals = taus.dense() - factors.reconstruct()
         residuals[(factors.S == 0).any(-1)] = 0  # rank ≤ r: the principal part is all of τ_t
         return ties_merge(residuals, tensor_thresholds(residuals, params.ties_density))
-    mean_residual = taus.mean() - stacked.reconstruct() / taus.shape[0]
+    mean_residual = taus.mean().sub_(stacked.reconstruct().div_(taus.shape[0]))  # in place: no m × n temporaries
     if params.residual == "mean":
         return mean_residual
     # judged against the principal spectrum: a residual that is rounding noise stays zero
@@ -114,8 +114,8 @@ class PrimeParts(NamedTuple):
     residual: Tensor
 
     def merged(self) -> Tensor:
-        """M_p + P⊥ M_r, with P⊥ M_r = M_r − Û(ÛᵀM_r) (Eq. 20)."""
-        return self.principal + project_out(self.U_hat, self.residual)
+        """M_p + P⊥ M_r, with P⊥ M_r = M_r − Û(ÛᵀM_r) (Eq. 20), summed in place."""
+        return project_out(self.U_hat, self.residual).add_(self.principal)
 
 
 def decompose(taus: TaskStack, r: int, params: PrimeParams, seed: int = 0,
@@ -174,4 +174,4 @@ def merge(taus: TaskStack, ctx: TensorContext, params: PrimeParams) -> Tensor:
     if r == 0:
         return params.scale * taus.mean()
     exact = ctx.prepass.memo.take(ctx.name) if params.rank == "auto" else None
-    return params.scale * decompose(taus, r, params, ctx.seed, ctx.precision, exact).merged()
+    return decompose(taus, r, params, ctx.seed, ctx.precision, exact).merged().mul_(params.scale)
