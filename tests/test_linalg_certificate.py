@@ -31,6 +31,7 @@ from primerge.linalg import (
     recording,
     truncated_svd,
 )
+from primerge.linalg import certificate as certificate_module
 from primerge.linalg import truncated as truncated_module
 from primerge.linalg.certificate import (
     CERTIFIED_STEPS,
@@ -578,3 +579,28 @@ def test_the_summed_test_is_the_first_order_change_of_a_low_rank_prime_merge(sha
     assert 0.9 * summed <= moved <= 1.1 * summed
     assert float(found.certificate.backward.sum()) >= 2.5 * summed
     assert not whole.combination.summed(4 * k, taus.shape)
+
+
+def test_prime_members_taken_together_need_fewer_passes_than_each_alone(monkeypatch):
+    """The summed test accepts PRIME's members (6 × 4 directions of 384) before their own shares
+    would: without it (SUMMED_FILL = 0) the same merge makes more passes, each member within its share."""
+    taus, ctx = method_case()
+    together = certified_merge("prime", taus, ctx, monkeypatch)[1]
+    monkeypatch.setattr(certificate_module, "SUMMED_FILL", 0.0)
+    alone = certified_merge("prime", taus, ctx, monkeypatch)[1]
+    assert together.passes < alone.passes
+    assert (alone.certificate.share <= 1).all() and (together.certificate.share > 1).any()
+
+
+def test_the_cost_model_expects_summed_members_in_quadrature():
+    """Where the summed test is taken, a member's expected demand is (Σ_t D_t²)^½ / members when that
+    is below its own D (uncorrelated errors); flattened values (Iso-CTS) and a fill above SUMMED_FILL
+    keep each member's own."""
+    written = precision(torch.bfloat16, gap_free(1))
+    demand = torch.tensor([4.0, 4.0, 4.0, 4.0, 1.0], dtype=torch.float64)
+    summed = combined(written, summed_parts(5, 1.0)).allowance((M, N))
+    expected = summed.expected(demand, 4, (M, N))
+    assert torch.allclose(expected, torch.tensor([1.6125] * 4 + [1.0], dtype=torch.float64), atol=1e-4)
+    assert torch.equal(summed.expected(demand, M // 5, (M, N)), demand)  # fills the space: each alone
+    flat = combined(written, Combination(5, 1.0, level=1.0)).allowance((M, N))
+    assert torch.equal(flat.expected(demand, 4, (M, N)), demand)

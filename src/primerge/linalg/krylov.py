@@ -6,7 +6,8 @@ Musco & Musco 2015, "Randomized block Krylov methods", Algorithm 2)::
 
     Q_0 = orth(A Ω)                        Ω: q × ℓ Gaussian, drawn from ``seed``
     Z_j = Aᵀ Q_j,  X_j = A Z_j             two passes over A per step
-    Q_{j+1} = orth((I − K Kᵀ) X_j)          K = [Q_0 … Q_j], Gram–Schmidt applied twice
+    Q_{j+1} = orth((I − K Kᵀ) X_j)          K = [Q_0 … Q_j], Gram–Schmidt applied twice (the first
+                                           time with Kᵀ X_j = [Z_0 … Z_j]ᵀ Z_j from the Gram matrix)
 
 Rayleigh–Ritz on span(K) needs no further pass: B = Kᵀ A = [Z_0 … Z_j]ᵀ = W Σ Vᵀ gives the
 Ritz triplets u_i = K w_i, σ_i, v_i. They satisfy Aᵀ u_i = σ_i v_i exactly, and their residuals
