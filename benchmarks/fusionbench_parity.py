@@ -14,7 +14,7 @@ is gap-free. FusionBench computes in float32 on all threads; primerge computes i
 one thread per decomposition, by the exact path (``svd: exact``) and by ``svd: auto``, and merges
 in memory with α = 1 (FusionBench's merges are unscaled). FusionBench treats every 2-D tensor as a
 matrix, the embedding and the LM head too, which primerge's rule averages (docs/algorithms.md,
-"Matrix parameters"); here primerge is told FusionBench's rule (``matrices: .*``).
+"Conventions"); here primerge is told FusionBench's rule (``matrices: .*``).
 
 Printed per merge: max over tensors of ‖W_primerge − W_fusionbench‖_F / ‖W_fusionbench‖_F (each
 merged task vector against its own norm), and the tensor where it is reached. Two float32 exact SVDs
